@@ -1,0 +1,81 @@
+"""torch Datasets over WILDS datasets and caption CSVs; items are dicts of tensors."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from PIL import Image
+
+
+class LabeledImages(torch.utils.data.Dataset):
+    """Items {image, y, index} for `indices` of a WILDS dataset; `index` is the position in
+    this set (what methods with cached features look up), not the WILDS row."""
+
+    def __init__(self, dataset, indices: Sequence[int], transform: Callable | None,
+                 labels: torch.Tensor | None = None, with_images: bool = True):
+        self.dataset = dataset
+        self.indices = torch.as_tensor(list(indices), dtype=torch.long)
+        self.transform = transform
+        y = dataset.y_array[self.indices] if labels is None else labels
+        self.labels = torch.as_tensor(y, dtype=torch.long)
+        self.with_images = with_images
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict:
+        item = {"y": self.labels[i], "index": torch.tensor(i)}
+        if self.with_images:
+            image = self.dataset.get_input(int(self.indices[i]))
+            if isinstance(image, Image.Image):
+                image = image.convert("RGB")
+            item["image"] = self.transform(image) if self.transform else image
+        return item
+
+    def without_images(self) -> "LabeledImages":
+        return LabeledImages(self.dataset, self.indices, None, self.labels, with_images=False)
+
+    def with_transform(self, transform: Callable) -> "LabeledImages":
+        return LabeledImages(self.dataset, self.indices, transform, self.labels, self.with_images)
+
+
+def read_caption_csv(path: Path, separator: str = ",", limit: int | None = None) -> tuple[list[Path], list[str]]:
+    """Rows of an open_clip-style CSV (`filepath`, `title`); relative paths are taken from
+    the CSV's folder."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: reference CSV not found (reference.csv in params.yaml)")
+    files, titles = [], []
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f, delimiter=separator)
+        missing = {"filepath", "title"} - set(reader.fieldnames or [])
+        if missing:
+            raise ValueError(f"{path}: needs columns filepath and title (missing {sorted(missing)}); "
+                             f"found {reader.fieldnames} with separator {separator!r}")
+        for row in reader:
+            p = Path(row["filepath"])
+            files.append(p if p.is_absolute() else path.parent / p)
+            titles.append(row["title"])
+            if limit is not None and len(files) >= limit:
+                break
+    if not files:
+        raise ValueError(f"{path}: no rows")
+    return files, titles
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Item j -> transform(image j) (a tensor)."""
+
+    def __init__(self, files: Sequence[Path], transform: Callable):
+        self.files = list(files)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, j: int) -> torch.Tensor:
+        with Image.open(self.files[j]) as im:
+            return self.transform(im.convert("RGB"))

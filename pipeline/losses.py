@@ -1,0 +1,77 @@
+"""Losses as pure functions of L2-normalised embeddings (see reference/methods.md).
+
+A class appears only where a loss keeps state across steps (DiVE's average vector).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def clip_loss(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Symmetric CLIP / FLYP loss: ½[CE(s·F Gᵀ, arange B) + CE(s·G Fᵀ, arange B)].
+
+    Same-class pairs in the batch count as negatives (that is FLYP's definition).
+    """
+    logits = scale * image @ text.t()
+    target = torch.arange(logits.shape[0], device=logits.device)
+    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
+
+
+def classification_loss(features: torch.Tensor, head: torch.Tensor, labels: torch.Tensor,
+                        label_smoothing: float = 0.0) -> torch.Tensor:
+    """Cross-entropy of `features @ headᵀ` (head rows carry the logit scale)."""
+    return F.cross_entropy(features @ head.t(), labels, label_smoothing=label_smoothing)
+
+
+def mpm_nce_loss(image: torch.Tensor, text: torch.Tensor, labels: torch.Tensor, tau: float,
+                 margin: float = 0.05, smoothing: float = 0.02) -> torch.Tensor:
+    """R-Adapter's multi-positive margin NCE (Kim et al. 2024), both directions averaged.
+
+    Positives P(i) = {j : y_j = y_i}; the margin δ is added to every negative similarity;
+    soft targets ỹ_ij = (1−ε)·1[j∈P(i)]/|P(i)| + ε·1[j∉P(i)]/(B−|P(i)|). With ε = δ = 0 and
+    unique labels this is the CLIP loss with scale 1/τ.
+    """
+    positive = labels[:, None] == labels[None, :]
+    n_pos = positive.sum(1, keepdim=True).to(image.dtype)
+    n_neg = (positive.shape[1] - n_pos).clamp_min(1)
+    has_neg = n_pos < positive.shape[1]
+    # a row whose batch holds no negative puts all its mass on the positives
+    pos_mass = torch.where(has_neg, torch.full_like(n_pos, 1 - smoothing), torch.ones_like(n_pos))
+    target = torch.where(positive, pos_mass / n_pos, smoothing / n_neg)
+    sim = image @ text.t() + margin * (~positive).to(image.dtype)
+    # the positive sets are symmetric, so the text->image targets are the transpose
+    loss_i = -(target * F.log_softmax(sim / tau, dim=1)).sum(1).mean()
+    loss_t = -(target.t() * F.log_softmax(sim.t() / tau, dim=1)).sum(1).mean()
+    return 0.5 * (loss_i + loss_t)
+
+
+def average_vector_loss(u: torch.Tensor, v: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """DiVE AVL = (1/B') Σ_j (‖u_j − m‖² + ‖v_j − m‖²)."""
+    return ((u - m).pow(2).sum(1) + (v - m).pow(2).sum(1)).mean()
+
+
+def pairwise_vector_loss(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """DiVE PVL = (1/B') Σ_j ‖u_j − v_j‖²."""
+    return (u - v).pow(2).sum(1).mean()
+
+
+class AverageVector(nn.Module):
+    """DiVE's average difference vector m: one EMA shared by both modalities.
+
+    OPEN (ours): m ← α_m·m + (1−α_m)·mean_j[(u_j+v_j)/2], starting at 0, updated before it
+    is used in the step's AVL, with no gradient through m. α_m = 0 gives the per-batch mean.
+    `batch_mean` must already be averaged across ranks under DDP.
+    """
+
+    def __init__(self, dim: int, momentum: float = 0.99):
+        super().__init__()
+        self.momentum = momentum
+        self.register_buffer("m", torch.zeros(dim))
+
+    @torch.no_grad()
+    def update(self, batch_mean: torch.Tensor) -> torch.Tensor:
+        self.m.mul_(self.momentum).add_((1 - self.momentum) * batch_mean.to(self.m.dtype))
+        return self.m.clone()

@@ -1,0 +1,203 @@
+"""The small interface every fine-tuning method implements; the trainer sees only this.
+
+A method says which parameters train (`setup`), what modules it inserts (also `setup`), its
+loss terms (`loss` returns a dict of named `*_loss` tensors the trainer sums and logs), an
+optional per-step hook (`after_step`: EMA, running averages), what it saves
+(`trained_state`: only what it trained) and how a saved state becomes an evaluable model
+(`eval_model`, which also implements the WiSE-FT α for methods that support it).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.zeroshot import build_head
+
+
+@dataclass(frozen=True)
+class BaseHparams:
+    lr: float = 1e-5
+    weight_decay: float = 0.1
+    warmup_steps: int = 10
+
+    def __post_init__(self):
+        if self.lr <= 0:
+            raise ValueError(f"lr: {self.lr} must be positive")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay: {self.weight_decay} must be >= 0")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps: {self.warmup_steps} must be >= 0")
+
+
+@dataclass
+class ReferenceData:
+    """Image-caption reference pairs with their pre-trained embeddings from the embed cache."""
+
+    images: torch.utils.data.Dataset  # item j -> preprocessed image tensor (no augmentation)
+    tokens: torch.Tensor  # [R, L] tokenised captions
+    image_pre: torch.Tensor  # [R, D] f_pre(x_j), L2-normalised, float32
+    text_pre: torch.Tensor  # [R, D] g_pre(t_j), L2-normalised, float32
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+
+@dataclass
+class TaskContext:
+    """Everything a method may use to build itself and compute its loss."""
+
+    model: nn.Module  # the open_clip model, loaded with the pre-trained weights, on device
+    class_tokens: torch.Tensor  # [C, T, L] tokenised class prompts (all templates)
+    zeroshot_head: torch.Tensor  # [C, D] from the pre-trained text tower (normalised rows)
+    device: torch.device
+    seed: int = 0
+    train_set: torch.utils.data.Dataset | None = None  # items: dict(image?, y, index)
+    train_eval_set: torch.utils.data.Dataset | None = None  # same items, no augmentation
+    reference: ReferenceData | None = None
+    fit: Callable | None = None  # the trainer's `fit`, for methods with an inner stage (LP-FT)
+
+    @property
+    def n_classes(self) -> int:
+        return self.class_tokens.shape[0]
+
+
+class EvalModel(nn.Module):
+    """What evaluation needs from any method: normalised image and text embeddings, and the
+    task head (rows carry the logit scale). `head=None` means the zero-shot head of this
+    model's own text tower."""
+
+    def __init__(self, model: nn.Module, head: torch.Tensor | None = None,
+                 image_transform: nn.Module | None = None):
+        super().__init__()
+        self.model = model
+        self.image_transform = image_transform
+        self.register_buffer("head", head, persistent=False)
+
+    @property
+    def scale(self) -> torch.Tensor:
+        return self.model.logit_scale.exp().float()
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        f = self.model.encode_image(images)
+        if self.image_transform is not None:
+            f = self.image_transform(f)
+        return F.normalize(f.float(), dim=-1)
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.model.encode_text(tokens).float(), dim=-1)
+
+    def task_head(self, class_tokens: torch.Tensor) -> torch.Tensor:
+        if self.head is not None:
+            return self.head.float()
+        return self.scale * build_head(self.encode_text, class_tokens.to(self.scale.device))
+
+    def zeroshot_head(self, class_tokens: torch.Tensor) -> torch.Tensor:
+        """Head for a task this model was not fine-tuned on (zero-shot retention)."""
+        return self.scale * build_head(self.encode_text, class_tokens.to(self.scale.device))
+
+
+class Method:
+    """Base class. Subclasses set `name` and `Hparams` and are registered with
+    `@pipeline.methods.register`."""
+
+    name: ClassVar[str] = ""
+    Hparams: ClassVar[type] = BaseHparams
+    # WiSE-FT applies: the trained weights live in the pre-trained weight space.
+    weight_space: ClassVar[bool] = False
+    # the method draws reference batches (DiVE)
+    needs_reference: ClassVar[bool] = False
+    # the trainer loads images for each batch (False: the method reads cached features)
+    uses_images: ClassVar[bool] = True
+    # False: nothing trains (the zero-shot baseline); the finetune stage saves an empty state
+    trains: ClassVar[bool] = True
+
+    def __init__(self, hp: Any, ctx: TaskContext):
+        self.hp = hp
+        self.ctx = ctx
+        self.extra = nn.ModuleDict()  # method-owned modules and buffers (head, EMA, ...)
+        self.root = nn.ModuleDict({"clip": ctx.model, "extra": self.extra})
+
+    # ---- training -----------------------------------------------------------------------
+    def setup(self) -> None:
+        """Freeze/unfreeze parameters and insert modules. Default: nothing trains."""
+        freeze(self.root)
+
+    def loss(self, batch: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def after_step(self, step: int) -> None:
+        """Called after every optimiser step."""
+
+    def param_groups(self) -> list[dict]:
+        """Trainable parameters with optional per-group settings (`lr_scale`)."""
+        return [{"named_params": trainable(self.root)}]
+
+    def trained_state(self) -> dict[str, torch.Tensor]:
+        """What is saved at the end: only the trained parameters (and method buffers)."""
+        state = {n: p.detach() for n, p in trainable(self.root)}
+        state.update({f"extra.{n}": b.detach() for n, b in self.extra.named_buffers()})
+        return state
+
+    # ---- evaluation ---------------------------------------------------------------------
+    @classmethod
+    def eval_model(cls, model: nn.Module, state: dict[str, torch.Tensor], hp: Any,
+                   zeroshot_head: torch.Tensor, alpha: float = 1.0) -> EvalModel:
+        """Turn a saved state into an evaluable model. `model` holds the pre-trained weights
+        and may be modified in place. Default (weight-space methods): θ_α =
+        (1−α)·θ_pre + α·θ_ft for every trained weight; a trained head `extra.head.weight` is
+        interpolated with the scaled zero-shot head the same way."""
+        from pipeline.weights import wise_merge
+
+        clip_state = {k[len("clip."):]: v for k, v in state.items() if k.startswith("clip.")}
+        if clip_state:
+            current = model.state_dict()
+            missing = sorted(set(clip_state) - set(current))
+            if missing:
+                raise KeyError(f"saved weights not in the model: {missing[:5]}")
+            pre = {k: current[k] for k in clip_state}
+            merged = wise_merge(pre, clip_state, alpha)
+            model.load_state_dict(merged, strict=False)
+        head = None
+        if "extra.head.weight" in state:
+            zs = model.logit_scale.exp().detach().float() * zeroshot_head.float()
+            head = wise_merge({"h": zs}, {"h": state["extra.head.weight"].float()}, alpha)["h"]
+        return EvalModel(model, head=head)
+
+
+# ---- parameter selection helpers ----------------------------------------------------------
+
+
+def freeze(module: nn.Module) -> None:
+    for p in module.parameters():
+        p.requires_grad_(False)
+
+
+def unfreeze(module: nn.Module, predicate: Callable[[str, nn.Parameter], bool]) -> list[str]:
+    """Set requires_grad on every parameter whose name satisfies `predicate`; return names."""
+    names = []
+    for n, p in module.named_parameters():
+        if predicate(n, p):
+            p.requires_grad_(True)
+            names.append(n)
+    if not names:
+        raise ValueError("no parameter matched: the architecture lacks what this method trains")
+    return names
+
+
+def trainable(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    return [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+
+
+def matches(pattern: str) -> Callable[[str, Any], bool]:
+    rx = re.compile(pattern)
+    return lambda name, _p=None: rx.search(name) is not None
+
+
+def count_params(params: Iterable[nn.Parameter]) -> int:
+    return sum(p.numel() for p in params)

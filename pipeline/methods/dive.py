@@ -1,0 +1,82 @@
+"""DiVE: Difference Vector Equalization (Suzuki et al., AAAI 2026, arXiv 2511.09973)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pipeline import dist
+from pipeline.losses import AverageVector, average_vector_loss, pairwise_vector_loss
+from pipeline.methods import register
+from pipeline.methods.common import image_features, text_features
+from pipeline.methods.flyp import FLYP, FLYPHparams
+
+
+@dataclass(frozen=True)
+class DiVEHparams(FLYPHparams):
+    lam: float = 1000.0  # λ, chosen from 100…5000 in the paper, same for all datasets
+    momentum: float = 0.99  # α_m of the average vector (0 = per-batch mean, an ablation)
+    ref_batch_size: int = 32  # B' (global)
+    use_avl: bool = True  # ablation switches
+    use_pvl: bool = True
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.lam < 0:
+            raise ValueError(f"lam: {self.lam} must be >= 0")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"momentum: {self.momentum} must lie in [0, 1)")
+        if self.ref_batch_size < 1:
+            raise ValueError(f"ref_batch_size: {self.ref_batch_size} must be positive")
+
+
+@register
+class DiVE(FLYP):
+    """DiVE: FLYP on the target batch plus λ·(AVL + PVL) on a reference batch of
+    image-caption pairs (x_j, t_j), with difference vectors u_j = f_ft(x_j) − f_pre(x_j),
+    v_j = g_ft(t_j) − g_pre(t_j):
+      AVL = (1/B') Σ_j (‖u_j − m‖² + ‖v_j − m‖²),  PVL = (1/B') Σ_j ‖u_j − v_j‖².
+    No contrastive loss on reference data. f_pre and g_pre are read from the embed stage's
+    cache (never recomputed per step).
+
+    OPEN choices (ours; the paper has no code):
+    - embeddings are L2-normalised before subtracting (λ = 1000 fits the unit scale);
+    - m is one EMA shared by both modalities, m ← α_m·m + (1−α_m)·mean_j[(u_j+v_j)/2],
+      starting at 0, updated with the current batch before AVL uses it, no gradient;
+    - reference images use the evaluation transform (no augmentation), so f_pre from the
+      cache is the pre-trained embedding of exactly the pixels the fine-tuned model sees;
+    - the reference batch is drawn uniformly without replacement from the cached reference
+      set each step (seeded per step, identical on every DDP rank, each rank takes a slice).
+    """
+
+    name = "dive"
+    Hparams = DiVEHparams
+    needs_reference = True
+
+    def setup(self) -> None:
+        super().setup()
+        ref = self.ctx.reference
+        if ref is None or len(ref) == 0:
+            raise ValueError("dive needs reference data (the embed stage's reference cache)")
+        if "avg" not in self.extra:
+            self.extra["avg"] = AverageVector(ref.image_pre.shape[1], self.hp.momentum)
+
+    def loss(self, batch, step):
+        terms = {"flyp_loss": self.contrastive_loss(batch)}
+        ref = self.ctx.reference
+        device = batch["y"].device
+        size = min(self.hp.ref_batch_size, len(ref))
+        chosen = torch.randperm(len(ref))[:size]
+        local = chosen[dist.rank()::dist.world_size()]
+        images = torch.stack([ref.images[int(j)] for j in local]).to(device)
+        model = self.ctx.model
+        u = image_features(model, images).float() - ref.image_pre[local].to(device)
+        v = text_features(model, ref.tokens[local].to(device)).float() - ref.text_pre[local].to(device)
+        # global mean over the reference batch (local means are equal-weight under DDP)
+        batch_mean = dist.mean(((u + v) / 2).mean(0).detach())
+        m = self.extra["avg"].update(batch_mean).to(device)
+        zero = torch.zeros((), device=device)
+        terms["avl_loss"] = self.hp.lam * average_vector_loss(u, v, m) if self.hp.use_avl else zero
+        terms["pvl_loss"] = self.hp.lam * pairwise_vector_loss(u, v) if self.hp.use_pvl else zero
+        return terms

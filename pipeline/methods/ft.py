@@ -1,0 +1,41 @@
+"""Full fine-tuning of the image encoder with a linear head (the WiSE-FT recipe)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipeline.losses import classification_loss
+from pipeline.methods import register
+from pipeline.methods.base import BaseHparams, Method, freeze, unfreeze
+from pipeline.methods.common import LinearHead, image_features
+
+
+@dataclass(frozen=True)
+class FTHparams(BaseHparams):
+    lr: float = 1e-5
+    weight_decay: float = 0.1
+    warmup_steps: int = 10
+
+
+@register
+class FullFinetune(Method):
+    """FT (Wortsman et al. 2022, WiSE-FT recipe): image encoder + linear head initialised
+    from the zero-shot head (rows s·H_zs, no bias), cross-entropy, AdamW, cosine with
+    warm-up. The text tower is unused after the head is built. The logit scale stays
+    frozen (it is folded into the head rows)."""
+
+    name = "ft"
+    Hparams = FTHparams
+    weight_space = True
+
+    def setup(self) -> None:
+        freeze(self.root)
+        unfreeze(self.ctx.model, lambda n, p: n.startswith("visual."))
+        if "head" not in self.extra:
+            scale = self.ctx.model.logit_scale.exp().detach().float()
+            self.extra["head"] = LinearHead(scale * self.ctx.zeroshot_head.float())
+        self.extra["head"].weight.requires_grad_(True)
+
+    def loss(self, batch, step):
+        feats = image_features(self.ctx.model, batch["image"])
+        return {"ce_loss": classification_loss(feats.float(), self.extra["head"].weight, batch["y"])}

@@ -1,0 +1,43 @@
+"""LP-FT: linear probe first, then full fine-tuning from the probed head."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipeline.methods import register
+from pipeline.methods.common import LinearHead
+from pipeline.methods.ft import FTHparams, FullFinetune
+from pipeline.methods.lp import LinearProbe, LPHparams
+
+
+@dataclass(frozen=True)
+class LPFTHparams(FTHparams):
+    lp_steps: int = 100
+    lp_lr: float = 1e-3
+    lp_weight_decay: float = 0.0
+    lp_batch_size: int = 256
+
+
+@register
+class LPFT(FullFinetune):
+    """LP-FT (Kumar et al. 2022): fit the linear probe on cached features first, then run
+    FT (image encoder + head) starting from the LP head.
+
+    OPEN (ours): the LP phase runs at setup through the same trainer (`lp_steps` AdamW
+    steps at `lp_lr`, no checkpointing: it is seconds on cached features and
+    deterministic, so a resumed run recomputes it identically); `finetune.train.steps`
+    counts the FT phase only.
+    """
+
+    name = "lpft"
+    Hparams = LPFTHparams
+
+    def setup(self) -> None:
+        if "head" not in self.extra:
+            lp_hp = LPHparams(lr=self.hp.lp_lr, weight_decay=self.hp.lp_weight_decay, warmup_steps=0)
+            lp = LinearProbe(lp_hp, self.ctx)
+            self.ctx.fit(lp, self.ctx.train_eval_set, steps=self.hp.lp_steps,
+                         batch_size=self.hp.lp_batch_size, seed=self.ctx.seed, device=self.ctx.device,
+                         progress=False, desc="lpft/lp")
+            self.extra["head"] = LinearHead(lp.extra["head"].weight.detach())
+        super().setup()

@@ -1,0 +1,16 @@
+"""Zero-shot CLIP (k = 0): the pre-trained model with the prompt-ensemble head. Nothing trains."""
+
+from __future__ import annotations
+
+from pipeline.methods import register
+from pipeline.methods.base import Method
+
+
+@register
+class ZeroShot(Method):
+    """Radford et al. 2021. Head = per class, the mean over templates of g(template(c)),
+    renormalised; logits s·f(x)·Hᵀ. The embed stage evaluates it once as the k = 0 level."""
+
+    name = "zeroshot"
+    trains = False
+    weight_space = False

@@ -1,0 +1,171 @@
+"""One place that builds CLIP models: open_clip `arch` + `pretrained`, loaded from a local file.
+
+`model.pretrained` in params.yaml is one of
+- `builtin`: the project's tiny CLIP, pre-trained by the `pretrained` stage on the caption corpus;
+- an open_clip pretrained tag (e.g. `openai`), fetched once by the `pretrained` stage;
+- a path to a local `.safetensors` / `.pt` / `.bin` state dict.
+Every stage after `pretrained` loads weights only from that stage's local file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import open_clip
+import torch
+from safetensors.torch import load_file, save_file
+
+BUILTIN = "builtin"
+CONFIG_DIR = Path(__file__).parent / "model_configs"
+_registered = False
+
+
+def register_builtin_configs() -> None:
+    """Make the architectures shipped in `pipeline/model_configs/` known to open_clip."""
+    global _registered
+    if not _registered:
+        open_clip.add_model_config(CONFIG_DIR)
+        _registered = True
+
+
+def known_archs() -> list[str]:
+    register_builtin_configs()
+    return open_clip.list_models()
+
+
+def check_arch(arch: str) -> None:
+    if arch not in known_archs():
+        raise ValueError(
+            f"model.arch: unknown architecture {arch!r}. Allowed: any open_clip config "
+            f"(`python -c 'import open_clip; print(open_clip.list_models())'`) or one shipped in "
+            f"{CONFIG_DIR} (e.g. 'tiny-clip')."
+        )
+
+
+@dataclass
+class Clip:
+    """A CLIP model with the transforms and tokenizer that belong to it."""
+
+    model: torch.nn.Module
+    preprocess_train: Callable
+    preprocess_val: Callable
+    tokenizer: Callable
+    arch: str
+
+    @property
+    def image_size(self) -> int:
+        size = self.model.visual.image_size
+        return size[0] if isinstance(size, (tuple, list)) else int(size)
+
+
+def create(arch: str, weights: Path | None = None, device: str | torch.device = "cpu") -> Clip:
+    """Build `arch` with open_clip and load `weights` (a local state-dict file) if given."""
+    register_builtin_configs()
+    check_arch(arch)
+    model, pre_train, pre_val = open_clip.create_model_and_transforms(
+        arch, pretrained=None, device=device
+    )
+    if weights is not None:
+        state = load_state_dict(Path(weights))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        # open_clip configs may carry buffers (attn masks, position ids) not stored in files.
+        real_missing = [k for k in missing if not k.endswith(("attn_mask", "position_ids"))]
+        if real_missing or unexpected:
+            raise ValueError(
+                f"{weights}: weights do not fit architecture {arch!r} "
+                f"(missing {real_missing[:5]}, unexpected {list(unexpected)[:5]})"
+            )
+    model.eval()
+    return Clip(model, pre_train, pre_val, open_clip.get_tokenizer(arch), arch)
+
+
+def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: weights file not found")
+    if path.suffix == ".safetensors":
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+    # DDP / torch.compile prefixes
+    return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
+
+
+def save_state_dict(state: dict[str, torch.Tensor], path: Path, meta: dict[str, Any] | None = None) -> str:
+    """Write a safetensors file atomically and return its sha256."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    contiguous = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    save_file(contiguous, str(tmp), metadata={k: json.dumps(v) for k, v in (meta or {}).items()})
+    os.replace(tmp, path)
+    return file_sha256(path)
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fetch_pretrained(arch: str, pretrained: str, out: Path) -> dict[str, Any]:
+    """Copy the pre-trained weights (tag or local file) into `out` as safetensors.
+
+    Tags go through open_clip's own download; offline, the hub is told so (`HF_HUB_OFFLINE`
+    is set unless the user set it) and the failure is turned into a sentence saying how to
+    provide the weights as a file instead.
+    """
+    register_builtin_configs()
+    check_arch(arch)
+    source = Path(pretrained).expanduser()
+    if source.exists():
+        state = load_state_dict(source)
+        origin = str(source)
+    else:
+        tags = open_clip.list_pretrained_tags_by_model(arch)
+        if pretrained not in tags:
+            raise ValueError(
+                f"model.pretrained: {pretrained!r} is neither a file nor an open_clip tag for "
+                f"{arch!r}. Allowed: {BUILTIN!r}, a path to a .safetensors/.pt file, or one of "
+                f"{tags or '(no tags for this arch)'}."
+            )
+        if not _hub_reachable():
+            os.environ["HF_HUB_OFFLINE"] = "1"  # fail at once instead of retrying for ~46 s
+        try:
+            model = open_clip.create_model(arch, pretrained=pretrained, device="cpu")
+        except Exception as err:  # hub errors come in many types
+            raise RuntimeError(
+                f"model.pretrained: could not download {arch}/{pretrained} ({type(err).__name__}: "
+                f"{str(err).splitlines()[0] if str(err) else ''}). On a machine without internet, "
+                f"download the weights elsewhere (e.g. `open_clip.create_model('{arch}', "
+                f"pretrained='{pretrained}')` then save `model.state_dict()` with "
+                f"safetensors) and set model.pretrained to the file path."
+            ) from err
+        state = model.state_dict()
+        origin = f"open_clip:{arch}/{pretrained}"
+    # Validate the weights fit before declaring success.
+    model = open_clip.create_model(arch, pretrained=None, device="cpu")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if [k for k in missing if not k.endswith(("attn_mask", "position_ids"))] or unexpected:
+        raise ValueError(f"model.pretrained: {origin} does not fit architecture {arch!r}")
+    digest = save_state_dict(model.state_dict(), out, meta={"arch": arch, "origin": origin})
+    return {"arch": arch, "origin": origin, "sha256": digest}
+
+
+def _hub_reachable(timeout: float = 2.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return False
+    import socket
+
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False

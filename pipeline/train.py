@@ -1,0 +1,224 @@
+"""The method-agnostic trainer: AdamW, cosine schedule with warm-up, clipping, accumulation,
+bf16 autocast, DDP gradient averaging, resumable checkpoints, non-finite guards.
+
+It calls only the `Method` interface; it does not know which method it runs.
+
+Determinism: the data order is a function of (seed, epoch) and the RNG is re-seeded from
+(seed, step) before every step, so a run resumed from a checkpoint replays exactly the
+steps an uninterrupted run would take (bit-identical on CPU with `num_workers: 0`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from pipeline import dist
+from pipeline.methods.base import Method, count_params
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    wall_time_s: float
+    samples_per_s: float
+    trainable_params: int
+    total_params: int
+    resumed_from: int = 0
+    history: list[dict] = field(default_factory=list)
+
+
+def _mix(*xs: int) -> int:
+    h = 0x9E3779B97F4A7C15
+    for x in xs:
+        h = (h ^ (x + 0x632BE59BD9B4E019 + (h << 6) + (h >> 2))) & 0xFFFFFFFFFFFF
+    return h
+
+
+def batch_plan(n: int, batch_size: int, steps: int, seed: int) -> list[list[int]]:
+    """Indices of every global batch: seeded permutations per epoch, last partial batch
+    dropped, so a batch never holds the same sample twice. When the set is smaller than the
+    batch, each batch is the whole (shuffled) set.
+    """
+    if n <= 0:
+        raise ValueError("empty training set")
+    b = min(batch_size, n)
+    plan: list[list[int]] = []
+    epoch = 0
+    while len(plan) < steps:
+        g = torch.Generator().manual_seed(_mix(seed, epoch))
+        perm = torch.randperm(n, generator=g).tolist()
+        plan.extend(perm[i * b : (i + 1) * b] for i in range(n // b))
+        epoch += 1
+    return plan[:steps]
+
+
+def cosine_lr(step: int, total: int, warmup: int) -> float:
+    """Multiplier: linear warm-up to 1 over `warmup` steps, then cosine decay to 0."""
+    warmup = min(warmup, max(total - 1, 0))
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_optimizer(method: Method, device: torch.device) -> tuple[torch.optim.Optimizer, list[nn.Parameter]]:
+    """AdamW; no weight decay on biases, norms and scalars (every tensor with ndim < 2)."""
+    groups = []
+    all_params = []
+    for group in method.param_groups():
+        scale = group.get("lr_scale", 1.0)
+        decay = [p for _, p in group["named_params"] if p.ndim >= 2]
+        no_decay = [p for _, p in group["named_params"] if p.ndim < 2]
+        all_params += decay + no_decay
+        if decay:
+            groups.append({"params": decay, "weight_decay": method.hp.weight_decay, "lr_scale": scale})
+        if no_decay:
+            groups.append({"params": no_decay, "weight_decay": 0.0, "lr_scale": scale})
+    if not all_params:
+        raise ValueError(f"method {method.name!r} has no trainable parameter")
+    for g in groups:
+        g["lr"] = method.hp.lr * g["lr_scale"]
+    fused = device.type == "cuda"
+    opt = torch.optim.AdamW(groups, lr=method.hp.lr, betas=(0.9, 0.999), eps=1e-8, fused=fused)
+    return opt, all_params
+
+
+def _collate(items: list[dict]) -> dict[str, torch.Tensor]:
+    return {k: torch.stack([torch.as_tensor(it[k]) for it in items]) for k in items[0]}
+
+
+def fit(method: Method, train_set: torch.utils.data.Dataset, *, steps: int, batch_size: int,
+        seed: int, device: torch.device, grad_accum: int = 1, grad_clip: float = 1.0,
+        precision: str = "fp32", num_workers: int = 0, checkpoint_dir: Path | None = None,
+        checkpoint_every: int = 50, log: Callable[[int, dict], None] | None = None,
+        progress: bool = True, desc: str | None = None) -> TrainResult:
+    """Train `method` for `steps` optimiser steps of `batch_size` global samples."""
+    method.setup()
+    method.root.to(device)
+    optimizer, params = build_optimizer(method, device)
+    world, rank = dist.world_size(), dist.rank()
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    trainable_n = count_params(params)
+    total_n = count_params(method.root.parameters())
+
+    plan = batch_plan(len(train_set), batch_size, steps, seed)
+    start = 0
+    ckpt = checkpoint_dir / "last.pt" if checkpoint_dir is not None else None
+    if ckpt is not None and ckpt.exists():
+        start = _load_checkpoint(ckpt, method, optimizer)
+    history: list[dict] = []
+
+    def lr_at(step: int) -> None:
+        mult = cosine_lr(step, steps, method.hp.warmup_steps)
+        for g in optimizer.param_groups:
+            g["lr"] = method.hp.lr * g["lr_scale"] * mult
+
+    # every micro-batch, this rank's slice only
+    micro_plan = []
+    for batch in plan:
+        size = len(batch)
+        chunks = min(grad_accum, size)
+        bounds = [round(i * size / chunks) for i in range(chunks + 1)]
+        micro_plan.append([batch[bounds[i]:bounds[i + 1]][rank::world] for i in range(chunks)])
+
+    flat = [mb for step_mbs in micro_plan[start:] for mb in step_mbs]
+    loader = torch.utils.data.DataLoader(
+        train_set, batch_sampler=flat, num_workers=num_workers, collate_fn=_collate,
+        pin_memory=device.type == "cuda", persistent_workers=False,
+        prefetch_factor=4 if num_workers > 0 else None,
+    )
+    it = iter(loader)
+    show = progress and dist.is_main() and sys.stderr.isatty()
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=steps, initial=start, desc=desc or method.name, disable=not show, leave=False)
+    method.root.train()
+    t0 = time.perf_counter()
+    n_samples = 0
+    for step in range(start, steps):
+        torch.manual_seed(_mix(seed, 1 + step))
+        lr_at(step)
+        optimizer.zero_grad(set_to_none=True)
+        terms_sum: dict[str, float] = {}
+        mbs = micro_plan[step]
+        for mb in mbs:
+            batch = next(it)
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                terms = method.loss(batch, step)
+            total = sum(terms.values())
+            if not torch.isfinite(total):
+                bad = {k: float(v) for k, v in terms.items()}
+                raise NonFiniteLossError(
+                    f"step {step}: non-finite loss {bad}; lower the learning rate or check the data. "
+                    "No output was written.")
+            (total / len(mbs)).backward()
+            for k, v in terms.items():
+                terms_sum[k] = terms_sum.get(k, 0.0) + float(v.detach()) / len(mbs)
+            n_samples += len(mb) * world
+        dist.average_gradients(params)
+        grad_norm = None
+        if grad_clip > 0:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip))
+        optimizer.step()
+        method.after_step(step)
+        record = {"step": step + 1, **terms_sum, "loss": sum(terms_sum.values()),
+                  "lr": optimizer.param_groups[0]["lr"]}
+        if grad_norm is not None:
+            record["grad_norm"] = grad_norm
+        history.append(record)
+        if log is not None and dist.is_main():
+            log(step + 1, record)
+        bar.update(1)
+        bar.set_postfix(loss=f"{record['loss']:.4f}")
+        if ckpt is not None and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
+            _save_checkpoint(ckpt, method, optimizer, step + 1)
+    bar.close()
+    wall = time.perf_counter() - t0
+    return TrainResult(
+        steps=steps, wall_time_s=wall, samples_per_s=n_samples / wall if wall > 0 else 0.0,
+        trainable_params=trainable_n, total_params=total_n, resumed_from=start, history=history,
+    )
+
+
+def _resume_state(method: Method) -> dict[str, torch.Tensor]:
+    state = {n: p.detach() for n, p in method.root.named_parameters() if p.requires_grad}
+    state.update({f"extra.{n}": b for n, b in method.extra.named_buffers()})
+    return state
+
+
+def _save_checkpoint(path: Path, method: Method, optimizer, step: int) -> None:
+    if not dist.is_main():
+        dist.barrier()
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"step": step, "state": _resume_state(method), "optimizer": optimizer.state_dict()}, tmp)
+    os.replace(tmp, path)
+    dist.barrier()
+
+
+def _load_checkpoint(path: Path, method: Method, optimizer) -> int:
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    expected = set(_resume_state(method))
+    got = set(ckpt["state"])
+    if expected != got:
+        raise RuntimeError(
+            f"{path}: checkpoint does not match this method's trainable state "
+            f"(delete it to start over); differing keys: {sorted(expected ^ got)[:5]}")
+    method.root.load_state_dict(ckpt["state"], strict=False)
+    optimizer.load_state_dict(ckpt["optimizer"])
+    return int(ckpt["step"])
