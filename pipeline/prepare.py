@@ -41,13 +41,17 @@ def run(params: Params) -> dict:
 
         cfg = params.synthetic_config()
         if spec.generated:
-            if (root / spec.folder_name).exists():
-                shutil.rmtree(root / spec.folder_name)
+            if spec.folder(root).exists():
+                shutil.rmtree(spec.folder(root))
             generate_dataset(root, cfg)
-        if params.reference.csv == "builtin":
-            if paths.BUILTIN_REFERENCE.exists():
-                shutil.rmtree(paths.BUILTIN_REFERENCE)
-            generate_corpus(paths.BUILTIN_REFERENCE, cfg)
+    if paths.BUILTIN_REFERENCE.exists():
+        shutil.rmtree(paths.BUILTIN_REFERENCE)
+    if params.reference.csv == "builtin":
+        generate_corpus(paths.BUILTIN_REFERENCE, cfg)
+    paths.BUILTIN_REFERENCE.mkdir(parents=True, exist_ok=True)
+    # what the reference set is, for the stages that depend on this folder
+    (paths.BUILTIN_REFERENCE / "source.json").write_text(json.dumps({
+        "csv": str(reference_csv(params)), "separator": params.reference.separator}))
 
     dataset = load_dataset(spec.name, root, download=params.dataset.download)
     prompts = load_prompts(spec.name, n_classes=dataset.n_classes)

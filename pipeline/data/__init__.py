@@ -1,0 +1,1 @@
+"""Datasets: the per-dataset table, loading through `wilds`, prompts and official evaluation."""

@@ -1,0 +1,463 @@
+"""The one table of per-dataset facts, and loading, prompts and official evaluation built on it.
+
+Every dataset, the built-in synthetic one included, is a `wilds` `WILDSDataset`, so subsets,
+groupers and the official `eval` are wilds' own code. Real datasets are constructed by
+`wilds.get_dataset`; this module only adds a clear error when the data is absent (wilds'
+own offline download swallows the network error and then fails on a missing CSV).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from pipeline.data.scatter import install_scatter_fallback
+
+if TYPE_CHECKING:
+    from wilds.datasets.wilds_dataset import WILDSDataset
+
+__all__ = [
+    "PROMPTS_DIR",
+    "Prompts",
+    "RetentionTask",
+    "DatasetSpec",
+    "DATASETS",
+    "DatasetMissingError",
+    "get_spec",
+    "load_dataset",
+    "load_prompts",
+    "read_prompts",
+    "official_eval",
+    "task_labels",
+]
+
+PROMPTS_DIR = Path(__file__).resolve().parent / "prompts"
+PLACEHOLDER = "{c}"
+
+
+@dataclass(frozen=True)
+class Prompts:
+    classnames: tuple[str, ...]
+    templates: tuple[str, ...]  # each contains the placeholder "{c}"
+
+    def texts(self) -> list[list[str]]:
+        """Per class, every template filled with the class name."""
+        # str.replace, not str.format: templates may contain other braces.
+        return [[t.replace(PLACEHOLDER, c) for t in self.templates] for c in self.classnames]
+
+
+@dataclass(frozen=True)
+class RetentionTask:
+    """A zero-shot task the fine-tuned model was not trained on.
+
+    Its prompts are `load_prompts(dataset, task=label)` (the prompt file's `tasks[label]`), or
+    the dataset's own prompts when `label == "y"`.
+    """
+
+    dataset: str  # key in DATASETS
+    split: str
+    label: str  # "y" or a metadata field name (e.g. "colour")
+    name: str  # e.g. "synthetic/colour"
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    name: str  # params.yaml key
+    version: str  # wilds version; the data folder is f"{name}_v{version}"
+    train_split: str
+    id_splits: tuple[str, ...]  # in-distribution eval splits
+    ood_splits: tuple[str, ...]  # out-of-distribution eval splits
+    select_split: str  # model selection split; never a test split
+    metric: str  # official headline key of dataset.eval
+    extra_metrics: tuple[str, ...]
+    prompt_file: str  # file name in pipeline/data/prompts/
+    retention_tasks: tuple[RetentionTask, ...]
+    download_hint: str  # how a user gets the data; "{root}" is filled with the data root
+    # Builds the dataset from (root_dir, download); None means `wilds.get_dataset`.
+    loader: Callable[[Path, bool], Any] | None = field(default=None, repr=False, compare=False)
+    # True: the prepare stage generates the data (under data/prepared/wilds), no download
+    generated: bool = False
+
+    def folder(self, root: Path) -> Path:
+        return Path(root) / f"{self.name}_v{self.version}"
+
+    def marker(self, root: Path) -> Path:
+        """The file wilds requires before it treats the folder as a complete dataset."""
+        return self.folder(root) / f"RELEASE_v{self.version}.txt"
+
+    @property
+    def eval_splits(self) -> tuple[str, ...]:
+        return self.id_splits + self.ood_splits
+
+
+def _load_synthetic(root: Path, download: bool):
+    # Imported here so this table works before (and without) the synthetic module.
+    from pipeline.data.synthetic import SyntheticDataset
+
+    return SyntheticDataset(root_dir=str(root), download=download)
+
+
+def _wilds_hint(name: str, size: str) -> str:
+    return (
+        f"Download it ({size}) with `python -m wilds.download_datasets --root_dir {{root}} "
+        f"--datasets {name}`, or in Python with "
+        f"`wilds.get_dataset(dataset='{name}', root_dir='{{root}}', download=True)`; "
+        f"manual downloads: https://wilds.stanford.edu/downloads."
+    )
+
+
+# WILDS selects models on the OOD validation split ("val") where a dataset has one, and so do
+# we; ID validation would reward overfitting to the training domains. The synthetic dataset
+# keeps its OOD domains for evaluation only and selects on id_val.
+DATASETS: dict[str, DatasetSpec] = {
+    spec.name: spec
+    for spec in (
+        DatasetSpec(
+            name="synthetic",
+            version="1.0",
+            train_split="train",
+            id_splits=("id_val", "id_test"),
+            ood_splits=("val", "test"),
+            select_split="id_val",
+            metric="acc_avg",
+            extra_metrics=("F1-macro_all", "acc_worst_domain"),
+            prompt_file="synthetic.json",
+            retention_tasks=(
+                RetentionTask("synthetic", "id_test", "colour", "synthetic/colour"),
+                RetentionTask("synthetic", "id_test", "texture", "synthetic/texture"),
+            ),
+            download_hint=(
+                "The synthetic dataset is generated locally, not downloaded: run the prepare "
+                "stage, or `SyntheticDataset(root_dir='{root}', download=True)` from "
+                "pipeline.data.synthetic."
+            ),
+            loader=_load_synthetic,
+            generated=True,
+        ),
+        DatasetSpec(
+            name="iwildcam",
+            version="2.0",
+            train_split="train",
+            id_splits=("id_val", "id_test"),
+            ood_splits=("val", "test"),
+            select_split="val",
+            metric="F1-macro_all",
+            extra_metrics=("acc_avg", "recall-macro_all"),
+            prompt_file="iwildcam.json",
+            retention_tasks=(),
+            download_hint=_wilds_hint("iwildcam", "about 12 GB"),
+        ),
+        DatasetSpec(
+            name="fmow",
+            version="1.1",
+            train_split="train",
+            id_splits=("id_val", "id_test"),
+            ood_splits=("val", "test"),
+            select_split="val",
+            metric="acc_worst_region",
+            extra_metrics=("acc_avg", "acc_worst_year"),
+            prompt_file="fmow.json",
+            retention_tasks=(),
+            download_hint=_wilds_hint("fmow", "about 54 GB"),
+        ),
+        DatasetSpec(
+            name="camelyon17",
+            version="1.0",
+            train_split="train",
+            id_splits=("id_val",),  # Camelyon17 has no id_test split.
+            ood_splits=("val", "test"),
+            select_split="val",
+            metric="acc_avg",
+            extra_metrics=("acc_wg",),
+            prompt_file="camelyon17.json",
+            retention_tasks=(),
+            download_hint=_wilds_hint("camelyon17", "about 11 GB"),
+        ),
+        DatasetSpec(
+            name="rxrx1",
+            version="1.0",
+            train_split="train",
+            id_splits=("id_test",),  # RxRx1 has no id_val split.
+            ood_splits=("val", "test"),
+            select_split="val",
+            metric="acc_avg",
+            extra_metrics=("acc_wg",),
+            prompt_file="rxrx1.json",
+            retention_tasks=(),
+            download_hint=_wilds_hint("rxrx1", "about 7.4 GB"),
+        ),
+        DatasetSpec(
+            name="waterbirds",
+            version="1.0",
+            train_split="train",
+            # Waterbirds has no ID split: val and test are group-balanced, and the shift is
+            # measured by the worst group, so both count as OOD.
+            id_splits=(),
+            ood_splits=("val", "test"),
+            select_split="val",
+            metric="acc_wg",
+            extra_metrics=("adj_acc_avg",),  # waterbirds' eval drops plain acc_avg
+            prompt_file="waterbirds.json",
+            retention_tasks=(),
+            download_hint=_wilds_hint("waterbirds", "under 1 GB"),
+        ),
+    )
+}
+
+
+class DatasetMissingError(FileNotFoundError):
+    """The dataset is not on disk (or could not be downloaded); the message says how to get it."""
+
+    def __init__(self, message: str, folder: Path | None = None, marker: Path | None = None):
+        super().__init__(message)
+        self.folder = folder
+        self.marker = marker
+
+
+def get_spec(name: str) -> DatasetSpec:
+    try:
+        return DATASETS[name]
+    except (KeyError, TypeError):
+        allowed = ", ".join(DATASETS)
+        raise ValueError(f"dataset.name: {name!r} is not a known dataset; allowed values: {allowed}.") from None
+
+
+def _how_to_get(spec: DatasetSpec, root: Path) -> str:
+    return spec.download_hint.format(root=root)
+
+
+def _missing_message(spec: DatasetSpec, root: Path) -> str:
+    return (
+        f"The {spec.name} dataset was not found: looked in {spec.folder(root)} for "
+        f"{spec.marker(root).name} (wilds treats the folder as complete only when that file exists). "
+        f"{_how_to_get(spec, root)} Or set `dataset.download: true` in params.yaml and the pipeline "
+        f"gets it for you."
+    )
+
+
+class _Tee(io.TextIOBase):
+    """Writes through to a stream and keeps a copy (wilds prints, rather than raises, its
+    download error)."""
+
+    def __init__(self, stream):
+        self._stream = stream
+        self.copy = io.StringIO()
+
+    def write(self, text: str) -> int:
+        self.copy.write(text)
+        return self._stream.write(text)
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+
+def _construct(spec: DatasetSpec, root: Path, download: bool):
+    if spec.loader is not None:
+        return spec.loader(root, download)
+    import wilds
+
+    return wilds.get_dataset(dataset=spec.name, version=spec.version, root_dir=str(root), download=download)
+
+
+def _clean_failed_download(spec: DatasetSpec, root: Path, root_existed: bool, folder_before: set[str] | None) -> str:
+    """Undo what a failed download created, and say what was left behind."""
+    folder = spec.folder(root)
+    if folder.is_dir():
+        created = set(os.listdir(folder)) - (folder_before or set())
+        # A partial archive would later be taken as complete: wilds checks no checksum.
+        if "archive.tar.gz" in created and (folder / "archive.tar.gz").is_file():
+            (folder / "archive.tar.gz").unlink()
+        if folder_before is None and not os.listdir(folder):
+            folder.rmdir()
+    if not root_existed and root.is_dir() and not os.listdir(root):
+        root.rmdir()
+    if folder.is_dir() and os.listdir(folder) and folder_before is None:
+        return f" Files that the attempt left in {folder} were kept; delete them before retrying."
+    return ""
+
+
+def load_dataset(name: str, root: Path, download: bool = False) -> "WILDSDataset":
+    """The dataset `name` under `root` (its data folder is `root/{name}_v{version}`).
+
+    Without `download`, a missing RELEASE marker raises DatasetMissingError before wilds is
+    touched. With it, a failed download (wilds only prints the network error) is cleaned up
+    and raised as DatasetMissingError carrying the original error.
+    """
+    spec = get_spec(name)
+    root = Path(root)
+    install_scatter_fallback()
+    marker = spec.marker(root)
+    if marker.is_file():
+        return _construct(spec, root, download=False)
+    if not download:
+        raise DatasetMissingError(_missing_message(spec, root), spec.folder(root), marker)
+
+    folder = spec.folder(root)
+    root_existed = root.is_dir()
+    folder_before = set(os.listdir(folder)) if folder.is_dir() else None
+    tee = _Tee(sys.stdout)
+    error: BaseException | None = None
+    dataset = None
+    try:
+        with contextlib.redirect_stdout(tee):
+            dataset = _construct(spec, root, download=True)
+    except Exception as exc:  # noqa: BLE001 - re-raised below with context
+        error = exc
+    if error is None and dataset is not None:
+        return dataset
+    if marker.is_file() or spec.loader is not None:
+        # Either the data arrived and loading it failed, or a local generator failed: neither
+        # is a download problem, so the original error is the useful one.
+        raise error  # type: ignore[misc]
+
+    printed = [line.strip() for line in tee.copy.getvalue().splitlines() if line.strip().startswith("Exception:")]
+    reason = printed[-1].removeprefix("Exception:").strip() if printed else f"{type(error).__name__}: {error}"
+    leftover = _clean_failed_download(spec, root, root_existed, folder_before)
+    message = (
+        f"Getting the {spec.name} dataset into {folder} failed ({reason}), so {marker.name} is "
+        f"still missing (download was requested, as `dataset.download: true` does).{leftover} "
+        f"Check the network, or get it by hand: {_how_to_get(spec, root)}"
+    )
+    raise DatasetMissingError(message, folder, marker) from error
+
+
+def _fail(path: Path, sentence: str) -> ValueError:
+    return ValueError(f"Prompt file {path}: {sentence}")
+
+
+def _string_list(path: Path, where: str, value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not value:
+        raise _fail(path, f"{where} must be a non-empty list of strings.")
+    for i, item in enumerate(value):
+        if not isinstance(item, str) or not item.strip():
+            raise _fail(path, f"{where}[{i}] must be a non-empty string, got {item!r}.")
+    return tuple(value)
+
+
+def _normalise(text: str) -> str:
+    # What the CLIP tokenizer sees: case and runs of whitespace do not count.
+    return " ".join(text.lower().split())
+
+
+def _validate(path: Path, where: str, prompts: Prompts, n_classes: int | None) -> None:
+    for i, template in enumerate(prompts.templates):
+        if PLACEHOLDER not in template:
+            raise _fail(path, f"{where} template {i} {template!r} lacks the placeholder {PLACEHOLDER}.")
+    if n_classes is not None and len(prompts.classnames) != n_classes:
+        raise _fail(path, f"{where} has {len(prompts.classnames)} class names but the dataset has {n_classes} classes.")
+    first_owner: dict[str, int] = {}
+    for i, name in enumerate(prompts.classnames):
+        key = _normalise(name)
+        if key in first_owner:
+            j = first_owner[key]
+            filled = _normalise(prompts.templates[0].replace(PLACEHOLDER, name))
+            raise _fail(
+                path,
+                f"{where} classes {j} ({prompts.classnames[j]!r}) and {i} ({name!r}) give identical "
+                f"prompts after lower-casing (e.g. {filled!r}); rename one of them.",
+            )
+        first_owner[key] = i
+
+
+_TOP_KEYS = {"classnames", "templates", "tasks"}
+_TASK_KEYS = {"classnames", "templates"}
+
+
+def read_prompts(path: Path, task: str | None = None, n_classes: int | None = None) -> Prompts:
+    """Load and validate one prompt file (the format `load_prompts` reads).
+
+    Format: {"classnames": [...], "templates": ["... {c} ..."], "tasks": {name: {"classnames":
+    [...], "templates": [...]}}}; keys starting with "_" are comments. A task without
+    "templates" uses the top-level templates.
+    """
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise _fail(path, "does not exist.") from None
+    except json.JSONDecodeError as exc:
+        raise _fail(path, f"is not valid JSON ({exc}).") from None
+    if not isinstance(data, dict):
+        raise _fail(path, "must hold a JSON object with 'classnames' and 'templates'.")
+    data = {k: v for k, v in data.items() if not k.startswith("_")}
+    unknown = sorted(set(data) - _TOP_KEYS)
+    if unknown:
+        raise _fail(path, f"unknown keys {unknown}; allowed: {sorted(_TOP_KEYS)} and comments starting with '_'.")
+    templates = _string_list(path, "templates", data.get("templates"))
+    if task is None:
+        prompts = Prompts(_string_list(path, "classnames", data.get("classnames")), templates)
+        _validate(path, "the file", prompts, n_classes)
+        return prompts
+
+    tasks = data.get("tasks") or {}
+    if not isinstance(tasks, dict) or task not in tasks:
+        available = sorted(tasks) if isinstance(tasks, dict) else []
+        raise _fail(path, f"has no task {task!r} under 'tasks'; available: {available}.")
+    entry = {k: v for k, v in tasks[task].items() if not k.startswith("_")} if isinstance(tasks[task], dict) else None
+    if entry is None:
+        raise _fail(path, f"tasks.{task} must be an object with 'classnames' (and optionally 'templates').")
+    unknown = sorted(set(entry) - _TASK_KEYS)
+    if unknown:
+        raise _fail(path, f"tasks.{task} has unknown keys {unknown}; allowed: {sorted(_TASK_KEYS)}.")
+    where = f"tasks.{task}"
+    task_templates = _string_list(path, f"{where}.templates", entry["templates"]) if "templates" in entry else templates
+    prompts = Prompts(_string_list(path, f"{where}.classnames", entry.get("classnames")), task_templates)
+    _validate(path, where, prompts, n_classes)
+    return prompts
+
+
+def load_prompts(name: str, task: str | None = None, n_classes: int | None = None) -> Prompts:
+    """Class names and templates of dataset `name` (or of its extra zero-shot `task`)."""
+    spec = get_spec(name)
+    return read_prompts(PROMPTS_DIR / spec.prompt_file, task=task, n_classes=n_classes)
+
+
+def official_eval(dataset, y_pred: torch.Tensor, y_true: torch.Tensor, metadata: torch.Tensor) -> dict[str, float]:
+    """The dataset's own `eval` as a flat dict of floats.
+
+    `y_pred` may be predicted labels or (N, C) scores; scores are turned into labels by argmax.
+    """
+    install_scatter_fallback()
+    y_pred = torch.as_tensor(y_pred).detach().cpu()
+    if y_pred.dim() > 1:
+        y_pred = y_pred.argmax(dim=-1)
+    y_true = torch.as_tensor(y_true).detach().cpu()
+    metadata = torch.as_tensor(metadata).detach().cpu()
+    results, _ = dataset.eval(y_pred, y_true, metadata)
+    return {str(k): float(v) for k, v in results.items()}
+
+
+def task_labels(dataset, subset_indices, label: str) -> torch.Tensor:
+    """Labels of `label` ("y" or a metadata field) for the given indices into `dataset`.
+
+    `subset_indices` may be a sequence, array or tensor of indices, a WILDSSubset (its indices
+    into its parent are used), or None for every sample.
+    """
+    if hasattr(subset_indices, "indices") and hasattr(subset_indices, "dataset"):
+        dataset, subset_indices = subset_indices.dataset, subset_indices.indices
+    if label == "y":
+        values = torch.as_tensor(dataset.y_array)
+    else:
+        fields = list(dataset.metadata_fields)
+        if label not in fields:
+            raise ValueError(
+                f"label {label!r} is neither 'y' nor a metadata field of {type(dataset).__name__}; fields: {fields}."
+            )
+        values = torch.as_tensor(dataset.metadata_array)[:, fields.index(label)]
+    if subset_indices is None:
+        return values.long()
+    if isinstance(subset_indices, torch.Tensor):
+        index = subset_indices.long()
+    else:
+        index = torch.as_tensor(np.asarray(subset_indices, dtype=np.int64))
+    return values[index].long()
