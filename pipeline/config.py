@@ -116,6 +116,11 @@ def from_dict(cls: type, data: Any, prefix: str):
         return cls(**kwargs)
     except ParamsError:
         raise
+    except ValueError as err:
+        # a sub-config's own check ("lr: -1 must be positive"): prefix the section
+        msg = str(err)
+        head = msg.split(":", 1)[0].strip()
+        raise ParamsError(f"{prefix}.{msg}" if head in fields else f"{prefix}: {msg}") from err
     except TypeError as err:
         missing = [n for n, f in fields.items() if f.default is dataclasses.MISSING
                    and f.default_factory is dataclasses.MISSING and n not in data]

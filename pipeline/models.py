@@ -71,17 +71,22 @@ def create(arch: str, weights: Path | None = None, device: str | torch.device = 
         arch, pretrained=None, device=device
     )
     if weights is not None:
-        state = load_state_dict(Path(weights))
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        # open_clip configs may carry buffers (attn masks, position ids) not stored in files.
-        real_missing = [k for k in missing if not k.endswith(("attn_mask", "position_ids"))]
-        if real_missing or unexpected:
-            raise ValueError(
-                f"{weights}: weights do not fit architecture {arch!r} "
-                f"(missing {real_missing[:5]}, unexpected {list(unexpected)[:5]})"
-            )
+        _load_checked(model, load_state_dict(Path(weights)), str(weights), arch)
     model.eval()
     return Clip(model, pre_train, pre_val, open_clip.get_tokenizer(arch), arch)
+
+
+def _load_checked(model: torch.nn.Module, state: dict, origin: str, arch: str) -> None:
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shape mismatches
+        raise ValueError(f"model.pretrained: {origin} does not fit architecture {arch!r} "
+                         f"({str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else err})") from err
+    # open_clip configs may carry buffers (attn masks, position ids) not stored in files.
+    real_missing = [k for k in missing if not k.endswith(("attn_mask", "position_ids"))]
+    if real_missing or unexpected:
+        raise ValueError(f"model.pretrained: {origin} does not fit architecture {arch!r} "
+                         f"(missing {real_missing[:5]}, unexpected {list(unexpected)[:5]})")
 
 
 def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -137,7 +142,7 @@ def fetch_pretrained(arch: str, pretrained: str, out: Path) -> dict[str, Any]:
                 f"{tags or '(no tags for this arch)'}."
             )
         if not _hub_reachable():
-            os.environ["HF_HUB_OFFLINE"] = "1"  # fail at once instead of retrying for ~46 s
+            _set_hub_offline()  # fail at once instead of retrying for ~46 s
         try:
             model = open_clip.create_model(arch, pretrained=pretrained, device="cpu")
         except Exception as err:  # hub errors come in many types
@@ -152,11 +157,20 @@ def fetch_pretrained(arch: str, pretrained: str, out: Path) -> dict[str, Any]:
         origin = f"open_clip:{arch}/{pretrained}"
     # Validate the weights fit before declaring success.
     model = open_clip.create_model(arch, pretrained=None, device="cpu")
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if [k for k in missing if not k.endswith(("attn_mask", "position_ids"))] or unexpected:
-        raise ValueError(f"model.pretrained: {origin} does not fit architecture {arch!r}")
+    _load_checked(model, state, origin, arch)
     digest = save_state_dict(model.state_dict(), out, meta={"arch": arch, "origin": origin})
     return {"arch": arch, "origin": origin, "sha256": digest}
+
+
+def _set_hub_offline() -> None:
+    """huggingface_hub reads HF_HUB_OFFLINE once, at import: set the variable and its copy."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        import huggingface_hub.constants as hub_constants
+
+        hub_constants.HF_HUB_OFFLINE = True
+    except ImportError:
+        pass
 
 
 def _hub_reachable(timeout: float = 2.0) -> bool:
