@@ -24,6 +24,8 @@ SAMPLES = Path("data/samples")
 RUNS = Path("runs")
 CHECKPOINTS = Path("checkpoints")
 REPORTS = Path("reports")
+REPORT_METRICS = Path("metrics/report.json")
+REPORT_PLOT_DATA = Path("metrics/shots.csv")
 
 
 def sample_file(k: int, seed: int) -> Path:
