@@ -42,9 +42,11 @@ def mpm_nce_loss(image: torch.Tensor, text: torch.Tensor, labels: torch.Tensor, 
     pos_mass = torch.where(has_neg, torch.full_like(n_pos, 1 - smoothing), torch.ones_like(n_pos))
     target = torch.where(positive, pos_mass / n_pos, smoothing / n_neg)
     sim = image @ text.t() + margin * (~positive).to(image.dtype)
-    # the positive sets are symmetric, so the text->image targets are the transpose
+    # Text t_i's positives are the images of its label: the same set P(i) as image i's, so
+    # row i of the text->image targets is row i of `target` (not column i: the ε share of
+    # a negative is ε/(B−|P(i)|) with the counts of the row's own anchor).
     loss_i = -(target * F.log_softmax(sim / tau, dim=1)).sum(1).mean()
-    loss_t = -(target.t() * F.log_softmax(sim.t() / tau, dim=1)).sum(1).mean()
+    loss_t = -(target * F.log_softmax(sim.t() / tau, dim=1)).sum(1).mean()
     return 0.5 * (loss_i + loss_t)
 
 

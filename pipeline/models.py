@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,9 +68,16 @@ def create(arch: str, weights: Path | None = None, device: str | torch.device = 
     """Build `arch` with open_clip and load `weights` (a local state-dict file) if given."""
     register_builtin_configs()
     check_arch(arch)
-    model, pre_train, pre_val = open_clip.create_model_and_transforms(
-        arch, pretrained=None, device=device
-    )
+    # open_clip logs a warning for every model built without weights: we load our own
+    logger = logging.getLogger()
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        model, pre_train, pre_val = open_clip.create_model_and_transforms(
+            arch, pretrained=None, device=device
+        )
+    finally:
+        logger.setLevel(level)
     if weights is not None:
         _load_checked(model, load_state_dict(Path(weights)), str(weights), arch)
     model.eval()

@@ -47,14 +47,18 @@ def _mix(*xs: int) -> int:
     return h
 
 
-def batch_plan(n: int, batch_size: int, steps: int, seed: int) -> list[list[int]]:
+def batch_plan(n: int, batch_size: int, steps: int, seed: int, multiple: int = 1) -> list[list[int]]:
     """Indices of every global batch: seeded permutations per epoch, last partial batch
     dropped, so a batch never holds the same sample twice. When the set is smaller than the
-    batch, each batch is the whole (shuffled) set.
+    batch, each batch is the whole (shuffled) set. The batch size is rounded down to a
+    `multiple` (the DDP world size: every rank must get an equal slice).
     """
     if n <= 0:
         raise ValueError("empty training set")
     b = min(batch_size, n)
+    b -= b % multiple
+    if b <= 0:
+        raise ValueError(f"{n} training samples cannot be split over {multiple} processes")
     plan: list[list[int]] = []
     epoch = 0
     while len(plan) < steps:
@@ -112,9 +116,14 @@ def fit(method: Method, train_set: torch.utils.data.Dataset, *, steps: int, batc
     world, rank = dist.world_size(), dist.rank()
     use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
     trainable_n = count_params(params)
-    total_n = count_params(method.root.parameters())
+    # share of the pre-trained model (the PEFT convention): inserted modules (adapters,
+    # heads) count as trainable but not in the total
+    total_n = count_params(method.ctx.model.parameters())
 
-    plan = batch_plan(len(train_set), batch_size, steps, seed)
+    plan = batch_plan(len(train_set), batch_size, steps, seed, multiple=world)
+    if len(plan[0]) != min(batch_size, len(train_set)) and dist.is_main():
+        print(f"note: global batch {len(plan[0])} instead of {min(batch_size, len(train_set))}, "
+              f"a multiple of the {world} processes", file=sys.stderr)
     start = 0
     ckpt = checkpoint_dir / "last.pt" if checkpoint_dir is not None else None
     if ckpt is not None and ckpt.exists():
@@ -126,19 +135,24 @@ def fit(method: Method, train_set: torch.utils.data.Dataset, *, steps: int, batc
         for g in optimizer.param_groups:
             g["lr"] = method.hp.lr * g["lr_scale"] * mult
 
-    # every micro-batch, this rank's slice only
+    # every micro-batch, this rank's slice only; micro-batch sizes are multiples of `world`
+    # so that the slices are equal (gathered features need equal shapes; averaged
+    # gradients of per-rank means are the global mean only for equal slices)
     micro_plan = []
     for batch in plan:
-        size = len(batch)
+        size = len(batch) // world
         chunks = min(grad_accum, size)
-        bounds = [round(i * size / chunks) for i in range(chunks + 1)]
+        bounds = [world * round(i * size / chunks) for i in range(chunks + 1)]
         micro_plan.append([batch[bounds[i]:bounds[i + 1]][rank::world] for i in range(chunks)])
 
     flat = [mb for step_mbs in micro_plan[start:] for mb in step_mbs]
+    # worker RNG (augmentation with num_workers > 0) seeded per rank: without a generator
+    # every DDP rank would draw the same worker seeds from its (identical) global RNG
     loader = torch.utils.data.DataLoader(
         train_set, batch_sampler=flat, num_workers=num_workers, collate_fn=_collate,
         pin_memory=device.type == "cuda", persistent_workers=False,
         prefetch_factor=4 if num_workers > 0 else None,
+        generator=torch.Generator().manual_seed(_mix(seed, start, 1 + rank, 0xDA7A)),
     )
     it = iter(loader)
     show = progress and dist.is_main() and sys.stderr.isatty()
@@ -149,14 +163,19 @@ def fit(method: Method, train_set: torch.utils.data.Dataset, *, steps: int, batc
     t0 = time.perf_counter()
     n_samples = 0
     for step in range(start, steps):
-        torch.manual_seed(_mix(seed, 1 + step))
+        # drawn from by augmentation in this process (num_workers 0): one stream per rank
+        torch.manual_seed(_mix(seed, 1 + step) if world == 1 else _mix(seed, 1 + step, 1 + rank))
         lr_at(step)
         optimizer.zero_grad(set_to_none=True)
         terms_sum: dict[str, float] = {}
         mbs = micro_plan[step]
-        for mb in mbs:
+        for i, mb in enumerate(mbs):
             batch = next(it)
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            # the loss's random draws must not depend on how much RNG data loading used
+            # (augmentation in this process with num_workers 0 draws a variable amount):
+            # the same on every DDP rank, and the same as in one process
+            torch.manual_seed(_mix(seed, 1 + step, 0, 1 + i))
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 terms = method.loss(batch, step)
             total = sum(terms.values())
@@ -170,6 +189,10 @@ def fit(method: Method, train_set: torch.utils.data.Dataset, *, steps: int, batc
                 terms_sum[k] = terms_sum.get(k, 0.0) + float(v.detach()) / len(mbs)
             n_samples += len(mb) * world
         dist.average_gradients(params)
+        if world > 1:  # report the loss over the global batch (terms are per-rank means)
+            keys = sorted(terms_sum)
+            avg = dist.mean(torch.tensor([terms_sum[k] for k in keys], dtype=torch.float64, device=device))
+            terms_sum = dict(zip(keys, avg.tolist()))
         grad_norm = None
         if grad_clip > 0:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip))

@@ -81,7 +81,7 @@ class EvalModel(nn.Module):
 
     @property
     def scale(self) -> torch.Tensor:
-        return self.model.logit_scale.exp().float()
+        return self.model.logit_scale.detach().exp().float()
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         f = self.model.encode_image(images)
@@ -145,6 +145,13 @@ class Method:
         return state
 
     # ---- evaluation ---------------------------------------------------------------------
+    def live_eval_model(self) -> EvalModel:
+        """The trained model in memory as an `EvalModel` (α = 1), without a save/reload.
+        `eval_model(pre-trained, trained_state())` must give the same outputs (the checkpoint
+        round trip). Methods that insert modules return the model with them active."""
+        head = self.extra["head"].weight.detach() if "head" in self.extra else None
+        return EvalModel(self.ctx.model, head=head)
+
     @classmethod
     def eval_model(cls, model: nn.Module, state: dict[str, torch.Tensor], hp: Any,
                    zeroshot_head: torch.Tensor, alpha: float = 1.0) -> EvalModel:

@@ -28,9 +28,17 @@ def text_features(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def sample_class_prompts(class_tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """One template per image, drawn uniformly (global RNG, seeded per step by the trainer)."""
+    """One template per image, drawn uniformly (global RNG, seeded per step by the trainer).
+
+    Under DDP (`labels` is this rank's slice `mb[rank::world]` of the micro-batch), every rank
+    draws for the whole micro-batch and keeps its own positions: each image gets the
+    template it would get in one process, and the RNG stays in step across ranks.
+    """
+    from pipeline import dist
+
     n_templates = class_tokens.shape[1]
-    pick = torch.randint(n_templates, (labels.shape[0],)).to(labels.device)
+    world = dist.world_size()
+    pick = torch.randint(n_templates, (labels.shape[0] * world,))[dist.rank()::world].to(labels.device)
     return class_tokens.to(labels.device)[labels, pick]
 
 

@@ -73,10 +73,13 @@ class DiVE(FLYP):
         model = self.ctx.model
         u = image_features(model, images).float() - ref.image_pre[local].to(device)
         v = text_features(model, ref.tokens[local].to(device)).float() - ref.text_pre[local].to(device)
-        # global mean over the reference batch (local means are equal-weight under DDP)
-        batch_mean = dist.mean(((u + v) / 2).mean(0).detach())
+        # this rank's weight in the global mean over the reference batch: 1 when the slices
+        # are equal (and in one process); averaged over ranks, share·local mean = global mean
+        share = len(local) * dist.world_size() / size
+        batch_mean = dist.mean(((u + v) / 2).mean(0).detach() * share)
         m = self.extra["avg"].update(batch_mean).to(device)
         zero = torch.zeros((), device=device)
-        terms["avl_loss"] = self.hp.lam * average_vector_loss(u, v, m) if self.hp.use_avl else zero
-        terms["pvl_loss"] = self.hp.lam * pairwise_vector_loss(u, v) if self.hp.use_pvl else zero
+        lam = self.hp.lam * share
+        terms["avl_loss"] = lam * average_vector_loss(u, v, m) if self.hp.use_avl else zero
+        terms["pvl_loss"] = lam * pairwise_vector_loss(u, v) if self.hp.use_pvl else zero
         return terms

@@ -1,0 +1,99 @@
+"""BitFit: only the biases inside the residual blocks of both towers train.
+
+Also home of `PromptCE`, the training objective shared by the PEFT variants that train the
+text tower (BitFit, A-CLIP, LoRA): cross-entropy on s·f(x)·g(prompt(c))ᵀ against every class.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pipeline.losses import classification_loss
+from pipeline.methods import register
+from pipeline.methods.base import BaseHparams, Method, freeze, matches, unfreeze
+from pipeline.methods.common import image_features
+from pipeline.zeroshot import build_head_with_grad
+
+# parameters of the residual blocks of both open_clip towers (`visual.transformer.resblocks.N`,
+# `transformer.resblocks.N`; `text.transformer.resblocks.N` in CustomTextCLIP)
+RESBLOCK = r"(^|\.)transformer\.resblocks\.\d+\."
+
+
+@dataclass(frozen=True)
+class PromptCEHparams(BaseHparams):
+    # templates per class in the training head: 0 = all (the evaluation head, C·T text
+    # forwards with gradient per step); n > 0 = n drawn per class each step
+    head_templates: int = 1
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.head_templates < 0:
+            raise ValueError(f"head_templates: {self.head_templates} must be >= 0 (0 = all)")
+
+
+def class_head_with_grad(model: torch.nn.Module, class_tokens: torch.Tensor, n_templates: int,
+                         device: torch.device) -> torch.Tensor:
+    """Normalised class text features [C, D] from the current text tower, with gradient.
+
+    `n_templates = 0` averages every template (as `build_head`); otherwise each class
+    averages `n_templates` templates drawn without replacement (global RNG: the trainer seeds
+    it per step, so every DDP rank draws the same).
+    """
+    c, t, length = class_tokens.shape
+    if 0 < n_templates < t:
+        pick = torch.argsort(torch.rand(c, t), dim=1)[:, :n_templates]
+        class_tokens = torch.gather(class_tokens, 1, pick[:, :, None].expand(-1, -1, length))
+    return build_head_with_grad(model.encode_text, class_tokens.to(device))
+
+
+class PromptCE(Method):
+    """Cross-entropy on s·f(x)·Hᵀ with H = the class-prompt text features recomputed with
+    gradient every step (the text tower trains), s = the pre-trained logit scale (frozen).
+    Evaluation rebuilds the full prompt-ensemble head from the trained text tower (the
+    default `eval_model` with `head=None`). Not registered: a base for BitFit, A-CLIP, LoRA.
+    """
+
+    Hparams = PromptCEHparams
+
+    def loss(self, batch, step):
+        model = self.ctx.model
+        feats = image_features(model, batch["image"]).float()
+        head = class_head_with_grad(model, self.ctx.class_tokens, self.hp.head_templates, feats.device)
+        scale = model.logit_scale.exp().detach().float()
+        return {"ce_loss": classification_loss(feats, scale * head, batch["y"])}
+
+
+@dataclass(frozen=True)
+class BitFitHparams(PromptCEHparams):
+    lr: float = 1e-3
+    weight_decay: float = 0.0  # biases get none anyway (ndim < 2)
+    warmup_steps: int = 6
+
+
+@register
+class BitFit(PromptCE):
+    """BitFit (Ben Zaken et al., ACL 2022) as a CLIP PEFT variant in the IIMM / A-CLIP papers
+    (Niss et al., MIT LL, arXiv 2407.15731; code `mit-ll/IIMM`): only the bias terms inside
+    the residual blocks (`transformer.resblocks`) of both towers train, with cross-entropy
+    on s·f(x)·g(prompt(c))ᵀ against every class prompt. WiSE-FT applies (weight space).
+
+    OPEN choices (ours):
+    - "biases" = every bias in a residual block: attention `in_proj_bias` and
+      `out_proj.bias`, MLP c_fc/c_proj and the LayerNorm biases ln_1/ln_2; biases outside the blocks (ln_pre,
+      ln_post, ln_final, patch embedding) and the logit scale stay frozen;
+    - the training head averages `head_templates` = 1 template per class drawn each step
+      (C text forwards with gradient; all templates would be C·T, e.g. 992 for FMoW);
+      evaluation uses the full prompt ensemble;
+    - few-shot defaults: lr 1e-3 (BitFit's range 1e-4…1e-3; biases move little), no weight
+      decay, 6 warm-up steps (10 % of the 60-step default run).
+    """
+
+    name = "bitfit"
+    Hparams = BitFitHparams
+    weight_space = True
+
+    def setup(self) -> None:
+        freeze(self.root)
+        unfreeze(self.ctx.model, matches(RESBLOCK + r".*bias$"))

@@ -1,0 +1,153 @@
+"""Losses against slow direct formulas (reference/methods.md)."""
+
+from __future__ import annotations
+
+import math
+
+import pipeline  # noqa: F401
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipeline.losses import (AverageVector, average_vector_loss, classification_loss, clip_loss,
+                             mpm_nce_loss, pairwise_vector_loss)
+from pipeline.methods import METHODS
+from pipeline.train import fit
+from tests import methods_fixtures as mf
+from tests.methods_fixtures import single_thread  # noqa: F401  (autouse)
+
+
+def unit(n: int, d: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=-1)
+
+
+# ---- FLYP ---------------------------------------------------------------------------------
+
+
+def slow_clip_loss(f, g, s):
+    b = f.shape[0]
+    total = 0.0
+    for i in range(b):
+        row = [s * float(f[i] @ g[j]) for j in range(b)]
+        col = [s * float(g[i] @ f[j]) for j in range(b)]
+        total += -row[i] + math.log(sum(math.exp(v) for v in row))
+        total += -col[i] + math.log(sum(math.exp(v) for v in col))
+    return total / (2 * b)
+
+
+def test_clip_loss_matches_direct_formula():
+    f, g = unit(7, 5, 0), unit(7, 5, 1)
+    got = clip_loss(f, g, torch.tensor(10.0, dtype=torch.float64))
+    assert float(got) == pytest.approx(slow_clip_loss(f, g, 10.0), rel=1e-10)
+
+
+def test_classification_loss_is_cross_entropy_of_scaled_head():
+    f, h = unit(6, 4, 2), 20 * unit(3, 4, 3)
+    y = torch.tensor([0, 1, 2, 2, 1, 0])
+    direct = sum(-float(f[i] @ h[y[i]]) + math.log(sum(math.exp(float(f[i] @ h[c])) for c in range(3)))
+                 for i in range(6)) / 6
+    assert float(classification_loss(f, h, y)) == pytest.approx(direct, rel=1e-10)
+
+
+# ---- DiVE ---------------------------------------------------------------------------------
+
+
+def test_dive_vector_losses_match_direct_formulas():
+    u, v, m = unit(5, 4, 4), unit(5, 4, 5), unit(1, 4, 6)[0]
+    avl = sum(sum((u[j, k] - m[k]) ** 2 + (v[j, k] - m[k]) ** 2 for k in range(4)) for j in range(5)) / 5
+    pvl = sum(sum((u[j, k] - v[j, k]) ** 2 for k in range(4)) for j in range(5)) / 5
+    assert float(average_vector_loss(u, v, m)) == pytest.approx(float(avl), rel=1e-12)
+    assert float(pairwise_vector_loss(u, v)) == pytest.approx(float(pvl), rel=1e-12)
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.99])
+def test_average_vector_is_an_ema_from_zero(momentum):
+    avg = AverageVector(3, momentum)
+    means = [torch.randn(3, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    expected = torch.zeros(3)
+    for x in means:
+        expected = momentum * expected + (1 - momentum) * x
+        got = avg.update(x)
+        torch.testing.assert_close(got, expected)
+    got.add_(1.0)  # a returned copy: the state does not move with it
+    torch.testing.assert_close(avg.m, expected)
+
+
+def test_dive_without_regulariser_is_flyp_step_for_step():
+    """λ = 0: DiVE's extra forward on the reference batch adds exact zeros to the gradients,
+    and its random draws come after FLYP's, so the weights match FLYP's bit for bit."""
+    weights, losses = {}, {}
+    for name in ("flyp", "dive"):
+        model = mf.fresh_model()
+        ctx = mf.context(model, reference=True)
+        cls = METHODS[name]
+        hp = cls.Hparams(lam=0.0) if name == "dive" else cls.Hparams()
+        res = fit(cls(hp, ctx), ctx.train_set, steps=3, batch_size=6, seed=5,
+                  device=torch.device("cpu"), progress=False)
+        weights[name] = mf.snapshot(model)
+        losses[name] = [h["flyp_loss"] for h in res.history]
+    assert losses["dive"] == losses["flyp"]
+    for n, w in weights["flyp"].items():
+        assert torch.equal(w, weights["dive"][n]), n
+
+
+# ---- MPM-NCE ------------------------------------------------------------------------------
+
+
+def slow_mpm_nce(f, g, y, tau, delta, eps):
+    """Direct double loop over the definition in reference/methods.md."""
+    b = f.shape[0]
+
+    def direction(a, c):
+        total = 0.0
+        for i in range(b):
+            pos = [j for j in range(b) if y[j] == y[i]]
+            neg = [j for j in range(b) if y[j] != y[i]]
+            logits = [(float(a[i] @ c[j]) + (0.0 if j in pos else delta)) / tau for j in range(b)]
+            lse = math.log(sum(math.exp(v) for v in logits))
+            for j in range(b):
+                if j in pos:
+                    t = (1 - eps) / len(pos) if neg else 1.0 / len(pos)
+                else:
+                    t = eps / len(neg)
+                total += -t * (logits[j] - lse)
+        return total / b
+
+    return 0.5 * (direction(f, g) + direction(g, f))
+
+
+def test_mpm_nce_reduces_to_clip_loss():
+    f, g = unit(6, 8, 7), unit(6, 8, 8)
+    y = torch.arange(6)
+    tau = 0.05
+    got = mpm_nce_loss(f, g, y, tau, margin=0.0, smoothing=0.0)
+    torch.testing.assert_close(got, clip_loss(f, g, torch.tensor(1 / tau, dtype=torch.float64)))
+
+
+@pytest.mark.parametrize("labels", [[0, 0, 1, 2, 2, 2, 3], [1, 1, 1, 1], [0, 1, 2, 3], [4, 0, 4, 1, 0]])
+@pytest.mark.parametrize("delta,eps", [(0.05, 0.02), (0.0, 0.1), (0.2, 0.0)])
+def test_mpm_nce_matches_direct_double_loop(labels, delta, eps):
+    n = len(labels)
+    f, g = unit(n, 6, 9), unit(n, 6, 10)
+    y = torch.tensor(labels)
+    got = mpm_nce_loss(f, g, y, tau=0.1, margin=delta, smoothing=eps)
+    assert float(got) == pytest.approx(slow_mpm_nce(f, g, labels, 0.1, delta, eps), rel=1e-10)
+
+
+def test_mpm_nce_targets_are_distributions_in_both_directions():
+    """Unequal positive-set sizes: with ε > 0 each anchor's target must still sum to 1, in
+    the text->image direction too (its negatives share ε by the anchor's own count)."""
+    f = unit(3, 4, 11)
+    y = torch.tensor([0, 0, 1])
+    # perfectly separated, huge scale: the loss is the targets' entropy plus the missing
+    # mass on the negatives; a mis-normalised target changes it
+    got = mpm_nce_loss(f, f, y, tau=0.1, margin=0.0, smoothing=0.3)
+    assert float(got) == pytest.approx(slow_mpm_nce(f, f, [0, 0, 1], 0.1, 0.0, 0.3), rel=1e-10)
+
+
+def test_mpm_nce_gradient_flows_to_both_towers():
+    f = unit(4, 5, 12).requires_grad_(True)
+    g = unit(4, 5, 13).requires_grad_(True)
+    mpm_nce_loss(f, g, torch.tensor([0, 1, 0, 2]), tau=0.01).backward()
+    assert f.grad.abs().sum() > 0 and g.grad.abs().sum() > 0

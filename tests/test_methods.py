@@ -1,0 +1,136 @@
+"""The method contract, for every registered method on a tiny real open_clip model:
+a few trainer steps with finite losses, exactly the intended parameters change, and the
+checkpoint round trip (trained_state → safetensors → eval_model on a fresh pre-trained
+model) reproduces the in-memory trained model's eval outputs."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import pipeline  # noqa: F401
+import pytest
+import torch
+
+from pipeline import models
+from pipeline.methods import METHODS
+from pipeline.train import fit
+from tests import methods_fixtures as mf
+from tests.methods_fixtures import single_thread  # noqa: F401  (autouse)
+
+RESBLOCK = r"(^|\.)transformer\.resblocks\.\d+\."
+
+
+def _all(name: str) -> bool:
+    return True
+
+
+def _none(name: str) -> bool:
+    return False
+
+
+def _visual(name: str) -> bool:
+    return name.startswith("visual.")
+
+
+# method -> (CLIP parameters that must change (all others must stay bit-identical),
+#            pattern every method-owned (`extra`) parameter name must match, or None: none)
+EXPECTED = {
+    "lp": (_none, r"^head\.weight$"),
+    "ft": (_visual, r"^head\.weight$"),
+    "lpft": (_visual, r"^head\.weight$"),
+    "flyp": (_all, None),
+    "dive": (_all, None),
+    "bitfit": (lambda n: re.search(RESBLOCK + r".*bias$", n) is not None, None),
+    "aclip": (lambda n: re.search(RESBLOCK + r"attn\.in_proj_weight$", n) is not None, None),
+    "lora": (_none, r"^lora\.[\w]+\.(a|b)_(q|v)$"),
+    "radapter": (_none, r"^adapters\.[\w]+\.(weight|up|down|sigma)$"),
+    "clip_adapter": (_none, r"^adapter\.fc[12]\.weight$"),
+}
+OVERRIDES = {"lpft": {"lp_steps": 3}}
+STEPS = 3
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_method_contract(name, tmp_path):
+    cls = METHODS[name]
+    model = mf.fresh_model()
+    before = mf.snapshot(model)
+    ctx = mf.context(model, reference=cls.needs_reference)
+    hp = cls.Hparams(**OVERRIDES.get(name, {}))
+    method = cls(hp, ctx)
+
+    if cls.trains:
+        if name not in EXPECTED:
+            pytest.fail(f"add method {name!r} to EXPECTED: which parameters must it train?")
+        train_set = ctx.train_set if cls.uses_images else mf.train_items(with_images=False)
+        result = fit(method, train_set, steps=STEPS, batch_size=6, seed=0,
+                     device=torch.device("cpu"), progress=False)
+        assert len(result.history) == STEPS
+        assert all(math.isfinite(h["loss"]) for h in result.history), result.history
+        assert all(k.endswith("_loss") for h in result.history for k in h
+                   if k not in ("step", "loss", "lr", "grad_norm"))
+        assert result.trainable_params > 0
+        assert result.total_params == sum(p.numel() for p in model.parameters())
+
+        clip_must_change, extra_pattern = EXPECTED[name]
+        after = mf.snapshot(model)
+        assert set(after) == set(before), "the CLIP model's parameter names changed"
+        changed = {n for n in before if not torch.equal(before[n], after[n])}
+        expected = {n for n in before if clip_must_change(n)}
+        assert changed == expected, (
+            f"unexpected changes {sorted(changed - expected)[:5]}, "
+            f"missing changes {sorted(expected - changed)[:5]}")
+        extra = dict(method.extra.named_parameters())
+        if extra_pattern is None:
+            assert not extra, sorted(extra)
+        else:
+            assert extra, "the method owns no parameter"
+            for n, p in extra.items():
+                assert re.search(extra_pattern, n), n
+                assert p.requires_grad, n
+        assert result.trainable_params == (
+            sum(p.numel() for p in model.parameters() if p.requires_grad)
+            + sum(p.numel() for p in method.extra.parameters() if p.requires_grad))
+    else:
+        method.setup()
+
+    # checkpoint round trip through safetensors onto a fresh pre-trained model
+    state = method.trained_state()
+    path = tmp_path / "weights.safetensors"
+    models.save_state_dict(state, path, meta={"method": name})
+    loaded = models.load_state_dict(path)
+    assert set(loaded) == set(state)
+    reloaded = cls.eval_model(mf.fresh_model(), loaded, hp, mf.zeroshot_head(mf.fresh_model()), alpha=1.0).eval()
+    live = method.live_eval_model().eval()
+    x = mf.images(5, seed=7)
+    tokens = mf.class_tokens()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded.encode_image(x), live.encode_image(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(reloaded.encode_text(tokens[:, 0]), live.encode_text(tokens[:, 0]),
+                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(reloaded.task_head(tokens), live.task_head(tokens), rtol=1e-5, atol=1e-4)
+    if not cls.trains:
+        assert state == {}
+
+
+@pytest.mark.parametrize("name", sorted(n for n, c in METHODS.items() if c.weight_space))
+def test_alpha_zero_is_pretrained(name):
+    """WiSE-FT α = 0 (or the adapter scaled to 0) gives the pre-trained model back."""
+    cls = METHODS[name]
+    model = mf.fresh_model()
+    ctx = mf.context(model, reference=cls.needs_reference)
+    hp = cls.Hparams(**OVERRIDES.get(name, {}))
+    method = cls(hp, ctx)
+    train_set = ctx.train_set if cls.uses_images else mf.train_items(with_images=False)
+    fit(method, train_set, steps=2, batch_size=6, seed=0, device=torch.device("cpu"), progress=False)
+    state = method.trained_state()
+    zs = mf.zeroshot_head(mf.fresh_model())
+    merged = cls.eval_model(mf.fresh_model(), state, hp, zs, alpha=0.0).eval()
+    pre = mf.fresh_model()
+    x = mf.images(4, seed=3)
+    with torch.no_grad():
+        torch.testing.assert_close(merged.encode_image(x), torch.nn.functional.normalize(pre.encode_image(x), dim=-1),
+                                   rtol=0, atol=0)
+        expected_head = pre.logit_scale.exp() * zs
+        torch.testing.assert_close(merged.task_head(mf.class_tokens()), expected_head, rtol=1e-6, atol=1e-5)
