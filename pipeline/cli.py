@@ -97,12 +97,22 @@ def embed(params_file: Path = ParamsOpt):
     """One pass of the pre-trained model: cached embeddings, zero-shot (k = 0) metrics,
     IIMM and silhouette -> data/embed."""
     from pipeline import embed as stage
-    from pipeline import tracking
 
     params = _load(params_file)
     metrics = stage.run(params)
     _log_zeroshot(params, metrics)
-    typer.echo(json.dumps({k: round(v, 4) for k, v in metrics.items()}, indent=1))
+    typer.echo(_headline(params, metrics))
+
+
+def _headline(params, metrics: dict) -> str:
+    """The numbers a person looks at first; every key is in the metrics file and MLflow."""
+    from pipeline.data.datasets import get_spec
+
+    spec = get_spec(params.dataset.name)
+    keys = [f"{s}/{spec.metric}" for s in (*spec.id_splits, *spec.ood_splits)]
+    keys += [k for k in metrics if k.startswith(("zs/", "rsa/", "iimm", "silhouette/"))
+             or k == "selected/alpha"]
+    return json.dumps({k: round(metrics[k], 4) for k in keys if k in metrics}, indent=1)
 
 
 def _log_zeroshot(params, metrics: dict) -> None:
@@ -184,7 +194,7 @@ def evaluate(method: str = typer.Option(..., "--method", "-m"),
     params = _load(params_file)
     _check_method(params, method)
     metrics = stage.run(params, method, shots, seed)
-    typer.echo(json.dumps({k: round(v, 4) for k, v in metrics.items() if "/" in k and not k.startswith("wise/")}))
+    typer.echo(_headline(params, metrics))
 
 
 @app.command()
