@@ -180,7 +180,7 @@ def fit(method: Method, train_set: torch.utils.data.Dataset, *, steps: int, batc
                 terms = method.loss(batch, step)
             total = sum(terms.values())
             if not torch.isfinite(total):
-                bad = {k: float(v) for k, v in terms.items()}
+                bad = {k: float(v.detach()) for k, v in terms.items()}
                 raise NonFiniteLossError(
                     f"step {step}: non-finite loss {bad}; lower the learning rate or check the data. "
                     "No output was written.")

@@ -1,0 +1,125 @@
+"""The trainer: determinism, non-finite guard, resume after a real kill."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pipeline.methods import METHODS
+from pipeline.methods.base import Method
+from pipeline.train import NonFiniteLossError, batch_plan, cosine_lr, fit
+
+from .methods_fixtures import context, single_thread  # noqa: F401
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def train(name: str, steps: int = 4, seed: int = 0, **kw) -> Method:
+    ctx = context(reference=True, seed=seed)
+    m = METHODS[name](METHODS[name].Hparams(), ctx)
+    fit(m, ctx.train_set, steps=steps, batch_size=6, seed=seed, device=torch.device("cpu"),
+        progress=False, **kw)
+    return m
+
+
+@pytest.mark.parametrize("name", ["ft", "dive"])
+def test_same_seed_same_weights(name):
+    a, b = train(name).trained_state(), train(name).trained_state()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_different_seed_different_weights():
+    a, b = train("ft", seed=0).trained_state(), train("ft", seed=1).trained_state()
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+class ExplodingFT(METHODS["ft"]):
+    def loss(self, batch, step):
+        terms = super().loss(batch, step)
+        if step == 2:
+            terms["ce_loss"] = terms["ce_loss"] * float("nan")
+        return terms
+
+
+def test_non_finite_loss_stops_with_clear_error(tmp_path):
+    ctx = context()
+    m = ExplodingFT(ExplodingFT.Hparams(), ctx)
+    with pytest.raises(NonFiniteLossError, match="step 2.*ce_loss"):
+        fit(m, ctx.train_set, steps=5, batch_size=6, seed=0, device=torch.device("cpu"),
+            progress=False, checkpoint_dir=tmp_path, checkpoint_every=100)
+    assert not (tmp_path / "last.pt").exists()
+
+
+def test_batch_plan_has_no_duplicates_and_covers_epochs():
+    plan = batch_plan(10, 4, steps=6, seed=0)
+    assert all(len(b) == 4 and len(set(b)) == 4 for b in plan)
+    small = batch_plan(3, 8, steps=2, seed=0)
+    assert all(sorted(b) == [0, 1, 2] for b in small)
+    assert batch_plan(10, 4, 6, seed=0) == plan
+
+
+def test_cosine_schedule():
+    assert cosine_lr(0, 10, 2) == pytest.approx(0.5)
+    assert cosine_lr(1, 10, 2) == pytest.approx(1.0)
+    assert cosine_lr(2, 10, 2) == pytest.approx(1.0)
+    assert cosine_lr(9, 10, 2) < 0.05
+
+
+SCRIPT = r'''
+import sys, time
+import pipeline
+import torch
+from safetensors.torch import save_file
+from tests.methods_fixtures import context
+from pipeline.methods import METHODS
+from pipeline.train import fit
+
+torch.set_num_threads(1)
+name, ckpt, out, delay = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+ctx = context(reference=True)
+m = METHODS[name](METHODS[name].Hparams(), ctx)
+fit(m, ctx.train_set, steps=12, batch_size=6, seed=0, device=torch.device("cpu"), progress=False,
+    checkpoint_dir=None if ckpt == "-" else __import__("pathlib").Path(ckpt), checkpoint_every=3,
+    log=lambda step, rec: time.sleep(delay))
+save_file({k: v.contiguous() for k, v in m.trained_state().items()}, out)
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["ft", "dive"])
+def test_resume_after_kill_matches_uninterrupted(tmp_path, name):
+    script = tmp_path / "train.py"
+    script.write_text(SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    ckpt = tmp_path / "ckpt"
+    # uninterrupted reference
+    subprocess.run([sys.executable, str(script), name, "-", str(tmp_path / "ref.safetensors"), "0"],
+                   check=True, env=env, cwd=ROOT)
+    # a run that is killed (SIGKILL, no chance to clean up) once a checkpoint exists
+    proc = subprocess.Popen([sys.executable, str(script), name, str(ckpt), str(tmp_path / "x.safetensors"), "0.5"],
+                            env=env, cwd=ROOT)
+    deadline = time.time() + 120
+    while not (ckpt / "last.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert (ckpt / "last.pt").exists(), "no checkpoint was written"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (tmp_path / "x.safetensors").exists()
+    step_at_kill = torch.load(ckpt / "last.pt", weights_only=True)["step"]
+    assert 0 < step_at_kill < 12
+    # resume to the end
+    subprocess.run([sys.executable, str(script), name, str(ckpt), str(tmp_path / "resumed.safetensors"), "0"],
+                   check=True, env=env, cwd=ROOT)
+    ref = load_file(str(tmp_path / "ref.safetensors"))
+    got = load_file(str(tmp_path / "resumed.safetensors"))
+    assert ref.keys() == got.keys()
+    for k in ref:
+        assert torch.equal(ref[k], got[k]), k
