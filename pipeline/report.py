@@ -7,7 +7,7 @@ silently skipped. Writes under `reports/`:
 
 - `runs.csv` — one row per run (zero-shot: method `zeroshot`, shots 0, blank seed);
 - `summary.csv`, `summary.md` — mean and std over seeds per method × shots;
-- PNG plots (see `PLOTS`), `plots/shots.csv` (long format, for `dvc plots`) and `metrics.json`
+- PNG plots (see `PLOTS`), `metrics/shots.csv` (long format, for `dvc plots`) and `metrics/report.json`
   (flat means, for `dvc metrics show`);
 - `summary.json` last: the marker of a finished report (removed first when the stage starts).
 
@@ -50,7 +50,6 @@ SUMMARY_CSV = paths.REPORTS / "summary.csv"
 SUMMARY_MD = paths.REPORTS / "summary.md"
 METRICS_JSON = paths.REPORT_METRICS  # `dvc metrics show` (outside reports/: DVC outs may not nest)
 SUMMARY_JSON = paths.REPORTS / "summary.json"  # written last: the report is complete
-PLOTS_DIR = paths.REPORTS / "plots"
 SHOTS_CSV = paths.REPORT_PLOT_DATA  # `dvc plots show`: method, shots, metric, value
 PLOTS: dict[str, Path] = {
     name: paths.REPORTS / f"{name}.png"
@@ -716,7 +715,7 @@ def summary_markdown(params: Params, summary: pd.DataFrame, head: Headline, embe
     if notes:
         out += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
     out += ["Files: `runs.csv` (every run), `summary.csv` (these tables, unrounded), "
-            "`metrics.json` (`dvc metrics show`), `plots/shots.csv` (`dvc plots`).", ""]
+            f"`{METRICS_JSON}` (`dvc metrics show`), `{SHOTS_CSV}` (`dvc plots`).", ""]
     return "\n".join(out)
 
 

@@ -1,0 +1,158 @@
+"""End to end: the real stages under real DVC on a tiny synthetic setup, tracked in a real
+MLflow store. One pipeline run serves several checks (module-scoped fixture)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+TINY = {
+    "prepare": {"synthetic": {"n_train": 400, "n_id_val": 100, "n_id_test": 150, "n_val": 100,
+                              "n_test": 150, "n_corpus": 3000}},
+    "pretrained": {"builtin": {"steps": 200, "batch_size": 64, "warmup": 20}},
+    "reference": {"max_samples": 300},
+    "embed": {"iimm_samples": 200},
+    "sample": {"shots": [4], "seeds": [0]},
+    "finetune": {"methods": ["lp", "flyp", "dive"],
+                 "train": {"steps": 12, "batch_size": 16, "checkpoint_every": 6}},
+    "evaluate": {"wise_alphas": [0.0, 0.5, 1.0], "rsa_samples": 150},
+}
+
+
+def merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def sh(cmd: list[str], cwd: Path, env: dict, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """A fresh git + DVC project holding this repository's pipeline with tiny params."""
+    work = tmp_path_factory.mktemp("project")
+    for name in ("pipeline", "stages"):
+        shutil.copytree(ROOT / name, work / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("dvc.yaml", "pyproject.toml"):
+        shutil.copy(ROOT / name, work / name)
+    params = merge(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY)
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = {**os.environ,
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "PYTHONPATH": str(work),
+           "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}",
+           "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    sh(["git", "init", "-q"], work, env)
+    sh([sys.executable, "-m", "dvc", "init", "-q"], work, env)
+    sh([sys.executable, "-m", "dvc", "config", "core.analytics", "false"], work, env)
+    (work / ".gitignore").write_text("mlflow.db\nmlruns/\n")
+    sh(["git", "add", "-A"], work, env)
+    sh(["git", "commit", "-qm", "init"], work, env)
+    sh([sys.executable, "-m", "dvc", "repro"], work, env)
+    return work, env
+
+
+def metrics(work: Path, method: str, k: int = 4, seed: int = 0) -> dict:
+    return json.loads((work / "runs/evaluate" / method / f"k{k}_seed{seed}" / "metrics.json").read_text())
+
+
+def test_pipeline_outputs(project):
+    work, _ = project
+    zs = json.loads((work / "data/embed/metrics.json").read_text())
+    assert {"id_test/acc_avg", "test/acc_avg", "iimm", "silhouette/modality", "silhouette/class",
+            "zs/synthetic/colour/acc"} <= zs.keys()
+    sample = json.loads((work / "data/samples/k4_seed0.json").read_text())
+    assert sample["n"] == 4 * len(sample["per_class"])
+    for m in ("lp", "flyp", "dive"):
+        got = metrics(work, m)
+        assert {"id_test/acc_avg", "test/acc_avg", "rsa/image", "rsa/text", "selected/alpha"} <= got.keys()
+        assert (work / "runs/finetune" / m / "k4_seed0" / "weights.safetensors").exists()
+        assert not (work / "checkpoints" / m / "k4_seed0" / "last.pt").exists()
+        sel = json.loads((work / "runs/evaluate" / m / "k4_seed0" / "selection.json").read_text())
+        assert "test" not in sel["split"]
+    assert (work / "reports/summary.md").exists()
+    assert (work / "metrics/report.json").exists()
+    for png in ("id_vs_shots", "ood_vs_shots", "id_vs_ood", "zs_retention_vs_shots", "rsa_vs_shots"):
+        data = (work / "reports" / f"{png}.png").read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+def test_dive_keeps_geometry_better_than_flyp(project):
+    work, _ = project
+    flyp, dive = metrics(work, "flyp"), metrics(work, "dive")
+    assert dive["rsa/image"] > flyp["rsa/image"]
+    assert dive["rsa/text"] > flyp["rsa/text"]
+
+
+def test_nothing_to_do_when_unchanged(project):
+    work, env = project
+    out = sh([sys.executable, "-m", "dvc", "status"], work, env).stdout
+    assert "changed" not in out, out
+
+
+def test_mlflow_one_run_per_level(project):
+    from mlflow.tracking import MlflowClient
+
+    work, env = project
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    exp = client.get_experiment_by_name("synthetic")
+
+    def runs():
+        return client.search_runs([exp.experiment_id])
+
+    keys = sorted(r.data.tags["run_key"] for r in runs())
+    assert keys == ["dive/k4/seed0", "flyp/k4/seed0", "lp/k4/seed0", "report", "zeroshot/k0/seed0"]
+    dive = next(r for r in runs() if r.data.tags["run_key"] == "dive/k4/seed0")
+    assert dive.data.params["method"] == "dive" and dive.data.params["shots"] == "4"
+    assert dive.data.params["hparams.lam"] == "1000.0"
+    assert dive.data.params["select_split"] == "id_val"
+    assert dive.data.metrics["test/acc_avg"] == pytest.approx(metrics(work, "dive")["test/acc_avg"])
+    history = client.get_metric_history(dive.info.run_id, "train/flyp_loss")
+    assert [h.step for h in history] == list(range(1, 13))
+    # re-running a stage replaces its run
+    sh([sys.executable, "-m", "dvc", "repro", "-f", "-s", "evaluate@flyp-4-0"], work, env)
+    keys = sorted(r.data.tags["run_key"] for r in runs())
+    assert keys.count("flyp/k4/seed0") == 1
+
+
+def changed_after(work: Path, env: dict, edit) -> set[str]:
+    """Stages `dvc status` would re-run after `edit(params)`; params restored afterwards."""
+    original = (work / "params.yaml").read_text()
+    params = yaml.safe_load(original)
+    edit(params)
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        return set(json.loads(sh([sys.executable, "-m", "dvc", "status", "--json"], work, env).stdout))
+    finally:
+        (work / "params.yaml").write_text(original)
+
+
+def test_new_shot_count_runs_only_new_entries(project):
+    work, env = project
+    changed = changed_after(work, env, lambda p: p["sample"].update(shots=[4, 8]))
+    assert {"sample@8-0", "finetune@lp-8-0", "finetune@dive-8-0", "evaluate@flyp-8-0"} <= changed
+    assert not any(name.endswith("-4-0") for name in changed), changed
+    assert not {"prepare", "pretrained", "embed"} & changed
+
+
+def test_new_method_trains_only_its_entries(project):
+    work, env = project
+    changed = changed_after(work, env, lambda p: p["finetune"].update(methods=["lp", "flyp", "dive", "ft"]))
+    assert {"finetune@ft-4-0", "evaluate@ft-4-0"} <= changed
+    assert not {"finetune@lp-4-0", "finetune@flyp-4-0", "finetune@dive-4-0", "sample@4-0",
+                "prepare", "pretrained", "embed"} & changed, changed
