@@ -1,0 +1,190 @@
+"""The built-in synthetic WILDS-style dataset and caption corpus (pipeline/data/synthetic.py)."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from sklearn.metrics import f1_score
+
+import pipeline  # noqa: F401
+from pipeline.data import synthetic as syn
+from pipeline.data.synthetic import SyntheticConfig, SyntheticDataset, generate_corpus, generate_dataset
+
+# Fewer corpus images than `small()`: these tests compare every file byte for byte.
+CFG = dataclasses.replace(SyntheticConfig.small(), n_corpus=400)
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("synthetic")
+    generate_dataset(root, CFG, workers=1)
+    return root
+
+
+@pytest.fixture(scope="module")
+def dataset(root) -> SyntheticDataset:
+    return SyntheticDataset(root_dir=str(root))
+
+
+def test_generation_is_deterministic_per_seed(root, tmp_path):
+    first = _tree(root / syn.FOLDER)
+    again = generate_dataset(tmp_path / "again", CFG, workers=2)  # the worker count must not matter
+    assert _tree(again) == first
+    other = _tree(generate_dataset(tmp_path / "other", dataclasses.replace(CFG, seed=1), workers=1))
+    assert other["metadata.csv"] != first["metadata.csv"]
+    images = [k for k in first if k.endswith(".png")]
+    assert sum(first[k] != other[k] for k in images) > 0.9 * len(images)
+
+
+def test_metadata_columns_and_files(root):
+    folder = root / syn.FOLDER
+    assert (folder / f"RELEASE_v{syn.VERSION}.txt").is_file()
+    with open(folder / "metadata.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {"filename", "y", "split", "domain", "colour", "size", "texture"} <= set(rows[0])
+    assert len(rows) == sum(CFG.split_size(s) for s in syn.SPLITS)
+    assert {r["split"] for r in rows} == set(syn.SPLITS)
+    for r in rows[:50]:
+        assert (folder / r["filename"]).is_file()
+
+
+def test_dataset_splits_domains_and_inputs(dataset):
+    assert dataset.n_classes == len(syn.SHAPES)
+    assert dataset.metadata_fields[:5] == ["domain", "colour", "size", "texture", "y"]
+    fields = dataset.metadata_fields
+    domains = {}
+    for split in ("train", "id_val", "id_test", "val", "test"):
+        subset = dataset.get_subset(split)
+        assert len(subset) == CFG.split_size(split) > 0
+        domains[split] = set(subset.metadata_array[:, fields.index("domain")].tolist())
+        y = subset.metadata_array[:, fields.index("y")]
+        assert torch.equal(y, subset.y_array)
+    id_domains = domains["train"] | domains["id_val"] | domains["id_test"]
+    ood_domains = domains["val"] | domains["test"]
+    assert id_domains and ood_domains and not id_domains & ood_domains
+    names = dataset.metadata_map["domain"]
+    assert {names[d] for d in id_domains} <= set(CFG.id_domains)
+    assert {names[d] for d in ood_domains} <= set(CFG.ood_domains)
+
+    x, y, metadata = dataset.get_subset("test")[0]
+    assert isinstance(x, Image.Image) and x.mode == "RGB" and x.size == (CFG.image_size, CFG.image_size)
+    assert int(y) == int(metadata[fields.index("y")])
+
+
+def test_spurious_colour_holds_in_id_only(dataset):
+    fields = dataset.metadata_fields
+    meta = dataset.metadata_array
+    preferred = meta[:, fields.index("colour")] == meta[:, fields.index("y")] % len(syn.COLOURS)
+    split = torch.as_tensor(dataset.split_array)
+    id_mask = torch.isin(split, torch.tensor([dataset.split_dict[s] for s in syn.ID_SPLITS]))
+    assert preferred[id_mask].float().mean() > 0.45  # spurious 0.5 + uniform share
+    assert preferred[~id_mask].float().mean() < 0.3  # uniform: 1/6
+
+
+@pytest.mark.parametrize("split", ["id_test", "test"])
+def test_eval_matches_direct_computation(dataset, split):
+    subset = dataset.get_subset(split)
+    y_true = subset.y_array
+    metadata = subset.metadata_array
+    gen = torch.Generator().manual_seed(0)
+    # Random predictions that are right about half the time, so accuracy varies by domain.
+    y_pred = torch.where(torch.rand(len(y_true), generator=gen) < 0.5, y_true,
+                         torch.randint(0, dataset.n_classes, (len(y_true),), generator=gen))
+    results, text = dataset.eval(y_pred, y_true, metadata)
+
+    correct = (y_pred == y_true).float()
+    assert results["acc_avg"] == pytest.approx(correct.mean().item())
+    expected_f1 = f1_score(y_true.numpy(), y_pred.numpy(), average="macro", labels=np.unique(y_true.numpy()))
+    assert results["F1-macro_all"] == pytest.approx(expected_f1)
+    domain = metadata[:, dataset.metadata_fields.index("domain")]
+    per_domain = [correct[domain == d].mean().item() for d in domain.unique()]
+    assert results["acc_worst_domain"] == pytest.approx(min(per_domain))
+    name = dataset.metadata_map["domain"][int(domain[0])]
+    assert results[f"acc_domain:{name}"] == pytest.approx(correct[domain == domain[0]].mean().item())
+    assert "acc_wg" not in results and isinstance(text, str)
+
+    # Scores plus a prediction_fn give the same numbers as labels.
+    scores = torch.nn.functional.one_hot(y_pred, dataset.n_classes).float()
+    same, _ = dataset.eval(scores, y_true, metadata, prediction_fn=lambda s: s.argmax(-1))
+    assert same == results
+
+
+def test_corpus_csv(tmp_path):
+    cfg = dataclasses.replace(CFG, n_corpus=300)
+    csv_path = generate_corpus(tmp_path / "corpus", cfg, workers=1)
+    assert csv_path == tmp_path / "corpus" / "corpus.csv"
+    assert csv_path.read_text().splitlines()[0] == "filepath,title"
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == cfg.n_corpus
+    for row in rows:
+        assert (csv_path.parent / row["filepath"]).is_file()
+        assert row["title"].strip()
+    titles = [r["title"] for r in rows]
+    assert sum(any(s in t for s in syn.SHAPES) for t in titles) > 0.8 * len(titles)
+    assert len(set(titles)) > 0.5 * len(titles)  # varied phrasings
+    # Deterministic too, whatever the worker count.
+    again = generate_corpus(tmp_path / "again", cfg, workers=2)
+    assert _tree(again.parent) == _tree(csv_path.parent)
+
+
+def test_corpus_covers_every_background_and_combination():
+    items = syn._corpus_items(dataclasses.replace(CFG, n_corpus=len(syn.SHAPES) * len(syn.COLOURS) * len(syn.SIZES)
+                                                   * len(syn.TEXTURES) * len(CFG.domains)))
+    assert len({(i.shape, i.colour, i.size, i.texture, i.domain) for i in items}) == len(items)
+
+
+def test_missing_folder_says_how_to_get_it(tmp_path):
+    with pytest.raises(FileNotFoundError) as err:
+        SyntheticDataset(root_dir=str(tmp_path / "nowhere"))
+    message = str(err.value)
+    assert str(tmp_path / "nowhere" / syn.FOLDER) in message
+    assert "prepare" in message
+
+
+def test_interrupted_generation_leaves_nothing(tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real = syn._render
+
+    def failing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 50:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(syn, "_render", failing)
+    with pytest.raises(KeyboardInterrupt):
+        generate_dataset(tmp_path, CFG, workers=1)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_prompt_file_matches_the_vocabulary():
+    from pipeline.data.datasets import load_prompts
+
+    prompts = load_prompts("synthetic", n_classes=len(syn.SHAPES))
+    assert prompts.classnames == syn.SHAPES
+    assert load_prompts("synthetic", task="colour").classnames == tuple(syn.COLOURS)
+    assert load_prompts("synthetic", task="texture").classnames == syn.TEXTURES
+    data = json.loads((Path(syn.__file__).parent / "prompts" / "synthetic.json").read_text())
+    for task in data["tasks"].values():
+        assert all("{c}" in t for t in task["templates"])
+
+
+def test_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="id_domains"):
+        SyntheticConfig(id_domains=("grass", "moon"))
+    with pytest.raises(ValueError, match="only once"):
+        SyntheticConfig(id_domains=("grass",), ood_domains=("grass",))
+    with pytest.raises(ValueError, match="spurious"):
+        SyntheticConfig(spurious=1.5)
