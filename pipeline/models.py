@@ -115,7 +115,10 @@ def save_state_dict(state: dict[str, torch.Tensor], path: Path, meta: dict[str, 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     contiguous = {k: v.detach().contiguous().cpu() for k, v in state.items()}
-    save_file(contiguous, str(tmp), metadata={k: json.dumps(v) for k, v in (meta or {}).items()})
+    # one metadata key: safetensors writes a multi-key header in hash order, which would
+    # make the file (and its sha256) differ between identical runs
+    header = {"meta": json.dumps(meta or {}, sort_keys=True, default=str)}
+    save_file(contiguous, str(tmp), metadata=header)
     os.replace(tmp, path)
     return file_sha256(path)
 
