@@ -1,0 +1,119 @@
+"""Wall time of the default `dvc repro` (params.yaml as committed) in a fresh temporary copy
+of the repository: empty DVC cache, no outputs, nothing downloaded.
+
+    python benchmarks/bench_repro.py                    # git clone of HEAD (what a newcomer gets)
+    python benchmarks/bench_repro.py --from worktree    # the working tree, uncommitted files included
+    python benchmarks/bench_repro.py --keep             # keep the copy (its path is printed)
+
+`--from clone` runs `git clone` of the repository (committed state only); `--from worktree`
+copies every tracked and untracked-but-not-ignored file (`git ls-files -co
+--exclude-standard`), for trying uncommitted work. The stages run with this interpreter's
+environment (its bin/ directory first on PATH, so the `python` in dvc.yaml is this one) and
+the copy's root on PYTHONPATH (its own `pipeline` package, installed or not).
+Reported: the total wall time of `dvc repro`, the stages it ran and the wall time of each
+(from the time its "Running stage" line appeared to the next one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def copy_repo(source: Path, dest: Path, how: str) -> str:
+    if how == "clone":
+        subprocess.run(["git", "clone", "--quiet", str(source), str(dest)], check=True)
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=dest, check=True,
+                             capture_output=True, text=True).stdout.strip()
+        return f"git clone of {source} at {rev}"
+    files = subprocess.run(["git", "ls-files", "-z", "-co", "--exclude-standard"], cwd=source,
+                           check=True, capture_output=True, text=True).stdout.split("\0")
+    for rel in filter(None, files):
+        src = source / rel
+        if src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)  # DVC wants an SCM (or --no-scm)
+    return f"working tree of {source} ({len([f for f in files if f])} files)"
+
+
+def run_repro(repo: Path, extra: list[str], log_path: Path) -> tuple[int, float, list[tuple[str, float]]]:
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
+           "DO_NOT_TRACK": "true", "PYTHONUNBUFFERED": "1",  # stage lines arrive when printed
+           "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+           # the copy's own `pipeline` package, even where another checkout is pip-installed
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")]))}
+    cmd = [sys.executable, "-m", "dvc", "repro", *extra]
+    stages: list[tuple[str, float]] = []
+    t0 = time.perf_counter()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=repo, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, bufsize=1)
+        for line in proc.stdout:
+            log.write(line)
+            log.flush()
+            m = re.match(r"Running stage '([^']+)'", line)
+            if m:
+                stages.append((m.group(1), time.perf_counter() - t0))
+        rc = proc.wait()
+    wall = time.perf_counter() - t0
+    ends = [t for _, t in stages[1:]] + [wall]
+    return rc, wall, [(name, end - start) for (name, start), end in zip(stages, ends)]
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--source", type=Path, default=ROOT, help="repository to copy (default: this one)")
+    p.add_argument("--from", dest="how", choices=("clone", "worktree"), default="clone")
+    p.add_argument("--keep", action="store_true", help="keep the temporary copy")
+    p.add_argument("--top", type=int, default=8, help="slowest stages to list")
+    p.add_argument("dvc_args", nargs="*", help="extra arguments for dvc repro (after --)")
+    args = p.parse_args(argv)
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-repro-"))
+    repo = tmp / "repo"
+    repo.mkdir()
+    try:
+        what = copy_repo(args.source.resolve(), repo, args.how)
+        rc, wall, stages = run_repro(repo, args.dvc_args, tmp / "repro.log")
+        log_tail = (tmp / "repro.log").read_text()[-3000:]
+    finally:
+        if not args.keep:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    from bench_train import machine, resolve  # after the run: importing torch costs time
+
+    print(f"\n### `dvc repro` from scratch: {what}\n")
+    print(f"Machine: {machine(resolve('auto'))}.\n")
+    print("| what | value |")
+    print("|---|---:|")
+    print(f"| exit status | {rc} |")
+    print(f"| wall time | {wall:.0f} s ({wall / 60:.1f} min) |")
+    print(f"| stages run | {len(stages)} |")
+    if stages:
+        print(f"\nSlowest stages (wall time between 'Running stage' lines, includes DVC's own work):\n")
+        print("| stage | s |")
+        print("|---|---:|")
+        for name, t in sorted(stages, key=lambda s: -s[1])[:args.top]:
+            print(f"| {name} | {t:.1f} |")
+    if rc != 0:
+        print(f"\n`dvc repro` failed; the end of its output:\n\n```\n{log_tail}\n```")
+    if args.keep:
+        print(f"\n(kept: {repo})")
+    if rc != 0:
+        raise SystemExit(rc)
+    return {"rc": rc, "wall_s": wall, "stages": stages}
+
+
+if __name__ == "__main__":
+    main()
