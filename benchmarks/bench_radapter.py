@@ -41,6 +41,8 @@ from pipeline.methods.base import TaskContext  # noqa: E402
 from pipeline.models import register_builtin_configs  # noqa: E402
 from pipeline.zeroshot import build_head  # noqa: E402
 
+from bench_train import RssPeak  # noqa: E402  (this folder is on sys.path when run as a script)
+
 TRAIN_METHODS = ("ft", "flyp", "radapter")
 
 
@@ -90,36 +92,6 @@ def context(model, class_tokens, device) -> TaskContext:
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
-
-
-class RssPeak:
-    """Peak resident set size over a window, sampled from /proc/self/statm."""
-
-    def __init__(self, interval: float = 0.002):
-        self.interval = interval
-        self.page = os.sysconf("SC_PAGE_SIZE")
-        self.peak = 0
-        self._stop = threading.Event()
-
-    def rss(self) -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * self.page
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.rss())
-            time.sleep(self.interval)
-
-    def __enter__(self):
-        self.peak = self.rss()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self.rss())
 
 
 # ---- training (one method per process) ------------------------------------------------------
