@@ -47,7 +47,7 @@ DVC_YAML = textwrap.dedent("""\
               cache: false
 """)
 
-TIMEOUT = 240
+TIMEOUT = 900  # generous: a busy 2-core CI box can be slow to start the workers
 
 
 def _dvc(cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
