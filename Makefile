@@ -23,7 +23,7 @@ repro: setup
 	PATH="$(abspath $(VENV))/bin:$$PATH" dvc repro
 
 test: setup
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -q $(PYTEST_ARGS)
 
 ui: setup
 	$(PY) -m pipeline ui

@@ -47,11 +47,14 @@ DVC_YAML = textwrap.dedent("""\
               cache: false
 """)
 
-TIMEOUT = 900  # generous: a busy 2-core CI box can be slow to start the workers
+TIMEOUT = 600  # generous: a busy 2-core CI box can be slow to start the workers
 
 
 def _dvc(cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "GIT_TERMINAL_PROMPT": "0"}
+    # `dvc queue start` spawns its workers as the `dvc` found on PATH, not as this interpreter's
+    # module: the environment's bin directory must come first, or no worker ever starts.
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "GIT_TERMINAL_PROMPT": "0",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=TIMEOUT)
     if check and proc.returncode != 0:
@@ -100,7 +103,10 @@ def test_queue_two_experiments_in_parallel(tmp_path):
         status = _dvc(repo, "queue", "status").stdout
         if not any(s in status for s in ("Queued", "Running")):
             break
-        assert time.monotonic() < deadline, f"queue still busy after {TIMEOUT} s:\n{status}"
+        if time.monotonic() > deadline:
+            worker_logs = "\n".join(f"--- {p}\n{p.read_text(errors='replace')[-2000:]}"
+                                     for p in sorted((repo / ".dvc" / "tmp").rglob("*.log")))
+            raise AssertionError(f"queue still busy after {TIMEOUT} s:\n{status}\n{worker_logs}")
         time.sleep(2)
     if "Failed" in status:
         logs = "\n".join(_dvc(repo, "queue", "logs", n, check=False).stdout for n in ("scaled", "listed"))
