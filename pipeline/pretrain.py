@@ -9,8 +9,9 @@ Recipe (CLIP, Radford et al. 2021; open_clip's `training/train.py`): symmetric I
 the batch with a learnable logit scale (clamped at 100), AdamW without weight decay on biases,
 norms, embeddings' scalars and the logit scale, linear warm-up then cosine decay. Choices made
 here: random horizontal / vertical flips (the drawn objects and their captions do not change
-under flips) and small random translations as augmentation; a few hundred to a thousand steps,
-set by `PretrainConfig` (params.yaml `pretrained.builtin`).
+under flips) and small random translations as augmentation; a few hundred steps, set by
+`PretrainConfig` (params.yaml `pretrained.builtin`); fused AdamW on CPU and CUDA (on CPU it
+makes the step ~20 % faster: the 6.3M-entry token embedding dominates the update).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ _CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 class PretrainConfig:
     """Pre-training recipe. The defaults take about 3 minutes on 2 CPU cores."""
 
-    steps: int = 1000
+    steps: int = 700
     batch_size: int = 128
     lr: float = 2e-3
     weight_decay: float = 0.1
@@ -67,8 +68,8 @@ class PretrainConfig:
 
     @classmethod
     def small(cls, seed: int = 0) -> "PretrainConfig":
-        """A short run for tests, on `SyntheticConfig.small()`'s corpus."""
-        return cls(steps=200, batch_size=64, lr=2e-3, warmup=20, seed=seed)
+        """About a minute on 2 cores: for tests, on `SyntheticConfig.quick()`'s corpus."""
+        return cls(steps=300, batch_size=128, lr=2e-3, warmup=30, seed=seed)
 
 
 def load_corpus(corpus_csv: Path, image_size: int) -> tuple[torch.Tensor, list[str]]:
@@ -160,7 +161,7 @@ def pretrain(arch: str, corpus_csv: Path, cfg: PretrainConfig, out: Path, device
 
     model.train()
     params = _param_groups(model, cfg.weight_decay)
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6, fused=device.type in ("cuda", "cpu"))
     gen = torch.Generator().manual_seed(cfg.seed)
     n = images.shape[0]
     batch = min(cfg.batch_size, n)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import csv
 import dataclasses
 import json
@@ -140,9 +141,31 @@ def test_corpus_csv(tmp_path):
 
 
 def test_corpus_covers_every_background_and_combination():
-    items = syn._corpus_items(dataclasses.replace(CFG, n_corpus=len(syn.SHAPES) * len(syn.COLOURS) * len(syn.SIZES)
-                                                   * len(syn.TEXTURES) * len(CFG.domains)))
-    assert len({(i.shape, i.colour, i.size, i.texture, i.domain) for i in items}) == len(items)
+    attributes = len(syn.SHAPES) * len(syn.COLOURS) * len(syn.SIZES) * len(syn.TEXTURES)
+    n_scenes = attributes * len(CFG.domains)
+    # a share of 0.5 and n = 2 × one full cycle of the scenes: studio items cover every
+    # attribute combination len(domains) times, scene items every (attributes, background) once
+    items = syn._corpus_items(dataclasses.replace(CFG, n_corpus=2 * n_scenes, corpus_studio=0.5))
+    studio = len(CFG.domains)
+    scenes = [(i.shape, i.colour, i.size, i.texture, i.domain) for i in items if i.domain != studio]
+    plain = [(i.shape, i.colour, i.size, i.texture) for i in items if i.domain == studio]
+    assert len(scenes) == len(plain) == n_scenes
+    assert len(set(scenes)) == n_scenes
+    assert all(count == len(CFG.domains) for count in collections.Counter(plain).values())
+    assert len(set(plain)) == attributes
+    assert CFG.corpus_backgrounds[studio] == syn.STUDIO
+
+
+def test_caption_rates_name_attributes_that_often():
+    cfg = dataclasses.replace(CFG, caption_rates=(1.0, 0.0, 0.0, 0.0, 1.0))
+    rng = np.random.default_rng(0)
+    item = syn._Item(shape=3, colour=0, size=0, texture=1, domain=0)
+    for _ in range(20):
+        title = syn._caption(item, cfg, rng)
+        assert "star" in title and CFG.domains[0] in title
+        assert "red" not in title and "striped" not in title and "stripes" not in title
+    with pytest.raises(ValueError, match="caption_rates"):
+        dataclasses.replace(CFG, caption_rates=(1.0, 0.5))
 
 
 def test_missing_folder_says_how_to_get_it(tmp_path):

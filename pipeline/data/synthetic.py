@@ -18,10 +18,14 @@ Images are drawn with numpy at ``supersample`` × the image size and box-filtere
 its own random stream derived from ``(seed, stream, index)``, so the output is byte-identical
 for a seed regardless of order or machine.
 
-The caption corpus (``generate_corpus``) uses the same renderer over *all* backgrounds with
-all attribute combinations equally often, and captions that mention the shape and a varied
-subset of colour, size, texture and background. It is the pre-training data of the built-in
-tiny CLIP and DiVE's reference set.
+The caption corpus (``generate_corpus``) uses the same renderer: a ``corpus_studio`` share of
+its images show the object alone on a plain studio backdrop (like product photos on the web),
+the rest sit on *all* backgrounds, ID and OOD, with every attribute combination equally often.
+Captions name the shape and, each with its ``caption_rates`` probability, the colour, size,
+texture and background. It is the pre-training data of the built-in tiny CLIP and DiVE's
+reference set. Why the studio share: a tiny ViT trained from scratch on scene images only
+learns colour in a few hundred steps but barely shapes (zero-shot 0.2 after 1000 steps, 8
+shapes); with 70 % studio images it reaches about 0.4 in 700 steps.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import io
 import json
 import os
 import shutil
+import dataclasses
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -59,6 +64,7 @@ __all__ = [
     "SIZES",
     "TEXTURES",
     "BACKGROUNDS",
+    "STUDIO",
     "SyntheticConfig",
     "generate_dataset",
     "generate_corpus",
@@ -84,6 +90,7 @@ COLOURS = {  # RGB in [0, 1]; no name starts with a vowel, so "a {c} object" rea
 SIZES = {"small": (0.21, 0.25), "large": (0.31, 0.36)}  # object radius / image side
 TEXTURES = ("solid", "striped", "dotted", "checkered")
 BACKGROUNDS = ("grass", "sand", "water", "snow", "brick", "forest", "night", "rock", "dusk", "tile")
+STUDIO = "studio"  # the plain backdrop of part of the corpus (never a task domain)
 
 _STREAM = {"train": 1, "id_val": 2, "id_test": 3, "val": 4, "test": 5, "corpus": 6}
 
@@ -100,14 +107,18 @@ class SyntheticConfig:
     n_val: int = 1000
     n_test: int = 1500
     n_corpus: int = 20000
+    corpus_studio: float = 0.7  # share of corpus images on a plain studio backdrop (the rest: every background)
+    # how often a corpus caption names the shape, colour, size, texture and background
+    caption_rates: tuple[float, float, float, float, float] = (1.0, 0.5, 0.3, 0.3, 0.3)
     id_domains: tuple[str, ...] = ("grass", "sand", "water", "snow", "brick", "forest")
     ood_domains: tuple[str, ...] = ("night", "rock", "dusk", "tile")
     spurious: float = 0.5  # ID only: P(colour is the shape's preferred colour), else uniform
     noise: float = 0.03  # std of pixel noise on ID backgrounds (image in [0, 1])
     ood_noise: float = 0.06  # std of pixel noise on OOD backgrounds
-    clutter: int = 3  # distractor marks per ID image (OOD backgrounds get twice as many)
-    rotation: float = 180.0  # objects are turned by up to ± this many degrees
-    texture_contrast: float = 0.62  # how much darker the pattern of a textured object is (0: invisible)
+    clutter: int = 2  # distractor marks per ID image (OOD backgrounds get twice as many)
+    rotation: float = 20.0  # objects are turned by up to ± this many degrees
+    jitter: float = 0.1  # the object's centre is up to ± this fraction of the side from the middle
+    texture_contrast: float = 0.4  # how much darker the pattern of a textured object is (0: invisible)
     supersample: int = 2  # drawn at this multiple of image_size, then box-filtered down
 
     def __post_init__(self) -> None:
@@ -126,6 +137,11 @@ class SyntheticConfig:
         both = self.id_domains + self.ood_domains
         if len(set(both)) != len(both):
             raise ValueError("id_domains and ood_domains: a background may appear only once, in one of the two lists.")
+        if not 0.0 <= self.corpus_studio <= 1.0:
+            raise ValueError(f"corpus_studio: {self.corpus_studio!r} is not allowed; it is a share in [0, 1].")
+        if len(self.caption_rates) != 5 or not all(0.0 <= float(r) <= 1.0 for r in self.caption_rates):
+            raise ValueError(f"caption_rates: {self.caption_rates!r} is not allowed; give 5 probabilities in [0, 1] "
+                             "(shape, colour, size, texture, background).")
         if not 0.0 <= self.spurious <= 1.0:
             raise ValueError(f"spurious: {self.spurious!r} is not allowed; it is a probability in [0, 1].")
         for name in ("noise", "ood_noise"):
@@ -135,6 +151,8 @@ class SyntheticConfig:
             raise ValueError(f"clutter: {self.clutter!r} is not allowed; use 0 to 50 marks.")
         if not 0.0 <= self.rotation <= 180.0:
             raise ValueError(f"rotation: {self.rotation!r} is not allowed; use 0 to 180 degrees.")
+        if not 0.0 <= self.jitter <= 0.5:
+            raise ValueError(f"jitter: {self.jitter!r} is not allowed; use 0 to 0.5 (of the image side).")
         if not 0.0 <= self.texture_contrast <= 1.0:
             raise ValueError(f"texture_contrast: {self.texture_contrast!r} is not allowed; use 0 to 1.")
         if not 1 <= self.supersample <= 4:
@@ -145,10 +163,25 @@ class SyntheticConfig:
         """A few hundred task images and 3k corpus images: for tests."""
         return cls(seed=seed, n_train=400, n_id_val=100, n_id_test=200, n_val=100, n_test=200, n_corpus=3000)
 
+    @classmethod
+    def quick(cls, seed: int = 0) -> "SyntheticConfig":
+        """`small()` made easy enough that the tiny CLIP learns shapes in about a minute.
+
+        One plain ID background (snow) and one OOD background (sand), no clutter, and captions
+        that name the shape but rarely anything else: for tests of zero-shot learnability.
+        """
+        return dataclasses.replace(cls.small(seed), id_domains=("snow",), ood_domains=("sand",), clutter=0,
+                                   caption_rates=(1.0, 0.1, 0.1, 0.1, 0.1))
+
     @property
     def domains(self) -> tuple[str, ...]:
         """Domain names in metadata order: ID backgrounds first, then OOD."""
         return self.id_domains + self.ood_domains
+
+    @property
+    def corpus_backgrounds(self) -> tuple[str, ...]:
+        """Backgrounds of corpus items (their `domain` indexes this): the domains, then the studio."""
+        return self.domains + (STUDIO,)
 
     def split_size(self, split: str) -> int:
         return getattr(self, f"n_{split}")
@@ -211,6 +244,10 @@ def _background(name: str, rng: np.random.Generator, n: int, clutter: int) -> np
     def shade(base, spread):
         return lambda r: np.clip(np.asarray(base) * r.uniform(1 - spread, 1 + spread), 0, 1)
 
+    if name == STUDIO:  # a plain, light backdrop with a soft vertical gradient; nothing else
+        tint = rng.uniform(0.78, 0.95) + rng.normal(0, 0.025, size=3)
+        img[:] = np.clip(tint + (0.06 * (0.5 - Y))[..., None], 0, 1)
+        return img
     if name == "grass":
         fill((0.30, 0.52, 0.20), _smooth_noise(rng, n, 5), 0.25)
         marks = shade((0.22, 0.45, 0.14), 0.35)
@@ -339,13 +376,14 @@ def _render(item: _Item, cfg: SyntheticConfig, rng: np.random.Generator) -> np.n
     """Draw one image; uint8 array (image_size, image_size, 3)."""
     ss, size = cfg.supersample, cfg.image_size
     n = size * ss
-    domain = cfg.domains[item.domain]
+    domain = cfg.corpus_backgrounds[item.domain]
     ood = domain in cfg.ood_domains
     img = _background(domain, rng, n, cfg.clutter * (2 if ood else 1))
 
     X, Y = _grid(n)
     radius = rng.uniform(*SIZES[tuple(SIZES)[item.size]])
-    cx, cy = rng.uniform(0.9 * radius, 1 - 0.9 * radius, size=2)
+    reach = min(cfg.jitter, 0.5 - 0.9 * radius)  # keep the object (nearly) inside the frame
+    cx, cy = 0.5 + rng.uniform(-reach, reach, size=2)
     angle = np.deg2rad(rng.uniform(-cfg.rotation, cfg.rotation))
     stretch = rng.uniform(0.88, 1.12)
     ca, sa = np.cos(angle), np.sin(angle)
@@ -389,16 +427,30 @@ def _split_items(cfg: SyntheticConfig, split: str) -> list[_Item]:
     return [_Item(*map(int, row)) for row in zip(shape, colour, size, texture, domain)]
 
 
-def _corpus_items(cfg: SyntheticConfig) -> list[_Item]:
-    """Every combination of attributes and background equally often (shuffled per cycle)."""
-    rng = _rng(cfg, "corpus", 0)
-    grids = np.meshgrid(
-        np.arange(len(SHAPES)), np.arange(len(COLOURS)), np.arange(len(SIZES)),
-        np.arange(len(TEXTURES)), np.arange(len(cfg.domains)), indexing="ij",
-    )
+def _balanced(rng: np.random.Generator, n: int, sizes: tuple[int, ...]) -> np.ndarray:
+    """n rows of indices into `sizes`: every combination equally often (shuffled per cycle)."""
+    grids = np.meshgrid(*(np.arange(k) for k in sizes), indexing="ij")
     combos = np.stack([g.ravel() for g in grids], axis=1)
-    order = np.concatenate([rng.permutation(len(combos)) for _ in range(-(-cfg.n_corpus // len(combos)))])
-    return [_Item(*map(int, combos[i])) for i in order[: cfg.n_corpus]]
+    order = np.concatenate([rng.permutation(len(combos)) for _ in range(-(-n // len(combos)))])
+    return combos[order[:n]]
+
+
+def _corpus_items(cfg: SyntheticConfig) -> list[_Item]:
+    """A `corpus_studio` share of the images on the studio backdrop, the rest on every background.
+
+    Within each part every combination of attributes (and background) comes equally often; the
+    two parts are interleaved at random. The studio images are the "product photos" of the
+    corpus: the object alone, which is what lets a small model learn shapes in a few hundred
+    steps; the other images tie the same words to objects in cluttered scenes.
+    """
+    rng = _rng(cfg, "corpus", 0)
+    attributes = (len(SHAPES), len(COLOURS), len(SIZES), len(TEXTURES))
+    n_studio = int(round(cfg.corpus_studio * cfg.n_corpus))
+    studio = _balanced(rng, n_studio, attributes)
+    studio = np.concatenate([studio, np.full((n_studio, 1), len(cfg.domains))], axis=1)
+    scenes = _balanced(rng, cfg.n_corpus - n_studio, attributes + (len(cfg.domains),))
+    rows = np.concatenate([studio, scenes])[rng.permutation(cfg.n_corpus)]
+    return [_Item(*map(int, row)) for row in rows]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -413,14 +465,17 @@ _TEXTURE_WITH = {"solid": "in one solid colour", "striped": "with stripes", "dot
 
 
 def _caption(item: _Item, cfg: SyntheticConfig, rng: np.random.Generator) -> str:
-    """A varied caption: the shape (almost always) and a random subset of the attributes."""
+    """A varied caption: each attribute named with its `caption_rates` probability."""
     shape = SHAPES[item.shape]
     colour = tuple(COLOURS)[item.colour]
     size = tuple(SIZES)[item.size]
     texture = TEXTURES[item.texture]
-    background = cfg.domains[item.domain]
+    background = cfg.corpus_backgrounds[item.domain]
 
-    use = rng.random(5) < (0.92, 0.65, 0.45, 0.45, 0.45)  # shape, colour, size, texture, background
+    # Few attributes per caption keep the shape informative for the contrastive loss: colour is
+    # learnt first (it is in the pixels), and a caption naming colour and background already
+    # singles out most images of a batch, so the shape barely matters if every caption has them.
+    use = rng.random(5) < np.asarray(cfg.caption_rates, dtype=float)
     noun = shape if use[0] else str(rng.choice(("object", "shape")))
     adjectives = []
     if use[2]:
@@ -436,7 +491,9 @@ def _caption(item: _Item, cfg: SyntheticConfig, rng: np.random.Generator) -> str
     if not (use[0] or use[1] or use[2] or use[3]):
         adjectives.append(colour)  # never "a photo of a shape" alone
     text = f"{rng.choice(_OPENERS)} {' '.join(adjectives + [noun])}{texture_tail}"
-    if use[4]:
+    if use[4] and background == STUDIO:
+        text += str(rng.choice((" on a plain background", " on a white background", " in a studio")))
+    elif use[4]:
         text += str(rng.choice((f" on a {background} background", f" on {background}", f" in a {background} scene")))
     return text + ("." if rng.random() < 0.5 else "")
 
