@@ -34,18 +34,43 @@ from pipeline.progress import progress_bar
 from pipeline.zeroshot import tokenize_prompts
 
 
+PRELOAD_BUDGET = 2 << 30  # bytes of decoded images `preload` may keep in memory
+
+
 @torch.no_grad()
 def encode_images(model: EvalModel, dataset, device, batch_size: int = 256, num_workers: int = 0,
                   desc: str = "embed") -> torch.Tensor:
-    """Normalised image embeddings of a dataset whose items are tensors or {image: tensor}."""
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
-                                         num_workers=num_workers,
-                                         pin_memory=device.type == "cuda")
+    """Normalised image embeddings of a dataset whose items are tensors or {image: tensor},
+    or of a tensor of already transformed images [N, 3, H, W] (see `preload`)."""
+    if isinstance(dataset, torch.Tensor):
+        batches = (dataset[i:i + batch_size] for i in range(0, len(dataset), batch_size))
+        total = -(-len(dataset) // batch_size)
+    else:
+        batches = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
+                                              num_workers=num_workers, pin_memory=device.type == "cuda")
+        total = None
     out = []
-    for batch in progress_bar(loader, desc=desc):
+    for batch in progress_bar(batches, desc=desc, total=total):
         images = batch["image"] if isinstance(batch, dict) else batch
         out.append(model.encode_image(images.to(device, non_blocking=True)).float().cpu())
     return torch.cat(out)
+
+
+@torch.no_grad()
+def preload(dataset, batch_size: int = 256, num_workers: int = 0, budget: int = PRELOAD_BUDGET,
+            desc: str = "decode"):
+    """Decode and transform every image once, for several passes over the same images (the
+    WiSE-FT α sweep). Returns a tensor [N, 3, H, W] when it fits in `budget` bytes, else the
+    dataset itself (each pass then decodes again)."""
+    if len(dataset) == 0:
+        return dataset
+    first = dataset[0]
+    first = first["image"] if isinstance(first, dict) else first
+    if first.numel() * first.element_size() * len(dataset) > budget:
+        return dataset
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    parts = [b["image"] if isinstance(b, dict) else b for b in progress_bar(loader, desc=desc)]
+    return torch.cat(parts)
 
 
 @torch.no_grad()
@@ -109,12 +134,17 @@ def retention_tasks(params: Params, tokenizer, main_dataset) -> list[Retention]:
 
 
 def retention_metrics(model: EvalModel, tasks: list[Retention], transform, device,
-                      batch_size: int, num_workers: int = 0) -> dict[str, float]:
-    """Zero-shot accuracy on each retention task, heads from `model`'s own text tower."""
+                      batch_size: int, num_workers: int = 0,
+                      features: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
+    """Zero-shot accuracy on each retention task, heads from `model`'s own text tower.
+    `features`: image embeddings by task name, already computed with `model` (else encoded)."""
     out = {}
     for t in tasks:
-        ds = LabeledImages(t.dataset, t.rows.tolist(), transform)
-        feats = encode_images(model, ds, device, batch_size, num_workers, desc=f"zs {t.name}")
+        if features is not None and t.name in features:
+            feats = features[t.name]
+        else:
+            ds = LabeledImages(t.dataset, t.rows.tolist(), transform)
+            feats = encode_images(model, ds, device, batch_size, num_workers, desc=f"zs {t.name}")
         head = model.zeroshot_head(t.class_tokens).cpu()
         preds = (feats @ head.t()).argmax(1)
         out[f"zs/{t.name}/acc"] = float((preds == t.labels).float().mean())

@@ -19,7 +19,8 @@ from pipeline import models, paths, tracking
 from pipeline.config import Params, to_dict
 from pipeline.data.datasets import get_spec, load_dataset, load_prompts
 from pipeline.data.torchdata import ImageFiles, LabeledImages, read_caption_csv
-from pipeline.embed import encode_images, encode_texts, load_features, retention_metrics, retention_tasks, split_metrics
+from pipeline.embed import (encode_images, encode_texts, load_features, preload, retention_metrics, retention_tasks,
+                            split_metrics)
 from pipeline.env import resolve_device
 from pipeline.finetune import TRAIN_LOG, read_run
 from pipeline.measures import rsa
@@ -61,23 +62,43 @@ def run(params: Params, method: str, k: int, seed: int, log_mlflow: bool = True)
     split_ids = torch.as_tensor(dataset.split_array)
     alphas = sorted(set(ep.wise_alphas)) if method_cls.weight_space else [1.0]
 
+    # Every image is decoded once and reused by every α (kept in memory up to
+    # embed.PRELOAD_BUDGET); a retention task on the rows of an eval split reuses its features.
+    clip = models.create(params.model.arch, paths.PRETRAINED_WEIGHTS, device=device)
+    transform, tokenizer = clip.preprocess_val, clip.tokenizer
+    class_tokens = tokenize_prompts(tokenizer, prompts.texts())
+    bs, nw = ep.batch_size, ep.num_workers
+    splits = {}
+    for split in (*spec.id_splits, *spec.ood_splits):
+        rows = torch.nonzero(split_ids == dataset.split_dict[split]).flatten()
+        splits[split] = (rows, preload(LabeledImages(dataset, rows.tolist(), transform), bs, nw, desc=f"decode {split}"))
+    tasks = retention_tasks(params, tokenizer, dataset)
+    same_rows = {t.name: split for t in tasks for split, (rows, _) in splits.items()
+                 if t.dataset is dataset and torch.equal(t.rows, rows)}
+    task_images = {t.name: preload(LabeledImages(t.dataset, t.rows.tolist(), transform), bs, nw, desc=f"decode {t.name}")
+                   for t in tasks if t.name not in same_rows}
+    n_ref = min(ep.rsa_samples, cache["ref/image"].shape[0])
+    ref_files, _ = read_caption_csv(reference_csv(params), params.reference.separator, limit=n_ref)
+    ref_images = preload(ImageFiles(ref_files, transform), bs, nw, desc="decode reference")
+
     metrics: dict[str, float] = {}
     per_alpha: dict[float, dict[str, float]] = {}
     for alpha in alphas:
-        clip = models.create(params.model.arch, paths.PRETRAINED_WEIGHTS, device=device)
-        class_tokens = tokenize_prompts(clip.tokenizer, prompts.texts())
+        if alpha != alphas[0]:
+            clip = models.create(params.model.arch, paths.PRETRAINED_WEIGHTS, device=device)
         model = method_cls.eval_model(clip.model, state, hp, cache["head"].to(device), alpha=alpha)
         model = model.to(device).eval()
         head = model.task_head(class_tokens.to(device)).cpu()
         m: dict[str, float] = {}
-        for split in (*spec.id_splits, *spec.ood_splits):
-            rows = torch.nonzero(split_ids == dataset.split_dict[split]).flatten()
-            feats = encode_images(model, LabeledImages(dataset, rows.tolist(), clip.preprocess_val),
-                                  device, ep.batch_size, ep.num_workers, desc=f"eval {split} α={alpha:g}")
-            m.update(split_metrics(dataset, split, feats, head, rows))
-        tasks = retention_tasks(params, clip.tokenizer, dataset)
-        m.update(retention_metrics(model, tasks, clip.preprocess_val, device, ep.batch_size, ep.num_workers))
-        m.update(_rsa(params, model, clip, cache, device))
+        feats_by_split = {}
+        for split, (rows, images) in splits.items():
+            feats_by_split[split] = encode_images(model, images, device, bs, nw, desc=f"eval {split} α={alpha:g}")
+            m.update(split_metrics(dataset, split, feats_by_split[split], head, rows))
+        task_feats = {name: feats_by_split[split] for name, split in same_rows.items()}
+        task_feats.update({name: encode_images(model, images, device, bs, nw, desc=f"zs {name} α={alpha:g}")
+                           for name, images in task_images.items()})
+        m.update(retention_metrics(model, tasks, transform, device, bs, nw, features=task_feats))
+        m.update(_rsa(model, ref_images, cache, n_ref, device, bs))
         per_alpha[alpha] = m
         if method_cls.weight_space:
             metrics.update({f"{alpha_key(alpha)}/{k_}": v for k_, v in m.items()})
@@ -101,11 +122,8 @@ def run(params: Params, method: str, k: int, seed: int, log_mlflow: bool = True)
     return metrics
 
 
-def _rsa(params: Params, model, clip, cache, device) -> dict[str, float]:
-    n = min(params.evaluate.rsa_samples, cache["ref/image"].shape[0])
-    files, _ = read_caption_csv(reference_csv(params), params.reference.separator, limit=n)
-    img = encode_images(model, ImageFiles(files, clip.preprocess_val), device,
-                        params.evaluate.batch_size, desc="eval RSA")
+def _rsa(model, ref_images, cache, n: int, device, batch_size: int) -> dict[str, float]:
+    img = encode_images(model, ref_images, device, batch_size, desc="eval RSA")
     txt = encode_texts(model, cache["ref/tokens"][:n], device)
     return {"rsa/image": rsa(cache["ref/image"][:n], img), "rsa/text": rsa(cache["ref/text"][:n], txt)}
 
