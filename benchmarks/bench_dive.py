@@ -118,7 +118,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--image-size", type=int, default=None,
                    help="force_image_size (default: 64 on CPU, the config's on CUDA; 0 = the config's)")
     p.add_argument("--batch-size", type=int, default=None, help="target batch B (default: 8 CPU, 128 CUDA)")
-    p.add_argument("--ref-batch-size", type=int, default=None, help="reference batch B' (default: B)")
+    p.add_argument("--ref-batch-size", type=int, default=None, help="reference batch B' (default: B/4, the pipeline's default ratio)")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default: 3 CPU, 20 CUDA)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 1 CPU, 5 CUDA)")
     p.add_argument("--classes", type=int, default=10)
@@ -136,7 +136,7 @@ def defaults(args, device) -> argparse.Namespace:
     if args.image_size is None:
         args.image_size = 0 if gpu else 64
     args.batch_size = args.batch_size or (128 if gpu else 8)
-    args.ref_batch_size = args.ref_batch_size or args.batch_size
+    args.ref_batch_size = args.ref_batch_size or max(1, args.batch_size // 4)
     args.steps = args.steps or (20 if gpu else 3)
     args.warmup = args.warmup if args.warmup is not None else (5 if gpu else 1)
     return args

@@ -17,7 +17,7 @@ from pipeline.methods.flyp import FLYP, FLYPHparams
 class DiVEHparams(FLYPHparams):
     lam: float = 1000.0  # λ, chosen from 100…5000 in the paper, same for all datasets
     momentum: float = 0.99  # α_m of the average vector (0 = per-batch mean, an ablation)
-    ref_batch_size: int = 32  # B' (global)
+    ref_batch_size: int = 8  # B' (global); the default is a quarter of finetune.train.batch_size
     use_avl: bool = True  # ablation switches
     use_pvl: bool = True
 
@@ -47,7 +47,12 @@ class DiVE(FLYP):
     - reference images use the evaluation transform (no augmentation), so f_pre from the
       cache is the pre-trained embedding of exactly the pixels the fine-tuned model sees;
     - the reference batch is drawn uniformly without replacement from the cached reference
-      set each step (seeded per step, identical on every DDP rank, each rank takes a slice).
+      set each step (seeded per step, identical on every DDP rank, each rank takes a slice);
+    - B' = 8 by default, a quarter of the default target batch (32). The reference batch goes
+      through both towers forward and backward, so a step costs about 1 + B'/B FLYP steps
+      (benchmarks/bench_dive.py: 1.8× at B' = B). AVL and PVL are means over the reference
+      pairs, unbiased at any B', and m averages over ~1/(1−α_m) = 100 steps, so a smaller
+      B' adds noise, not bias. The paper does not state its B'.
     """
 
     name = "dive"
