@@ -35,8 +35,7 @@ import io
 import json
 import os
 import shutil
-import dataclasses
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -170,7 +169,7 @@ class SyntheticConfig:
         One plain ID background (snow) and one OOD background (sand), no clutter, and captions
         that name the shape but rarely anything else: for tests of zero-shot learnability.
         """
-        return dataclasses.replace(cls.small(seed), id_domains=("snow",), ood_domains=("sand",), clutter=0,
+        return replace(cls.small(seed), id_domains=("snow",), ood_domains=("sand",), clutter=0,
                                    caption_rates=(1.0, 0.1, 0.1, 0.1, 0.1))
 
     @property

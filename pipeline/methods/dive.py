@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from pipeline import dist
-from pipeline.losses import AverageVector, average_vector_loss, clip_loss, pairwise_vector_loss
+from pipeline.losses import AverageVector, average_vector_loss, pairwise_vector_loss
 from pipeline.methods import register
 from pipeline.methods.common import image_features, sample_class_prompts, text_features
 from pipeline.methods.flyp import FLYP, FLYPHparams
@@ -83,8 +83,7 @@ class DiVE(FLYP):
         n = batch["image"].shape[0]
         f_all = image_features(model, torch.cat([batch["image"], ref_images.to(batch["image"].dtype)])).float()
         g_all = text_features(model, torch.cat([tokens, ref.tokens[local].to(device)])).float()
-        terms = {"flyp_loss": clip_loss(dist.gather(f_all[:n]), dist.gather(g_all[:n]),
-                                        model.logit_scale.exp().float())}
+        terms = {"flyp_loss": self.contrastive_loss(f_all[:n], g_all[:n])}
         u = f_all[n:] - ref.image_pre[local].to(device)
         v = g_all[n:] - ref.text_pre[local].to(device)
         # this rank's weight in the global mean over the reference batch: 1 when the slices

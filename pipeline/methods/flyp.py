@@ -45,15 +45,15 @@ class FLYP(Method):
         freeze(self.root)
         unfreeze(self.ctx.model, lambda n, p: True)
 
-    def contrastive_loss(self, batch) -> torch.Tensor:
-        model = self.ctx.model
-        tokens = sample_class_prompts(self.ctx.class_tokens, batch["y"])
-        f = dist.gather(image_features(model, batch["image"]).float())
-        g = dist.gather(text_features(model, tokens).float())
-        return clip_loss(f, g, model.logit_scale.exp().float())
+    def contrastive_loss(self, f: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """The CLIP loss of this rank's image and class-prompt features, gathered over ranks."""
+        return clip_loss(dist.gather(f.float()), dist.gather(g.float()), self.ctx.model.logit_scale.exp().float())
 
     def loss(self, batch, step):
-        return {"flyp_loss": self.contrastive_loss(batch)}
+        model = self.ctx.model
+        tokens = sample_class_prompts(self.ctx.class_tokens, batch["y"])
+        f, g = image_features(model, batch["image"]), text_features(model, tokens)
+        return {"flyp_loss": self.contrastive_loss(f, g)}
 
     def after_step(self, step: int) -> None:
         with torch.no_grad():
