@@ -1,5 +1,5 @@
 """DiVE's cost over FLYP: step time and peak memory at the same target batch, through
-`pipeline.train.fit`, on a real open_clip architecture (random weights).
+`pipeline.training.train.fit`, on a real open_clip architecture (random weights).
 
     python benchmarks/bench_dive.py                      # CPU: ViT-B-32 at 64 px, batch 8 (~3-5 min)
     python benchmarks/bench_dive.py --device cuda        # GPU: ViT-B-32 at 224 px, batch 128, bf16

@@ -39,7 +39,7 @@ import torch  # noqa: E402
 from pipeline.methods import METHODS  # noqa: E402
 from pipeline.methods.base import TaskContext  # noqa: E402
 from pipeline.models import register_builtin_configs  # noqa: E402
-from pipeline.zeroshot import build_head  # noqa: E402
+from pipeline.models.zeroshot import build_head  # noqa: E402
 
 from bench_train import RssPeak  # noqa: E402  (this folder is on sys.path when run as a script)
 
@@ -98,7 +98,7 @@ def sync(device: torch.device) -> None:
 
 
 def train_worker(args) -> dict:
-    from pipeline.train import build_optimizer
+    from pipeline.training.train import build_optimizer
 
     device = resolve(args.device)
     model, class_tokens, size = build(args, device)

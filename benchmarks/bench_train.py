@@ -1,4 +1,4 @@
-"""Training throughput of the project's trainer (`pipeline.train.fit`) against a bare PyTorch
+"""Training throughput of the project's trainer (`pipeline.training.train.fit`) against a bare PyTorch
 loop, and model FLOP utilisation, for FLYP on a real open_clip architecture (random weights).
 
     python benchmarks/bench_train.py                     # CPU: ViT-B-32 at 64 px, batch 8 (~1-2 min)
@@ -40,10 +40,10 @@ import open_clip  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from pipeline.losses import clip_loss  # noqa: E402
+from pipeline.methods.losses import clip_loss  # noqa: E402
 from pipeline.methods.base import TaskContext  # noqa: E402
 from pipeline.models import register_builtin_configs  # noqa: E402
-from pipeline.zeroshot import build_head  # noqa: E402
+from pipeline.models.zeroshot import build_head  # noqa: E402
 
 MAX_LOGIT_SCALE = math.log(100.0)
 
@@ -214,9 +214,9 @@ def fit_loop(model, data: TensorItems, class_tokens, steps: int, batch_size: int
              device, precision: str, method: str = "flyp", ctx_extra: dict | None = None,
              hparams: dict | None = None) -> tuple[float, float]:
     """Mean (wall, process CPU) seconds per step after `warmup` steps of
-    `pipeline.train.fit` on `method`."""
+    `pipeline.training.train.fit` on `method`."""
     from pipeline.methods import METHODS
-    from pipeline.train import fit
+    from pipeline.training.train import fit
 
     ctx = make_context(model, class_tokens, device)
     for k, v in (ctx_extra or {}).items():
@@ -291,7 +291,7 @@ def main(argv=None) -> dict:
     class_tokens = class_tokens_for(tokenizer, args.classes)
     total = args.warmup + args.steps
     data = make_data(max(4 * args.batch_size, args.batch_size * total // 2), size, args.classes)
-    from pipeline.train import batch_plan
+    from pipeline.training.train import batch_plan
 
     plan = batch_plan(len(data), args.batch_size, total, seed=0)
     bare, framed = [], []
@@ -318,7 +318,7 @@ def main(argv=None) -> dict:
           f"{args.steps} timed steps after {args.warmup} warm-up steps.\n")
     print("| loop | step ms | samples/s | model FLOP/s | MFU | process CPU ms / step |")
     print("|---|---:|---:|---:|---:|---:|")
-    for name, t, c in (("bare PyTorch", t_bare, c_bare), ("pipeline.train.fit", t_fit, c_fit)):
+    for name, t, c in (("bare PyTorch", t_bare, c_bare), ("pipeline.training.train.fit", t_fit, c_fit)):
         print(f"| {name} | {1e3 * t:.1f} | {args.batch_size / t:.1f} | {flops / t / 1e9:.1f} G | "
               f"{100 * flops / t / peak:.1f} % | {1e3 * c:.1f} |")
     print(f"\nFramework overhead (fit / bare − 1): **{100 * overhead:+.1f} %** wall time, "

@@ -1,6 +1,6 @@
 """Few-shot robust fine-tuning of CLIP on WILDS, driven by DVC and tracked in MLflow."""
 
-from pipeline import env as _env
+from pipeline.core import env as _env
 
 _env.setup_offline()
 

@@ -60,7 +60,7 @@ def prepare(params_file: Path = ParamsOpt):
 
     Real WILDS data is read from `dataset.root` (set `dataset.download: true` to fetch it);
     the built-in synthetic dataset and caption corpus are generated here."""
-    from pipeline import prepare as stage
+    from pipeline.stages import prepare as stage
 
     info = stage.run(_load(params_file))
     typer.echo(json.dumps(info["splits"]))
@@ -73,15 +73,15 @@ def pretrained(params_file: Path = ParamsOpt):
 
     `model.pretrained: builtin` pre-trains the tiny CLIP on the caption corpus; an open_clip
     tag is downloaded once; a file path is copied. Later stages load only this file."""
-    from pipeline import paths
-    from pipeline.env import resolve_device
+    from pipeline import artifacts as paths
+    from pipeline.core.env import resolve_device
     from pipeline.models import BUILTIN, fetch_pretrained
-    from pipeline.prepare import reference_csv
+    from pipeline.stages.prepare import reference_csv
 
     params = _load(params_file)
     paths.PRETRAINED_INFO.unlink(missing_ok=True)
     if params.model.pretrained == BUILTIN:
-        from pipeline.pretrain import pretrain
+        from pipeline.training.pretrain import pretrain
 
         info = pretrain(params.model.arch, reference_csv(params), params.pretrain_config(),
                         paths.PRETRAINED_WEIGHTS, device=resolve_device(params.pretrained.device))
@@ -96,7 +96,7 @@ def pretrained(params_file: Path = ParamsOpt):
 def embed(params_file: Path = ParamsOpt):
     """One pass of the pre-trained model: cached embeddings, zero-shot (k = 0) metrics,
     IIMM and silhouette -> data/embed."""
-    from pipeline import embed as stage
+    from pipeline.stages import embed as stage
 
     params = _load(params_file)
     metrics = stage.run(params)
@@ -116,8 +116,9 @@ def _headline(params, metrics: dict) -> str:
 
 
 def _log_zeroshot(params, metrics: dict) -> None:
-    from pipeline import paths, tracking
-    from pipeline.evaluate import run_params
+    from pipeline import artifacts as paths
+from pipeline.core import tracking
+    from pipeline.stages.evaluate import run_params
 
     tracking.log_run(
         experiment=params.dataset.name, key="zeroshot/k0/seed0", run_name="zeroshot k=0",
@@ -137,10 +138,10 @@ def sample(shots: int = typer.Option(..., "--shots", "-k", help="Examples per cl
     (nested: for one seed, the k=4 set contains the k=2 set)."""
     import pandas as pd
 
-    from pipeline import paths
+    from pipeline import artifacts as paths
     from pipeline.data.datasets import get_spec
-    from pipeline.prepare import read_info
-    from pipeline.sampling import sample_kshot, write_sample
+    from pipeline.stages.prepare import read_info
+    from pipeline.data.sampling import sample_kshot, write_sample
 
     params = _load(params_file)
     if shots <= 0:
@@ -174,7 +175,7 @@ def finetune(method: str = typer.Option(..., "--method", "-m", help="A registere
                "-m", "pipeline", "finetune", "--method", method, "--shots", str(shots),
                "--seed", str(seed), "--params", str(params_file)]
         raise typer.Exit(subprocess.call(cmd))
-    from pipeline import finetune as stage
+    from pipeline.stages import finetune as stage
 
     summary = stage.run(params, method, shots, seed)
     if int(os.environ.get("RANK", "0")) == 0:
@@ -189,7 +190,7 @@ def evaluate(method: str = typer.Option(..., "--method", "-m"),
              params_file: Path = ParamsOpt):
     """Evaluate one fine-tuned run (ID, OOD, zero-shot retention, RSA, WiSE-FT sweep) ->
     runs/evaluate/<method>/k<K>_seed<S>/metrics.json and an MLflow run."""
-    from pipeline import evaluate as stage
+    from pipeline.stages import evaluate as stage
 
     params = _load(params_file)
     _check_method(params, method)
@@ -220,7 +221,7 @@ def methods():
 def ui(host: str = typer.Option("127.0.0.1", help="Interface to bind (default: this machine only)."),
        port: int = typer.Option(5000)):
     """Open the MLflow UI on the tracking store (sqlite:///mlflow.db unless MLFLOW_TRACKING_URI)."""
-    from pipeline.tracking import tracking_uri
+    from pipeline.core.tracking import tracking_uri
 
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking_uri(),
            "--host", host, "--port", str(port), "--workers", "1"]

@@ -301,7 +301,7 @@ class Params:
         return from_dict(SyntheticConfig, self.prepare.synthetic, "prepare.synthetic")
 
     def pretrain_config(self):
-        from pipeline.pretrain import PretrainConfig
+        from pipeline.training.pretrain import PretrainConfig
 
         return from_dict(PretrainConfig, self.pretrained.builtin, "pretrained.builtin")
 

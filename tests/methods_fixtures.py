@@ -1,7 +1,7 @@
 """A tiny real open_clip CLIP (ViT image tower + text tower) and a TaskContext around it.
 
 Registered under its own name from a temporary config directory, so the tests depend on no
-config shipped in `pipeline/model_configs/`. The towers have different widths (48 / 32) so
+config shipped in `pipeline/models/configs/`. The towers have different widths (48 / 32) so
 that a method mixing them up fails.
 """
 
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.methods.base import ReferenceData, TaskContext
-from pipeline.zeroshot import build_head, tokenize_prompts
+from pipeline.models.zeroshot import build_head, tokenize_prompts
 
 ARCH = "methods-test-tiny-vit"
 CONFIG = {
@@ -115,7 +115,7 @@ def zeroshot_head(model: torch.nn.Module) -> torch.Tensor:
 
 
 def context(model: torch.nn.Module | None = None, seed: int = 0, reference: bool = False) -> TaskContext:
-    from pipeline.train import fit
+    from pipeline.training.train import fit
 
     model = model if model is not None else fresh_model()
     return TaskContext(

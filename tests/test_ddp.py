@@ -28,7 +28,7 @@ import torch
 
 from pipeline.methods import METHODS
 from pipeline.methods.base import BaseHparams, Method, TaskContext
-from pipeline.train import fit
+from pipeline.training.train import fit
 from tests import methods_fixtures as mf
 from tests.methods_fixtures import single_thread  # noqa: F401  (autouse)
 
@@ -138,7 +138,7 @@ WORKER = textwrap.dedent("""
     from pathlib import Path
     import pipeline
     import torch
-    from pipeline import dist
+    from pipeline.core import dist
     from tests.test_ddp import run_case, run_probe
 
     out, names = Path(sys.argv[1]), sys.argv[2].split(",")
@@ -240,7 +240,7 @@ def test_random_streams(num_workers, ddp_runs):
 def test_batch_plan_multiple_of_world():
     """A global batch that does not split evenly over the ranks is trimmed to a multiple of
     the world size (uneven slices cannot be gathered); in one process nothing changes."""
-    from pipeline.train import batch_plan
+    from pipeline.training.train import batch_plan
 
     assert [len(b) for b in batch_plan(10, 7, 3, seed=0)] == [7, 7, 7]
     assert [len(b) for b in batch_plan(10, 7, 3, seed=0, multiple=2)] == [6, 6, 6]

@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.losses import (AverageVector, average_vector_loss, classification_loss, clip_loss,
+from pipeline.methods.losses import (AverageVector, average_vector_loss, classification_loss, clip_loss,
                              mpm_nce_loss, pairwise_vector_loss)
 from pipeline.methods import METHODS
-from pipeline.train import fit
+from pipeline.training.train import fit
 from tests import methods_fixtures as mf
 from tests.methods_fixtures import single_thread  # noqa: F401  (autouse)
 

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from scipy.stats import spearmanr
 from sklearn.metrics import silhouette_score
 
-from pipeline.measures import iimm, rsa, silhouette_cosine, silhouettes
+from pipeline.evaluation.measures import iimm, rsa, silhouette_cosine, silhouettes
 
 
 def test_iimm_matches_direct_formula():

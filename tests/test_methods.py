@@ -14,7 +14,7 @@ import torch
 
 from pipeline import models
 from pipeline.methods import METHODS
-from pipeline.train import fit
+from pipeline.training.train import fit
 from tests import methods_fixtures as mf
 from tests.methods_fixtures import single_thread  # noqa: F401  (autouse)
 

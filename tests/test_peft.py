@@ -16,7 +16,7 @@ from pipeline.methods import METHODS
 from pipeline.methods.base import TaskContext, count_params
 from pipeline.methods.clip_adapter import CLIPAdapter, CLIPAdapterHparams
 from pipeline.methods.lora import LoRA, LoRAHparams
-from pipeline.train import build_optimizer
+from pipeline.training.train import build_optimizer
 from tests import methods_fixtures as mf
 from tests.methods_fixtures import single_thread  # noqa: F401  (autouse)
 

@@ -1,4 +1,4 @@
-"""Contrastive pre-training of the built-in tiny CLIP (pipeline/pretrain.py)."""
+"""Contrastive pre-training of the built-in tiny CLIP (pipeline/training/pretrain.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 
 import pipeline  # noqa: F401
 from pipeline.data.synthetic import SyntheticConfig, generate_corpus, generate_dataset
-from pipeline.pretrain import PretrainConfig, load_corpus, pretrain
+from pipeline.training.pretrain import PretrainConfig, load_corpus, pretrain
 
 ARCH = "tiny-clip"
 DATA = SyntheticConfig.small()
@@ -50,10 +50,10 @@ def test_tiny_clip_learns_zero_shot_above_chance(tmp_path):
     a 3-minute pre-training, are in the README.)"""
     from pipeline import models
     from pipeline.data.datasets import load_dataset, load_prompts, task_labels
-    from pipeline.embed import encode_images, split_metrics
+    from pipeline.stages.embed import encode_images, split_metrics
     from pipeline.data.torchdata import LabeledImages
     from pipeline.methods.base import EvalModel
-    from pipeline.zeroshot import tokenize_prompts
+    from pipeline.models.zeroshot import tokenize_prompts
 
     data = SyntheticConfig.quick()
     generate_dataset(tmp_path / "wilds", data)

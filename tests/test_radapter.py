@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.methods.radapter import Adapter, RAdapter, RAdapterHparams, adapter_sites, reparameterise
-from pipeline.train import fit
+from pipeline.training.train import fit
 from tests import methods_fixtures as mf
 from tests.methods_fixtures import single_thread  # noqa: F401  (autouse)
 

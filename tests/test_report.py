@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 import pipeline  # noqa: F401  (offline environment setup)
-from pipeline import paths, report
+from pipeline import artifacts as paths, report
 from pipeline.config import load_params
 
 METHODS = ("ft", "flyp")

@@ -3,7 +3,7 @@ import time
 import numpy as np
 import pytest
 
-from pipeline.sampling import sample_kshot
+from pipeline.data.sampling import sample_kshot
 
 
 def labels(n_classes=5, per_class=20, seed=0):

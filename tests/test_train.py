@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from pipeline.methods import METHODS
 from pipeline.methods.base import Method
-from pipeline.train import NonFiniteLossError, batch_plan, cosine_lr, fit
+from pipeline.training.train import NonFiniteLossError, batch_plan, cosine_lr, fit
 
 from .methods_fixtures import context, single_thread  # noqa: F401
 
@@ -79,7 +79,7 @@ import torch
 from safetensors.torch import save_file
 from tests.methods_fixtures import context
 from pipeline.methods import METHODS
-from pipeline.train import fit
+from pipeline.training.train import fit
 
 torch.set_num_threads(1)
 name, ckpt, out, delay = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])

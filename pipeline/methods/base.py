@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.zeroshot import build_head
+from pipeline.models.zeroshot import build_head
 
 
 @dataclass(frozen=True)
@@ -159,7 +159,7 @@ class Method:
         and may be modified in place. Default (weight-space methods): θ_α =
         (1−α)·θ_pre + α·θ_ft for every trained weight; a trained head `extra.head.weight` is
         interpolated with the scaled zero-shot head the same way."""
-        from pipeline.weights import wise_merge
+        from pipeline.models.weights import wise_merge
 
         clip_state = {k[len("clip."):]: v for k, v in state.items() if k.startswith("clip.")}
         if clip_state:

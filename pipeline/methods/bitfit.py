@@ -10,11 +10,11 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.losses import classification_loss
+from pipeline.methods.losses import classification_loss
 from pipeline.methods import register
 from pipeline.methods.base import BaseHparams, Method, freeze, matches, unfreeze
 from pipeline.methods.common import image_features
-from pipeline.zeroshot import build_head_with_grad
+from pipeline.models.zeroshot import build_head_with_grad
 
 # parameters of the residual blocks of both open_clip towers (`visual.transformer.resblocks.N`,
 # `transformer.resblocks.N`; `text.transformer.resblocks.N` in CustomTextCLIP)

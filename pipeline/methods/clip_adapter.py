@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.losses import classification_loss
+from pipeline.methods.losses import classification_loss
 from pipeline.methods import register
 from pipeline.methods.base import BaseHparams, EvalModel, Method, freeze
 

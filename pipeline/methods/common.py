@@ -34,7 +34,7 @@ def sample_class_prompts(class_tokens: torch.Tensor, labels: torch.Tensor) -> to
     draws for the whole micro-batch and keeps its own positions: each image gets the
     template it would get in one process, and the RNG stays in step across ranks.
     """
-    from pipeline import dist
+    from pipeline.core import dist
 
     n_templates = class_tokens.shape[1]
     world = dist.world_size()

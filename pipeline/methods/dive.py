@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline import dist
-from pipeline.losses import AverageVector, average_vector_loss, pairwise_vector_loss
+from pipeline.core import dist
+from pipeline.methods.losses import AverageVector, average_vector_loss, pairwise_vector_loss
 from pipeline.methods import register
 from pipeline.methods.common import image_features, sample_class_prompts, text_features
 from pipeline.methods.flyp import FLYP, FLYPHparams

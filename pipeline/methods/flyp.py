@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline import dist
-from pipeline.losses import clip_loss
+from pipeline.core import dist
+from pipeline.methods.losses import clip_loss
 from pipeline.methods import register
 from pipeline.methods.base import BaseHparams, Method, freeze, unfreeze
 from pipeline.methods.common import image_features, sample_class_prompts, text_features

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline.losses import classification_loss
+from pipeline.methods.losses import classification_loss
 from pipeline.methods import register
 from pipeline.methods.base import BaseHparams, Method, freeze, unfreeze
 from pipeline.methods.common import LinearHead, image_features

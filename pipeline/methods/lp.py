@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.losses import classification_loss
+from pipeline.methods.losses import classification_loss
 from pipeline.methods import register
 from pipeline.methods.base import BaseHparams, EvalModel, Method, freeze
 from pipeline.methods.common import LinearHead, embed_dataset

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pipeline import dist
-from pipeline.losses import classification_loss, clip_loss, mpm_nce_loss
+from pipeline.core import dist
+from pipeline.methods.losses import classification_loss, clip_loss, mpm_nce_loss
 from pipeline.methods import register
 from pipeline.methods.base import BaseHparams, EvalModel, Method, freeze
 from pipeline.methods.bitfit import class_head_with_grad

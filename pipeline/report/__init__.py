@@ -38,7 +38,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline import paths, tracking
+from pipeline import artifacts as paths
+from pipeline.core import tracking
 from pipeline.config import Params
 from pipeline.data.datasets import DatasetSpec, get_spec
 

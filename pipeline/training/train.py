@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from pipeline import dist
+from pipeline.core import dist
 from pipeline.methods.base import Method, count_params
 
 

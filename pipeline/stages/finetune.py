@@ -9,18 +9,18 @@ from pathlib import Path
 
 import torch
 
-from pipeline import dist, models, paths
+from pipeline.core import dist, models, paths
 from pipeline.config import Params, to_dict
 from pipeline.data.datasets import get_spec, load_dataset, load_prompts
 from pipeline.data.torchdata import ImageFiles, LabeledImages, read_caption_csv
-from pipeline.embed import load_features
-from pipeline.env import resolve_device, seed_everything
+from pipeline.stages.embed import load_features
+from pipeline.core.env import resolve_device, seed_everything
 from pipeline.methods import get_method
 from pipeline.methods.base import ReferenceData, TaskContext, count_params
-from pipeline.prepare import dataset_root, reference_csv
-from pipeline.sampling import read_sample
-from pipeline.train import fit
-from pipeline.zeroshot import tokenize_prompts
+from pipeline.stages.prepare import dataset_root, reference_csv
+from pipeline.data.sampling import read_sample
+from pipeline.training.train import fit
+from pipeline.models.zeroshot import tokenize_prompts
 
 WEIGHTS = "weights.safetensors"
 CONFIG = "config.json"

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from pipeline import models
-from pipeline.losses import clip_loss
+from pipeline.methods.losses import clip_loss
 
 __all__ = ["PretrainConfig", "load_corpus", "pretrain"]
 

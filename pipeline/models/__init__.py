@@ -22,12 +22,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 BUILTIN = "builtin"
-CONFIG_DIR = Path(__file__).parent / "model_configs"
+CONFIG_DIR = Path(__file__).parent / "configs"
 _registered = False
 
 
 def register_builtin_configs() -> None:
-    """Make the architectures shipped in `pipeline/model_configs/` known to open_clip."""
+    """Make the architectures shipped in `pipeline/models/configs/` known to open_clip."""
     global _registered
     if not _registered:
         open_clip.add_model_config(CONFIG_DIR)

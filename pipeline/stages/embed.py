@@ -22,16 +22,16 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipeline import models, paths
+from pipeline import artifacts as paths, models
 from pipeline.config import Params
 from pipeline.data.datasets import get_spec, load_dataset, load_prompts, official_eval
 from pipeline.data.torchdata import ImageFiles, LabeledImages, read_caption_csv
-from pipeline.env import resolve_device
-from pipeline.measures import iimm, silhouettes
+from pipeline.core.env import resolve_device
+from pipeline.evaluation.measures import iimm, silhouettes
 from pipeline.methods.base import EvalModel
-from pipeline.prepare import dataset_root, reference_csv
-from pipeline.progress import progress_bar
-from pipeline.zeroshot import tokenize_prompts
+from pipeline.stages.prepare import dataset_root, reference_csv
+from pipeline.core.progress import progress_bar
+from pipeline.models.zeroshot import tokenize_prompts
 
 
 PRELOAD_BUDGET = 2 << 30  # bytes of decoded images `preload` may keep in memory

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline import paths
+from pipeline import artifacts as paths
 from pipeline.config import Params
 from pipeline.data.datasets import get_spec, load_dataset, load_prompts
 from pipeline.data.torchdata import read_caption_csv

@@ -15,18 +15,19 @@ from pathlib import Path
 
 import torch
 
-from pipeline import models, paths, tracking
+from pipeline import artifacts as paths, models
+from pipeline.core import tracking
 from pipeline.config import Params, to_dict
 from pipeline.data.datasets import get_spec, load_dataset, load_prompts
 from pipeline.data.torchdata import ImageFiles, LabeledImages, read_caption_csv
-from pipeline.embed import (encode_images, encode_texts, load_features, preload, retention_metrics, retention_tasks,
+from pipeline.stages.embed import (encode_images, encode_texts, load_features, preload, retention_metrics, retention_tasks,
                             split_metrics)
-from pipeline.env import resolve_device
-from pipeline.finetune import TRAIN_LOG, read_run
-from pipeline.measures import rsa
+from pipeline.core.env import resolve_device
+from pipeline.stages.finetune import TRAIN_LOG, read_run
+from pipeline.evaluation.measures import rsa
 from pipeline.methods import get_method
-from pipeline.prepare import dataset_root, reference_csv
-from pipeline.zeroshot import tokenize_prompts
+from pipeline.stages.prepare import dataset_root, reference_csv
+from pipeline.models.zeroshot import tokenize_prompts
 
 METRICS = "metrics.json"
 

@@ -1,0 +1,1 @@
+"""Bottom layer: process environment, progress bars, distributed helpers, MLflow tracking."""

@@ -1,0 +1,1 @@
+"""Training: the method-agnostic trainer, its optimiser and schedule, and pre-training."""
