@@ -1,4 +1,4 @@
-"""Evaluation throughput through the real path — `pipeline.stages.embed.encode_images` over a
+"""Evaluation throughput through the real path — `pipeline.models.encode.encode_images` over a
 `LabeledImages` dataset of PNG files on disk, decoded and preprocessed by the model's
 evaluation transform — against the same model on pre-made tensors: the data-loading
 overhead.
@@ -33,7 +33,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from pipeline.data.torchdata import LabeledImages  # noqa: E402
-from pipeline.stages.embed import encode_images  # noqa: E402
+from pipeline.models.encode import encode_images  # noqa: E402
 from pipeline.methods.base import EvalModel  # noqa: E402
 
 

@@ -40,7 +40,7 @@ import open_clip  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from pipeline.methods.losses import clip_loss  # noqa: E402
+from pipeline.models.losses import clip_loss  # noqa: E402
 from pipeline.methods.base import TaskContext  # noqa: E402
 from pipeline.models import register_builtin_configs  # noqa: E402
 from pipeline.models.zeroshot import build_head  # noqa: E402

@@ -1,149 +1,26 @@
-"""params.yaml -> frozen, validated config objects.
+"""params.yaml -> frozen, validated settings (pydantic, through `pipeline.core.validation`).
 
-Every section is a frozen dataclass. Unknown keys, wrong types and impossible values are
-rejected before any work, with a sentence that names the dotted key, the value and what is
-allowed. The method registry and the dataset table are the only lists of names: validation
-reads them.
+This module knows the *shape* of params.yaml: every section is a frozen dataclass; unknown
+keys, wrong types and impossible values are rejected with a sentence that names the dotted key,
+the value and what is allowed. It imports no registry, so every stage can load params without
+depending on code it does not run. The free-form sections are typed by the layer that owns
+them: `finetune.hparams.<m>` by the method (`pipeline.methods.parse_hparams`),
+`prepare.<dataset>` by the generated dataset (`DatasetSpec.options`), `pretrained.builtin` by
+the pre-trainer (`PretrainConfig`). Names against registries (datasets, methods, tasks) and the
+files params.yaml points at are checked by the first DVC stage, `check`
+(`pipeline/stages/check.py`), before any stage that owns outputs runs.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
 
 import yaml
 
+from pipeline.core.validation import Bool, Float, Int, ParamsError, Settings, Str, check, parse, to_dict
 
-class ParamsError(ValueError):
-    """A params.yaml value is wrong; the message names the key."""
-
-
-# ---------------------------------------------------------------------------------------------
-# generic strict dataclass loading
-
-
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    if origin in (list, tuple):
-        (arg, *_) = typing.get_args(tp) or (Any,)
-        return f"list of {_type_name(arg)}"
-    if tp is type(None):
-        return "null"
-    return getattr(tp, "__name__", str(tp))
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check `value` against the annotation `tp`; return it in canonical form."""
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        return value
-    if origin in (Union, types.UnionType):
-        errors = []
-        for arg in typing.get_args(tp):
-            try:
-                return _coerce(value, arg, key)
-            except ParamsError as err:
-                errors.append(err)
-        raise ParamsError(f"{key}: {value!r} is not a {_type_name(tp)}")
-    if tp is type(None):
-        if value is None:
-            return None
-        raise ParamsError(f"{key}: {value!r} is not null")
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ParamsError(f"{key}: {value!r} is not a list (expected {_type_name(tp)})")
-        (arg, *_) = typing.get_args(tp) or (Any,)
-        return tuple(_coerce(v, arg, f"{key}[{i}]") for i, v in enumerate(value))
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ParamsError(f"{key}: {value!r} is not a mapping")
-        return dict(value)
-    if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value, key)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ParamsError(f"{key}: {value!r} is not true/false")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ParamsError(f"{key}: {value!r} is not an integer")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        # YAML 1.1 reads "1e-4" (no dot) as a string: accept numeric strings.
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ParamsError(f"{key}: {value!r} is not a number")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise ParamsError(f"{key}: {value!r} is not a string")
-    if isinstance(value, tp):
-        return value
-    raise ParamsError(f"{key}: {value!r} is not a {_type_name(tp)}")
-
-
-def from_dict(cls: type, data: Any, prefix: str):
-    """Build dataclass `cls` from a mapping, rejecting unknown keys with a sentence."""
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ParamsError(f"{prefix}: expected a mapping of settings, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        where = f"{prefix}." if prefix else ""
-        raise ParamsError(
-            f"{where}{unknown[0]}: unknown key. Allowed keys{' in ' + prefix if prefix else ''}: "
-            f"{', '.join(sorted(fields))}"
-        )
-    kwargs = {}
-    for name, value in data.items():
-        key = f"{prefix}.{name}" if prefix else name
-        kwargs[name] = _coerce(value, hints[name], key)
-    try:
-        return cls(**kwargs)
-    except ParamsError:
-        raise
-    except ValueError as err:
-        # a sub-config's own check ("lr: -1 must be positive"): prefix the section
-        msg = str(err)
-        head = msg.split(":", 1)[0].strip()
-        raise ParamsError(f"{prefix}.{msg}" if head in fields else f"{prefix}: {msg}") from err
-    except TypeError as err:
-        missing = [n for n, f in fields.items() if f.default is dataclasses.MISSING
-                   and f.default_factory is dataclasses.MISSING and n not in data]
-        if missing:
-            raise ParamsError(f"{prefix}.{missing[0]}: required key is missing") from err
-        raise ParamsError(f"{prefix}: {err}") from err
-
-
-def to_dict(obj: Any) -> Any:
-    if dataclasses.is_dataclass(obj):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, (list, tuple)):
-        return [to_dict(v) for v in obj]
-    if isinstance(obj, dict):
-        return {k: to_dict(v) for k, v in obj.items()}
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
-
-
-def check(condition: bool, key: str, value: Any, allowed: str) -> None:
-    if not condition:
-        raise ParamsError(f"{key}: {value!r} is not allowed; {allowed}")
+__all__ = ["Params", "ParamsError", "load_params", "read_raw", "check", "to_dict"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,25 +28,25 @@ def check(condition: bool, key: str, value: Any, allowed: str) -> None:
 
 
 @dataclass(frozen=True)
-class DatasetParams:
-    name: str = "synthetic"
-    root: str = "data/wilds"  # where real WILDS data lives (the synthetic data is generated)
-    download: bool = False
+class DatasetParams(Settings):
+    name: Str = "synthetic"
+    root: Str = "data/wilds"  # where real WILDS data lives (the synthetic data is generated)
+    download: Bool = False
 
 
 @dataclass(frozen=True)
-class ModelParams:
-    arch: str = "tiny-clip"
-    pretrained: str = "builtin"  # 'builtin' | open_clip tag | path to a weights file
+class ModelParams(Settings):
+    arch: Str = "tiny-clip"
+    pretrained: Str = "builtin"  # 'builtin' | open_clip tag | path to a weights file
 
 
 @dataclass(frozen=True)
-class ReferenceParams:
+class ReferenceParams(Settings):
     """Image-caption pairs: DiVE's reference data, RSA's probe set, the builtin corpus."""
 
-    csv: str = "builtin"  # 'builtin' (the synthetic caption corpus) or a filepath,title CSV
-    separator: str = ","
-    max_samples: int = 2000  # embedded once by `embed`; DiVE and RSA draw from these
+    csv: Str = "builtin"  # 'builtin' (the synthetic caption corpus) or a filepath,title CSV
+    separator: Str = ","
+    max_samples: Int = 2000  # embedded once by `embed`; DiVE and RSA draw from these
 
     def __post_init__(self):
         check(self.max_samples >= 2, "reference.max_samples", self.max_samples, "use 2 or more")
@@ -177,22 +54,17 @@ class ReferenceParams:
 
 
 @dataclass(frozen=True)
-class PrepareParams:
-    synthetic: dict = field(default_factory=dict)  # SyntheticConfig overrides
-
-
-@dataclass(frozen=True)
-class PretrainedParams:
+class PretrainedParams(Settings):
     builtin: dict = field(default_factory=dict)  # PretrainConfig overrides
-    device: str = "auto"
+    device: Str = "auto"
 
 
 @dataclass(frozen=True)
-class EmbedParams:
-    batch_size: int = 256
-    iimm_samples: int = 2000  # train images used for IIMM / silhouette (seeded subsample)
-    device: str = "auto"
-    num_workers: int = 0
+class EmbedParams(Settings):
+    batch_size: Int = 256
+    iimm_samples: Int = 2000  # train images used for IIMM / silhouette (seeded subsample)
+    device: Str = "auto"
+    num_workers: Int = 0
 
     def __post_init__(self):
         check(self.batch_size > 0, "embed.batch_size", self.batch_size, "use a positive integer")
@@ -201,9 +73,9 @@ class EmbedParams:
 
 
 @dataclass(frozen=True)
-class SampleParams:
-    shots: tuple[int, ...] = (1, 4, 16)
-    seeds: tuple[int, ...] = (0,)
+class SampleParams(Settings):
+    shots: tuple[Int, ...] = (1, 4, 16)
+    seeds: tuple[Int, ...] = (0,)
 
     def __post_init__(self):
         check(len(self.shots) > 0, "sample.shots", list(self.shots), "give at least one shot count")
@@ -220,18 +92,18 @@ class SampleParams:
 
 
 @dataclass(frozen=True)
-class TrainParams:
+class TrainParams(Settings):
     """Shared by every method; the per-method sections hold lr, weight decay and the rest."""
 
-    steps: int = 100
-    batch_size: int = 32  # global batch (summed over DDP processes)
-    grad_accum: int = 1
-    grad_clip: float = 1.0  # 0 disables
-    checkpoint_every: int = 50
-    device: str = "auto"
-    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
-    num_workers: int = 0
-    nproc_per_node: int = 1  # >1 launches torchrun (DDP)
+    steps: Int = 100
+    batch_size: Int = 32  # global batch (summed over DDP processes)
+    grad_accum: Int = 1
+    grad_clip: Float = 1.0  # 0 disables
+    checkpoint_every: Int = 50
+    device: Str = "auto"
+    precision: Str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
+    num_workers: Int = 0
+    nproc_per_node: Int = 1  # >1 launches torchrun (DDP)
 
     def __post_init__(self):
         check(self.steps > 0, "finetune.train.steps", self.steps, "use a positive integer")
@@ -250,21 +122,21 @@ class TrainParams:
 
 
 @dataclass(frozen=True)
-class FinetuneParams:
-    methods: tuple[str, ...] = ("lp", "ft", "flyp", "dive")
+class FinetuneParams(Settings):
+    methods: tuple[Str, ...] = ("lp", "ft", "flyp", "dive")
     train: TrainParams = field(default_factory=TrainParams)
     # per-method hyper-parameters: method name -> overrides of its Hparams dataclass
     hparams: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
-class EvaluateParams:
-    wise_alphas: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
-    zs_tasks: tuple[str, ...] | str = "auto"  # 'auto' = the dataset's retention tasks
-    rsa_samples: int = 500
-    batch_size: int = 256
-    device: str = "auto"
-    num_workers: int = 0
+class EvaluateParams(Settings):
+    wise_alphas: tuple[Float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+    zs_tasks: tuple[Str, ...] | Str = "auto"  # 'auto' = the dataset's retention tasks
+    rsa_samples: Int = 500
+    batch_size: Int = 256
+    device: Str = "auto"
+    num_workers: Int = 0
 
     def __post_init__(self):
         for a in self.wise_alphas:
@@ -276,17 +148,18 @@ class EvaluateParams:
 
 
 @dataclass(frozen=True)
-class ReportParams:
+class ReportParams(Settings):
     pass
 
 
 @dataclass(frozen=True)
-class Params:
-    seed: int = 0
+class Params(Settings):
+    seed: Int = 0
     dataset: DatasetParams = field(default_factory=DatasetParams)
     model: ModelParams = field(default_factory=ModelParams)
     reference: ReferenceParams = field(default_factory=ReferenceParams)
-    prepare: PrepareParams = field(default_factory=PrepareParams)
+    # generated dataset name -> overrides of its options (e.g. synthetic: SyntheticConfig)
+    prepare: dict[Str, dict] = field(default_factory=dict)
     pretrained: PretrainedParams = field(default_factory=PretrainedParams)
     embed: EmbedParams = field(default_factory=EmbedParams)
     sample: SampleParams = field(default_factory=SampleParams)
@@ -294,26 +167,9 @@ class Params:
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
     report: ReportParams = field(default_factory=ReportParams)
 
-    # typed views of the free-form sections, validated in `validate`
-    def synthetic_config(self):
-        from pipeline.data.synthetic import SyntheticConfig
 
-        return from_dict(SyntheticConfig, self.prepare.synthetic, "prepare.synthetic")
-
-    def pretrain_config(self):
-        from pipeline.training.pretrain import PretrainConfig
-
-        return from_dict(PretrainConfig, self.pretrained.builtin, "pretrained.builtin")
-
-    def method_hparams(self, method: str):
-        from pipeline.methods import get_method
-
-        cls = get_method(method)
-        return from_dict(cls.Hparams, self.finetune.hparams.get(method, {}), f"finetune.hparams.{method}")
-
-
-def load_params(path: str | Path = "params.yaml", overrides: dict | None = None) -> Params:
-    """Read and fully validate params.yaml (every name checked against its registry)."""
+def read_raw(path: str | Path = "params.yaml") -> dict:
+    """params.yaml as plain data (ParamsError when missing or not YAML)."""
     path = Path(path)
     if not path.exists():
         raise ParamsError(f"{path}: params file not found (run from the project root)")
@@ -321,11 +177,18 @@ def load_params(path: str | Path = "params.yaml", overrides: dict | None = None)
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ParamsError(f"{path}: not valid YAML ({err})") from err
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+    return raw
+
+
+def load_params(path: str | Path = "params.yaml", overrides: dict | None = None) -> Params:
+    """Read params.yaml and validate its shape (see the module docstring for what else is
+    checked, and where)."""
+    raw = read_raw(path)
     if overrides:
         raw = _deep_merge(raw, overrides)
-    params = from_dict(Params, raw, "")
-    validate(params)
-    return params
+    return parse(Params, raw, "")
 
 
 def _deep_merge(base: dict, extra: dict) -> dict:
@@ -333,37 +196,3 @@ def _deep_merge(base: dict, extra: dict) -> dict:
     for k, v in extra.items():
         out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
-
-
-def validate(params: Params) -> None:
-    """Cross-section checks against the registries (dataset table, methods, archs)."""
-    from pipeline.data.datasets import DATASETS
-    from pipeline.methods import METHODS
-
-    check(params.seed >= 0, "seed", params.seed, "use a non-negative integer")
-    check(params.dataset.name in DATASETS, "dataset.name", params.dataset.name,
-          f"allowed: {', '.join(sorted(DATASETS))}")
-    check(len(params.finetune.methods) > 0, "finetune.methods", [], "list at least one method")
-    for m in params.finetune.methods:
-        check(m in METHODS, "finetune.methods", m, f"allowed: {', '.join(sorted(METHODS))}")
-    dup = sorted({m for m in params.finetune.methods if params.finetune.methods.count(m) > 1})
-    check(not dup, "finetune.methods", list(params.finetune.methods), f"each method once (repeated: {dup})")
-    for m in params.finetune.hparams:
-        check(m in METHODS, f"finetune.hparams.{m}", m,
-              f"sections are named after methods: {', '.join(sorted(METHODS))}")
-        params.method_hparams(m)
-    for m in params.finetune.methods:
-        params.method_hparams(m)
-    if params.dataset.name == "synthetic" or params.reference.csv == "builtin":
-        params.synthetic_config()
-    if params.model.pretrained == "builtin":
-        params.pretrain_config()
-    if isinstance(params.evaluate.zs_tasks, str):
-        check(params.evaluate.zs_tasks == "auto", "evaluate.zs_tasks", params.evaluate.zs_tasks,
-              "use 'auto' or a list of tasks named '<dataset>/<label>' (e.g. synthetic/colour)")
-    else:
-        from pipeline.data.datasets import DATASETS as D
-        for t in params.evaluate.zs_tasks:
-            ds = t.split("/")[0]
-            check("/" in t and ds in D, "evaluate.zs_tasks", t,
-                  f"tasks are '<dataset>/<label>' with dataset one of {', '.join(sorted(D))}")

@@ -1,7 +1,6 @@
-"""DVC stage `embed`: see `python -m pipeline embed --help`."""
+"""DVC stage `embed`: see `python -m pipeline embed --help`. Imports only its own stage module,
+so dvc.yaml's deps for this stage are the import closure of pipeline/stages/embed.py."""
 
-import sys
+from pipeline.stages.embed import main
 
-from pipeline.cli import main
-
-main(["embed", *sys.argv[1:]])
+main()

@@ -1,7 +1,6 @@
-"""DVC stage `evaluate` (one matrix entry): see `python -m pipeline evaluate --help`."""
+"""DVC stage `evaluate`: see `python -m pipeline evaluate --help`. Imports only its own stage module,
+so dvc.yaml's deps for this stage are the import closure of pipeline/stages/evaluate.py."""
 
-import sys
+from pipeline.stages.evaluate import main
 
-from pipeline.cli import main
-
-main(["evaluate", *sys.argv[1:]])
+main()

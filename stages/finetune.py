@@ -1,7 +1,6 @@
-"""DVC stage `finetune` (one matrix entry): see `python -m pipeline finetune --help`."""
+"""DVC stage `finetune`: see `python -m pipeline finetune --help`. Imports only its own stage module,
+so dvc.yaml's deps for this stage are the import closure of pipeline/stages/finetune.py."""
 
-import sys
+from pipeline.stages.finetune import main
 
-from pipeline.cli import main
-
-main(["finetune", *sys.argv[1:]])
+main()

@@ -1,7 +1,6 @@
-"""DVC stage `prepare`: see `python -m pipeline prepare --help`."""
+"""DVC stage `prepare`: see `python -m pipeline prepare --help`. Imports only its own stage module,
+so dvc.yaml's deps for this stage are the import closure of pipeline/stages/prepare.py."""
 
-import sys
+from pipeline.stages.prepare import main
 
-from pipeline.cli import main
-
-main(["prepare", *sys.argv[1:]])
+main()

@@ -1,7 +1,6 @@
-"""DVC stage `pretrained`: see `python -m pipeline pretrained --help`."""
+"""DVC stage `pretrained`: see `python -m pipeline pretrained --help`. Imports only its own stage module,
+so dvc.yaml's deps for this stage are the import closure of pipeline/stages/pretrained.py."""
 
-import sys
+from pipeline.stages.pretrained import main
 
-from pipeline.cli import main
-
-main(["pretrained", *sys.argv[1:]])
+main()

@@ -1,7 +1,6 @@
-"""DVC stage `sample` (one matrix entry): see `python -m pipeline sample --help`."""
+"""DVC stage `sample`: see `python -m pipeline sample --help`. Imports only its own stage module,
+so dvc.yaml's deps for this stage are the import closure of pipeline/stages/sample.py."""
 
-import sys
+from pipeline.stages.sample import main
 
-from pipeline.cli import main
-
-main(["sample", *sys.argv[1:]])
+main()

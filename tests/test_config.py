@@ -1,4 +1,6 @@
-"""Bad params.yaml values are rejected before any work, naming the key."""
+"""Bad params.yaml values are rejected before any work, naming the key: by the `check` stage,
+which DVC runs before every stage that owns outputs (its `check_params` = the shape checks of
+`pipeline.config.load_params` plus every registry)."""
 
 from pathlib import Path
 
@@ -6,6 +8,8 @@ import pytest
 import yaml
 
 from pipeline.config import ParamsError, load_params
+from pipeline.methods import parse_hparams
+from pipeline.stages.check import check_params
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,7 +29,7 @@ def test_default_params_load():
     assert params.dataset.name == "synthetic"
     assert params.sample.shots == (1, 4, 16)
     for m in params.finetune.methods:
-        params.method_hparams(m)
+        parse_hparams(m, params.finetune.hparams.get(m))
 
 
 @pytest.mark.parametrize("mutate, key, fragment", [
@@ -57,7 +61,7 @@ def test_bad_params_name_the_key(tmp_path, mutate, key, fragment):
     data = base()
     mutate(data)
     with pytest.raises(ParamsError) as err:
-        load_params(write(tmp_path, data))
+        check_params(write(tmp_path, data))
     msg = str(err.value)
     assert msg.startswith(key), msg
     assert fragment in msg, msg
@@ -67,10 +71,39 @@ def test_method_hparam_value_checked(tmp_path):
     data = base()
     data["finetune"]["hparams"]["dive"]["momentum"] = 1.5
     with pytest.raises(ParamsError) as err:
-        load_params(write(tmp_path, data))
+        check_params(write(tmp_path, data))
     assert str(err.value).startswith("finetune.hparams.dive.momentum"), str(err.value)
 
 
 def test_missing_file_is_named(tmp_path):
     with pytest.raises(ParamsError, match="not found"):
         load_params(tmp_path / "nope.yaml")
+    with pytest.raises(ParamsError, match="not found"):
+        check_params(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("mutate, key, fragment", [
+    # a typo inside the hparams of a method that is not in finetune.methods
+    (lambda d: d["finetune"]["hparams"]["lora"].update(rnak=4), "finetune.hparams.lora.rnak", "unknown key"),
+    (lambda d: d["finetune"]["train"].update(steps=True), "finetune.train.steps", "not an integer"),
+    (lambda d: d["finetune"]["hparams"]["dive"].update(lam=True), "finetune.hparams.dive.lam", "not a number"),
+    (lambda d: d.update(seeds=[0, 1]), "seeds", "unknown key"),
+    (lambda d: d["prepare"].update(imagenet={}), "prepare.imagenet", "generated datasets"),
+    (lambda d: d["evaluate"].update(zs_tasks=3), "evaluate.zs_tasks", "is not a"),
+])
+def test_more_bad_params(tmp_path, mutate, key, fragment):
+    data = base()
+    mutate(data)
+    with pytest.raises(ParamsError) as err:
+        check_params(write(tmp_path, data))
+    msg = str(err.value)
+    assert msg.startswith(key), msg
+    assert fragment in msg, msg
+
+
+def test_numeric_strings_are_numbers(tmp_path):
+    """YAML 1.1 (PyYAML) reads `1e-4` as a string; DVC (YAML 1.2) as a number: accept both."""
+    data = base()
+    data["finetune"]["hparams"]["ft"]["lr"] = "1e-4"
+    params = check_params(write(tmp_path, data))
+    assert parse_hparams("ft", params.finetune.hparams["ft"]).lr == 1e-4

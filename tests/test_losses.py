@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.methods.losses import (AverageVector, average_vector_loss, classification_loss, clip_loss,
+from pipeline.models.losses import (AverageVector, average_vector_loss, classification_loss, clip_loss,
                              mpm_nce_loss, pairwise_vector_loss)
 from pipeline.methods import METHODS
 from pipeline.training.train import fit

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import re
+from pathlib import Path
 
 import pipeline  # noqa: F401
 import pytest
@@ -18,35 +19,6 @@ from pipeline.training.train import fit
 from tests import methods_fixtures as mf
 from tests.methods_fixtures import single_thread  # noqa: F401  (autouse)
 
-RESBLOCK = r"(^|\.)transformer\.resblocks\.\d+\."
-
-
-def _all(name: str) -> bool:
-    return True
-
-
-def _none(name: str) -> bool:
-    return False
-
-
-def _visual(name: str) -> bool:
-    return name.startswith("visual.")
-
-
-# method -> (CLIP parameters that must change (all others must stay bit-identical),
-#            pattern every method-owned (`extra`) parameter name must match, or None: none)
-EXPECTED = {
-    "lp": (_none, r"^head\.weight$"),
-    "ft": (_visual, r"^head\.weight$"),
-    "lpft": (_visual, r"^head\.weight$"),
-    "flyp": (_all, None),
-    "dive": (_all, None),
-    "bitfit": (lambda n: re.search(RESBLOCK + r".*bias$", n) is not None, None),
-    "aclip": (lambda n: re.search(RESBLOCK + r"attn\.in_proj_weight$", n) is not None, None),
-    "lora": (_none, r"^lora\.[\w]+\.(a|b)_(q|v)$"),
-    "radapter": (_none, r"^adapters\.[\w]+\.(weight|up|down|sigma)$"),
-    "clip_adapter": (_none, r"^adapter\.fc[12]\.weight$"),
-}
 OVERRIDES = {"lpft": {"lp_steps": 3}}
 STEPS = 3
 
@@ -61,8 +33,8 @@ def test_method_contract(name, tmp_path):
     method = cls(hp, ctx)
 
     if cls.trains:
-        if name not in EXPECTED:
-            pytest.fail(f"add method {name!r} to EXPECTED: which parameters must it train?")
+        if cls.trains_clip is None and cls.trains_extra is None:
+            pytest.fail(f"{cls.__name__} trains but declares neither `trains_clip` nor `trains_extra`")
         train_set = ctx.train_set if cls.uses_images else mf.train_items(with_images=False)
         result = fit(method, train_set, steps=STEPS, batch_size=6, seed=0,
                      device=torch.device("cpu"), progress=False)
@@ -73,11 +45,12 @@ def test_method_contract(name, tmp_path):
         assert result.trainable_params > 0
         assert result.total_params == sum(p.numel() for p in model.parameters())
 
-        clip_must_change, extra_pattern = EXPECTED[name]
+        extra_pattern = cls.trains_extra
         after = mf.snapshot(model)
         assert set(after) == set(before), "the CLIP model's parameter names changed"
         changed = {n for n in before if not torch.equal(before[n], after[n])}
-        expected = {n for n in before if clip_must_change(n)}
+        expected = (set() if cls.trains_clip is None
+                    else {n for n in before if re.search(cls.trains_clip, n)})
         assert changed == expected, (
             f"unexpected changes {sorted(changed - expected)[:5]}, "
             f"missing changes {sorted(expected - changed)[:5]}")
@@ -134,3 +107,23 @@ def test_alpha_zero_is_pretrained(name):
                                    rtol=0, atol=0)
         expected_head = pre.logit_scale.exp() * zs
         torch.testing.assert_close(merged.task_head(mf.class_tokens()), expected_head, rtol=1e-6, atol=1e-5)
+
+
+def test_params_yaml_mirrors_the_method_defaults():
+    """One source for every default: a method's `Hparams` field defaults. params.yaml lists the
+    same values (so users see and edit them, and DVC tracks them); they must not drift."""
+    import yaml
+
+    from pipeline.core.validation import to_dict
+
+    raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    sections = raw["finetune"]["hparams"]
+    assert sorted(sections) == sorted(METHODS), "params.yaml needs one hparams section per method"
+    for name, cls in METHODS.items():
+        defaults = to_dict(cls.Hparams())
+        listed = sections[name] or {}
+        assert sorted(listed) == sorted(defaults), f"finetune.hparams.{name}: keys differ from {cls.Hparams.__name__}"
+        for key, value in defaults.items():
+            assert listed[key] == value, (
+                f"finetune.hparams.{name}.{key}: params.yaml has {listed[key]!r}, "
+                f"{cls.Hparams.__name__} defaults to {value!r}")

@@ -50,7 +50,8 @@ def test_tiny_clip_learns_zero_shot_above_chance(tmp_path):
     a 3-minute pre-training, are in the README.)"""
     from pipeline import models
     from pipeline.data.datasets import load_dataset, load_prompts, task_labels
-    from pipeline.stages.embed import encode_images, split_metrics
+    from pipeline.evaluation.zeroshot import split_metrics
+    from pipeline.models.encode import encode_images
     from pipeline.data.torchdata import LabeledImages
     from pipeline.methods.base import EvalModel
     from pipeline.models.zeroshot import tokenize_prompts

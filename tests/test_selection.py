@@ -3,7 +3,7 @@
 import pytest
 
 from pipeline.data.datasets import DATASETS
-from pipeline.stages.evaluate import check_selection_split, select_alpha
+from pipeline.evaluation.selection import check_selection_split, select_alpha
 
 
 @pytest.mark.parametrize("name", sorted(DATASETS))

@@ -33,6 +33,10 @@ __all__ = [
     "DatasetSpec",
     "DATASETS",
     "DatasetMissingError",
+    "CORPORA",
+    "CorpusSpec",
+    "register_dataset",
+    "register_corpus",
     "get_spec",
     "load_dataset",
     "load_prompts",
@@ -85,8 +89,20 @@ class DatasetSpec:
     download_hint: str  # how a user gets the data; "{root}" is filled with the data root
     # Builds the dataset from (root_dir, download); None means `wilds.get_dataset`.
     loader: Callable[[Path, bool], Any] | None = field(default=None, repr=False, compare=False)
-    # True: the prepare stage generates the data (under data/prepared/wilds), no download
-    generated: bool = False
+    # Generated datasets: the prepare stage calls generate(root, options) (under
+    # data/prepared/wilds) with `prepare.<name>` of params.yaml parsed as `options`
+    generate: Callable[[Path, Any], Any] | None = field(default=None, repr=False, compare=False)
+    options: type | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def generated(self) -> bool:
+        return self.generate is not None
+
+    @property
+    def prompt_path(self) -> Path:
+        """The prompt file: `prompt_file` itself when absolute, else in pipeline/data/prompts/."""
+        path = Path(self.prompt_file)
+        return path if path.is_absolute() else PROMPTS_DIR / path
 
     def folder(self, root: Path) -> Path:
         return Path(root) / f"{self.name}_v{self.version}"
@@ -100,119 +116,48 @@ class DatasetSpec:
         return self.id_splits + self.ood_splits
 
 
-def _load_synthetic(root: Path, download: bool):
-    # Imported here so this table works before (and without) the synthetic module.
-    from pipeline.data.synthetic import SyntheticDataset
+# The registry. Each module of `pipeline.data.catalog` registers its datasets when imported
+# (the WILDS five in catalog/wilds.py, the built-in one in catalog/synthetic.py); a new dataset
+# is one such module plus its prompt file.
+DATASETS: dict[str, DatasetSpec] = {}
 
-    return SyntheticDataset(root_dir=str(root), download=download)
+
+@dataclass(frozen=True)
+class CorpusSpec:
+    """A generated image-caption corpus (`reference.csv: <name>`): pre-training data of a
+    built-in model and DiVE's reference set. `options_key` names the `prepare.<key>` section
+    whose settings (type `options`) it shares with the dataset generated from the same code."""
+
+    name: str
+    options_key: str
+    options: type
+    generate: Callable[[Path, Any], Any] = field(repr=False, compare=False)
 
 
-def _wilds_hint(name: str, size: str) -> str:
+CORPORA: dict[str, CorpusSpec] = {}
+
+
+def register_dataset(spec: DatasetSpec) -> DatasetSpec:
+    """Make `spec` available as `dataset.name: <spec.name>`."""
+    if spec.name in DATASETS and DATASETS[spec.name] != spec:
+        raise ValueError(f"dataset name {spec.name!r} registered twice")
+    DATASETS[spec.name] = spec
+    return spec
+
+
+def register_corpus(corpus: CorpusSpec) -> CorpusSpec:
+    CORPORA[corpus.name] = corpus
+    return corpus
+
+
+def wilds_hint(name: str, size: str) -> str:
+    """How to get a WILDS dataset (for `DatasetSpec.download_hint`)."""
     return (
         f"Download it ({size}) with `python -m wilds.download_datasets --root_dir {{root}} "
         f"--datasets {name}`, or in Python with "
         f"`wilds.get_dataset(dataset='{name}', root_dir='{{root}}', download=True)`; "
         f"manual downloads: https://wilds.stanford.edu/downloads."
     )
-
-
-# WILDS selects models on the OOD validation split ("val") where a dataset has one, and so do
-# we; ID validation would reward overfitting to the training domains. The synthetic dataset
-# keeps its OOD domains for evaluation only and selects on id_val.
-DATASETS: dict[str, DatasetSpec] = {
-    spec.name: spec
-    for spec in (
-        DatasetSpec(
-            name="synthetic",
-            version="1.0",
-            train_split="train",
-            id_splits=("id_val", "id_test"),
-            ood_splits=("val", "test"),
-            select_split="id_val",
-            metric="acc_avg",
-            extra_metrics=("F1-macro_all", "acc_worst_domain"),
-            prompt_file="synthetic.json",
-            retention_tasks=(
-                RetentionTask("synthetic", "id_test", "colour", "synthetic/colour"),
-                RetentionTask("synthetic", "id_test", "texture", "synthetic/texture"),
-            ),
-            download_hint=(
-                "The synthetic dataset is generated locally, not downloaded: run the prepare "
-                "stage, or `SyntheticDataset(root_dir='{root}', download=True)` from "
-                "pipeline.data.synthetic."
-            ),
-            loader=_load_synthetic,
-            generated=True,
-        ),
-        DatasetSpec(
-            name="iwildcam",
-            version="2.0",
-            train_split="train",
-            id_splits=("id_val", "id_test"),
-            ood_splits=("val", "test"),
-            select_split="val",
-            metric="F1-macro_all",
-            extra_metrics=("acc_avg", "recall-macro_all"),
-            prompt_file="iwildcam.json",
-            retention_tasks=(),
-            download_hint=_wilds_hint("iwildcam", "about 12 GB"),
-        ),
-        DatasetSpec(
-            name="fmow",
-            version="1.1",
-            train_split="train",
-            id_splits=("id_val", "id_test"),
-            ood_splits=("val", "test"),
-            select_split="val",
-            metric="acc_worst_region",
-            extra_metrics=("acc_avg", "acc_worst_year"),
-            prompt_file="fmow.json",
-            retention_tasks=(),
-            download_hint=_wilds_hint("fmow", "about 54 GB"),
-        ),
-        DatasetSpec(
-            name="camelyon17",
-            version="1.0",
-            train_split="train",
-            id_splits=("id_val",),  # Camelyon17 has no id_test split.
-            ood_splits=("val", "test"),
-            select_split="val",
-            metric="acc_avg",
-            extra_metrics=("acc_wg",),
-            prompt_file="camelyon17.json",
-            retention_tasks=(),
-            download_hint=_wilds_hint("camelyon17", "about 11 GB"),
-        ),
-        DatasetSpec(
-            name="rxrx1",
-            version="1.0",
-            train_split="train",
-            id_splits=("id_test",),  # RxRx1 has no id_val split.
-            ood_splits=("val", "test"),
-            select_split="val",
-            metric="acc_avg",
-            extra_metrics=("acc_wg",),
-            prompt_file="rxrx1.json",
-            retention_tasks=(),
-            download_hint=_wilds_hint("rxrx1", "about 7.4 GB"),
-        ),
-        DatasetSpec(
-            name="waterbirds",
-            version="1.0",
-            train_split="train",
-            # Waterbirds has no ID split: val and test are group-balanced, and the shift is
-            # measured by the worst group, so both count as OOD.
-            id_splits=(),
-            ood_splits=("val", "test"),
-            select_split="val",
-            metric="acc_wg",
-            extra_metrics=("adj_acc_avg",),  # waterbirds' eval drops plain acc_avg
-            prompt_file="waterbirds.json",
-            retention_tasks=(),
-            download_hint=_wilds_hint("waterbirds", "under 1 GB"),
-        ),
-    )
-}
 
 
 class DatasetMissingError(FileNotFoundError):
@@ -419,7 +364,7 @@ def read_prompts(path: Path, task: str | None = None, n_classes: int | None = No
 def load_prompts(name: str, task: str | None = None, n_classes: int | None = None) -> Prompts:
     """Class names and templates of dataset `name` (or of its extra zero-shot `task`)."""
     spec = get_spec(name)
-    return read_prompts(PROMPTS_DIR / spec.prompt_file, task=task, n_classes=n_classes)
+    return read_prompts(spec.prompt_path, task=task, n_classes=n_classes)
 
 
 def official_eval(dataset, y_pred: torch.Tensor, y_true: torch.Tensor, metadata: torch.Tensor) -> dict[str, float]:
@@ -461,3 +406,12 @@ def task_labels(dataset, subset_indices, label: str) -> torch.Tensor:
     else:
         index = torch.as_tensor(np.asarray(subset_indices, dtype=np.int64))
     return values[index].long()
+
+
+def _discover() -> None:
+    import importlib
+
+    importlib.import_module("pipeline.data.catalog")
+
+
+_discover()

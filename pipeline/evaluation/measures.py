@@ -1,6 +1,14 @@
-"""Task-difficulty and geometry measures as pure functions of embeddings."""
+"""Task-difficulty and geometry measures as pure functions of embeddings, and the measure
+registry that the embed and evaluate stages compute, MLflow logs and the report shows.
+
+A new measure is its function plus one `register_measure(Measure(...))` (see CONTRIBUTING.md).
+"""
 
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -82,3 +90,155 @@ def rsa(pre: torch.Tensor, fine: torch.Tensor) -> float:
     a = rdm(pre)[iu[0], iu[1]].cpu().numpy()
     b = rdm(fine)[iu[0], iu[1]].cpu().numpy()
     return float(spearmanr(a, b).statistic)
+
+
+# ---------------------------------------------------------------------------------------------
+# the registry: what the embed and evaluate stages compute, MLflow logs and the report shows
+
+
+@dataclass(frozen=True)
+class Column:
+    """One per-run number the report aggregates over seeds, plots against the level and puts
+    in its tables. `key`: the metrics key it reads; `reduce`: or a function of the whole
+    metrics dict (e.g. the mean over tasks); `zero_shot`: its value for the pre-trained model
+    when it is one by definition (RSA ≡ 1), else the k = 0 run's own value."""
+
+    name: str
+    label: str
+    key: str | None = None
+    reduce: Callable[[dict[str, float]], float] | None = None
+    zero_shot: float | None = None
+    description: str = ""
+    highlight: bool = False  # the report names the best method at the largest level
+
+    def read(self, metrics: dict[str, float], zero: bool) -> float:
+        if zero and self.zero_shot is not None:
+            return self.zero_shot
+        if self.reduce is not None:
+            return self.reduce(metrics)
+        return metrics.get(self.key, math.nan)
+
+
+@dataclass(frozen=True)
+class Plot:
+    """A figure of the measure's columns against the level of data: one panel per column,
+    sharing a y range. `reference`: a constant line for the pre-trained model (None: the k = 0
+    row's value)."""
+
+    file: str
+    title: str
+    ylabels: tuple[str, ...]
+    reference: float | None = None
+
+
+@dataclass
+class MeasureInputs:
+    """What a measure may read; each stage fills what it has (the rest stays None)."""
+
+    model: Any = None  # an EvalModel (normalised embeddings, zero-shot heads)
+    device: Any = None
+    batch_size: int = 256
+    num_workers: int = 0
+    transform: Any = None
+    tasks: list = field(default_factory=list)  # zero-shot retention tasks (`zeroshot.Retention`)
+    task_features: dict | None = None  # image embeddings by task name, already computed
+    reference_images: Any = None  # preloaded reference images (tensor) or a dataset
+    reference_image_pre: Any = None  # [R, D] pre-trained embeddings of the reference set
+    reference_text_pre: Any = None
+    reference_tokens: Any = None
+    train_features: Any = None  # pre-trained embeddings of a train subsample (embed stage)
+    train_labels: Any = None
+    class_text: Any = None  # [C, D] normalised class-prompt embeddings (the zero-shot head)
+
+
+@dataclass(frozen=True)
+class Measure:
+    """A registered measure. `stages`: 'embed' (the pre-trained model, once: task difficulty)
+    and/or 'evaluate' (every fine-tuned model at every WiSE-FT α). `compute` returns flat
+    `name/...` metrics; `columns` and `plot` are what the report shows; `summary_keys` are the
+    embed-stage keys the report copies into its DVC metrics as `zeroshot/<key>`."""
+
+    name: str
+    stages: tuple[str, ...]
+    compute: Callable[[MeasureInputs], dict[str, float]]
+    columns: tuple[Column, ...] = ()
+    plot: Plot | None = None
+    summary_keys: tuple[str, ...] = ()
+
+
+MEASURES: dict[str, Measure] = {}
+
+
+def register_measure(measure: Measure) -> Measure:
+    for stage in measure.stages:
+        if stage not in ("embed", "evaluate"):
+            raise ValueError(f"measure {measure.name!r}: unknown stage {stage!r} (embed, evaluate)")
+    if measure.name in MEASURES and MEASURES[measure.name] != measure:
+        raise ValueError(f"measure name {measure.name!r} registered twice")
+    MEASURES[measure.name] = measure
+    return measure
+
+
+def measures_for(stage: str) -> list[Measure]:
+    return [m for m in MEASURES.values() if stage in m.stages]
+
+
+def compute_all(stage: str, inputs: MeasureInputs) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for m in measures_for(stage):
+        out.update(m.compute(inputs))
+    return out
+
+
+def report_columns() -> list[Column]:
+    return [c for m in MEASURES.values() for c in m.columns]
+
+
+def _iimm(x: MeasureInputs) -> dict[str, float]:
+    return iimm(x.train_features, x.train_labels, x.class_text)
+
+
+def _silhouettes(x: MeasureInputs) -> dict[str, float]:
+    return silhouettes(x.train_features, x.train_labels, x.class_text)
+
+
+def _retention(x: MeasureInputs) -> dict[str, float]:
+    from pipeline.evaluation.zeroshot import retention_metrics
+
+    return retention_metrics(x.model, x.tasks, x.transform, x.device, x.batch_size, x.num_workers,
+                             features=x.task_features)
+
+
+def _mean_retention(metrics: dict[str, float]) -> float:
+    values = [v for k, v in metrics.items() if k.startswith("zs/") and k.endswith("/acc")]
+    return float(np.mean(values)) if values else math.nan
+
+
+def _rsa(x: MeasureInputs) -> dict[str, float]:
+    from pipeline.models.encode import encode_images, encode_texts
+
+    n = x.reference_tokens.shape[0]
+    img = encode_images(x.model, x.reference_images, x.device, x.batch_size, desc="eval RSA")
+    txt = encode_texts(x.model, x.reference_tokens, x.device)
+    return {"rsa/image": rsa(x.reference_image_pre[:n], img), "rsa/text": rsa(x.reference_text_pre[:n], txt)}
+
+
+register_measure(Measure("iimm", ("embed",), _iimm, summary_keys=("iimm", "iimm/s_intra", "iimm/s_inter")))
+register_measure(Measure("silhouette", ("embed",), _silhouettes,
+                         summary_keys=("silhouette/modality", "silhouette/class")))
+register_measure(Measure(
+    "retention", ("embed", "evaluate"), _retention,
+    columns=(Column("zs", "ZS ret.", reduce=_mean_retention, highlight=True,
+                    description="mean zero-shot accuracy on the retention tasks"),),
+    plot=Plot("zs_retention_vs_shots.png", "Zero-shot retention on held-out tasks vs shots",
+              ("mean zero-shot accuracy",)),
+))
+register_measure(Measure(
+    "rsa", ("evaluate",), _rsa,
+    columns=(Column("rsa_image", "RSA image", key="rsa/image", zero_shot=1.0,
+                    description="similarity of the reference-set geometry to the pre-trained model (1 = unchanged)"),
+             Column("rsa_text", "RSA text", key="rsa/text", zero_shot=1.0)),
+    plot=Plot("rsa_vs_shots.png", "Representation drift: RSA of the reference-set geometry to the "
+              "pre-trained model (1 = unchanged)",
+              ("RSA to the pre-trained model (image)", "RSA to the pre-trained model (text)"), reference=1.0),
+))

@@ -28,8 +28,17 @@ def get_method(name: str) -> type[Method]:
 
 def _import_all() -> None:
     for info in pkgutil.iter_modules(__path__):
-        if info.name not in ("base",) and not info.name.startswith("_"):
+        if info.name not in ("base", "common") and not info.name.startswith("_"):
             importlib.import_module(f"{__name__}.{info.name}")
 
 
 _import_all()
+
+
+def parse_hparams(name: str, raw: dict | None):
+    """`finetune.hparams.<name>` of params.yaml as the method's frozen `Hparams` (ParamsError
+    naming the key otherwise). The class's field defaults are the one source of every default;
+    params.yaml mirrors them (tests/test_methods.py checks it)."""
+    from pipeline.core.validation import parse
+
+    return parse(get_method(name).Hparams, raw or {}, f"finetune.hparams.{name}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pipeline.core.validation import Float, Int
 from pipeline.methods import register
 from pipeline.methods.base import freeze, matches, unfreeze
 from pipeline.methods.bitfit import RESBLOCK, PromptCE, PromptCEHparams
@@ -11,9 +12,9 @@ from pipeline.methods.bitfit import RESBLOCK, PromptCE, PromptCEHparams
 
 @dataclass(frozen=True)
 class ACLIPHparams(PromptCEHparams):
-    lr: float = 1e-5
-    weight_decay: float = 0.1
-    warmup_steps: int = 6
+    lr: Float = 1e-4
+    weight_decay: Float = 0.1
+    warmup_steps: Int = 6
 
 
 @register
@@ -29,11 +30,12 @@ class AttentionTuning(PromptCE):
       is what gives the paper's 30.7 M;
     - the training head averages `head_templates` = 1 template per class drawn each step;
       evaluation uses the full prompt ensemble;
-    - few-shot defaults follow FT (a fifth of the weights train): lr 1e-5, weight decay 0.1,
+    - few-shot defaults follow FT (a fifth of the weights train): lr 1e-4, weight decay 0.1,
       6 warm-up steps.
     """
 
     name = "aclip"
+    trains_clip = RESBLOCK + r"attn\.in_proj_weight$"
     Hparams = ACLIPHparams
     weight_space = True
 

@@ -17,11 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.core.validation import Settings
 from pipeline.models.zeroshot import build_head
 
 
 @dataclass(frozen=True)
-class BaseHparams:
+class BaseHparams(Settings):
     lr: float = 1e-5
     weight_decay: float = 0.1
     warmup_steps: int = 10
@@ -116,6 +117,12 @@ class Method:
     uses_images: ClassVar[bool] = True
     # False: nothing trains (the zero-shot baseline); the finetune stage saves an empty state
     trains: ClassVar[bool] = True
+    # The method's test contract (tests/test_methods.py reads it; regexes over parameter names):
+    # `trains_clip`, the CLIP parameters that training changes, every other one staying
+    # bit-identical ("" = all, None = none); `trains_extra`, the pattern every method-owned
+    # (`extra`) parameter matches (None = the method owns none).
+    trains_clip: ClassVar[str | None] = None
+    trains_extra: ClassVar[str | None] = None
 
     def __init__(self, hp: Any, ctx: TaskContext):
         self.hp = hp

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.methods.losses import classification_loss
+from pipeline.core.validation import Float, Int
+from pipeline.models.losses import classification_loss
 from pipeline.methods import register
 from pipeline.methods.base import BaseHparams, Method, freeze, matches, unfreeze
 from pipeline.methods.common import image_features
@@ -25,7 +26,7 @@ RESBLOCK = r"(^|\.)transformer\.resblocks\.\d+\."
 class PromptCEHparams(BaseHparams):
     # templates per class in the training head: 0 = all (the evaluation head, C·T text
     # forwards with gradient per step); n > 0 = n drawn per class each step
-    head_templates: int = 1
+    head_templates: Int = 1
 
     def __post_init__(self):
         super().__post_init__()
@@ -67,9 +68,9 @@ class PromptCE(Method):
 
 @dataclass(frozen=True)
 class BitFitHparams(PromptCEHparams):
-    lr: float = 1e-3
-    weight_decay: float = 0.0  # biases get none anyway (ndim < 2)
-    warmup_steps: int = 6
+    lr: Float = 1e-3
+    weight_decay: Float = 0.0  # biases get none anyway (ndim < 2)
+    warmup_steps: Int = 6
 
 
 @register
@@ -91,6 +92,7 @@ class BitFit(PromptCE):
     """
 
     name = "bitfit"
+    trains_clip = RESBLOCK + r".*bias$"
     Hparams = BitFitHparams
     weight_space = True
 

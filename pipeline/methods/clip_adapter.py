@@ -8,18 +8,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.methods.losses import classification_loss
+from pipeline.core.validation import Float, Int
+from pipeline.models.losses import classification_loss
 from pipeline.methods import register
 from pipeline.methods.base import BaseHparams, EvalModel, Method, freeze
 
 
 @dataclass(frozen=True)
 class CLIPAdapterHparams(BaseHparams):
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    warmup_steps: int = 6
-    reduction: int = 4
-    ratio: float = 0.2  # residual ratio: f' = ratio·A(f) + (1 − ratio)·f
+    lr: Float = 1e-3
+    weight_decay: Float = 0.0
+    warmup_steps: Int = 6
+    reduction: Int = 4
+    ratio: Float = 0.2  # residual ratio: f' = ratio·A(f) + (1 − ratio)·f
 
     def __post_init__(self):
         super().__post_init__()
@@ -80,6 +81,7 @@ class CLIPAdapter(Method):
     """
 
     name = "clip_adapter"
+    trains_extra = r"^adapter\.fc[12]\.weight$"
     Hparams = CLIPAdapterHparams
     weight_space = True
 

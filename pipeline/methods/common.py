@@ -40,17 +40,3 @@ def sample_class_prompts(class_tokens: torch.Tensor, labels: torch.Tensor) -> to
     world = dist.world_size()
     pick = torch.randint(n_templates, (labels.shape[0] * world,))[dist.rank()::world].to(labels.device)
     return class_tokens.to(labels.device)[labels, pick]
-
-
-@torch.no_grad()
-def embed_dataset(model: nn.Module, dataset, device: torch.device, batch_size: int = 256):
-    """Normalised image features and labels of every item of `dataset` (items: image, y)."""
-    was_training = model.training
-    model.eval()
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    feats, labels = [], []
-    for batch in loader:
-        feats.append(image_features(model, batch["image"].to(device)).float())
-        labels.append(batch["y"].to(device))
-    model.train(was_training)
-    return torch.cat(feats), torch.cat(labels)

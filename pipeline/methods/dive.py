@@ -6,8 +6,9 @@ from dataclasses import dataclass
 
 import torch
 
+from pipeline.core.validation import Bool, Float, Int
 from pipeline.core import dist
-from pipeline.methods.losses import AverageVector, average_vector_loss, pairwise_vector_loss
+from pipeline.models.losses import AverageVector, average_vector_loss, pairwise_vector_loss
 from pipeline.methods import register
 from pipeline.methods.common import image_features, sample_class_prompts, text_features
 from pipeline.methods.flyp import FLYP, FLYPHparams
@@ -15,11 +16,11 @@ from pipeline.methods.flyp import FLYP, FLYPHparams
 
 @dataclass(frozen=True)
 class DiVEHparams(FLYPHparams):
-    lam: float = 1000.0  # λ, chosen from 100…5000 in the paper, same for all datasets
-    momentum: float = 0.99  # α_m of the average vector (0 = per-batch mean, an ablation)
-    ref_batch_size: int = 8  # B' (global); the default is a quarter of finetune.train.batch_size
-    use_avl: bool = True  # ablation switches
-    use_pvl: bool = True
+    lam: Float = 1000.0  # λ, chosen from 100…5000 in the paper, same for all datasets
+    momentum: Float = 0.99  # α_m of the average vector (0 = per-batch mean, an ablation)
+    ref_batch_size: Int = 8  # B' (global); the default is a quarter of finetune.train.batch_size
+    use_avl: Bool = True  # ablation switches
+    use_pvl: Bool = True
 
     def __post_init__(self):
         super().__post_init__()

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline.methods.losses import classification_loss
+from pipeline.core.validation import Float, Int
+from pipeline.models.losses import classification_loss
 from pipeline.methods import register
 from pipeline.methods.base import BaseHparams, Method, freeze, unfreeze
 from pipeline.methods.common import LinearHead, image_features
@@ -12,9 +13,9 @@ from pipeline.methods.common import LinearHead, image_features
 
 @dataclass(frozen=True)
 class FTHparams(BaseHparams):
-    lr: float = 1e-5
-    weight_decay: float = 0.1
-    warmup_steps: int = 10
+    lr: Float = 1e-4
+    weight_decay: Float = 0.1
+    warmup_steps: Int = 6
 
 
 @register
@@ -22,9 +23,15 @@ class FullFinetune(Method):
     """FT (Wortsman et al. 2022, WiSE-FT recipe): image encoder + linear head initialised
     from the zero-shot head (rows s·H_zs, no bias), cross-entropy, AdamW, cosine with
     warm-up. The text tower is unused after the head is built. The logit scale stays
-    frozen (it is folded into the head rows)."""
+    frozen (it is folded into the head rows).
+
+    Defaults (`FTHparams`, our few-shot choice): lr 1e-4, wd 0.1 (the WiSE-FT recipe's wd;
+    its lr 3e-5 is for full-data runs of thousands of steps), 6 warm-up steps (10 % of the
+    60-step default run)."""
 
     name = "ft"
+    trains_clip = r"^visual\."
+    trains_extra = r"^head\.weight$"
     Hparams = FTHparams
     weight_space = True
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from pipeline.core.validation import Float, Int
 from pipeline.methods import register
 from pipeline.methods.base import EvalModel, freeze
 from pipeline.methods.bitfit import PromptCE, PromptCEHparams
@@ -18,11 +19,11 @@ ATTN = re.compile(r"(^|\.)transformer\.resblocks\.\d+\.attn$")
 
 @dataclass(frozen=True)
 class LoRAHparams(PromptCEHparams):
-    lr: float = 5e-4
-    weight_decay: float = 0.0
-    warmup_steps: int = 6
-    rank: int = 8
-    scale: float = 0.2  # ΔW = scale · B A (a plain multiplier, as in mit-ll/IIMM)
+    lr: Float = 5e-4
+    weight_decay: Float = 0.0
+    warmup_steps: Int = 6
+    rank: Int = 8
+    scale: Float = 0.2  # ΔW = scale · B A (a plain multiplier, as in mit-ll/IIMM)
 
     def __post_init__(self):
         super().__post_init__()
@@ -114,6 +115,7 @@ class LoRA(PromptCE):
     """
 
     name = "lora"
+    trains_extra = r"^lora\.[\w]+\.(a|b)_(q|v)$"
     Hparams = LoRAHparams
     weight_space = True
 

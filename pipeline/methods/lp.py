@@ -6,17 +6,19 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.methods.losses import classification_loss
+from pipeline.core.validation import Float, Int
+from pipeline.models.losses import classification_loss
 from pipeline.methods import register
 from pipeline.methods.base import BaseHparams, EvalModel, Method, freeze
-from pipeline.methods.common import LinearHead, embed_dataset
+from pipeline.methods.common import LinearHead
+from pipeline.models.encode import encode_images
 
 
 @dataclass(frozen=True)
 class LPHparams(BaseHparams):
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
+    lr: Float = 1e-3
+    weight_decay: Float = 0.0
+    warmup_steps: Int = 0
 
 
 @register
@@ -31,6 +33,7 @@ class LinearProbe(Method):
     """
 
     name = "lp"
+    trains_extra = r"^head\.weight$"
     Hparams = LPHparams
     weight_space = True  # the head interpolates with the zero-shot head (WiSE-FT)
     uses_images = False
@@ -41,8 +44,11 @@ class LinearProbe(Method):
         if ctx.train_eval_set is None:
             raise ValueError("lp needs the training images (train_eval_set)")
         ctx.model.to(ctx.device)
-        feats, _ = embed_dataset(ctx.model, ctx.train_eval_set, ctx.device)
-        self.features = feats
+        was_training = ctx.model.training
+        ctx.model.eval()
+        self.features = encode_images(EvalModel(ctx.model), ctx.train_eval_set, ctx.device,
+                                      desc="lp features").to(ctx.device)
+        ctx.model.train(was_training)
         scale = ctx.model.logit_scale.exp().detach().float()
         self.extra["head"] = LinearHead(scale * ctx.zeroshot_head.float()).to(ctx.device)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pipeline.core.validation import Float, Int
 from pipeline.methods import register
 from pipeline.methods.common import LinearHead
 from pipeline.methods.ft import FTHparams, FullFinetune
@@ -12,10 +13,10 @@ from pipeline.methods.lp import LinearProbe, LPHparams
 
 @dataclass(frozen=True)
 class LPFTHparams(FTHparams):
-    lp_steps: int = 100
-    lp_lr: float = 1e-3
-    lp_weight_decay: float = 0.0
-    lp_batch_size: int = 256
+    lp_steps: Int = 60
+    lp_lr: Float = 1e-3
+    lp_weight_decay: Float = 0.0
+    lp_batch_size: Int = 256
 
 
 @register

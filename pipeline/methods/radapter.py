@@ -9,8 +9,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from pipeline.core.validation import Bool, Float, Int, Str
 from pipeline.core import dist
-from pipeline.methods.losses import classification_loss, clip_loss, mpm_nce_loss
+from pipeline.models.losses import classification_loss, clip_loss, mpm_nce_loss
 from pipeline.methods import register
 from pipeline.methods.base import BaseHparams, EvalModel, Method, freeze
 from pipeline.methods.bitfit import class_head_with_grad
@@ -23,19 +24,19 @@ PREFIX = "extra.adapters."
 
 @dataclass(frozen=True)
 class RAdapterHparams(BaseHparams):
-    lr: float = 5e-4
-    weight_decay: float = 0.0
-    warmup_steps: int = 6
-    rank: int | None = 0  # 0 or null: full-rank F (d×d); 0 < r < d: F = U D
-    sigma_init: float = 0.1
-    drop: float = 0.2  # adapter dropping probability p (0 = off)
-    ema_momentum: float = 0.999  # m of the accumulation (0 = off: the last weights)
-    ema_bias_correction: bool = True
-    rescale: float = 0.5  # re-scaling α at evaluation (1 = off)
-    loss: str = "mpm_nce"  # mpm_nce | clip (FLYP's loss at 1/τ) | ce (all class prompts)
-    margin: float = 0.05  # δ of MPM-NCE
-    smoothing: float = 0.02  # ε of MPM-NCE (label smoothing of `ce`)
-    tau: float = 0.01  # frozen temperature: logits are similarities / τ
+    lr: Float = 5e-4
+    weight_decay: Float = 0.0
+    warmup_steps: Int = 6
+    rank: Int | None = 0  # 0 or null: full-rank F (d×d); 0 < r < d: F = U D
+    sigma_init: Float = 0.1
+    drop: Float = 0.2  # adapter dropping probability p (0 = off)
+    ema_momentum: Float = 0.999  # m of the accumulation (0 = off: the last weights)
+    ema_bias_correction: Bool = True
+    rescale: Float = 0.5  # re-scaling α at evaluation (1 = off)
+    loss: Str = "mpm_nce"  # mpm_nce | clip (FLYP's loss at 1/τ) | ce (all class prompts)
+    margin: Float = 0.05  # δ of MPM-NCE
+    smoothing: Float = 0.02  # ε of MPM-NCE (label smoothing of `ce`)
+    tau: Float = 0.01  # frozen temperature: logits are similarities / τ
 
     def __post_init__(self):
         super().__post_init__()
@@ -241,6 +242,7 @@ class RAdapter(Method):
     """
 
     name = "radapter"
+    trains_extra = r"^adapters\.[\w]+\.(weight|up|down|sigma)$"
     Hparams = RAdapterHparams
     weight_space = True  # eval_model honours α (it scales the adapters): sweep it
 

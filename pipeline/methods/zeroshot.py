@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+from pipeline.core.validation import Settings
 from pipeline.methods import register
 from pipeline.methods.base import Method
+
+
+@dataclass(frozen=True)
+class NoHparams(Settings):
+    """Nothing trains, so nothing to set."""
 
 
 @register
@@ -12,5 +20,6 @@ class ZeroShot(Method):
     renormalised; logits s·f(x)·Hᵀ. The embed stage evaluates it once as the k = 0 level."""
 
     name = "zeroshot"
+    Hparams = NoHparams
     trains = False
     weight_space = False

@@ -7,169 +7,49 @@ Writes `data/embed/features.safetensors`:
 - `ref/image`, `ref/text` [R, D] float32 — the reference set's pre-trained embeddings,
   kept in float32 because DiVE subtracts them from fine-tuned embeddings every step and
   the difference starts at zero;
-- `head` [C, D] float32 — the zero-shot head, and `task/<name>/head` for retention tasks.
+- `head` [C, D] float32 — the zero-shot head.
 and `data/embed/metrics.json`: zero-shot (k = 0) results through the dataset's official
-eval, zero-shot retention task accuracies, IIMM and the silhouette scores.
+eval, and every measure registered for the embed stage (retention, IIMM, silhouette, ...).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+import typer
 
-from pipeline import artifacts as paths, models
-from pipeline.config import Params
-from pipeline.data.datasets import get_spec, load_dataset, load_prompts, official_eval
-from pipeline.data.torchdata import ImageFiles, LabeledImages, read_caption_csv
-from pipeline.core.env import resolve_device
-from pipeline.evaluation.measures import iimm, silhouettes
-from pipeline.methods.base import EvalModel
-from pipeline.stages.prepare import dataset_root, reference_csv
-from pipeline.core.progress import progress_bar
-from pipeline.models.zeroshot import tokenize_prompts
-
-
-PRELOAD_BUDGET = 2 << 30  # bytes of decoded images `preload` may keep in memory
-
-
-@torch.no_grad()
-def encode_images(model: EvalModel, dataset, device, batch_size: int = 256, num_workers: int = 0,
-                  desc: str = "embed") -> torch.Tensor:
-    """Normalised image embeddings of a dataset whose items are tensors or {image: tensor},
-    or of a tensor of already transformed images [N, 3, H, W] (see `preload`)."""
-    if isinstance(dataset, torch.Tensor):
-        batches = (dataset[i:i + batch_size] for i in range(0, len(dataset), batch_size))
-        total = -(-len(dataset) // batch_size)
-    else:
-        batches = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
-                                              num_workers=num_workers, pin_memory=device.type == "cuda")
-        total = None
-    out = []
-    for batch in progress_bar(batches, desc=desc, total=total):
-        images = batch["image"] if isinstance(batch, dict) else batch
-        out.append(model.encode_image(images.to(device, non_blocking=True)).float().cpu())
-    return torch.cat(out)
-
-
-@torch.no_grad()
-def preload(dataset, batch_size: int = 256, num_workers: int = 0, budget: int = PRELOAD_BUDGET,
-            desc: str = "decode"):
-    """Decode and transform every image once, for several passes over the same images (the
-    WiSE-FT α sweep). Returns a tensor [N, 3, H, W] when it fits in `budget` bytes, else the
-    dataset itself (each pass then decodes again)."""
-    if len(dataset) == 0:
-        return dataset
-    first = dataset[0]
-    first = first["image"] if isinstance(first, dict) else first
-    if first.numel() * first.element_size() * len(dataset) > budget:
-        return dataset
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    parts = [b["image"] if isinstance(b, dict) else b for b in progress_bar(loader, desc=desc)]
-    return torch.cat(parts)
-
-
-@torch.no_grad()
-def encode_texts(model: EvalModel, tokens: torch.Tensor, device, batch_size: int = 512) -> torch.Tensor:
-    return torch.cat([model.encode_text(tokens[i:i + batch_size].to(device)).float().cpu()
-                      for i in range(0, tokens.shape[0], batch_size)])
-
-
-def split_metrics(dataset, split: str, features: torch.Tensor, head: torch.Tensor,
-                  rows: torch.Tensor) -> dict[str, float]:
-    """Official eval of argmax(features · headᵀ) on one split -> flat `split/metric` keys."""
-    preds = (features.float() @ head.float().t().cpu()).argmax(1)
-    y_true = torch.as_tensor(dataset.y_array)[rows]
-    metadata = torch.as_tensor(dataset.metadata_array)[rows]
-    results = official_eval(dataset, preds, y_true, metadata)
-    return {f"{split}/{k}": float(v) for k, v in results.items()}
-
-
-@dataclass
-class Retention:
-    name: str
-    dataset: object
-    rows: torch.Tensor
-    labels: torch.Tensor
-    class_tokens: torch.Tensor
-
-
-def retention_tasks(params: Params, tokenizer, main_dataset) -> list[Retention]:
-    """The zero-shot tasks the fine-tuned model is not trained on (evaluate.zs_tasks)."""
-    spec = get_spec(params.dataset.name)
-    if params.evaluate.zs_tasks == "auto":
-        wanted = list(spec.retention_tasks)
-    else:
-        wanted = []
-        for name in params.evaluate.zs_tasks:
-            ds_name, label = name.split("/", 1)
-            other = get_spec(ds_name)
-            found = [t for t in other.retention_tasks if t.name == name]
-            if found:
-                wanted.append(found[0])
-            else:
-                from pipeline.data.datasets import RetentionTask
-
-                wanted.append(RetentionTask(dataset=ds_name, split=other.ood_splits[-1], label=label, name=name))
-    tasks = []
-    for t in wanted:
-        if t.dataset == spec.name:
-            ds = main_dataset
-        else:
-            other = get_spec(t.dataset)
-            root = Path(params.dataset.root) if not other.generated else paths.GENERATED_ROOT
-            ds = load_dataset(t.dataset, root, download=False)
-        from pipeline.data.datasets import task_labels
-
-        split_id = ds.split_dict[t.split]
-        rows = torch.nonzero(torch.as_tensor(ds.split_array) == split_id).flatten()
-        labels = task_labels(ds, rows, t.label)
-        prompts = load_prompts(t.dataset, task=None if t.label == "y" else t.label)
-        tasks.append(Retention(t.name, ds, rows, labels, tokenize_prompts(tokenizer, prompts.texts())))
-    return tasks
-
-
-def retention_metrics(model: EvalModel, tasks: list[Retention], transform, device,
-                      batch_size: int, num_workers: int = 0,
-                      features: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
-    """Zero-shot accuracy on each retention task, heads from `model`'s own text tower.
-    `features`: image embeddings by task name, already computed with `model` (else encoded)."""
-    out = {}
-    for t in tasks:
-        if features is not None and t.name in features:
-            feats = features[t.name]
-        else:
-            ds = LabeledImages(t.dataset, t.rows.tolist(), transform)
-            feats = encode_images(model, ds, device, batch_size, num_workers, desc=f"zs {t.name}")
-        head = model.zeroshot_head(t.class_tokens).cpu()
-        preds = (feats @ head.t()).argmax(1)
-        out[f"zs/{t.name}/acc"] = float((preds == t.labels).float().mean())
-    return out
+from pipeline import artifacts as paths
+from pipeline.config import Params, load_params
+from pipeline.stages.common import ParamsOpt, guard, open_task, run_command
 
 
 def run(params: Params) -> dict:
-    spec = get_spec(params.dataset.name)
+    from safetensors.torch import save_file
+
+    from pipeline import models
+    from pipeline.core.env import resolve_device
+    from pipeline.data.torchdata import ImageFiles, LabeledImages, read_caption_csv
+    from pipeline.evaluation.measures import MeasureInputs, compute_all
+    from pipeline.evaluation.zeroshot import retention_tasks, split_metrics, split_rows
+    from pipeline.methods.base import EvalModel
+    from pipeline.models.encode import encode_images, encode_texts
+
     device = resolve_device(params.embed.device)
     torch.manual_seed(params.seed)
     paths.EMBED_METRICS.unlink(missing_ok=True)
     paths.EMBED.mkdir(parents=True, exist_ok=True)
-    clip = models.create(params.model.arch, paths.PRETRAINED_WEIGHTS, device=device)
+    task = open_task(params, device)
+    spec, dataset, clip = task.spec, task.dataset, task.clip
     model = EvalModel(clip.model).to(device).eval()
-    dataset = load_dataset(spec.name, dataset_root(params), download=False)
-    prompts = load_prompts(spec.name, n_classes=dataset.n_classes)
-    class_tokens = tokenize_prompts(clip.tokenizer, prompts.texts())
-    head = model.zeroshot_head(class_tokens).cpu()  # carries the logit scale
+    head = model.zeroshot_head(task.class_tokens).cpu()  # carries the logit scale
     tensors: dict[str, torch.Tensor] = {"head": (head / model.scale.cpu()).float()}
     metrics: dict[str, float] = {}
     bs, nw = params.embed.batch_size, params.embed.num_workers
-    split_ids = torch.as_tensor(dataset.split_array)
 
     for split in (*spec.id_splits, *spec.ood_splits):
-        rows = torch.nonzero(split_ids == dataset.split_dict[split]).flatten()
+        rows = split_rows(dataset, split)
         feats = encode_images(model, LabeledImages(dataset, rows.tolist(), clip.preprocess_val),
                               device, bs, nw, desc=f"embed {split}")
         metrics.update(split_metrics(dataset, split, feats, head, rows))
@@ -178,20 +58,19 @@ def run(params: Params) -> dict:
         tensors[f"split/{split}/y"] = torch.as_tensor(dataset.y_array)[rows].long()
 
     # task difficulty on a seeded subsample of the training images
-    train_rows = torch.nonzero(split_ids == dataset.split_dict[spec.train_split]).flatten()
+    train_rows = split_rows(dataset, spec.train_split)
     g = torch.Generator().manual_seed(params.seed)
     sub = train_rows[torch.randperm(len(train_rows), generator=g)[: params.embed.iimm_samples]].sort().values
     train_feats = encode_images(model, LabeledImages(dataset, sub.tolist(), clip.preprocess_val),
                                 device, bs, nw, desc="embed train (IIMM)")
-    train_y = torch.as_tensor(dataset.y_array)[sub].long()
-    class_text = tensors["head"]
-    metrics.update(iimm(train_feats, train_y, class_text))
-    metrics.update(silhouettes(train_feats, train_y, class_text))
+    tasks = retention_tasks(spec.name, params.evaluate.zs_tasks, Path(params.dataset.root),
+                            paths.GENERATED_ROOT, clip.tokenizer, dataset)
+    metrics.update(compute_all("embed", MeasureInputs(
+        model=model, device=device, batch_size=bs, num_workers=nw, transform=clip.preprocess_val,
+        tasks=tasks, train_features=train_feats, train_labels=torch.as_tensor(dataset.y_array)[sub].long(),
+        class_text=tensors["head"])))
 
-    tasks = retention_tasks(params, clip.tokenizer, dataset)
-    metrics.update(retention_metrics(model, tasks, clip.preprocess_val, device, bs, nw))
-
-    files, titles = read_caption_csv(reference_csv(params), params.reference.separator,
+    files, titles = read_caption_csv(paths.reference_csv(params.reference.csv), params.reference.separator,
                                      limit=params.reference.max_samples)
     ref_tokens = clip.tokenizer(titles)
     tensors["ref/image"] = encode_images(model, ImageFiles(files, clip.preprocess_val), device, bs, nw,
@@ -209,7 +88,31 @@ def run(params: Params) -> dict:
     return metrics
 
 
-def load_features() -> dict[str, torch.Tensor]:
-    if not paths.EMBED_FEATURES.exists():
-        raise FileNotFoundError(f"{paths.EMBED_FEATURES} not found: run `dvc repro embed` first")
-    return load_file(str(paths.EMBED_FEATURES))
+def log_zeroshot(params: Params, metrics: dict) -> None:
+    from pipeline.core import tracking
+
+    tracking.log_run(
+        experiment=params.dataset.name, key="zeroshot/k0/seed0", run_name="zeroshot k=0",
+        params={"method": "zeroshot", "shots": 0, "seed": 0, "dataset": params.dataset.name,
+                "arch": params.model.arch, "pretrained": params.model.pretrained,
+                "git_commit": tracking.git_commit(), "hparams": {}, "train": {}},
+        tags={"method": "zeroshot", "shots": "0", "seed": "0", "dataset": params.dataset.name,
+              "arch": params.model.arch, "level": "k=0"},
+        metrics=metrics, artifacts=[paths.EMBED_METRICS],
+    )
+
+
+@guard
+def command(params_file: Path = ParamsOpt):
+    """One pass of the pre-trained model: cached embeddings, zero-shot (k = 0) metrics,
+    IIMM and silhouette -> data/embed."""
+    from pipeline.stages.common import headline
+
+    params = load_params(params_file)
+    metrics = run(params)
+    log_zeroshot(params, metrics)
+    typer.echo(headline(params.dataset.name, metrics))
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_command(command, argv, "embed")

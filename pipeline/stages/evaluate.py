@@ -1,5 +1,6 @@
-"""The `evaluate` stage: ID and OOD through the official eval, zero-shot retention, RSA,
-the WiSE-FT α sweep, model selection on a validation split, MLflow logging.
+"""The `evaluate` stage: ID and OOD through the official eval, every measure registered for
+evaluation (zero-shot retention, RSA, ...), the WiSE-FT α sweep, model selection on a
+validation split, MLflow logging.
 
 Metric keys are flat `split/metric` (the α = 1 model, i.e. the fine-tuned one), plus
 `wise/<α>/split/metric` for every α of the sweep, `selected/...` for the α chosen on the
@@ -14,72 +15,53 @@ import json
 from pathlib import Path
 
 import torch
+import typer
 
 from pipeline import artifacts as paths, models
+from pipeline.artifacts import EVAL_METRICS as METRICS, EVAL_SELECTION, TRAIN_LOG
+from pipeline.config import Params, ParamsError, load_params, to_dict
 from pipeline.core import tracking
-from pipeline.config import Params, to_dict
-from pipeline.data.datasets import get_spec, load_dataset, load_prompts
-from pipeline.data.torchdata import ImageFiles, LabeledImages, read_caption_csv
-from pipeline.stages.embed import (encode_images, encode_texts, load_features, preload, retention_metrics, retention_tasks,
-                            split_metrics)
 from pipeline.core.env import resolve_device
-from pipeline.stages.finetune import TRAIN_LOG, read_run
-from pipeline.evaluation.measures import rsa
-from pipeline.methods import get_method
-from pipeline.stages.prepare import dataset_root, reference_csv
-from pipeline.models.zeroshot import tokenize_prompts
-
-METRICS = "metrics.json"
-
-
-def check_selection_split(split: str) -> None:
-    if "test" in split:
-        raise ValueError(f"model selection on {split!r} would leak the test set; use a val split")
-
-
-def alpha_key(alpha: float) -> str:
-    return f"wise/{alpha:g}"
-
-
-def select_alpha(scores: dict[float, float]) -> float:
-    """Best α on the validation split; ties go to the larger α (closer to the fine-tuned)."""
-    return max(scores, key=lambda a: (scores[a], a))
+from pipeline.data.torchdata import ImageFiles, LabeledImages, read_caption_csv
+from pipeline.evaluation.measures import MeasureInputs, compute_all
+from pipeline.evaluation.selection import alpha_key, check_selection_split, select_alpha
+from pipeline.evaluation.zeroshot import retention_tasks, split_metrics, split_rows
+from pipeline.methods import METHODS, get_method, parse_hparams
+from pipeline.models.encode import encode_images, preload
+from pipeline.stages.common import ParamsOpt, guard, headline, open_task, run_command
 
 
 def run(params: Params, method: str, k: int, seed: int, log_mlflow: bool = True) -> dict:
-    spec = get_spec(params.dataset.name)
+    device = resolve_device(params.evaluate.device)
+    task = open_task(params, device)
+    spec, dataset, clip = task.spec, task.dataset, task.clip
     check_selection_split(spec.select_split)
     out = paths.evaluate_dir(method, k, seed)
     (out / METRICS).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     ep = params.evaluate
-    device = resolve_device(ep.device)
     method_cls = get_method(method)
-    hp = params.method_hparams(method)
-    state, config, summary = read_run(method, k, seed)
-    cache = load_features()
-    dataset = load_dataset(spec.name, dataset_root(params), download=False)
-    prompts = load_prompts(spec.name, n_classes=dataset.n_classes)
-    split_ids = torch.as_tensor(dataset.split_array)
+    hp = parse_hparams(method, params.finetune.hparams.get(method))
+    state, config, summary = paths.read_run(method, k, seed)
+    cache = paths.load_features()
     alphas = sorted(set(ep.wise_alphas)) if method_cls.weight_space else [1.0]
 
     # Every image is decoded once and reused by every α (kept in memory up to
-    # embed.PRELOAD_BUDGET); a retention task on the rows of an eval split reuses its features.
-    clip = models.create(params.model.arch, paths.PRETRAINED_WEIGHTS, device=device)
-    transform, tokenizer = clip.preprocess_val, clip.tokenizer
-    class_tokens = tokenize_prompts(tokenizer, prompts.texts())
+    # models.encode.PRELOAD_BUDGET); a retention task on the rows of an eval split reuses its features.
+    transform = clip.preprocess_val
     bs, nw = ep.batch_size, ep.num_workers
     splits = {}
     for split in (*spec.id_splits, *spec.ood_splits):
-        rows = torch.nonzero(split_ids == dataset.split_dict[split]).flatten()
+        rows = split_rows(dataset, split)
         splits[split] = (rows, preload(LabeledImages(dataset, rows.tolist(), transform), bs, nw, desc=f"decode {split}"))
-    tasks = retention_tasks(params, tokenizer, dataset)
+    tasks = retention_tasks(spec.name, ep.zs_tasks, Path(params.dataset.root), paths.GENERATED_ROOT,
+                            clip.tokenizer, dataset)
     same_rows = {t.name: split for t in tasks for split, (rows, _) in splits.items()
                  if t.dataset is dataset and torch.equal(t.rows, rows)}
     task_images = {t.name: preload(LabeledImages(t.dataset, t.rows.tolist(), transform), bs, nw, desc=f"decode {t.name}")
                    for t in tasks if t.name not in same_rows}
     n_ref = min(ep.rsa_samples, cache["ref/image"].shape[0])
-    ref_files, _ = read_caption_csv(reference_csv(params), params.reference.separator, limit=n_ref)
+    ref_files, _ = read_caption_csv(paths.reference_csv(params.reference.csv), params.reference.separator, limit=n_ref)
     ref_images = preload(ImageFiles(ref_files, transform), bs, nw, desc="decode reference")
 
     metrics: dict[str, float] = {}
@@ -89,7 +71,7 @@ def run(params: Params, method: str, k: int, seed: int, log_mlflow: bool = True)
             clip = models.create(params.model.arch, paths.PRETRAINED_WEIGHTS, device=device)
         model = method_cls.eval_model(clip.model, state, hp, cache["head"].to(device), alpha=alpha)
         model = model.to(device).eval()
-        head = model.task_head(class_tokens.to(device)).cpu()
+        head = model.task_head(task.class_tokens.to(device)).cpu()
         m: dict[str, float] = {}
         feats_by_split = {}
         for split, (rows, images) in splits.items():
@@ -98,8 +80,10 @@ def run(params: Params, method: str, k: int, seed: int, log_mlflow: bool = True)
         task_feats = {name: feats_by_split[split] for name, split in same_rows.items()}
         task_feats.update({name: encode_images(model, images, device, bs, nw, desc=f"zs {name} α={alpha:g}")
                            for name, images in task_images.items()})
-        m.update(retention_metrics(model, tasks, transform, device, bs, nw, features=task_feats))
-        m.update(_rsa(model, ref_images, cache, n_ref, device, bs))
+        m.update(compute_all("evaluate", MeasureInputs(
+            model=model, device=device, batch_size=bs, num_workers=nw, transform=transform, tasks=tasks,
+            task_features=task_feats, reference_images=ref_images, reference_image_pre=cache["ref/image"],
+            reference_text_pre=cache["ref/text"], reference_tokens=cache["ref/tokens"][:n_ref])))
         per_alpha[alpha] = m
         if method_cls.weight_space:
             metrics.update({f"{alpha_key(alpha)}/{k_}": v for k_, v in m.items()})
@@ -115,18 +99,11 @@ def run(params: Params, method: str, k: int, seed: int, log_mlflow: bool = True)
     metrics = {k_: metrics[k_] for k_ in sorted(metrics)}
     selection = {"split": spec.select_split, "metric": spec.metric, "alpha": best,
                  "alphas": alphas, "headline": spec.metric}
-    (out / "selection.json").write_text(json.dumps(selection, indent=1))
+    (out / EVAL_SELECTION).write_text(json.dumps(selection, indent=1))
     (out / METRICS).write_text(json.dumps(metrics, indent=1))
     if log_mlflow:
-        log_to_mlflow(params, method, k, seed, metrics, selection, config,
-                      paths.finetune_dir(method, k, seed), out)
+        log_to_mlflow(params, method, k, seed, metrics, selection, paths.finetune_dir(method, k, seed), out)
     return metrics
-
-
-def _rsa(model, ref_images, cache, n: int, device, batch_size: int) -> dict[str, float]:
-    img = encode_images(model, ref_images, device, batch_size, desc="eval RSA")
-    txt = encode_texts(model, cache["ref/tokens"][:n], device)
-    return {"rsa/image": rsa(cache["ref/image"][:n], img), "rsa/text": rsa(cache["ref/text"][:n], txt)}
 
 
 def run_params(params: Params, method: str, k: int, seed: int) -> dict:
@@ -135,13 +112,13 @@ def run_params(params: Params, method: str, k: int, seed: int) -> dict:
         "method": method, "shots": k, "seed": seed, "dataset": params.dataset.name,
         "arch": params.model.arch, "pretrained": params.model.pretrained,
         "git_commit": tracking.git_commit(),
-        "hparams": to_dict(params.method_hparams(method)) if method != "zeroshot" or k else {},
-        "train": to_dict(params.finetune.train) if k else {},
+        "hparams": to_dict(parse_hparams(method, params.finetune.hparams.get(method))),
+        "train": to_dict(params.finetune.train),
     }
 
 
 def log_to_mlflow(params: Params, method: str, k: int, seed: int, metrics: dict, selection: dict,
-                  config: dict, train_dir: Path, eval_dir: Path) -> str:
+                  train_dir: Path, eval_dir: Path) -> str:
     steps = []
     log = train_dir / TRAIN_LOG
     if log.exists():
@@ -155,5 +132,23 @@ def log_to_mlflow(params: Params, method: str, k: int, seed: int, metrics: dict,
         experiment=params.dataset.name, key=f"{method}/k{k}/seed{seed}",
         run_name=f"{method} k={k} seed={seed}", params=p, tags=tags, metrics=metrics,
         step_metrics=steps,
-        artifacts=[eval_dir / METRICS, eval_dir / "selection.json", train_dir / "config.json", log],
+        artifacts=[eval_dir / METRICS, eval_dir / EVAL_SELECTION, train_dir / "config.json", log],
     )
+
+
+@guard
+def command(method: str = typer.Option(..., "--method", "-m"),
+            shots: int = typer.Option(..., "--shots", "-k"),
+            seed: int = typer.Option(..., "--seed"),
+            params_file: Path = ParamsOpt):
+    """Evaluate one fine-tuned run (ID, OOD, zero-shot retention, RSA, WiSE-FT sweep) ->
+    runs/evaluate/<method>/k<K>_seed<S>/metrics.json and an MLflow run."""
+    params = load_params(params_file)
+    if method not in METHODS:
+        raise ParamsError(f"--method: unknown method {method!r}; allowed: {', '.join(sorted(METHODS))}")
+    metrics = run(params, method, shots, seed)
+    typer.echo(headline(params.dataset.name, metrics))
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_command(command, argv, "evaluate")

@@ -1,31 +1,31 @@
-"""The `finetune` stage: one method × k × seed. Saves only what the method trained."""
+"""The `finetune` stage: one method × k × seed. Saves only what the method trained.
+
+With finetune.train.nproc_per_node > 1 it relaunches itself under torchrun (DDP)."""
 
 from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
+import typer
 
-from pipeline.core import dist, models, paths
-from pipeline.config import Params, to_dict
-from pipeline.data.datasets import get_spec, load_dataset, load_prompts
-from pipeline.data.torchdata import ImageFiles, LabeledImages, read_caption_csv
-from pipeline.stages.embed import load_features
+from pipeline import artifacts as paths, models
+from pipeline.artifacts import CONFIG, SUMMARY, TRAIN_LOG, WEIGHTS
+from pipeline.config import Params, ParamsError, load_params, to_dict
+from pipeline.core import dist
 from pipeline.core.env import resolve_device, seed_everything
-from pipeline.methods import get_method
-from pipeline.methods.base import ReferenceData, TaskContext, count_params
-from pipeline.stages.prepare import dataset_root, reference_csv
 from pipeline.data.sampling import read_sample
+from pipeline.data.torchdata import ImageFiles, LabeledImages, read_caption_csv
+from pipeline.methods import METHODS, get_method, parse_hparams
+from pipeline.methods.base import ReferenceData, TaskContext, count_params
+from pipeline.stages.common import ParamsOpt, guard, open_task, run_command
 from pipeline.training.train import fit
-from pipeline.models.zeroshot import tokenize_prompts
-
-WEIGHTS = "weights.safetensors"
-CONFIG = "config.json"
-TRAIN_LOG = "train_log.csv"
-SUMMARY = "train_summary.json"
 
 
 def run_config(params: Params, method: str, k: int, seed: int) -> dict:
@@ -34,25 +34,24 @@ def run_config(params: Params, method: str, k: int, seed: int) -> dict:
         "method": method, "shots": k, "seed": seed, "dataset": params.dataset.name,
         "arch": params.model.arch, "pretrained": params.model.pretrained,
         "pretrained_sha256": models.file_sha256(paths.PRETRAINED_WEIGHTS),
-        "hparams": to_dict(params.method_hparams(method)),
+        "hparams": to_dict(parse_hparams(method, params.finetune.hparams.get(method))),
         "train": to_dict(params.finetune.train),
     }
 
 
-def build_context(params: Params, method_cls, clip, dataset, indices, device, seed) -> TaskContext:
-    spec = get_spec(params.dataset.name)
-    prompts = load_prompts(spec.name, n_classes=dataset.n_classes)
-    cache = load_features()
-    train_set = LabeledImages(dataset, indices, clip.preprocess_train)
+def build_context(params: Params, method_cls, task, indices, device, seed) -> TaskContext:
+    clip = task.clip
+    cache = paths.load_features()
+    train_set = LabeledImages(task.dataset, indices, clip.preprocess_train)
     reference = None
     if method_cls.needs_reference:
-        files, _ = read_caption_csv(reference_csv(params), params.reference.separator,
+        files, _ = read_caption_csv(paths.reference_csv(params.reference.csv), params.reference.separator,
                                     limit=params.reference.max_samples)
         reference = ReferenceData(images=ImageFiles(files, clip.preprocess_val),
                                   tokens=cache["ref/tokens"], image_pre=cache["ref/image"].float(),
                                   text_pre=cache["ref/text"].float())
     return TaskContext(
-        model=clip.model, class_tokens=tokenize_prompts(clip.tokenizer, prompts.texts()),
+        model=clip.model, class_tokens=task.class_tokens,
         zeroshot_head=cache["head"].float(), device=device, seed=seed, train_set=train_set,
         train_eval_set=train_set.with_transform(clip.preprocess_val), reference=reference, fit=fit,
     )
@@ -65,7 +64,7 @@ def run(params: Params, method: str, k: int, seed: int, progress: bool = True) -
     if device.type == "cuda" and dist.is_distributed():
         device = torch.device("cuda", torch.cuda.current_device())
     method_cls = get_method(method)
-    hp = params.method_hparams(method)
+    hp = parse_hparams(method, params.finetune.hparams.get(method))
     out = paths.finetune_dir(method, k, seed)
     ckpt_dir = paths.checkpoint_dir(method, k, seed)
     config = run_config(params, method, k, seed)
@@ -76,11 +75,9 @@ def run(params: Params, method: str, k: int, seed: int, progress: bool = True) -
     dist.barrier()
 
     seed_everything(seed)
-    clip = models.create(params.model.arch, paths.PRETRAINED_WEIGHTS, device=device)
-    spec = get_spec(params.dataset.name)
-    dataset = load_dataset(spec.name, dataset_root(params), download=False)
+    task = open_task(params, device)
     sample = read_sample(paths.sample_file(k, seed))
-    ctx = build_context(params, method_cls, clip, dataset, sample["indices"], device, seed)
+    ctx = build_context(params, method_cls, task, sample["indices"], device, seed)
     m = method_cls(hp, ctx)
     jsonl = ckpt_dir / "train_log.jsonl"
 
@@ -144,9 +141,32 @@ def _write_log(jsonl: Path, out: Path) -> None:
         w.writerows(rows)
 
 
-def read_run(method: str, k: int, seed: int) -> tuple[dict[str, torch.Tensor], dict, dict]:
-    out = paths.finetune_dir(method, k, seed)
-    if not (out / SUMMARY).exists():
-        raise FileNotFoundError(f"{out}: no finished fine-tuning run; run `dvc repro` first")
-    state = models.load_state_dict(out / WEIGHTS)
-    return state, json.loads((out / CONFIG).read_text()), json.loads((out / SUMMARY).read_text())
+def check_method(method: str) -> None:
+    if method not in METHODS:
+        raise ParamsError(f"--method: unknown method {method!r}; allowed: {', '.join(sorted(METHODS))}")
+
+
+@guard
+def command(method: str = typer.Option(..., "--method", "-m", help="A registered method (see `methods`)."),
+            shots: int = typer.Option(..., "--shots", "-k"),
+            seed: int = typer.Option(..., "--seed"),
+            params_file: Path = ParamsOpt):
+    """Fine-tune one method on one k-shot sample -> runs/finetune/<method>/k<K>_seed<S>.
+
+    Resumes from checkpoints/<method>/k<K>_seed<S>/last.pt if an earlier run was interrupted.
+    With finetune.train.nproc_per_node > 1 it relaunches itself under torchrun (DDP)."""
+    params = load_params(params_file)
+    check_method(method)
+    nproc = params.finetune.train.nproc_per_node
+    if nproc > 1 and "LOCAL_RANK" not in os.environ:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+               "-m", "pipeline", "finetune", "--method", method, "--shots", str(shots),
+               "--seed", str(seed), "--params", str(params_file)]
+        raise typer.Exit(subprocess.call(cmd))
+    summary = run(params, method, shots, seed)
+    if int(os.environ.get("RANK", "0")) == 0:
+        typer.echo(json.dumps(summary))
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_command(command, argv, "finetune")

@@ -1,4 +1,5 @@
-"""The `prepare` stage: dataset (real WILDS or generated) -> split table, prompts, reference."""
+"""The `prepare` stage: dataset (real WILDS or generated) -> split table, class names, the
+reference set (generated corpora are written here)."""
 
 from __future__ import annotations
 
@@ -6,62 +7,51 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
+import typer
 
 from pipeline import artifacts as paths
-from pipeline.config import Params
-from pipeline.data.datasets import get_spec, load_dataset, load_prompts
+from pipeline.config import Params, load_params
+from pipeline.core.validation import parse
+from pipeline.data.datasets import CORPORA, get_spec, load_dataset, load_prompts
 from pipeline.data.torchdata import read_caption_csv
-
-
-def dataset_root(params: Params) -> Path:
-    """Where the WILDS folder of `dataset.name` lives: generated datasets under
-    data/prepared/wilds, real ones under `dataset.root`."""
-    spec = get_spec(params.dataset.name)
-    return paths.GENERATED_ROOT if spec.generated else Path(params.dataset.root)
-
-
-def reference_csv(params: Params) -> Path:
-    if params.reference.csv == "builtin":
-        return paths.BUILTIN_REFERENCE / "corpus.csv"
-    return Path(params.reference.csv)
+from pipeline.stages.common import ParamsOpt, guard, run_command
 
 
 def run(params: Params) -> dict:
+    import numpy as np
+    import pandas as pd
+
     spec = get_spec(params.dataset.name)
     out = paths.PREPARED
     # nothing of a previous run may look finished while this one works
     paths.PREPARED_INFO.unlink(missing_ok=True)
+    paths.PREPARED_PROMPTS.unlink(missing_ok=True)  # written by older versions, never read
     out.mkdir(parents=True, exist_ok=True)
-    root = dataset_root(params)
+    root = paths.dataset_root(spec.generated, params.dataset.root)
+    reference = paths.reference_csv(params.reference.csv)
 
-    if spec.generated or params.reference.csv == "builtin":
-        from pipeline.data.synthetic import generate_corpus, generate_dataset
-
-        cfg = params.synthetic_config()
-        if spec.generated:
-            if spec.folder(root).exists():
-                shutil.rmtree(spec.folder(root))
-            generate_dataset(root, cfg)
+    if spec.generated:
+        options = parse(spec.options, params.prepare.get(spec.name), f"prepare.{spec.name}")
+        if spec.folder(root).exists():
+            shutil.rmtree(spec.folder(root))
+        spec.generate(root, options)
     if paths.BUILTIN_REFERENCE.exists():
         shutil.rmtree(paths.BUILTIN_REFERENCE)
-    if params.reference.csv == "builtin":
-        generate_corpus(paths.BUILTIN_REFERENCE, cfg)
+    corpus = CORPORA.get(params.reference.csv)
+    if corpus is not None:
+        options = parse(corpus.options, params.prepare.get(corpus.options_key), f"prepare.{corpus.options_key}")
+        corpus.generate(paths.BUILTIN_REFERENCE, options)
     paths.BUILTIN_REFERENCE.mkdir(parents=True, exist_ok=True)
     # what the reference set is, for the stages that depend on this folder
     (paths.BUILTIN_REFERENCE / "source.json").write_text(json.dumps({
-        "csv": str(reference_csv(params)), "separator": params.reference.separator}))
+        "csv": str(reference), "separator": params.reference.separator}))
 
     dataset = load_dataset(spec.name, root, download=params.dataset.download)
-    prompts = load_prompts(spec.name, n_classes=dataset.n_classes)
-    # validate the reference CSV now, not in the middle of training
-    ref_files, _ = read_caption_csv(reference_csv(params), params.reference.separator,
-                                    limit=params.reference.max_samples)
+    load_prompts(spec.name, n_classes=dataset.n_classes)  # validated now, not mid-training
+    ref_files, _ = read_caption_csv(reference, params.reference.separator, limit=params.reference.max_samples)
     missing = [str(f) for f in ref_files if not f.exists()]
     if missing:
-        raise FileNotFoundError(f"{reference_csv(params)}: {len(missing)} image files are missing, "
-                                f"e.g. {missing[0]}")
+        raise FileNotFoundError(f"{reference}: {len(missing)} image files are missing, e.g. {missing[0]}")
 
     split_names = {v: k for k, v in dataset.split_dict.items()}
     split = np.asarray(dataset.split_array)
@@ -71,14 +61,6 @@ def run(params: Params) -> dict:
         "split": [split_names.get(int(s), str(s)) for s in split],
     })
     table.to_csv(paths.SPLIT_TABLE, index=False)
-
-    tasks = {}
-    for task in spec.retention_tasks:
-        p = load_prompts(task.dataset, task=None if task.label == "y" else task.label)
-        tasks[task.name] = {"classnames": list(p.classnames), "templates": list(p.templates)}
-    paths.PREPARED_PROMPTS.write_text(json.dumps({
-        "classnames": list(prompts.classnames), "templates": list(prompts.templates), "tasks": tasks,
-    }, indent=1))
     counts = {name: int((table["split"] == name).sum()) for name in dataset.split_dict}
     for s in (spec.train_split, *spec.id_splits, *spec.ood_splits):
         if counts.get(s, 0) == 0:
@@ -89,14 +71,22 @@ def run(params: Params) -> dict:
         "n_classes": int(dataset.n_classes),
         "n_samples": int(len(dataset)),
         "splits": counts,
-        "reference_csv": str(reference_csv(params)),
+        "reference_csv": str(reference),
         "reference_rows": len(ref_files),
     }
     paths.PREPARED_INFO.write_text(json.dumps(info, indent=1))
     return info
 
 
-def read_info() -> dict:
-    if not paths.PREPARED_INFO.exists():
-        raise FileNotFoundError(f"{paths.PREPARED_INFO} not found: run `dvc repro prepare` first")
-    return json.loads(paths.PREPARED_INFO.read_text())
+@guard
+def command(params_file: Path = ParamsOpt):
+    """Dataset -> data/prepared: split table, class names, reference set.
+
+    Real WILDS data is read from `dataset.root` (set `dataset.download: true` to fetch it);
+    generated datasets and caption corpora (the built-in synthetic ones) are made here."""
+    info = run(load_params(params_file))
+    typer.echo(json.dumps(info["splits"]))
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_command(command, argv, "prepare")

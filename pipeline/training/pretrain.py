@@ -25,12 +25,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from pipeline.core.validation import Float, Int, Settings
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
 from pipeline import models
-from pipeline.methods.losses import clip_loss
+from pipeline.models.losses import clip_loss
 
 __all__ = ["PretrainConfig", "load_corpus", "pretrain"]
 
@@ -39,17 +41,17 @@ _CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 @dataclass(frozen=True)
-class PretrainConfig:
+class PretrainConfig(Settings):
     """Pre-training recipe. The defaults take about 3 minutes on 2 CPU cores."""
 
-    steps: int = 700
-    batch_size: int = 128
-    lr: float = 2e-3
-    weight_decay: float = 0.1
-    warmup: int = 100
-    seed: int = 0
-    shift: int = 2  # random translation, in pixels (0 turns it off)
-    num_threads: int = 2  # torch CPU threads; 0 leaves torch's default
+    steps: Int = 700
+    batch_size: Int = 128
+    lr: Float = 2e-3
+    weight_decay: Float = 0.1
+    warmup: Int = 100
+    seed: Int = 0
+    shift: Int = 2  # random translation, in pixels (0 turns it off)
+    num_threads: Int = 2  # torch CPU threads; 0 leaves torch's default
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size"):

@@ -1,0 +1,309 @@
+"""Writing the dataset and corpus to disk, and the `wilds` dataset class that reads them."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+import pipeline  # noqa: F401  (installs the `outdated` stub before wilds is imported)
+from wilds.common.grouper import CombinatorialGrouper
+from wilds.common.metrics.all_metrics import F1, Accuracy
+from wilds.datasets.wilds_dataset import WILDSDataset
+
+from pipeline.data.scatter import install_scatter_fallback
+from pipeline.data.synthetic.config import COLOURS, FOLDER, SHAPES, SIZES, SPLITS, SyntheticConfig, TEXTURES, VERSION
+from pipeline.data.synthetic.render import _Item, _caption, _corpus_items, _render, _rng, _split_items
+
+install_scatter_fallback()  # wilds' group-wise eval imports torch_scatter
+
+
+# ---------------------------------------------------------------------------------------------
+# writing
+
+
+def _png_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr, mode="RGB").save(buf, format="PNG", compress_level=6)
+    return buf.getvalue()
+
+
+def _attributes(cfg: SyntheticConfig) -> dict[str, Any]:
+    return {
+        "y": list(SHAPES),
+        "colour": list(COLOURS),
+        "size": list(SIZES),
+        "texture": list(TEXTURES),
+        "domain": list(cfg.domains),
+        "id_domains": list(cfg.id_domains),
+        "ood_domains": list(cfg.ood_domains),
+        "preferred_colour": {s: tuple(COLOURS)[i % len(COLOURS)] for i, s in enumerate(SHAPES)},
+    }
+
+
+def _tmp_sibling(final: Path) -> Path:
+    return final.parent / f".{final.name}.tmp-{os.getpid()}"
+
+
+def _remove_stale_tmp(final: Path) -> None:
+    """Delete temp folders of earlier, killed runs (their process is gone)."""
+    for path in final.parent.glob(f".{final.name}.tmp-*"):
+        try:
+            pid = int(path.name.rsplit("-", 1)[1])
+        except ValueError:
+            continue
+        if pid != os.getpid() and _pid_alive(pid):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Swap a finished temp folder into place; a reader never sees a half-written folder."""
+    old = None
+    if final.exists():
+        old = final.parent / f".{final.name}.old-{os.getpid()}"
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _default_workers() -> int:
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, 8))
+
+
+def _draw_chunk(cfg: SyntheticConfig, stream: str, items: list[tuple[int, str, _Item]], folder: str,
+                captions: bool) -> list[str]:
+    """Render and write a chunk of (index, relative path, item); return captions if asked."""
+    out = []
+    for i, relpath, item in items:
+        rng = _rng(cfg, stream, 1, i)
+        with open(os.path.join(folder, relpath), "wb") as f:
+            f.write(_png_bytes(_render(item, cfg, rng)))
+        if captions:
+            out.append(_caption(item, cfg, rng))  # drawn after the image: same stream, fixed order
+    return out
+
+
+def _draw_all(cfg: SyntheticConfig, jobs: list[tuple[str, list[tuple[int, str, _Item]]]], folder: Path,
+              captions: bool, workers: int | None) -> list[str]:
+    """Draw every job, in parallel processes when there are several cores.
+
+    Each image has its own random stream, so the bytes do not depend on the worker count.
+    """
+    workers = _default_workers() if workers is None else max(1, workers)
+    chunk = 500
+    tasks = [(stream, items[k : k + chunk]) for stream, items in jobs for k in range(0, len(items), chunk)]
+    if workers == 1 or len(tasks) == 1:
+        return [c for stream, part in tasks for c in _draw_chunk(cfg, stream, part, str(folder), captions)]
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    # fork: the children only run numpy and PIL, and need not re-import torch and wilds.
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context(method)) as pool:
+        futures = [pool.submit(_draw_chunk, cfg, stream, part, str(folder), captions) for stream, part in tasks]
+        return [c for fut in futures for c in fut.result()]
+
+
+def generate_dataset(root: Path, cfg: SyntheticConfig, *, workers: int | None = None) -> Path:
+    """Write the labelled dataset to ``root/synthetic_v1.0/`` and return that folder.
+
+    Contents: ``RELEASE_v1.0.txt``, ``metadata.csv`` (filename, y, split, domain, colour, size,
+    texture, shape), ``attributes.json`` (the names behind the integer columns, the ID / OOD
+    backgrounds and the config) and ``images/*.png``. Deterministic in ``cfg`` (whatever
+    ``workers``, which defaults to the available cores); built in a temp folder beside the
+    target and renamed into place when complete.
+    """
+    root = Path(root)
+    final = root / FOLDER
+    root.mkdir(parents=True, exist_ok=True)
+    _remove_stale_tmp(final)
+    tmp = _tmp_sibling(final)
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "images").mkdir(parents=True)
+    try:
+        jobs, rows = [], []
+        for split in SPLITS:
+            items = [(i, f"images/{split}_{i:05d}.png", item) for i, item in enumerate(_split_items(cfg, split))]
+            jobs.append((split, items))
+            rows += [(path, it.shape, split, it.domain, it.colour, it.size, it.texture, SHAPES[it.shape])
+                     for _, path, it in items]
+        _draw_all(cfg, jobs, tmp, captions=False, workers=workers)
+        with open(tmp / "metadata.csv", "w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f, lineterminator="\n")
+            writer.writerow(("filename", "y", "split", "domain", "colour", "size", "texture", "shape"))
+            writer.writerows(rows)
+        attributes = {**_attributes(cfg), "config": asdict(cfg)}
+        (tmp / "attributes.json").write_text(json.dumps(attributes, indent=1) + "\n", encoding="utf-8")
+        (tmp / f"RELEASE_v{VERSION}.txt").write_text(
+            f"Synthetic WILDS-style dataset v{VERSION}, generated by pipeline.data.synthetic.\n", encoding="utf-8"
+        )
+        _publish(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def generate_corpus(out_dir: Path, cfg: SyntheticConfig, *, workers: int | None = None) -> Path:
+    """Write the captioned corpus to ``out_dir`` and return ``out_dir/corpus.csv``.
+
+    open_clip's CSV convention: header ``filepath,title``, file paths relative to the CSV's
+    folder, images under ``out_dir/images/``. ``out_dir`` belongs to this function: it is
+    built beside itself and swapped in whole when complete. Deterministic in ``cfg``.
+    """
+    final = Path(out_dir)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_tmp(final)
+    tmp = _tmp_sibling(final)
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "images").mkdir(parents=True)
+    try:
+        items = [(i, f"images/{i:06d}.png", item) for i, item in enumerate(_corpus_items(cfg))]
+        titles = _draw_all(cfg, [("corpus", items)], tmp, captions=True, workers=workers)
+        with open(tmp / "corpus.csv", "w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f, lineterminator="\n")
+            writer.writerow(("filepath", "title"))
+            writer.writerows((path, title) for (_, path, _), title in zip(items, titles))
+        _publish(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final / "corpus.csv"
+
+
+# ---------------------------------------------------------------------------------------------
+# the wilds dataset
+
+
+class SyntheticDataset(WILDSDataset):
+    """The built-in synthetic dataset, a WILDS dataset like iWildCam.
+
+    Supported `split_scheme`:
+        - 'official'
+    Input (x):
+        RGB images (32 × 32 by default) of one drawn object on a background.
+    Label (y):
+        the object's shape (8 classes).
+    Metadata:
+        domain (background, the 'camera location'), colour, size, texture, y.
+    Splits:
+        train, id_val, id_test on the ID backgrounds; val, test on unseen OOD backgrounds.
+    Official metric:
+        acc_avg; also F1-macro_all and acc_worst_domain (worst background).
+    Data:
+        generated locally by `generate_dataset` (the `prepare` stage); `download=True`
+        generates the default configuration when the folder is missing.
+    """
+
+    _dataset_name = "synthetic"
+    _versions_dict = {VERSION: {"download_url": None, "compressed_size": None}}
+
+    def __init__(self, version=None, root_dir="data", download=False, split_scheme="official"):
+        self._version = version
+        self._split_scheme = split_scheme
+        if self._split_scheme != "official":
+            raise ValueError(f"Split scheme {self._split_scheme} not recognized")
+        self.check_version()
+
+        # wilds' own initialize_data_dir would try to download; this data is generated.
+        data_dir = Path(root_dir) / f"{self.dataset_name}_v{self.version}"
+        if not (data_dir / f"RELEASE_v{self.version}.txt").is_file():
+            if not download:
+                raise FileNotFoundError(
+                    f"The synthetic dataset was not found: {data_dir} (with RELEASE_v{self.version}.txt) "
+                    f"does not exist. The `prepare` stage generates it (`dvc repro prepare`), or call "
+                    f"pipeline.data.synthetic.generate_dataset(Path('{root_dir}'), SyntheticConfig())."
+                )
+            print(f"Generating the synthetic dataset (default configuration) in {data_dir}...")
+            generate_dataset(Path(root_dir), SyntheticConfig())
+        self._data_dir = data_dir
+
+        import pandas as pd
+
+        df = pd.read_csv(data_dir / "metadata.csv")
+        self.attributes = json.loads((data_dir / "attributes.json").read_text(encoding="utf-8"))
+
+        self._split_dict = {"train": 0, "val": 1, "test": 2, "id_val": 3, "id_test": 4}
+        self._split_names = {
+            "train": "Train", "val": "Validation (OOD)", "test": "Test (OOD)",
+            "id_val": "Validation (ID)", "id_test": "Test (ID)",
+        }
+        unknown = set(df["split"]) - set(self._split_dict)
+        if unknown:
+            raise ValueError(f"{data_dir / 'metadata.csv'}: unknown split names {sorted(unknown)}")
+        self._split_array = df["split"].map(self._split_dict).to_numpy()
+        self._input_array = df["filename"].to_numpy()
+
+        self._y_array = torch.as_tensor(df["y"].to_numpy(), dtype=torch.long)
+        self._y_size = 1
+        self._n_classes = len(self.attributes["y"])
+
+        self._metadata_fields = ["domain", "colour", "size", "texture", "y"]
+        self._metadata_array = torch.as_tensor(
+            np.stack([df[c].to_numpy() for c in ("domain", "colour", "size", "texture")] + [df["y"].to_numpy()], axis=1),
+            dtype=torch.long,
+        )
+        self._metadata_map = {k: list(self.attributes[k]) for k in ("domain", "colour", "size", "texture", "y")}
+        self._original_resolution = (self.attributes["config"]["image_size"],) * 2
+
+        self._eval_grouper = CombinatorialGrouper(dataset=self, groupby_fields=["domain"])
+        super().__init__(root_dir, download, split_scheme)
+
+    @property
+    def id_domains(self) -> tuple[str, ...]:
+        return tuple(self.attributes["id_domains"])
+
+    @property
+    def ood_domains(self) -> tuple[str, ...]:
+        return tuple(self.attributes["ood_domains"])
+
+    def get_input(self, idx):
+        """The idx-th image as an RGB PIL image."""
+        with Image.open(self.data_dir / self._input_array[idx]) as img:
+            return img.convert("RGB")
+
+    def eval(self, y_pred, y_true, metadata, prediction_fn=None):
+        """Accuracy (overall and per domain, with the worst domain) and macro F1, by wilds' metrics.
+
+        Args:
+            - y_pred (Tensor): predicted labels, or model outputs turned into labels by prediction_fn
+            - y_true (LongTensor): true labels
+            - metadata (Tensor): metadata rows of the same examples
+            - prediction_fn (function): turns y_pred into predicted labels
+        Output:
+            - results (dict): acc_avg, F1-macro_all, acc_worst_domain, acc_domain:<name>, count_domain:<name>
+            - results_str (str): a summary
+        """
+        accuracy = Accuracy(prediction_fn=prediction_fn)
+        results, results_str = self.standard_group_eval(accuracy, self._eval_grouper, y_pred, y_true, metadata)
+        # Worst over the domains present in these examples (wilds skips empty groups).
+        results["acc_worst_domain"] = results.pop(accuracy.worst_group_metric_field)
+        f1 = F1(prediction_fn=prediction_fn, average="macro")
+        results.update(f1.compute(y_pred, y_true))
+        results_str += f"Macro F1: {results[f1.agg_metric_field]:.3f}\n"
+        return results, results_str

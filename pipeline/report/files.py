@@ -1,0 +1,58 @@
+"""Where the report writes (everything under reports/, DVC metrics and plots), atomically."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from pipeline import artifacts as paths
+from pipeline.evaluation.measures import MEASURES
+
+# ---------------------------------------------------------------------------------------------
+# where the report writes (everything under paths.REPORTS)
+
+RUNS_CSV = paths.REPORTS / "runs.csv"
+SUMMARY_CSV = paths.REPORTS / "summary.csv"
+SUMMARY_MD = paths.REPORTS / "summary.md"
+METRICS_JSON = paths.REPORT_METRICS  # `dvc metrics show` (outside reports/: DVC outs may not nest)
+SUMMARY_JSON = paths.REPORTS / "summary.json"  # written last: the report is complete
+SHOTS_CSV = paths.REPORT_PLOT_DATA  # `dvc plots show`: method, shots, metric, value
+PLOTS: dict[str, Path] = {
+    name: paths.REPORTS / f"{name}.png" for name in ("id_vs_shots", "ood_vs_shots", "id_vs_ood", "iimm_vs_change")
+}
+# and one per registered measure that draws one
+PLOTS.update({Path(m.plot.file).stem: paths.REPORTS / m.plot.file for m in MEASURES.values() if m.plot})
+OUTPUTS: tuple[Path, ...] = (RUNS_CSV, SUMMARY_CSV, SUMMARY_MD, METRICS_JSON, SHOTS_CSV,
+                             *PLOTS.values())
+
+
+
+def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """Write through a temporary file in the same folder, then rename: never a half file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _write_text(path: Path, text: str) -> None:
+    _write_atomic(path, lambda tmp: tmp.write_text(text))
+
+
+def _write_csv(path: Path, df: pd.DataFrame) -> None:
+    _write_atomic(path, lambda tmp: df.to_csv(tmp, index=False, float_format="%.10g"))
+
+

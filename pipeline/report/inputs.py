@@ -1,0 +1,272 @@
+"""The report's inputs: every configured run's metrics, as rows and WiSE-FT curves."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from pipeline import artifacts as paths
+from pipeline.core import tracking
+from pipeline.data.datasets import DatasetSpec, get_spec
+from pipeline.evaluation.measures import report_columns
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    """What the report covers: the dataset, the model, and every method × shots × seed."""
+
+    dataset: str
+    arch: str
+    pretrained: str
+    methods: tuple[str, ...]
+    shots: tuple[int, ...]
+    seeds: tuple[int, ...]
+
+    @classmethod
+    def of(cls, params) -> "ReportConfig":
+        """From a loaded params.yaml (`pipeline.config.Params`)."""
+        return cls(params.dataset.name, params.model.arch, params.model.pretrained,
+                   tuple(params.finetune.methods), tuple(params.sample.shots), tuple(params.sample.seeds))
+
+
+
+EVAL_METRICS = paths.EVAL_METRICS
+ZEROSHOT = "zeroshot"
+REPORT_KEY = "report"  # the MLflow run key (and run name) of the summary run
+
+# runs.csv / read_runs columns; `VALUES` are the per-run numbers aggregated over seeds
+KEYS = ("dataset", "method", "shots", "seed")
+# between the headline and the selection columns: every registered measure's report columns
+MEASURE_COLUMNS = tuple(c.name for c in report_columns())
+VALUES = ("id", "ood", *MEASURE_COLUMNS, "selected_alpha", "selected_id", "selected_ood",
+          "trainable_share", "wall_time_s")
+COLUMNS = KEYS + VALUES
+ID_COLUMNS = ("id", "selected_id")  # dropped for datasets without an ID split
+SHOTS_METRICS = ("id", "ood", *MEASURE_COLUMNS, "selected_id", "selected_ood")
+
+_ZS_TASK = re.compile(r"^zs/(.+)/acc$")
+_WISE = re.compile(r"^wise/([^/]+)/(.+)$")
+_FLAT = re.compile(r"^(?P<method>[^/]+)/k(?P<k>\d+)/(?P<col>[a-z_]+)$")
+
+
+
+# ---------------------------------------------------------------------------------------------
+# inputs
+
+
+class MissingInputsError(FileNotFoundError):
+    """Configured runs whose metrics.json is absent; the message lists them and their targets."""
+
+    def __init__(self, missing: list[tuple[Path, str]]):
+        self.missing = [p for p, _ in missing]
+        lines = "\n".join(f"  - {p}  (made by `dvc repro {target}`)" for p, target in missing)
+        super().__init__(
+            f"report: {len(missing)} input file(s) missing. The report covers every run that "
+            f"params.yaml configures (finetune.methods × sample.shots × sample.seeds) and skips "
+            f"none:\n{lines}\nRun `dvc repro` (or the targets above) first, or remove those runs "
+            f"from params.yaml."
+        )
+
+
+@dataclass(frozen=True)
+class Headline:
+    """The dataset's headline keys: `<split>/<metric>` for ID (None without ID split) and OOD."""
+
+    metric: str
+    id: str | None
+    ood: str
+    select_split: str
+
+    @classmethod
+    def of(cls, spec: DatasetSpec) -> "Headline":
+        return cls(metric=spec.metric,
+                   id=f"{spec.id_splits[-1]}/{spec.metric}" if spec.id_splits else None,
+                   ood=f"{spec.ood_splits[-1]}/{spec.metric}", select_split=spec.select_split)
+
+
+@dataclass
+class RunInput:
+    method: str
+    shots: int
+    seed: int | None  # None: the zero-shot level
+    metrics: dict[str, float]
+    source: Path
+
+
+def stage_target(method: str, k: int, seed: int) -> str:
+    """The dvc.yaml matrix entry that writes this run's metrics (`evaluate@ft-4-0`)."""
+    return f"evaluate@{method}-{k}-{seed}"
+
+
+def expected_inputs(cfg: ReportConfig) -> list[tuple[str, int, int | None, Path, str]]:
+    """(method, k, seed, metrics file, dvc target) for the zero-shot level and every run."""
+    out: list[tuple[str, int, int | None, Path, str]] = [
+        (ZEROSHOT, 0, None, paths.EMBED_METRICS, "embed")]
+    for method in cfg.methods:
+        for k in cfg.shots:
+            for seed in cfg.seeds:
+                out.append((method, k, seed, paths.evaluate_dir(method, k, seed) / EVAL_METRICS,
+                            stage_target(method, k, seed)))
+    return out
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err}); re-run the stage that writes it") from err
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object of metrics, got {type(data).__name__}")
+    return data
+
+
+def load_inputs(cfg: ReportConfig) -> list[RunInput]:
+    """Every input the report needs, or MissingInputsError listing all absent files."""
+    expected = expected_inputs(cfg)
+    missing = [(p, target) for _, _, _, p, target in expected if not p.is_file()]
+    if missing:
+        raise MissingInputsError(missing)
+    runs = []
+    for method, k, seed, path, _ in expected:
+        metrics = {key: float(v) for key, v in _read_json(path).items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        runs.append(RunInput(method, k, seed, metrics, path))
+    return runs
+
+
+def _mean(values: list[float]) -> float:
+    return float(np.mean(values)) if values else math.nan
+
+
+def _row(dataset: str, run: RunInput, head: Headline) -> dict[str, Any]:
+    m = run.metrics
+    zero = run.shots == 0  # the k = 0 level (the zeroshot *method* at k > 0 is a plain run)
+
+    def need(key: str) -> float:
+        if key not in m:
+            raise ValueError(
+                f"{run.source}: no {key!r} (the headline metric of this dataset); the file was "
+                f"written for another dataset or by an older pipeline: re-run its stage")
+        return m[key]
+
+    ood = need(head.ood)
+    idv = need(head.id) if head.id else math.nan
+    row = {
+        "dataset": dataset, "method": run.method, "shots": run.shots, "seed": run.seed,
+        "id": idv, "ood": ood,
+        **{c.name: c.read(m, zero) for c in report_columns()},
+        "selected_alpha": math.nan if zero else m.get("selected/alpha", math.nan),
+        "selected_id": idv if zero else (m.get(f"selected/{head.id}", math.nan) if head.id else math.nan),
+        "selected_ood": ood if zero else m.get(f"selected/{head.ood}", math.nan),
+        "trainable_share": 0.0 if zero else m.get("train/trainable_share", math.nan),
+        "wall_time_s": 0.0 if zero else m.get("train/wall_time_s", math.nan),
+    }
+    return row
+
+
+def runs_frame(runs: list[RunInput], dataset: str, head: Headline) -> pd.DataFrame:
+    df = pd.DataFrame([_row(dataset, r, head) for r in runs], columns=list(COLUMNS))
+    df["shots"] = df["shots"].astype(int)
+    df["seed"] = df["seed"].astype("Int64")
+    if head.id is None:
+        df = df.drop(columns=list(ID_COLUMNS))
+    return df
+
+
+def read_runs(cfg: ReportConfig) -> pd.DataFrame:
+    """One row per run (zero-shot first, as method `zeroshot`, shots 0, seed <NA>), columns
+    `COLUMNS` (without `id`/`selected_id` for datasets that have no ID split)."""
+    spec = get_spec(cfg.dataset)
+    return runs_frame(load_inputs(cfg), spec.name, Headline.of(spec))
+
+
+def wise_curves(runs: list[RunInput], head: Headline) -> pd.DataFrame:
+    """WiSE-FT sweeps: method, shots, alpha, id, ood (means over seeds; id NaN without ID)."""
+    rows = []
+    for r in runs:
+        points: dict[float, dict[str, float]] = {}
+        for key, v in r.metrics.items():
+            hit = _WISE.match(key)
+            if not hit:
+                continue
+            try:
+                alpha = float(hit.group(1))
+            except ValueError:
+                continue
+            if hit.group(2) == head.ood:
+                points.setdefault(alpha, {})["ood"] = v
+            elif head.id and hit.group(2) == head.id:
+                points.setdefault(alpha, {})["id"] = v
+        for alpha, p in points.items():
+            if "ood" in p:
+                rows.append({"method": r.method, "shots": r.shots, "seed": r.seed, "alpha": alpha,
+                             "id": p.get("id", math.nan), "ood": p["ood"]})
+    if not rows:
+        return pd.DataFrame(columns=["method", "shots", "alpha", "id", "ood", "n"])
+    df = pd.DataFrame(rows)
+    agg = df.groupby(["method", "shots", "alpha"], sort=True).agg(
+        id=("id", "mean"), ood=("ood", "mean"), n=("ood", "size")).reset_index()
+    return agg
+
+
+
+def task_points(dataset: str, flat: dict[str, float]) -> list[dict[str, Any]]:
+    """Per method, the change after fine-tuning at its largest k (mean over seeds) against the
+    pre-trained model's IIMM on this task: dataset, method, shots, iimm, d_id, d_ood, d_zs."""
+    if "zeroshot/iimm" not in flat:
+        return []
+    best: dict[str, int] = {}
+    for key in flat:
+        hit = _FLAT.match(key)
+        if hit:
+            best[hit.group("method")] = max(best.get(hit.group("method"), 0), int(hit.group("k")))
+    points = []
+    for method, k in sorted(best.items()):
+        p: dict[str, Any] = {"dataset": dataset, "method": method, "shots": k,
+                             "iimm": flat["zeroshot/iimm"]}
+        for c in ("id", "ood", "zs"):
+            a, b = flat.get(f"{method}/k{k}/{c}"), flat.get(f"{ZEROSHOT}/{c}")
+            p[f"d_{c}"] = a - b if a is not None and b is not None else math.nan
+        points.append(p)
+    return points
+
+
+def other_datasets(cfg: ReportConfig) -> tuple[list[dict[str, Any]], str | None]:
+    """Task points of other datasets from their report runs in MLflow (same arch and weights).
+
+    Returns (points, note): note explains a failure to read the store (never raised: the
+    cross-task plot is a bonus, the report of this dataset does not depend on it)."""
+    try:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking.tracking_uri())
+        exps = [e.experiment_id for e in client.search_experiments()]
+        if not exps:
+            return [], None
+        found = client.search_runs(exps, filter_string=f"tags.{tracking.RUN_KEY} = '{REPORT_KEY}'",
+                                   order_by=["attributes.start_time DESC"])
+    except Exception as err:  # noqa: BLE001 — an unreadable store only costs the bonus plot
+        return [], f"could not read other datasets' report runs from MLflow ({type(err).__name__}: {err})"
+    latest: dict[str, Any] = {}
+    for run in found:
+        p = run.data.params
+        ds = p.get("dataset")
+        if (not ds or ds == cfg.dataset or ds in latest
+                or p.get("arch") != cfg.arch or p.get("pretrained") != cfg.pretrained):
+            continue
+        latest[ds] = run
+    points = []
+    for ds, run in sorted(latest.items()):
+        points += task_points(ds, dict(run.data.metrics))
+    return points, None
+
+

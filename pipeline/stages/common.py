@@ -1,0 +1,77 @@
+"""What every stage shares (not a stage itself): the command-line runner with its one-line
+errors, and the opening most stages repeat (dataset, prompts, model, tokens)."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import typer
+
+from pipeline import artifacts
+from pipeline.config import Params, ParamsError
+
+ParamsOpt = typer.Option(Path("params.yaml"), "--params", "-p", help="Params file to read.")
+
+
+def fail(err: Exception) -> None:
+    typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code=1)
+
+
+def guard(fn: Callable) -> Callable:
+    """Known user errors end with one clear line instead of a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (ParamsError, FileNotFoundError, KeyError, ValueError) as err:
+            fail(err)
+    return wrapper
+
+
+def run_command(command: Callable, argv: list[str] | None = None, name: str | None = None) -> None:
+    """Run one stage command as its own program (the DVC entry points in stages/)."""
+    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    app.command(name=name)(command)
+    app(args=sys.argv[1:] if argv is None else argv, prog_name=name or command.__name__)
+
+
+@dataclass
+class Task:
+    """The dataset and model side of a run: spec, WILDS dataset, prompts, model, class tokens."""
+
+    spec: object
+    dataset: object
+    prompts: object
+    clip: object
+    class_tokens: object
+
+
+def open_task(params: Params, device, weights: Path = artifacts.PRETRAINED_WEIGHTS) -> Task:
+    from pipeline import models
+    from pipeline.data.datasets import get_spec, load_dataset, load_prompts
+    from pipeline.models.zeroshot import tokenize_prompts
+
+    spec = get_spec(params.dataset.name)
+    dataset = load_dataset(spec.name, artifacts.dataset_root(spec.generated, params.dataset.root), download=False)
+    prompts = load_prompts(spec.name, n_classes=dataset.n_classes)
+    clip = models.create(params.model.arch, weights, device=device)
+    return Task(spec, dataset, prompts, clip, tokenize_prompts(clip.tokenizer, prompts.texts()))
+
+
+def headline(dataset_name: str, metrics: dict) -> str:
+    """The numbers a person looks at first; every key is in the metrics file and MLflow."""
+    import json
+
+    from pipeline.data.datasets import get_spec
+
+    spec = get_spec(dataset_name)
+    keys = [f"{s}/{spec.metric}" for s in (*spec.id_splits, *spec.ood_splits)]
+    keys += [k for k in metrics if k.startswith(("zs/", "rsa/", "iimm", "silhouette/"))
+             or k == "selected/alpha"]
+    return json.dumps({k: round(metrics[k], 4) for k in keys if k in metrics}, indent=1)
