@@ -117,14 +117,14 @@ def done(tmp_path_factory):
         mp.chdir(root)
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
         params = load_params(write_inputs(root))
-        flat = report.run(params)
+        flat = report.run(report.ReportConfig.of(params))
         yield {"root": root, "params": params, "flat": flat,
                "uri": f"sqlite:///{root / 'mlflow.db'}"}
 
 
 def test_runs_csv_one_row_per_run(done):
     runs = pd.read_csv(done["root"] / report.RUNS_CSV)
-    assert list(runs.columns) == list(report.COLUMNS)
+    assert list(runs.columns) == list(report.columns())
     assert len(runs) == 1 + len(METHODS) * len(SHOTS) * len(SEEDS)
     z = runs[runs["method"] == "zeroshot"]
     assert len(z) == 1 and z["shots"].iloc[0] == 0 and pd.isna(z["seed"].iloc[0])
@@ -158,7 +158,7 @@ def test_runs_csv_one_row_per_run(done):
 
 def test_read_runs_matches_csv(done, monkeypatch):
     monkeypatch.chdir(done["root"])
-    df = report.read_runs(done["params"])
+    df = report.read_runs(report.ReportConfig.of(done["params"]))
     csv = pd.read_csv(done["root"] / report.RUNS_CSV)
     assert len(df) == len(csv)
     np.testing.assert_allclose(df["ood"].to_numpy(float), csv["ood"].to_numpy(float))
@@ -269,7 +269,7 @@ def test_second_dataset_adds_iimm_plot_and_no_id(done, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", done["uri"])
     params = load_params(write_inputs(tmp_path, dataset="waterbirds", seeds=(0,)))
-    flat = report.run(params)
+    flat = report.run(report.ReportConfig.of(params))
     runs = pd.read_csv(report.RUNS_CSV)
     assert "id" not in runs.columns and "selected_id" not in runs.columns
     assert runs.loc[runs["method"] == "ft", "ood"].notna().all()
@@ -293,14 +293,14 @@ def test_missing_run_names_file_and_target(tmp_path, monkeypatch):
     paths.REPORTS.mkdir()
     report.SUMMARY_JSON.write_text("{}")  # a finished report from an earlier run
     with pytest.raises(FileNotFoundError) as err:
-        report.run(params)
+        report.run(report.ReportConfig.of(params))
     msg = str(err.value)
     assert str(gone) in msg and "dvc repro evaluate@flyp-4-1" in msg
     assert str(paths.EMBED_METRICS) in msg and "dvc repro embed" in msg
     assert isinstance(err.value, report.MissingInputsError)
     assert err.value.missing == [paths.EMBED_METRICS, gone]
     with pytest.raises(FileNotFoundError):
-        report.read_runs(params)
+        report.read_runs(report.ReportConfig.of(params))
 
 
 def test_crash_leaves_no_finished_report(tmp_path, monkeypatch):
@@ -312,9 +312,9 @@ def test_crash_leaves_no_finished_report(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(report, "plot_rsa", boom)
+    monkeypatch.setattr(report, "plot_panels", boom)
     with pytest.raises(RuntimeError):
-        report.run(params)
+        report.run(report.ReportConfig.of(params))
     assert not report.SUMMARY_JSON.exists() and not report.SUMMARY_MD.exists()
 
 
@@ -324,14 +324,14 @@ def test_wrong_dataset_metrics_is_a_clear_error(tmp_path, monkeypatch):
     f = paths.evaluate_dir("ft", 1, 0) / "metrics.json"
     f.write_text(json.dumps({"test/acc_wg": 0.5}))
     with pytest.raises(ValueError, match="ft/k1_seed0/metrics.json: no .test/acc_avg"):
-        report.read_runs(params)
+        report.read_runs(report.ReportConfig.of(params))
 
 
 def test_zeroshot_method_at_k_is_not_the_k0_level(tmp_path, monkeypatch):
     """`zeroshot` listed in finetune.methods gives ordinary k > 0 rows next to the k = 0 level."""
     monkeypatch.chdir(tmp_path)
     params = load_params(write_inputs(tmp_path, methods=("zeroshot", "ft"), shots=(2,), seeds=(0,)))
-    runs = report.read_runs(params)
+    runs = report.read_runs(report.ReportConfig.of(params))
     summ = report.summarize(runs, list(params.finetune.methods))
     assert list(zip(summ["method"], summ["shots"])) == [("zeroshot", 0), ("zeroshot", 2), ("ft", 2)]
     flat = report.flat_metrics(summ, zeroshot_metrics("synthetic"))

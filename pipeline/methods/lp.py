@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 
 from pipeline.core.validation import Float, Int
 from pipeline.models.losses import classification_loss

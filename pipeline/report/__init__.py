@@ -28,15 +28,8 @@ single dataset no such plot is written and summary.md says why.
 from __future__ import annotations
 
 import json
-import math
-import os
-import re
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from pipeline import artifacts as paths
@@ -45,11 +38,15 @@ from pipeline.data.datasets import get_spec
 from pipeline.evaluation.measures import MEASURES
 from pipeline.report.files import (METRICS_JSON, OUTPUTS, PLOTS, RUNS_CSV, SHOTS_CSV, SUMMARY_CSV, SUMMARY_JSON,
                                    SUMMARY_MD, _write_csv, _write_text)
-from pipeline.report.inputs import (COLUMNS, KEYS, REPORT_KEY, VALUES, ZEROSHOT, Headline, MissingInputsError,
+from pipeline.report.inputs import (COLUMNS, KEYS, REPORT_KEY, VALUES, ZEROSHOT, columns, values, Headline, MissingInputsError,
                                     ReportConfig, RunInput, _ZS_TASK, load_inputs, other_datasets, read_runs,
                                     runs_frame, task_points, wise_curves)
 from pipeline.report.plots import plot_id_vs_ood, plot_iimm, plot_panels, plot_vs_shots
 from pipeline.report.tables import flat_metrics, shots_long, summarize, summary_markdown
+
+__all__ = ["run", "ReportConfig", "read_runs", "load_inputs", "runs_frame", "summarize", "flat_metrics",
+           "shots_long", "wise_curves", "summary_markdown", "MissingInputsError", "Headline", "RunInput",
+           "KEYS", "VALUES", "COLUMNS", "values", "columns", "ZEROSHOT", "REPORT_KEY", "PLOTS", "OUTPUTS"]
 
 
 def run(cfg: ReportConfig) -> dict[str, float]:

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,15 +41,29 @@ EVAL_METRICS = paths.EVAL_METRICS
 ZEROSHOT = "zeroshot"
 REPORT_KEY = "report"  # the MLflow run key (and run name) of the summary run
 
-# runs.csv / read_runs columns; `VALUES` are the per-run numbers aggregated over seeds
+# runs.csv / read_runs columns; `values()` are the per-run numbers aggregated over seeds:
+# the headline, then every registered measure's report columns (read at call time, so a
+# measure registered after this import shows too), then selection and cost
 KEYS = ("dataset", "method", "shots", "seed")
-# between the headline and the selection columns: every registered measure's report columns
-MEASURE_COLUMNS = tuple(c.name for c in report_columns())
-VALUES = ("id", "ood", *MEASURE_COLUMNS, "selected_alpha", "selected_id", "selected_ood",
-          "trainable_share", "wall_time_s")
-COLUMNS = KEYS + VALUES
 ID_COLUMNS = ("id", "selected_id")  # dropped for datasets without an ID split
-SHOTS_METRICS = ("id", "ood", *MEASURE_COLUMNS, "selected_id", "selected_ood")
+
+
+def values() -> tuple[str, ...]:
+    return ("id", "ood", *(c.name for c in report_columns()), "selected_alpha", "selected_id",
+            "selected_ood", "trainable_share", "wall_time_s")
+
+
+def columns() -> tuple[str, ...]:
+    return KEYS + values()
+
+
+def shots_metrics() -> tuple[str, ...]:
+    """The columns `dvc plots` draws against the level."""
+    return ("id", "ood", *(c.name for c in report_columns()), "selected_id", "selected_ood")
+
+
+VALUES = values()  # as registered at import (the built-in measures)
+COLUMNS = columns()
 
 _ZS_TASK = re.compile(r"^zs/(.+)/acc$")
 _WISE = re.compile(r"^wise/([^/]+)/(.+)$")
@@ -174,7 +186,7 @@ def _row(dataset: str, run: RunInput, head: Headline) -> dict[str, Any]:
 
 
 def runs_frame(runs: list[RunInput], dataset: str, head: Headline) -> pd.DataFrame:
-    df = pd.DataFrame([_row(dataset, r, head) for r in runs], columns=list(COLUMNS))
+    df = pd.DataFrame([_row(dataset, r, head) for r in runs], columns=list(columns()))
     df["shots"] = df["shots"].astype(int)
     df["seed"] = df["seed"].astype("Int64")
     if head.id is None:

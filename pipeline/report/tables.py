@@ -2,34 +2,28 @@
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import re
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from pipeline.evaluation.measures import MEASURES, report_columns
 from pipeline.report.files import METRICS_JSON, SHOTS_CSV
-from pipeline.report.inputs import VALUES, ZEROSHOT, Headline, ReportConfig, SHOTS_METRICS
+from pipeline.report.inputs import ZEROSHOT, Headline, ReportConfig, shots_metrics, values
 from pipeline.report.plots import _zs_value
 
 
 def summarize(runs: pd.DataFrame, methods: list[str] | None = None) -> pd.DataFrame:
     """Mean and std over seeds per dataset × method × shots: columns `<value>_mean`,
     `<value>_std` (std 0 for a single seed) and `seeds`; zero-shot first, then `methods` order."""
-    values = [c for c in VALUES if c in runs.columns]
+    present = [c for c in values() if c in runs.columns]
     order = list(methods or dict.fromkeys(runs.loc[runs["shots"] > 0, "method"]))
     rows = []
     for (dataset, method, shots), g in runs.groupby(["dataset", "method", "shots"], sort=False):
         row: dict[str, Any] = {"dataset": dataset, "method": method, "shots": int(shots),
                                "seeds": len(g)}
-        for c in values:
+        for c in present:
             col = g[c].astype(float)
             n = int(col.notna().sum())
             row[f"{c}_mean"] = float(col.mean()) if n else math.nan
@@ -45,11 +39,11 @@ def flat_metrics(summary: pd.DataFrame, embed: dict[str, float]) -> dict[str, fl
     """`zeroshot/<value>` and `<method>/k<K>/<value>` (means over seeds) plus the zero-shot
     task measures (`zeroshot/iimm`, ...); NaNs left out (DVC reads strict JSON)."""
     out: dict[str, float] = {}
-    values = [c[: -len("_mean")] for c in summary.columns if c.endswith("_mean")]
+    present = [c[: -len("_mean")] for c in summary.columns if c.endswith("_mean")]
     for _, r in summary.iterrows():
         zero = int(r["shots"]) == 0
         prefix = ZEROSHOT if zero else f"{r['method']}/k{int(r['shots'])}"
-        for c in values:
+        for c in present:
             if zero and c in ("selected_alpha", "trainable_share", "wall_time_s"):
                 continue
             v = r[f"{c}_mean"]
@@ -65,7 +59,7 @@ def shots_long(summary: pd.DataFrame) -> pd.DataFrame:
     """Long format for `dvc plots`: method, shots, metric, value (mean over seeds)."""
     rows = []
     for _, r in summary.iterrows():
-        for c in SHOTS_METRICS:
+        for c in shots_metrics():
             v = r.get(f"{c}_mean", math.nan)
             if v is not None and not pd.isna(v):
                 rows.append({"method": r["method"], "shots": int(r["shots"]), "metric": c,

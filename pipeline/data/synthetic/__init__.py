@@ -31,15 +31,14 @@ shapes); with 70 % studio images it reaches about 0.4 in 700 steps.
 from pipeline.data.synthetic.config import (BACKGROUNDS, COLOURS, FOLDER, SHAPES, SIZES, STUDIO, TEXTURES,
                                             VERSION, SyntheticConfig)
 
-_DATASET_NAMES = ("SyntheticDataset", "generate_corpus", "generate_dataset")
-
-
 def __getattr__(name: str):
     # the writer and the wilds class import wilds (seconds); the config alone does not
-    if name in _DATASET_NAMES:
-        from pipeline.data.synthetic import dataset
+    import importlib
 
-        return getattr(dataset, name)
+    for part in ("config", "dataset", "render"):
+        module = importlib.import_module(f"{__name__}.{part}")
+        if hasattr(module, name):
+            return getattr(module, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = ["VERSION", "FOLDER", "SHAPES", "COLOURS", "SIZES", "TEXTURES", "BACKGROUNDS", "STUDIO",

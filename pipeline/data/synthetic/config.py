@@ -2,16 +2,8 @@
 
 from __future__ import annotations
 
-import csv
-import io
-import json
-import os
-import shutil
-from dataclasses import asdict, dataclass, replace
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass, replace
 
-import numpy as np
 
 from pipeline.core.validation import Float, Int, Settings, Str
 

@@ -2,14 +2,7 @@
 
 from __future__ import annotations
 
-import csv
-import io
-import json
-import os
-import shutil
-from dataclasses import asdict, dataclass, replace
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 
