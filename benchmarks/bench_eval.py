@@ -34,7 +34,7 @@ from PIL import Image  # noqa: E402
 
 from pipeline.data.torchdata import LabeledImages  # noqa: E402
 from pipeline.models.encode import encode_images  # noqa: E402
-from pipeline.methods.base import EvalModel  # noqa: E402
+from pipeline.models.evalmodel import EvalModel  # noqa: E402
 
 
 class PngDataset:

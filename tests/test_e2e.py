@@ -156,3 +156,25 @@ def test_new_method_trains_only_its_entries(project):
     assert {"finetune@ft-4-0", "evaluate@ft-4-0"} <= changed
     assert not {"finetune@lp-4-0", "finetune@flyp-4-0", "finetune@dive-4-0", "sample@4-0",
                 "prepare", "pretrained", "embed"} & changed, changed
+
+
+def changed_after_code_edit(work: Path, env: dict, rel: str) -> set[str]:
+    """Stages `dvc status` would re-run after editing the library file `rel` (restored after)."""
+    path = work / rel
+    original = path.read_text()
+    path.write_text(original + "\n# an edit\n")
+    try:
+        return set(json.loads(sh([sys.executable, "-m", "dvc", "status", "--json"], work, env).stdout))
+    finally:
+        path.write_text(original)
+
+
+def test_code_edits_rerun_the_stages_that_run_that_code(project):
+    work, env = project
+    assert changed_after_code_edit(work, env, "pipeline/report/plots.py") == {"report"}
+    changed = changed_after_code_edit(work, env, "pipeline/methods/dive.py")
+    assert {"check", "finetune@dive-4-0", "evaluate@dive-4-0", "report"} <= changed, changed
+    assert not {"prepare", "pretrained", "embed", "sample@4-0"} & changed, changed
+    # the WiSE-FT merge: every evaluate entry notices (it was missing from evaluate's deps once)
+    changed = changed_after_code_edit(work, env, "pipeline/models/weights.py")
+    assert {"evaluate@flyp-4-0", "evaluate@lp-4-0"} <= changed, changed

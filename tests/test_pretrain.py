@@ -53,7 +53,7 @@ def test_tiny_clip_learns_zero_shot_above_chance(tmp_path):
     from pipeline.evaluation.zeroshot import split_metrics
     from pipeline.models.encode import encode_images
     from pipeline.data.torchdata import LabeledImages
-    from pipeline.methods.base import EvalModel
+    from pipeline.models.evalmodel import EvalModel
     from pipeline.models.zeroshot import tokenize_prompts
 
     data = SyntheticConfig.quick()

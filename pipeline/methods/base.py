@@ -14,11 +14,10 @@ from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from pipeline.core.validation import Settings
-from pipeline.models.zeroshot import build_head
+from pipeline.models.evalmodel import EvalModel  # noqa: F401  (what `eval_model` returns)
 
 
 @dataclass(frozen=True)
@@ -66,41 +65,6 @@ class TaskContext:
     @property
     def n_classes(self) -> int:
         return self.class_tokens.shape[0]
-
-
-class EvalModel(nn.Module):
-    """What evaluation needs from any method: normalised image and text embeddings, and the
-    task head (rows carry the logit scale). `head=None` means the zero-shot head of this
-    model's own text tower."""
-
-    def __init__(self, model: nn.Module, head: torch.Tensor | None = None,
-                 image_transform: nn.Module | None = None):
-        super().__init__()
-        self.model = model
-        self.image_transform = image_transform
-        self.register_buffer("head", head, persistent=False)
-
-    @property
-    def scale(self) -> torch.Tensor:
-        return self.model.logit_scale.detach().exp().float()
-
-    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        f = self.model.encode_image(images)
-        if self.image_transform is not None:
-            f = self.image_transform(f)
-        return F.normalize(f.float(), dim=-1)
-
-    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.model.encode_text(tokens).float(), dim=-1)
-
-    def task_head(self, class_tokens: torch.Tensor) -> torch.Tensor:
-        if self.head is not None:
-            return self.head.float()
-        return self.scale * build_head(self.encode_text, class_tokens.to(self.scale.device))
-
-    def zeroshot_head(self, class_tokens: torch.Tensor) -> torch.Tensor:
-        """Head for a task this model was not fine-tuned on (zero-shot retention)."""
-        return self.scale * build_head(self.encode_text, class_tokens.to(self.scale.device))
 
 
 class Method:

@@ -33,7 +33,7 @@ def run(params: Params) -> dict:
     from pipeline.data.torchdata import ImageFiles, LabeledImages, read_caption_csv
     from pipeline.evaluation.measures import MeasureInputs, compute_all
     from pipeline.evaluation.zeroshot import retention_tasks, split_metrics, split_rows
-    from pipeline.methods.base import EvalModel
+    from pipeline.models.evalmodel import EvalModel
     from pipeline.models.encode import encode_images, encode_texts
 
     device = resolve_device(params.embed.device)
