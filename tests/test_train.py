@@ -123,3 +123,23 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path, name):
     assert ref.keys() == got.keys()
     for k in ref:
         assert torch.equal(ref[k], got[k]), k
+
+
+def test_one_weight_decay_rule_and_one_schedule():
+    """Fine-tuning and pre-training share `pipeline.training.optim`: no decay on tensors with
+    ndim < 2; linear warm-up then cosine to 0."""
+    from torch import nn
+
+    from pipeline.training.optim import decay_groups, scheduled_lr
+
+    layer = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4))
+    groups = decay_groups(layer.named_parameters(), 0.1, lr_scale=2.0)
+    assert [g["weight_decay"] for g in groups] == [0.1, 0.0]
+    assert [len(g["params"]) for g in groups] == [1, 3]  # the weight; bias, LN gain, LN bias
+    assert all(g["lr_scale"] == 2.0 for g in groups)
+    assert decay_groups([], 0.1) == []
+    lrs = [scheduled_lr(1e-3, s, 10, 4) for s in range(10)]
+    assert lrs[:4] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])
+    assert lrs[4] == pytest.approx(1e-3) and lrs[-1] < 1e-4
+    assert all(a >= b for a, b in zip(lrs[3:], lrs[4:]))
+    assert scheduled_lr(1e-3, 0, 1, 5) == pytest.approx(1e-3)  # warm-up never exceeds the run

@@ -33,6 +33,7 @@ from PIL import Image
 
 from pipeline import models
 from pipeline.models.losses import clip_loss
+from pipeline.training.optim import decay_groups, scheduled_lr
 
 __all__ = ["PretrainConfig", "load_corpus", "pretrain"]
 
@@ -102,24 +103,6 @@ def load_corpus(corpus_csv: Path, image_size: int) -> tuple[torch.Tensor, list[s
     return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), [t for _, t in rows]
 
 
-def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    # open_clip's rule: no decay on gains, biases, norms, scalars (logit scale) and 1-D embeddings.
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        skip = p.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
-        (no_decay if skip else decay).append(p)
-    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
-
-
-def _lr_at(step: int, cfg: PretrainConfig) -> float:
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return 0.5 * (1 + math.cos(math.pi * progress)) * cfg.lr
-
-
 def _augment(x: torch.Tensor, shift: int, gen: torch.Generator) -> torch.Tensor:
     """Random horizontal flips and a random translation (edge-padded), per image, on a batch."""
     b = x.shape[0]
@@ -162,7 +145,7 @@ def pretrain(arch: str, corpus_csv: Path, cfg: PretrainConfig, out: Path, device
     mean, std = _normaliser(model)
 
     model.train()
-    params = _param_groups(model, cfg.weight_decay)
+    params = decay_groups(model.named_parameters(), cfg.weight_decay)
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6, fused=device.type in ("cuda", "cpu"))
     gen = torch.Generator().manual_seed(cfg.seed)
     n = images.shape[0]
@@ -182,7 +165,7 @@ def pretrain(arch: str, corpus_csv: Path, cfg: PretrainConfig, out: Path, device
         t = tokens[idx].to(device, non_blocking=True)
 
         for group in opt.param_groups:
-            group["lr"] = _lr_at(step, cfg)
+            group["lr"] = scheduled_lr(cfg.lr, step, cfg.steps, cfg.warmup)
         image_features, text_features, logit_scale = model(x, t)
         loss = clip_loss(image_features, text_features, logit_scale)
         opt.zero_grad(set_to_none=True)

@@ -10,7 +10,6 @@ steps an uninterrupted run would take (bit-identical on CPU with `num_workers: 0
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 import time
@@ -23,6 +22,7 @@ from torch import nn
 
 from pipeline.core import dist
 from pipeline.methods.base import Method, count_params
+from pipeline.training.optim import cosine_lr, decay_groups, scheduled_lr  # noqa: F401  (cosine_lr: the schedule's public name)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -69,28 +69,12 @@ def batch_plan(n: int, batch_size: int, steps: int, seed: int, multiple: int = 1
     return plan[:steps]
 
 
-def cosine_lr(step: int, total: int, warmup: int) -> float:
-    """Multiplier: linear warm-up to 1 over `warmup` steps, then cosine decay to 0."""
-    warmup = min(warmup, max(total - 1, 0))
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1 + math.cos(math.pi * progress))
-
-
 def build_optimizer(method: Method, device: torch.device) -> tuple[torch.optim.Optimizer, list[nn.Parameter]]:
-    """AdamW; no weight decay on biases, norms and scalars (every tensor with ndim < 2)."""
+    """AdamW over the method's parameter groups, with the one weight-decay rule (`decay_groups`)."""
     groups = []
-    all_params = []
     for group in method.param_groups():
-        scale = group.get("lr_scale", 1.0)
-        decay = [p for _, p in group["named_params"] if p.ndim >= 2]
-        no_decay = [p for _, p in group["named_params"] if p.ndim < 2]
-        all_params += decay + no_decay
-        if decay:
-            groups.append({"params": decay, "weight_decay": method.hp.weight_decay, "lr_scale": scale})
-        if no_decay:
-            groups.append({"params": no_decay, "weight_decay": 0.0, "lr_scale": scale})
+        groups += decay_groups(group["named_params"], method.hp.weight_decay, lr_scale=group.get("lr_scale", 1.0))
+    all_params = [p for g in groups for p in g["params"]]
     if not all_params:
         raise ValueError(f"method {method.name!r} has no trainable parameter")
     for g in groups:
@@ -131,9 +115,8 @@ def fit(method: Method, train_set: torch.utils.data.Dataset, *, steps: int, batc
     history: list[dict] = []
 
     def lr_at(step: int) -> None:
-        mult = cosine_lr(step, steps, method.hp.warmup_steps)
         for g in optimizer.param_groups:
-            g["lr"] = method.hp.lr * g["lr_scale"] * mult
+            g["lr"] = scheduled_lr(method.hp.lr * g["lr_scale"], step, steps, method.hp.warmup_steps)
 
     # every micro-batch, this rank's slice only; micro-batch sizes are multiples of `world`
     # so that the slices are equal (gathered features need equal shapes; averaged
