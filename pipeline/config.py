@@ -95,11 +95,11 @@ class SampleParams(Settings):
 class TrainParams(Settings):
     """Shared by every method; the per-method sections hold lr, weight decay and the rest."""
 
-    steps: Int = 100
+    steps: Int = 60
     batch_size: Int = 32  # global batch (summed over DDP processes)
     grad_accum: Int = 1
     grad_clip: Float = 1.0  # 0 disables
-    checkpoint_every: Int = 50
+    checkpoint_every: Int = 20
     device: Str = "auto"
     precision: Str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
     num_workers: Int = 0
@@ -123,7 +123,7 @@ class TrainParams(Settings):
 
 @dataclass(frozen=True)
 class FinetuneParams(Settings):
-    methods: tuple[Str, ...] = ("lp", "ft", "flyp", "dive")
+    methods: tuple[Str, ...] = ("lp", "ft", "lpft", "flyp", "dive")
     train: TrainParams = field(default_factory=TrainParams)
     # per-method hyper-parameters: method name -> overrides of its Hparams dataclass
     hparams: dict = field(default_factory=dict)

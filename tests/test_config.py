@@ -107,3 +107,16 @@ def test_numeric_strings_are_numbers(tmp_path):
     data["finetune"]["hparams"]["ft"]["lr"] = "1e-4"
     params = check_params(write(tmp_path, data))
     assert parse_hparams("ft", params.finetune.hparams["ft"]).lr == 1e-4
+
+
+def test_params_yaml_equals_the_schema_defaults():
+    """One source for every default: a key left out of params.yaml means what params.yaml says.
+    (Per-method sections mirror the methods' Hparams: tests/test_methods.py.)"""
+    from pipeline.config import Params
+    from pipeline.core.validation import to_dict
+
+    defaults, listed = to_dict(Params()), to_dict(load_params(ROOT / "params.yaml"))
+    for d in (defaults, listed):
+        d["finetune"].pop("hparams")
+        d["prepare"] = {k: v for k, v in d["prepare"].items() if v}  # `synthetic: {}` = defaults
+    assert listed == defaults
