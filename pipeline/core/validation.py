@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 import typing
 from pathlib import Path
 from typing import Annotated, Any
@@ -83,6 +84,9 @@ def _settings_class(cls: type, loc: tuple) -> type | None:
     return cls
 
 
+_UNION_TAG = re.compile(r"(str|int|float|bool|none|tuple\[\w+, \.\.\.\])")
+
+
 def _join(prefix: str, loc: tuple) -> str:
     key = prefix
     for part in loc:
@@ -97,15 +101,11 @@ def _message(cls: type, prefix: str, err: ValidationError) -> str:
     errors = err.errors(include_url=False)
     first = errors[0]
     loc = tuple(first["loc"])
-    # a union reports one error per member, each behind a member tag ('str', 'tuple[str, ...]')
-    members = [e for e in errors if tuple(e["loc"][:-1]) == loc[:-1]] if len(errors) > 1 else []
-    if len(members) > 1 and all(isinstance(e["loc"][-1], str) and not e["loc"][-1].isidentifier()
-                                or e["loc"][-1] in ("str", "int", "float", "bool")
-                                for e in members):
-        key = _join(prefix, loc[:-1])
-        names = " or ".join(str(e["loc"][-1]).replace("tuple[", "list of ").rstrip(", ...]").rstrip("]")
-                            for e in members)
-        return f"{key}: {first['input']!r} is not a {names}"
+    # a union reports one error per member, behind a member tag ('str', 'tuple[str, ...]')
+    tags = [e["loc"][-1] for e in errors if e["loc"] and tuple(e["loc"][:-1]) == loc[:-1]] if loc else []
+    if len(tags) > 1 and all(isinstance(t, str) and _UNION_TAG.fullmatch(t) for t in tags):
+        names = " or ".join(re.sub(r"tuple\[(\w+), \.\.\.\]", r"list of \1", t) for t in tags)
+        return f"{_join(prefix, loc[:-1])}: {first['input']!r} is not a {names}"
     kind = first["type"]
     key = _join(prefix, loc)
     if kind in ("extra_forbidden", "unexpected_keyword_argument"):
@@ -114,8 +114,12 @@ def _message(cls: type, prefix: str, err: ValidationError) -> str:
         allowed = sorted(f.name for f in dataclasses.fields(owner) if f.init) if owner else []
         return (f"{key}: unknown key. Allowed keys{' in ' + where if where else ''}: "
                 f"{', '.join(allowed)}")
-    if kind == "missing" or kind == "missing_argument":
+    if kind in ("missing", "missing_argument"):
+        if loc and isinstance(loc[-1], int):  # a fixed-length list that is too short
+            return f"{_join(prefix, loc[:-1])}: too few values (item {loc[-1]} is missing)"
         return f"{key}: required key is missing"
+    if kind == "too_long":
+        return f"{key}: too many values ({first['msg'].lower()})"
     if kind == "value_error":
         msg = str(first.get("ctx", {}).get("error", first["msg"]))
         if msg == _NOT_A_NUMBER:
