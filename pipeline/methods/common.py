@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.losses import upcast
+
 
 class LinearHead(nn.Module):
     """Linear head on L2-normalised image features, no bias, rows initialised to s·H_zs
@@ -20,11 +22,13 @@ class LinearHead(nn.Module):
 
 
 def image_features(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    return F.normalize(model.encode_image(images), dim=-1)
+    """L2-normalised image embeddings, normalised in float32 (a bf16 forward's output is
+    upcast first: its norm and quotient would otherwise round again)."""
+    return F.normalize(upcast(model.encode_image(images)), dim=-1)
 
 
 def text_features(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    return F.normalize(model.encode_text(tokens), dim=-1)
+    return F.normalize(upcast(model.encode_text(tokens)), dim=-1)
 
 
 def sample_class_prompts(class_tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,11 @@ class FullFinetune(Method):
     """FT (Wortsman et al. 2022, WiSE-FT recipe): image encoder + linear head initialised
     from the zero-shot head (rows s·H_zs, no bias), cross-entropy, AdamW, cosine with
     warm-up. The text tower is unused after the head is built. The logit scale stays
-    frozen (it is folded into the head rows)."""
+    frozen (it is folded into the head rows).
+
+    Precision: the image tower in the trainer's precision (bf16 autocast on CUDA); features
+    normalised in fp32, the head (fp32 weights) applied and the cross-entropy computed in
+    fp32 with autocast off. No random draw in the loss."""
 
     name = "ft"
     Hparams = FTHparams
