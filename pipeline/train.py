@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from pipeline import dist
-from pipeline.methods.base import Method, count_params
+from pipeline.methods.base import Method, MicroBatch, count_params
 
 
 class NonFiniteLossError(RuntimeError):
@@ -176,6 +176,7 @@ def fit(method: Method, train_set: torch.utils.data.Dataset, *, steps: int, batc
             # (augmentation in this process with num_workers 0 draws a variable amount):
             # the same on every DDP rank, and the same as in one process
             torch.manual_seed(_mix(seed, 1 + step, 0, 1 + i))
+            method.micro = MicroBatch(i, len(mbs))
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 terms = method.loss(batch, step)
             total = sum(terms.values())

@@ -1,6 +1,7 @@
 """bf16 autocast computes what fp32 computes (issue #17), checked with CPU autocast, which
-runs matmuls in bf16 as CUDA autocast does: every loss in `pipeline.losses` gives, under
-autocast, the fp32 loss of the same features.
+runs matmuls in bf16 as CUDA autocast does:
+- every loss in `pipeline.losses` gives, under autocast, the fp32 loss of the same features;
+- DiVE's regulariser and its gradient are zero at θ = θ_pre under autocast as in fp32.
 """
 
 from __future__ import annotations
@@ -11,8 +12,11 @@ import torch
 import torch.nn.functional as F
 
 from pipeline import losses
+from pipeline.methods.dive import DiVE, DiVEHparams
+from tests import methods_fixtures as mf
 from tests.methods_fixtures import single_thread  # noqa: F401  (autouse)
 
+CPU = torch.device("cpu")
 
 
 def bf16_autocast(enabled: bool = True):
@@ -90,3 +94,57 @@ def test_fp32_loss_turns_autocast_off_and_keeps_float64():
         assert probe(torch.ones(2, 2, dtype=torch.bfloat16)) == (False, torch.float32, torch.float32)
         assert probe(torch.ones(2, 2, dtype=torch.float64)) == (False, torch.float64, torch.float64)
         assert torch.is_autocast_enabled("cpu")  # restored on the way out
+
+
+# ---- DiVE at θ = θ_pre ----------------------------------------------------------------------
+
+
+def dive_at_pretrained(bf16: bool, same_path_cache: bool) -> dict:
+    """λ(AVL + PVL) and the gradient norms of it and of the FLYP term at the pre-trained
+    weights, one DiVE loss (B' = every reference row, m = 0) under bf16 autocast or not.
+
+    `same_path_cache`: f_pre / g_pre computed by DiVE's own reference forward (train mode,
+    the rows in the order and batch the loss uses), so that in fp32 u = v = 0 exactly;
+    otherwise the embed stage's way (eval mode), which differs by kernel rounding (~1e-7)."""
+    model = mf.fresh_model()
+    ctx = mf.context(model, reference=True)
+    method = DiVE(DiVEHparams(ref_batch_size=len(ctx.reference)), ctx)
+    method.setup()
+    method.root.train()
+    rows, size = method.reference_rows(0)
+    assert size == len(ctx.reference) and rows.tolist() == list(range(size))
+    if same_path_cache:
+        with torch.no_grad():
+            ctx.reference.image_pre, ctx.reference.text_pre = method.reference_features(rows, CPU)
+    items = [ctx.train_set[i] for i in range(6)]
+    batch = {k: torch.stack([it[k] for it in items]) for k in items[0]}
+    torch.manual_seed(0)
+    with bf16_autocast(bf16):
+        terms = method.loss(batch, 0)
+    reg = terms["avl_loss"] + terms["pvl_loss"]
+    params = [p for p in method.root.parameters() if p.requires_grad]
+    g_reg = torch.autograd.grad(reg, params, retain_graph=True, allow_unused=True)
+    g_flyp = torch.autograd.grad(terms["flyp_loss"], params, allow_unused=True)
+    return {"reg": float(reg.detach()),
+            "grad_reg_max": max(float(x.abs().max()) for x in g_reg if x is not None),
+            "grad_flyp_max": max(float(x.abs().max()) for x in g_flyp if x is not None)}
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_dive_regulariser_and_gradient_are_zero_at_pretrained_weights(bf16):
+    """Before the reference rows ran in fp32, bf16 autocast gave here λ(AVL + PVL) = 0.086
+    and a largest regulariser gradient entry of 40 against FLYP's 1.4 (the rows' bf16
+    rounding against the fp32 cache); fp32 gave 0 and 0, as now both do."""
+    r = dive_at_pretrained(bf16, same_path_cache=True)
+    assert abs(r["reg"]) <= 1e-6
+    assert r["grad_reg_max"] <= 1e-6
+    assert r["grad_flyp_max"] > 1e-2  # the step does compute something
+
+
+def test_dive_with_the_embed_stage_cache_is_rounding_only():
+    """With the cache computed as the embed stage does (eval-mode kernels), u is fp32 kernel
+    rounding in both precisions: λ(AVL + PVL) ≤ 1e-6 and its gradient far below FLYP's."""
+    for bf16 in (False, True):
+        r = dive_at_pretrained(bf16, same_path_cache=False)
+        assert abs(r["reg"]) <= 1e-6, (bf16, r)
+        assert r["grad_reg_max"] <= 1e-2 * r["grad_flyp_max"], (bf16, r)

@@ -7,10 +7,13 @@ from dataclasses import dataclass
 import torch
 
 from pipeline import dist
-from pipeline.losses import AverageVector, average_vector_loss, pairwise_vector_loss
+from pipeline.losses import (AverageVector, autocast_off, average_vector_loss, difference_vectors,
+                             pairwise_vector_loss)
 from pipeline.methods import register
 from pipeline.methods.common import image_features, sample_class_prompts, text_features
 from pipeline.methods.flyp import FLYP, FLYPHparams
+
+_REFERENCE_STREAM = 0xD17E  # keeps the reference draw's seed apart from other (seed, step) uses
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,29 @@ class DiVE(FLYP):
     No contrastive loss on reference data. f_pre and g_pre are read from the embed stage's
     cache (never recomputed per step).
 
+    Precision: the target batch (the FLYP term) runs in the trainer's precision (bf16
+    autocast on CUDA by default), its logits in fp32. The reference rows always go through
+    both towers in fp32 with autocast off, and u, v, m, AVL and PVL are fp32: f_pre and g_pre
+    are fp32 (the embed stage, no autocast), and a bf16 f_ft would make u rounding noise of
+    norm ~1e-2 at θ = θ_pre, which λ = 1000 turns into the dominant gradient (measured with
+    CPU bf16 autocast at step 0, random weights, B' = 8, before this rule: λ(AVL + PVL) =
+    0.25 on tiny-clip and 0.36 on ViT-B-32 at 224 px, regulariser gradient norms 681 and
+    605 against FLYP's 2.0 and 3.5; after it, 1e-10 and 0.002-0.004, as in fp32: the
+    rounding between the embed stage's eval-mode kernels and the training forward;
+    benchmarks/check_precision.py). The cost: the B'
+    reference rows run at fp32 speed (fp32 matmuls, TF32 only if the user enables it in
+    torch.backends), which on a GPU costs far more per row than the bf16 target rows; see
+    benchmarks/device_check.sh. One code path on every device: the reference rows get their
+    own forward in fp32 also when the target forward is fp32.
+
+    grad_accum: one reference draw and one m update per optimiser step, as with
+    grad_accum 1. The first micro-batch of a step (`Method.micro`) embeds all B' reference
+    rows, updates m once and weights the regulariser by the micro-batch count (the trainer
+    divides each micro-batch's loss by it), so the step's regulariser gradient, m and the
+    logged avl/pvl equal those of grad_accum 1 at the same global batch; later micro-batches
+    add the FLYP term only. The FLYP term itself is a contrastive loss per micro-batch (its
+    negatives are the micro-batch, as for FLYP), so only the regulariser is invariant.
+
     OPEN choices (ours; the paper has no code):
     - embeddings are L2-normalised before subtracting (λ = 1000 fits the unit scale);
     - m is one EMA shared by both modalities, m ← α_m·m + (1−α_m)·mean_j[(u_j+v_j)/2],
@@ -47,14 +73,15 @@ class DiVE(FLYP):
     - reference images use the evaluation transform (no augmentation), so f_pre from the
       cache is the pre-trained embedding of exactly the pixels the fine-tuned model sees;
     - the reference batch is drawn uniformly without replacement from the cached reference
-      set each step (seeded per step, identical on every DDP rank, each rank takes a slice);
+      set once per optimiser step, from its own generator seeded by (seed, step): the same on
+      every DDP rank (each rank takes a slice `[rank::world]`) and for any grad_accum or
+      amount of RNG the FLYP term and data loading used; its rows are embedded in index order;
     - B' = 8 by default, a quarter of the default target batch (32). The reference batch goes
-      through both towers forward and backward, so a step costs about 1 + B'/B FLYP steps
-      (benchmarks/bench_dive.py: 1.22× time, 1.02× memory at B' = B/4). AVL and PVL are means
-      over the reference pairs, unbiased at any B', and m averages over ~1/(1−α_m) = 100
-      steps, so a smaller B' adds noise, not bias. The paper does not state its B'.
-    - target and reference rows go through each tower in one batch (same values as two
-      passes, fewer and larger matmuls).
+      through both towers forward and backward, so a step costs about 1 + B'/B FLYP steps in
+      fp32 (benchmarks/bench_dive.py: 1.22× time, 1.02× memory at B' = B/4 on CPU), more
+      under bf16 (the reference rows stay fp32). AVL and PVL are means over the reference
+      pairs, unbiased at any B', and m averages over ~1/(1−α_m) = 100 steps, so a smaller
+      B' adds noise, not bias. The paper does not state its B'.
     """
 
     name = "dive"
@@ -69,30 +96,42 @@ class DiVE(FLYP):
         if "avg" not in self.extra:
             self.extra["avg"] = AverageVector(ref.image_pre.shape[1], self.hp.momentum)
 
+    def reference_rows(self, step: int) -> tuple[torch.Tensor, int]:
+        """This rank's reference rows for `step` (in index order) and the global B'."""
+        size = min(self.hp.ref_batch_size, len(self.ctx.reference))
+        g = torch.Generator().manual_seed(hash((self.ctx.seed, step, _REFERENCE_STREAM)) & (2**63 - 1))
+        chosen = torch.randperm(len(self.ctx.reference), generator=g)[:size].sort().values
+        return chosen[dist.rank()::dist.world_size()], size
+
+    def reference_features(self, rows: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """f_ft, g_ft of reference `rows`: an fp32 forward with autocast off (see the class
+        docstring), whatever the trainer's precision."""
+        ref, model = self.ctx.reference, self.ctx.model
+        images = torch.stack([torch.as_tensor(ref.images[int(j)]) for j in rows]).to(device)
+        with autocast_off(device.type):
+            return image_features(model, images), text_features(model, ref.tokens[rows].to(device))
+
     def loss(self, batch, step):
         model = self.ctx.model
-        ref = self.ctx.reference
         device = batch["y"].device
-        tokens = sample_class_prompts(self.ctx.class_tokens, batch["y"])  # FLYP's draw, first
-        size = min(self.hp.ref_batch_size, len(ref))
-        chosen = torch.randperm(len(ref))[:size]
-        local = chosen[dist.rank()::dist.world_size()]
-        ref_images = torch.stack([ref.images[int(j)] for j in local]).to(device)
-        # One pass per tower over the target and reference rows together: the towers act on
-        # each row independently, so this equals two passes, with fewer and larger matmuls.
-        n = batch["image"].shape[0]
-        f_all = image_features(model, torch.cat([batch["image"], ref_images.to(batch["image"].dtype)])).float()
-        g_all = text_features(model, torch.cat([tokens, ref.tokens[local].to(device)])).float()
-        terms = {"flyp_loss": self.contrastive_loss(f_all[:n], g_all[:n])}
-        u = f_all[n:] - ref.image_pre[local].to(device)
-        v = g_all[n:] - ref.text_pre[local].to(device)
+        tokens = sample_class_prompts(self.ctx.class_tokens, batch["y"])
+        f, g = image_features(model, batch["image"]), text_features(model, tokens)
+        terms = {"flyp_loss": self.contrastive_loss(f, g)}
+        zero = torch.zeros((), device=device)
+        if self.micro.index > 0:  # the step's reference batch and m update were in micro-batch 0
+            return {**terms, "avl_loss": zero, "pvl_loss": zero}
+        ref = self.ctx.reference
+        local, size = self.reference_rows(step)
+        u, v = difference_vectors(*self.reference_features(local, device),
+                                  ref.image_pre[local], ref.text_pre[local])
         # this rank's weight in the global mean over the reference batch: 1 when the slices
         # are equal (and in one process); averaged over ranks, share·local mean = global mean
         share = len(local) * dist.world_size() / size
         batch_mean = dist.mean(((u + v) / 2).mean(0).detach() * share)
         m = self.extra["avg"].update(batch_mean).to(device)
-        zero = torch.zeros((), device=device)
-        lam = self.hp.lam * share
+        # × count: the trainer divides every micro-batch's loss by the count, and the whole
+        # regulariser of the step lives in this one
+        lam = self.hp.lam * share * self.micro.count
         terms["avl_loss"] = lam * average_vector_loss(u, v, m) if self.hp.use_avl else zero
         terms["pvl_loss"] = lam * pairwise_vector_loss(u, v) if self.hp.use_pvl else zero
         return terms
