@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextvars
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -31,18 +35,50 @@ def text_features(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     return F.normalize(upcast(model.encode_text(tokens)), dim=-1)
 
 
-def sample_class_prompts(class_tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """One template per image, drawn uniformly (global RNG, seeded per step by the trainer).
+def per_row(draw: Callable[[int], torch.Tensor], n: int) -> torch.Tensor:
+    """`draw(k)` gives k per-row random values; return those of this rank's n rows.
 
-    Under DDP (`labels` is this rank's slice `mb[rank::world]` of the micro-batch), every rank
-    draws for the whole micro-batch and keeps its own positions: each image gets the
-    template it would get in one process, and the RNG stays in step across ranks.
+    The DDP rule for every per-sample random draw in a loss: each sample gets what it would
+    get as that row of the one-process micro-batch. The trainer seeds the RNG per micro-batch
+    identically on every rank, and rank r holds rows `[r::world]` of the micro-batch, so
+    every rank draws for all n·world rows and keeps its own positions; the RNG then stays in
+    step across ranks. In one process this is `draw(n)`. Draws shared by all rows (a class
+    head's templates, DiVE's reference batch) are made once, the same on every rank.
     """
     from pipeline import dist
 
-    n_templates = class_tokens.shape[1]
     world = dist.world_size()
-    pick = torch.randint(n_templates, (labels.shape[0] * world,))[dist.rank()::world].to(labels.device)
+    if world == 1:
+        return draw(n)
+    return draw(n * world)[dist.rank()::world]
+
+
+_RANK_ROWS: contextvars.ContextVar[bool] = contextvars.ContextVar("rank_rows", default=False)
+
+
+@contextmanager
+def rank_rows() -> Iterator[None]:
+    """Mark the forwards inside as running on this rank's rows of the micro-batch (its slice
+    of the global batch), so that per-row draws inside the model (R-Adapter's drop masks)
+    follow `per_row`. Forwards outside it (a class head every rank computes on the same
+    rows) draw the same on every rank."""
+    token = _RANK_ROWS.set(True)
+    try:
+        yield
+    finally:
+        _RANK_ROWS.reset(token)
+
+
+def in_rank_rows() -> bool:
+    return _RANK_ROWS.get()
+
+
+def sample_class_prompts(class_tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """One template per image, drawn uniformly (global RNG, seeded per micro-batch by the
+    trainer). `labels` is this rank's slice of the micro-batch: the draw follows `per_row`,
+    so each image gets the template it would get in one process."""
+    n_templates = class_tokens.shape[1]
+    pick = per_row(lambda k: torch.randint(n_templates, (k,)), labels.shape[0]).to(labels.device)
     return class_tokens.to(labels.device)[labels, pick]
 
 

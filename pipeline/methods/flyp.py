@@ -39,6 +39,8 @@ class FLYP(Method):
     Precision: both towers in the trainer's precision (bf16 autocast on CUDA); the features
     are normalised, and the logits and loss computed, in fp32 with autocast off
     (`pipeline.losses.fp32_loss`): bf16 logits at scale 100 near cos ≈ 1 step by ~0.4.
+    DDP: the template drawn per image follows `common.per_row` (each image gets the draw
+    it would get in one process).
     """
 
     name = "flyp"
