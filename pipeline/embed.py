@@ -9,7 +9,8 @@ Writes `data/embed/features.safetensors`:
   the difference starts at zero;
 - `head` [C, D] float32 — the zero-shot head, and `task/<name>/head` for retention tasks.
 and `data/embed/metrics.json`: zero-shot (k = 0) results through the dataset's official
-eval, zero-shot retention task accuracies, IIMM and the silhouette scores.
+eval, zero-shot retention task accuracies, IIMM (`iimm`: the paper's one template per class;
+`iimm_ensemble`: the prompt-ensemble head) and the silhouette scores.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from pipeline.measures import iimm, silhouettes
 from pipeline.methods.base import EvalModel
 from pipeline.prepare import dataset_root, reference_csv
 from pipeline.progress import progress_bar
-from pipeline.zeroshot import tokenize_prompts
+from pipeline.zeroshot import build_head, tokenize_prompts
 
 
 PRELOAD_BUDGET = 2 << 30  # bytes of decoded images `preload` may keep in memory
@@ -77,6 +78,29 @@ def preload(dataset, batch_size: int = 256, num_workers: int = 0, budget: int = 
 def encode_texts(model: EvalModel, tokens: torch.Tensor, device, batch_size: int = 512) -> torch.Tensor:
     return torch.cat([model.encode_text(tokens[i:i + batch_size].to(device)).float().cpu()
                       for i in range(0, tokens.shape[0], batch_size)])
+
+
+@torch.no_grad()
+def iimm_measures(model: EvalModel, image: torch.Tensor, labels: torch.Tensor, class_tokens: torch.Tensor,
+                  ensemble_head: torch.Tensor) -> dict[str, float]:
+    """IIMM with two definitions of the class embeddings t_c, named:
+    - `iimm` (`iimm/s_intra`, `iimm/s_inter`): the paper's. Its code (mit-ll/IIMM,
+      `get_tokenized_captions`) embeds one caption template per dataset, e.g. "a satellite
+      image of a {c}" for FMoW and "a photo of a {c}" for most others; here that is the
+      first template of the dataset's prompt file (each shipped file lists its plainest
+      caption first: "satellite photo of a {c}." for FMoW, "a photo of {c}." for iWildCam);
+    - `iimm_ensemble` (`iimm_ensemble/s_inter`): t_c = the prompt-ensemble zero-shot head
+      (the mean over every template), the head the pipeline classifies with. S_intra does
+      not involve t_c, so it is only reported once.
+    The ensemble's t_c lie closer to the mean text direction, which shifts S_inter, and so
+    IIMM, against the paper's values; the paper's regression lines need `iimm`.
+    """
+    device = model.scale.device
+    single = build_head(model.encode_text, class_tokens[:, :1].to(device)).cpu()
+    out = iimm(image, labels, single, "iimm")
+    ensemble = iimm(image, labels, ensemble_head, "iimm_ensemble")
+    del ensemble["iimm_ensemble/s_intra"]  # = iimm/s_intra
+    return {**out, **ensemble}
 
 
 def split_metrics(dataset, split: str, features: torch.Tensor, head: torch.Tensor,
@@ -185,7 +209,7 @@ def run(params: Params) -> dict:
                                 device, bs, nw, desc="embed train (IIMM)")
     train_y = torch.as_tensor(dataset.y_array)[sub].long()
     class_text = tensors["head"]
-    metrics.update(iimm(train_feats, train_y, class_text))
+    metrics.update(iimm_measures(model, train_feats, train_y, class_tokens, class_text))
     metrics.update(silhouettes(train_feats, train_y, class_text))
 
     tasks = retention_tasks(params, clip.tokenizer, dataset)

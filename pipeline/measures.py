@@ -8,12 +8,16 @@ import torch.nn.functional as F
 from scipy.stats import spearmanr
 
 
-def iimm(image: torch.Tensor, labels: torch.Tensor, class_text: torch.Tensor) -> dict[str, float]:
+def iimm(image: torch.Tensor, labels: torch.Tensor, class_text: torch.Tensor,
+         name: str = "iimm") -> dict[str, float]:
     """Inter-Intra Modal Measure (arXiv 2407.15731) of the pre-trained model on target images.
 
     S_intra = mean_{i<j} f(x_i)·f(x_j);
     S_inter = mean_i (1/(C−1)) Σ_{c≠y_i} f(x_i)·t_c;   IIMM = ½(S_intra + S_inter).
-    Inputs are L2-normalised; computed in float64.
+    Inputs are L2-normalised; computed in float64. Keys `name`, `name/s_intra`,
+    `name/s_inter`. Which class embeddings t_c are is the caller's choice: the embed stage
+    reports the paper's (one template per class) as `iimm` and the prompt ensemble as
+    `iimm_ensemble` (`pipeline.embed.iimm_measures`).
     """
     f = F.normalize(image.double(), dim=-1)
     t = F.normalize(class_text.double(), dim=-1)
@@ -26,7 +30,7 @@ def iimm(image: torch.Tensor, labels: torch.Tensor, class_text: torch.Tensor) ->
     sims = f @ t.t()
     correct = sims.gather(1, labels.long().view(-1, 1)).squeeze(1)
     inter = ((sims.sum(1) - correct) / (c - 1)).mean()
-    return {"iimm": float(0.5 * (intra + inter)), "iimm/s_intra": float(intra), "iimm/s_inter": float(inter)}
+    return {name: float(0.5 * (intra + inter)), f"{name}/s_intra": float(intra), f"{name}/s_inter": float(inter)}
 
 
 def silhouette_cosine(x: np.ndarray, labels: np.ndarray) -> float:

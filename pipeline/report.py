@@ -276,7 +276,8 @@ def flat_metrics(summary: pd.DataFrame, embed: dict[str, float]) -> dict[str, fl
             v = r[f"{c}_mean"]
             if v is not None and not (isinstance(v, float) and math.isnan(v)):
                 out[f"{prefix}/{c}"] = float(v)
-    for key in ("iimm", "iimm/s_intra", "iimm/s_inter", "silhouette/modality", "silhouette/class"):
+    for key in ("iimm", "iimm/s_intra", "iimm/s_inter", "iimm_ensemble", "iimm_ensemble/s_inter",
+                "silhouette/modality", "silhouette/class"):
         if key in embed and math.isfinite(embed[key]):
             out[f"{ZEROSHOT}/{key}"] = float(embed[key])
     return out
