@@ -82,6 +82,14 @@ def sample_class_prompts(class_tokens: torch.Tensor, labels: torch.Tensor) -> to
     return class_tokens.to(labels.device)[labels, pick]
 
 
+def image_free(dataset):
+    """The view of a training set whose items carry only `y` and `index` (for methods that
+    read cached features, `uses_images = False`): `dataset.without_images()` where the
+    dataset offers it (the pipeline's `LabeledImages`), else the dataset itself."""
+    without = getattr(dataset, "without_images", None)
+    return without() if callable(without) else dataset
+
+
 @torch.no_grad()
 def embed_dataset(model: nn.Module, dataset, device: torch.device, batch_size: int = 256):
     """Normalised image features and labels of every item of `dataset` (items: image, y)."""
