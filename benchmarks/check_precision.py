@@ -9,9 +9,10 @@ DiVE part. The reference cache is built the way the embed stage builds it
 pre-trained weights, one DiVE loss (B' = all reference rows, λ = 1000, m = 0) is computed
 as the trainer does, under bf16 autocast and without, and the gradient norms of
 λ(AVL + PVL) and of the FLYP term are taken separately. Two paths:
-- `method`: DiVE as implemented (reference rows in fp32 with autocast off);
-- `ref-in-autocast`: the reference rows embedded inside the autocast region, as before the
-  fix (issue #17), to show what the rule prevents.
+- `method`: DiVE as implemented (`DiVE.embed`: under autocast the reference rows get their
+  own fp32 forward with autocast off; in fp32 they share the target rows' batch);
+- `ref-in-autocast`: the pre-fix forward (target and reference rows in one batch inside the
+  step's autocast region, issue #17), to show what the rule prevents.
 In fp32 the regulariser is zero up to the rounding difference between the embed stage's
 eval-mode kernels and the training forward (~1e-7 per coordinate).
 
@@ -68,27 +69,37 @@ def norm(grads) -> float:
     return float(torch.sqrt(sum((gr.double() ** 2).sum() for gr in grads if gr is not None)))
 
 
+def one_pass(method, images, tokens, rows, device):
+    """The pre-fix DiVE forward: target and reference rows in one batch per tower, inside
+    whatever autocast region the step runs in (bf16 reference rows under bf16 autocast)."""
+    ref, model = method.ctx.reference, method.ctx.model
+    ref_images = torch.stack([torch.as_tensor(ref.images[int(j)]) for j in rows]).to(device)
+    n = images.shape[0]
+    f = image_features(model, torch.cat([images, ref_images.to(images.dtype)]))
+    g = text_features(model, torch.cat([tokens, ref.tokens[rows].to(device)]))
+    return f[:n], g[:n], f[n:], g[n:]
+
+
 def dive_row(method, batch, device, bf16: bool, path: str) -> dict:
     params = [p for p in method.root.parameters() if p.requires_grad]
     method.extra["avg"].m.zero_()
-    original = method.reference_features
-    if path == "ref-in-autocast":
-        def inside(rows, dev):  # the pre-fix path: the reference rows under the step's autocast
-            ref, model = method.ctx.reference, method.ctx.model
-            images = torch.stack([torch.as_tensor(ref.images[int(j)]) for j in rows]).to(dev)
-            return image_features(model, images), text_features(model, ref.tokens[rows].to(dev))
-        method.reference_features = inside
+    seen = {}
+    own = method.embed
+
+    def spy(images, tokens, rows, dev):
+        out = own(images, tokens, rows, dev) if path == "method" else one_pass(method, images, tokens, rows, dev)
+        seen["rows"], seen["f"], seen["g"] = rows, out[2].detach(), out[3].detach()
+        return out
+
+    method.embed = spy
     try:
         torch.manual_seed(0)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             terms = method.loss(batch, 0)
-            rows, _ = method.reference_rows(0)
-            with torch.no_grad():
-                f, g = method.reference_features(rows, device)
     finally:
-        method.reference_features = original
-    ref = method.ctx.reference
-    u, v = losses.difference_vectors(f.detach(), g.detach(), ref.image_pre[rows], ref.text_pre[rows])
+        del method.embed  # the class's method again
+    ref, rows = method.ctx.reference, seen["rows"]
+    u, v = losses.difference_vectors(seen["f"], seen["g"], ref.image_pre[rows], ref.text_pre[rows])
     reg = terms["avl_loss"] + terms["pvl_loss"]
     g_reg = torch.autograd.grad(reg, params, retain_graph=True, allow_unused=True)
     g_flyp = torch.autograd.grad(terms["flyp_loss"], params, allow_unused=True)

@@ -211,6 +211,7 @@ def fit(method: Method, train_set: torch.utils.data.Dataset, *, steps: int, batc
         if ckpt is not None and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
             _save_checkpoint(ckpt, method, optimizer, step + 1)
     bar.close()
+    method.micro = MicroBatch()  # a later direct `loss` call computes a whole step
     wall = time.perf_counter() - t0
     return TrainResult(
         steps=steps, wall_time_s=wall, samples_per_s=n_samples / wall if wall > 0 else 0.0,

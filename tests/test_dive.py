@@ -22,9 +22,21 @@ class RegulariserOnly(DiVE):
         return 0.0 * (f.sum() + g.sum())  # exact zero gradients, and a graph for backward
 
 
+def _double(items: list) -> mf.ListDataset:
+    return mf.ListDataset([{k: v.double() if v.is_floating_point() else v for k, v in it.items()}
+                           if isinstance(it, dict) else it.double() for it in items])
+
+
 def train(cls, grad_accum: int, steps: int, **hp) -> tuple[dict, list[dict], torch.Tensor, dict]:
+    """In float64: in an fp32 forward the reference rows share the target rows' batch, whose
+    size differs with grad_accum, so their values differ by ~1e-7 of rounding, which Adam
+    turns into lr-sized steps on weights whose gradient is exactly zero in exact arithmetic
+    (the attention key bias); float64 keeps that far below Adam's eps."""
     model = mf.fresh_model()
     ctx = mf.context(model, reference=True)  # f_pre / g_pre of the unperturbed weights
+    model.double()
+    ctx.train_set = _double([ctx.train_set[i] for i in range(len(ctx.train_set))])
+    ctx.reference.images = _double([ctx.reference.images[i] for i in range(len(ctx.reference))])
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():  # away from θ_pre, so that the regulariser acts from step 1
         for p in model.parameters():
@@ -33,6 +45,8 @@ def train(cls, grad_accum: int, steps: int, **hp) -> tuple[dict, list[dict], tor
     start = mf.snapshot(model)
     hp = {"lr": 1e-3, "warmup_steps": 0, "ref_batch_size": 4, "momentum": 0.5, **hp}
     method = cls(cls.Hparams(**hp), ctx)
+    method.setup()
+    method.extra.double()
     res = fit(method, ctx.train_set, steps=steps, batch_size=6, seed=2, device=torch.device("cpu"),
               grad_accum=grad_accum, progress=False)
     return mf.snapshot(model), res.history, method.extra["avg"].m.clone(), start

@@ -75,10 +75,13 @@ def test_average_vector_is_an_ema_from_zero(momentum):
 
 
 def test_dive_without_regulariser_is_flyp_step_for_step():
-    """λ = 0: the reference rows, which have their own forward, add exact zeros to the
-    gradients, the target rows go through the towers exactly as in FLYP, and DiVE's
-    reference draw has its own generator, so DiVE follows FLYP bit for bit. λ = 1000 moves
-    a large share of the weights away from FLYP's (the check can tell the two apart)."""
+    """λ = 0: the reference rows add exact zeros to the gradients and DiVE's reference draw has
+    its own generator, so DiVE follows FLYP step for step. Not bit for bit: in an fp32 forward
+    DiVE runs the target and reference rows through each tower in one batch, and a larger
+    matmul may round differently (~1e-7), which AdamW can turn into a step of a few lr on the
+    rare weights whose gradient is ~0. So: same losses to 1e-5, and all but a handful of
+    weights equal to 1e-6, while λ = 1000 moves a large share of them (the check can tell the
+    two apart). (Under bf16 autocast the reference rows have their own fp32 forward.)"""
     weights, losses = {}, {}
     for name, lam in (("flyp", None), ("dive", 0.0), ("dive", 1000.0)):
         model = mf.fresh_model()
@@ -89,12 +92,16 @@ def test_dive_without_regulariser_is_flyp_step_for_step():
                   device=torch.device("cpu"), progress=False)
         weights[lam] = mf.snapshot(model)
         losses[lam] = [h["flyp_loss"] for h in res.history]
-    assert losses[0.0] == losses[None]
-    for n, w in weights[None].items():
-        assert torch.equal(weights[0.0][n], w), n
+    assert losses[0.0] == pytest.approx(losses[None], rel=1e-5)
     total = sum(w.numel() for w in weights[None].values())
-    moved = sum(int(((weights[1000.0][n] - w).abs() > 1e-6).sum()) for n, w in weights[None].items())
-    assert moved > 1e-2 * total, moved  # measured 89k of 1.7M
+
+    def moved(lam):  # weights that differ from FLYP's by more than 1e-6
+        return sum(int(((weights[lam][n] - w).abs() > 1e-6).sum()) for n, w in weights[None].items())
+
+    for n, w in weights[None].items():
+        torch.testing.assert_close(weights[0.0][n], w, rtol=0, atol=1e-5, msg=n)
+    assert moved(0.0) < 1e-4 * total, moved(0.0)  # measured 14 of 1.7M
+    assert moved(1000.0) > 1e-2 * total, moved(1000.0)  # measured 89k of 1.7M
 
 
 # ---- MPM-NCE ------------------------------------------------------------------------------

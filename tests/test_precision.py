@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline import losses
+from pipeline.methods.common import image_features, sample_class_prompts, text_features
 from pipeline.methods.dive import DiVE, DiVEHparams
 from tests import methods_fixtures as mf
 from tests.methods_fixtures import single_thread  # noqa: F401  (autouse)
@@ -103,9 +104,11 @@ def dive_at_pretrained(bf16: bool, same_path_cache: bool) -> dict:
     """λ(AVL + PVL) and the gradient norms of it and of the FLYP term at the pre-trained
     weights, one DiVE loss (B' = every reference row, m = 0) under bf16 autocast or not.
 
-    `same_path_cache`: f_pre / g_pre computed by DiVE's own reference forward (train mode,
-    the rows in the order and batch the loss uses), so that in fp32 u = v = 0 exactly;
-    otherwise the embed stage's way (eval mode), which differs by kernel rounding (~1e-7)."""
+    `same_path_cache`: f_pre / g_pre from an fp32 forward without autocast (as the embed
+    stage's cache) in train mode with the rows in the batch layout the loss uses (in its own
+    batch under bf16, in the target rows' batch in fp32: `DiVE.embed`), so that u = v = 0
+    exactly when the loss embeds the reference rows in fp32; otherwise the embed stage's way
+    (eval mode), which differs by kernel rounding (~1e-7)."""
     model = mf.fresh_model()
     ctx = mf.context(model, reference=True)
     method = DiVE(DiVEHparams(ref_batch_size=len(ctx.reference)), ctx)
@@ -113,11 +116,19 @@ def dive_at_pretrained(bf16: bool, same_path_cache: bool) -> dict:
     method.root.train()
     rows, size = method.reference_rows(0)
     assert size == len(ctx.reference) and rows.tolist() == list(range(size))
-    if same_path_cache:
-        with torch.no_grad():
-            ctx.reference.image_pre, ctx.reference.text_pre = method.reference_features(rows, CPU)
     items = [ctx.train_set[i] for i in range(6)]
     batch = {k: torch.stack([it[k] for it in items]) for k in items[0]}
+    if same_path_cache:
+        ref = ctx.reference
+        with torch.no_grad():  # fp32, no autocast: what the cache holds
+            if bf16:  # the loss embeds the reference rows in a batch of their own
+                images = torch.stack([ref.images[int(j)] for j in rows])
+                pre = image_features(model, images), text_features(model, ref.tokens[rows])
+            else:  # the loss embeds them in the target rows' batch
+                torch.manual_seed(0)  # the loss below draws the same templates
+                tokens = sample_class_prompts(ctx.class_tokens, batch["y"])
+                pre = method.embed(batch["image"], tokens, rows, CPU)[2:]
+        ref.image_pre, ref.text_pre = (x.clone() for x in pre)
     torch.manual_seed(0)
     with bf16_autocast(bf16):
         terms = method.loss(batch, 0)
