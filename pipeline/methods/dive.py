@@ -98,7 +98,9 @@ class DiVE(FLYP):
     def reference_rows(self, step: int) -> tuple[torch.Tensor, int]:
         """This rank's reference rows for `step` (in index order) and the global B'."""
         size = min(self.hp.ref_batch_size, len(self.ctx.reference))
-        g = torch.Generator().manual_seed(hash((self.ctx.seed, step, _REFERENCE_STREAM)) & (2**63 - 1))
+        # plain arithmetic, not hash(): the same seed on every Python version and platform
+        mixed = (self.ctx.seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + _REFERENCE_STREAM) % 2**63
+        g = torch.Generator().manual_seed(mixed)
         chosen = torch.randperm(len(self.ctx.reference), generator=g)[:size].sort().values
         return chosen[dist.rank()::dist.world_size()], size
 
