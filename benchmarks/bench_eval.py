@@ -18,6 +18,7 @@ passes (the least disturbed by other load), after one warm-up pass of each path.
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 import tempfile
@@ -93,6 +94,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=2, help="timed passes per setting (after one warm-up)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--json", type=Path, default=None, help="write the figures here")
     return p.parse_args(argv)
 
 
@@ -137,7 +139,15 @@ def main(argv=None) -> dict:
     print(f"\nData-loading overhead: **{100 * (real[best] / t_model - 1):+.1f} %** with num_workers={best} "
           f"(target ≤ 10 %).")
     print(f"\n(total {time.perf_counter() - t_start:.0f} s)")
-    return {"model_only_s": t_model, "real_s": real, "n": n}
+    res = {"arch": args.arch, "image_size": size, "device": device.type, "machine": bt.machine(device),
+           "images": n, "batch_size": bs, "model_only_s": t_model, "model_only_images_per_s": n / t_model,
+           "workers": {str(w): {"seconds": t, "images_per_s": n / t, "overhead": t / t_model - 1}
+                       for w, t in real.items()},
+           "seconds": time.perf_counter() - t_start}
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(res, indent=1))
+    return res
 
 
 if __name__ == "__main__":

@@ -1,7 +1,11 @@
 """Distributed training: 2-process DDP on CPU (gloo, launched with torchrun) gives the same
 trained weights as one process with the same global batch and seed, for FLYP (features
-gathered across ranks with gradients) and DiVE (plus the reference losses and the average
-vector m averaged across ranks); only rank 0 writes checkpoints and logs.
+gathered across ranks with gradients), DiVE (plus the reference losses and the average
+vector m averaged across ranks) and every other method that draws random numbers in its
+loss: R-Adapter (per-sample drop masks and prompt templates; shared drop draws for the
+class head of `loss: ce`) and BitFit / A-CLIP / LoRA (templates drawn for the training
+head); only rank 0 writes checkpoints and logs. LP, FT, LP-FT and CLIP-Adapter draw nothing
+in their losses.
 
 Why the weights can match exactly (up to float summation order): the global batch of each
 step is the same list of indices in both runs (`batch_plan`); rank r takes `mb[r::world]` of
@@ -9,8 +13,10 @@ every micro-batch; the contrastive loss is computed on every rank over the gathe
 batch, whose order is a permutation of the single-process batch, and the CLIP loss is
 invariant to a permutation applied to both towers; `gather`'s backward sums each rank's
 gradient for its slice and `average_gradients` divides by the world size; random draws in
-the loss (template per image, reference batch) come from the RNG the trainer seeds per step
-and micro-batch, identically on every rank, and each rank uses its own positions' draws.
+the loss come from the RNG the trainer seeds per step and micro-batch, identically on every
+rank: per-sample draws (template per image, drop mask per sample) are made for the whole
+micro-batch and each rank keeps its own positions (`common.per_row`), shared draws (the
+reference batch, a class head's templates and drop masks) are the same on every rank.
 """
 
 from __future__ import annotations
@@ -46,6 +52,19 @@ CASES = {
     # a global batch of 7 cannot be split over 2 ranks: DDP trains on 6 (a single process
     # with batch 6 is the reference) instead of failing in the all-gather
     "flyp_batch7": ("flyp", {"lr": 3e-4, "warmup_steps": 0}, {"steps": 2, "batch_size": 7}),
+    # every other method that draws random numbers in its loss. R-Adapter: per-sample drop
+    # masks (p = 0.5, so that a mask repeated across ranks shows) and prompt templates; with
+    # `loss: ce` the class head's rows, the same on every rank, take shared drop draws
+    "radapter": ("radapter", {"lr": 1e-2, "warmup_steps": 0, "drop": 0.5, "ema_momentum": 0.5},
+                 {"steps": 3, "batch_size": 8}),
+    "radapter_ce_accum": ("radapter", {"lr": 1e-2, "warmup_steps": 0, "drop": 0.5, "ema_momentum": 0.5,
+                                       "loss": "ce"}, {"steps": 2, "batch_size": 8, "grad_accum": 2}),
+    "dive_accum": ("dive", {"lr": 3e-4, "warmup_steps": 0, "ref_batch_size": 4, "lam": 10.0, "momentum": 0.5},
+                   {"steps": 2, "batch_size": 8, "grad_accum": 2}),
+    # BitFit / A-CLIP / LoRA: templates per class drawn for the training head (shared)
+    "bitfit": ("bitfit", {"lr": 1e-3, "warmup_steps": 0, "head_templates": 1}, {"steps": 2, "batch_size": 8}),
+    "aclip": ("aclip", {"lr": 3e-4, "warmup_steps": 0, "head_templates": 1}, {"steps": 2, "batch_size": 8}),
+    "lora": ("lora", {"lr": 1e-2, "warmup_steps": 0, "head_templates": 1}, {"steps": 2, "batch_size": 8}),
 }
 SINGLE_BATCH = {"flyp_batch7": 6}
 SEED = 3
@@ -62,7 +81,8 @@ def _double_t(t: torch.Tensor) -> torch.Tensor:
     return t.double() if t.is_floating_point() else t
 
 
-def run_case(name: str, checkpoint_dir: Path | None = None, batch_size: int | None = None) -> dict:
+def run_case(name: str, checkpoint_dir: Path | None = None, batch_size: int | None = None,
+             device: torch.device = torch.device("cpu")) -> dict:
     """Train one case on the tiny model in this process (single or one DDP rank).
 
     In float64: Adam turns float32 rounding noise in a gradient that is exactly zero in
@@ -74,8 +94,9 @@ def run_case(name: str, checkpoint_dir: Path | None = None, batch_size: int | No
     method_name, overrides, settings = CASES[name]
     settings = {**settings, "batch_size": batch_size or settings["batch_size"]}
     cls = METHODS[method_name]
-    model = mf.fresh_model().double()
+    model = mf.fresh_model().double()  # built on the CPU; `fit` moves it to `device`
     ctx = mf.context(model, seed=SEED, reference=False)
+    ctx.device = device
     ctx.train_set = _double(ctx.train_set)
     if cls.needs_reference:
         ref = mf.reference_data(mf.fresh_model(), n=7)
@@ -86,14 +107,17 @@ def run_case(name: str, checkpoint_dir: Path | None = None, batch_size: int | No
             for p in model.parameters():
                 if p.ndim >= 2:
                     p.add_(0.02 * torch.randn(p.shape, generator=g, dtype=p.dtype))
-    start = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.manual_seed(SEED)  # inserted modules (LoRA's A) start the same in every process
     method = cls(cls.Hparams(**overrides), ctx)
+    method.setup()  # `fit` runs it again; every method's setup is idempotent
+    method.extra.double()  # inserted modules (adapters, LoRA factors) in float64 too
+    start = {k: v.clone() for k, v in method.trained_state().items()}
     logged = []
-    result = fit(method, ctx.train_set, seed=SEED, device=torch.device("cpu"), progress=False,
+    result = fit(method, ctx.train_set, seed=SEED, device=device, progress=False,
                  checkpoint_dir=checkpoint_dir, checkpoint_every=1,
                  log=lambda step, rec: logged.append(step), **settings)
     state = {k: v.clone() for k, v in method.trained_state().items()}
-    moved = max(float((v - start[k[len("clip."):]]).abs().max()) for k, v in state.items() if k.startswith("clip."))
+    moved = max(float((v.double() - start[k].double()).abs().max()) for k, v in state.items())
     return {"state": state, "history": result.history, "logged": logged, "moved": moved}
 
 

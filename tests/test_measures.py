@@ -52,3 +52,29 @@ def test_rsa():
     iu = np.triu_indices(20, 1)
     want = spearmanr((1 - zn @ zn.T).numpy()[iu], (1 - on @ on.T).numpy()[iu]).statistic
     assert rsa(z, other) == pytest.approx(want, abs=1e-9)
+
+
+def test_iimm_paper_template_and_ensemble_are_both_reported_by_name():
+    """`iimm` uses one template per class (the paper's definition: the prompt file's first),
+    `iimm_ensemble` the prompt-ensemble head; S_intra is shared and reported once."""
+    from pipeline.evaluation.measures import iimm_measures
+    from pipeline.methods.base import EvalModel
+    from pipeline.models.zeroshot import build_head
+    from tests import methods_fixtures as mf
+
+    model = EvalModel(mf.fresh_model()).eval()
+    tokens = mf.class_tokens()  # 3 classes × 2 templates
+    x = mf.images(12, seed=3)
+    y = torch.arange(12) % 3
+    with torch.no_grad():
+        f = model.encode_image(x)
+        ensemble = build_head(model.encode_text, tokens)
+        first = build_head(model.encode_text, tokens[:, :1])
+    got = iimm_measures(model, f, y, tokens, ensemble)
+    assert set(got) == {"iimm", "iimm/s_intra", "iimm/s_inter", "iimm_ensemble", "iimm_ensemble/s_inter"}
+    paper, ens = iimm(f, y, first), iimm(f, y, ensemble)
+    for k in ("iimm", "iimm/s_intra", "iimm/s_inter"):
+        assert got[k] == pytest.approx(paper[k], abs=1e-9)
+    assert got["iimm_ensemble"] == pytest.approx(ens["iimm"], abs=1e-9)
+    assert got["iimm_ensemble/s_inter"] == pytest.approx(ens["iimm/s_inter"], abs=1e-9)
+    assert abs(got["iimm"] - got["iimm_ensemble"]) > 1e-4  # the two definitions differ here

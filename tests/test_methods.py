@@ -127,3 +127,45 @@ def test_params_yaml_mirrors_the_method_defaults():
             assert listed[key] == value, (
                 f"finetune.hparams.{name}.{key}: params.yaml has {listed[key]!r}, "
                 f"{cls.Hparams.__name__} defaults to {value!r}")
+
+
+class _CountingImages:
+    """The part of a WILDS dataset `LabeledImages` reads, counting every image it decodes."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+        self.images, self.y_array, self.decoded = images, labels, 0
+
+    def get_input(self, i: int) -> torch.Tensor:
+        self.decoded += 1
+        return self.images[i]
+
+
+def test_lpft_linear_probe_phase_decodes_no_image_per_step(monkeypatch):
+    """LP-FT's LP phase reads cached features: its steps decode no image (the one pass that
+    caches the features decodes each image once), and the probed head is bit-identical to
+    the head an LP phase iterating the images gives (the pre-fix behaviour)."""
+    from pipeline.data.torchdata import LabeledImages
+
+    items = mf.train_items()
+    x = torch.stack([items[i]["image"] for i in range(len(items))])
+    y = torch.stack([items[i]["y"] for i in range(len(items))])
+    hp = METHODS["lpft"].Hparams(lp_steps=5, lp_batch_size=4)
+
+    def lp_phase() -> tuple[torch.Tensor, int]:
+        source = _CountingImages(x, y)
+        train = LabeledImages(source, range(len(y)), None)
+        ctx = mf.context()
+        ctx.train_set = ctx.train_eval_set = train
+        method = METHODS["lpft"](hp, ctx)
+        method.setup()  # the LP phase runs here
+        return method.extra["head"].weight.detach().clone(), source.decoded
+
+    head, decoded = lp_phase()
+    assert decoded == len(y)
+    monkeypatch.setattr(LabeledImages, "without_images", lambda self: self)  # the images every step
+    head_with_images, decoded_with_images = lp_phase()
+    assert decoded_with_images == len(y) + hp.lp_steps * hp.lp_batch_size
+    assert torch.equal(head, head_with_images)
+    model = mf.fresh_model()
+    initial = model.logit_scale.exp().detach() * mf.zeroshot_head(model)
+    assert (head - initial).abs().max() > 1e-4  # the LP phase trained the head

@@ -16,12 +16,16 @@ import torch.nn.functional as F
 from scipy.stats import spearmanr
 
 
-def iimm(image: torch.Tensor, labels: torch.Tensor, class_text: torch.Tensor) -> dict[str, float]:
+def iimm(image: torch.Tensor, labels: torch.Tensor, class_text: torch.Tensor,
+         name: str = "iimm") -> dict[str, float]:
     """Inter-Intra Modal Measure (arXiv 2407.15731) of the pre-trained model on target images.
 
     S_intra = mean_{i<j} f(x_i)·f(x_j);
     S_inter = mean_i (1/(C−1)) Σ_{c≠y_i} f(x_i)·t_c;   IIMM = ½(S_intra + S_inter).
-    Inputs are L2-normalised; computed in float64.
+    Inputs are L2-normalised; computed in float64. Keys `name`, `name/s_intra`,
+    `name/s_inter`. Which class embeddings t_c are is the caller's choice: the embed stage
+    reports the paper's (one template per class) as `iimm` and the prompt ensemble as
+    `iimm_ensemble` (`iimm_measures`).
     """
     f = F.normalize(image.double(), dim=-1)
     t = F.normalize(class_text.double(), dim=-1)
@@ -34,7 +38,7 @@ def iimm(image: torch.Tensor, labels: torch.Tensor, class_text: torch.Tensor) ->
     sims = f @ t.t()
     correct = sims.gather(1, labels.long().view(-1, 1)).squeeze(1)
     inter = ((sims.sum(1) - correct) / (c - 1)).mean()
-    return {"iimm": float(0.5 * (intra + inter)), "iimm/s_intra": float(intra), "iimm/s_inter": float(inter)}
+    return {name: float(0.5 * (intra + inter)), f"{name}/s_intra": float(intra), f"{name}/s_inter": float(inter)}
 
 
 def silhouette_cosine(x: np.ndarray, labels: np.ndarray) -> float:
@@ -149,6 +153,7 @@ class MeasureInputs:
     train_features: Any = None  # pre-trained embeddings of a train subsample (embed stage)
     train_labels: Any = None
     class_text: Any = None  # [C, D] normalised class-prompt embeddings (the zero-shot head)
+    class_tokens: Any = None  # [C, T, L] tokenised class prompts (all templates)
 
 
 @dataclass(frozen=True)
@@ -194,8 +199,33 @@ def report_columns() -> list[Column]:
     return [c for m in MEASURES.values() for c in m.columns]
 
 
+@torch.no_grad()
+def iimm_measures(model, image: torch.Tensor, labels: torch.Tensor, class_tokens: torch.Tensor,
+                  ensemble_head: torch.Tensor) -> dict[str, float]:
+    """IIMM with two definitions of the class embeddings t_c, named:
+    - `iimm` (`iimm/s_intra`, `iimm/s_inter`): the paper's. Its code (mit-ll/IIMM,
+      `get_tokenized_captions`) embeds one caption template per dataset, e.g. "a satellite
+      image of a {c}" for FMoW and "a photo of a {c}" for most others; here that is the
+      first template of the dataset's prompt file (each shipped file lists its plainest
+      caption first: "satellite photo of a {c}." for FMoW, "a photo of {c}." for iWildCam);
+    - `iimm_ensemble` (`iimm_ensemble/s_inter`): t_c = the prompt-ensemble zero-shot head
+      (the mean over every template), the head the pipeline classifies with. S_intra does
+      not involve t_c, so it is only reported once.
+    The ensemble's t_c lie closer to the mean text direction, which shifts S_inter, and so
+    IIMM, against the paper's values; the paper's regression lines need `iimm`.
+    """
+    from pipeline.models.zeroshot import build_head
+
+    device = model.scale.device
+    single = build_head(model.encode_text, class_tokens[:, :1].to(device)).cpu()
+    out = iimm(image, labels, single, "iimm")
+    ensemble = iimm(image, labels, ensemble_head, "iimm_ensemble")
+    del ensemble["iimm_ensemble/s_intra"]  # = iimm/s_intra
+    return {**out, **ensemble}
+
+
 def _iimm(x: MeasureInputs) -> dict[str, float]:
-    return iimm(x.train_features, x.train_labels, x.class_text)
+    return iimm_measures(x.model, x.train_features, x.train_labels, x.class_tokens, x.class_text)
 
 
 def _silhouettes(x: MeasureInputs) -> dict[str, float]:
@@ -223,7 +253,8 @@ def _rsa(x: MeasureInputs) -> dict[str, float]:
     return {"rsa/image": rsa(x.reference_image_pre[:n], img), "rsa/text": rsa(x.reference_text_pre[:n], txt)}
 
 
-register_measure(Measure("iimm", ("embed",), _iimm, summary_keys=("iimm", "iimm/s_intra", "iimm/s_inter")))
+register_measure(Measure("iimm", ("embed",), _iimm, summary_keys=(
+    "iimm", "iimm/s_intra", "iimm/s_inter", "iimm_ensemble", "iimm_ensemble/s_inter")))
 register_measure(Measure("silhouette", ("embed",), _silhouettes,
                          summary_keys=("silhouette/modality", "silhouette/class")))
 register_measure(Measure(

@@ -32,6 +32,8 @@ class AttentionTuning(PromptCE):
       evaluation uses the full prompt ensemble;
     - few-shot defaults follow FT (a fifth of the weights train): lr 1e-4, weight decay 0.1,
       6 warm-up steps.
+
+    Precision: as `PromptCE` (forward in the trainer's precision, loss in fp32).
     """
 
     name = "aclip"

@@ -5,6 +5,11 @@ loss terms (`loss` returns a dict of named `*_loss` tensors the trainer sums and
 optional per-step hook (`after_step`: EMA, running averages), what it saves
 (`trained_state`: only what it trained) and how a saved state becomes an evaluable model
 (`eval_model`, which also implements the WiSE-FT α for methods that support it).
+
+Precision: the trainer runs `loss` under bf16 autocast when `precision` resolves to bf16
+(`auto` on CUDA). A method's forward then runs in bf16; features are normalised in fp32
+(`common.image_features` / `text_features`) and every loss in `pipeline.models.losses` runs in fp32
+with autocast off. Each method's docstring says what else, if anything, it runs in fp32.
 """
 
 from __future__ import annotations
@@ -33,6 +38,17 @@ class BaseHparams(Settings):
             raise ValueError(f"weight_decay: {self.weight_decay} must be >= 0")
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps: {self.warmup_steps} must be >= 0")
+
+
+@dataclass(frozen=True)
+class MicroBatch:
+    """Which micro-batch of its optimiser step a `Method.loss` call computes: `index` of
+    `count` (`count` = grad_accum, or fewer when the batch has fewer samples per process).
+    The trainer sums the micro-batches' losses divided by `count`. Most methods ignore it; a
+    method with per-step state (DiVE's average vector) uses it to act once per step."""
+
+    index: int = 0
+    count: int = 1
 
 
 @dataclass
@@ -87,6 +103,8 @@ class Method:
     # (`extra`) parameter matches (None = the method owns none).
     trains_clip: ClassVar[str | None] = None
     trains_extra: ClassVar[str | None] = None
+    # set by the trainer before every `loss` call
+    micro: MicroBatch = MicroBatch()
 
     def __init__(self, hp: Any, ctx: TaskContext):
         self.hp = hp

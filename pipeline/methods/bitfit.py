@@ -54,13 +54,18 @@ class PromptCE(Method):
     gradient every step (the text tower trains), s = the pre-trained logit scale (frozen).
     Evaluation rebuilds the full prompt-ensemble head from the trained text tower (the
     default `eval_model` with `head=None`). Not registered: a base for BitFit, A-CLIP, LoRA.
+
+    Precision: the image tower and the class head's text forwards in the trainer's
+    precision (bf16 autocast on CUDA); features and head rows normalised in fp32, logits and
+    cross-entropy in fp32 with autocast off. DDP: the templates drawn for the head are
+    shared by every sample, so every rank draws the same (the trainer's per-micro-batch seed).
     """
 
     Hparams = PromptCEHparams
 
     def loss(self, batch, step):
         model = self.ctx.model
-        feats = image_features(model, batch["image"]).float()
+        feats = image_features(model, batch["image"])
         head = class_head_with_grad(model, self.ctx.class_tokens, self.hp.head_templates, feats.device)
         scale = model.logit_scale.exp().detach().float()
         return {"ce_loss": classification_loss(feats, scale * head, batch["y"])}
@@ -89,6 +94,8 @@ class BitFit(PromptCE):
       evaluation uses the full prompt ensemble;
     - few-shot defaults: lr 1e-3 (BitFit's range 1e-4…1e-3; biases move little), no weight
       decay, 6 warm-up steps (10 % of the 60-step default run).
+
+    Precision: as `PromptCE` (forward in the trainer's precision, loss in fp32).
     """
 
     name = "bitfit"

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.core.validation import Float, Int
-from pipeline.models.losses import classification_loss
+from pipeline.models.losses import classification_loss, upcast
 from pipeline.methods import register
 from pipeline.methods.base import BaseHparams, EvalModel, Method, freeze
 
@@ -78,6 +78,10 @@ class CLIPAdapter(Method):
     - hidden width d // reduction;
     - AdamW instead of the paper's SGD, for a shared trainer; few-shot defaults lr 1e-3 (a
       freshly initialised MLP), no weight decay, 6 warm-up steps.
+
+    Precision: the image tower and the bottleneck MLP in the trainer's precision (bf16
+    autocast on CUDA); the mixed feature is normalised in fp32 and the loss computed in
+    fp32 against the fp32 zero-shot head, autocast off. No random draw in the loss.
     """
 
     name = "clip_adapter"
@@ -98,7 +102,7 @@ class CLIPAdapter(Method):
 
     def loss(self, batch, step):
         model = self.ctx.model
-        feats = F.normalize(self._mix(self.hp.ratio)(model.encode_image(batch["image"])).float(), dim=-1)
+        feats = F.normalize(upcast(self._mix(self.hp.ratio)(model.encode_image(batch["image"]))), dim=-1)
         head = model.logit_scale.exp().detach().float() * self.ctx.zeroshot_head.float().to(feats.device)
         return {"ce_loss": classification_loss(feats, head, batch["y"])}
 

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import contextvars
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from pipeline.models.losses import upcast
 
 
 class LinearHead(nn.Module):
@@ -20,23 +26,65 @@ class LinearHead(nn.Module):
 
 
 def image_features(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    return F.normalize(model.encode_image(images), dim=-1)
+    """L2-normalised image embeddings, normalised in float32 (a bf16 forward's output is
+    upcast first: its norm and quotient would otherwise round again)."""
+    return F.normalize(upcast(model.encode_image(images)), dim=-1)
 
 
 def text_features(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    return F.normalize(model.encode_text(tokens), dim=-1)
+    return F.normalize(upcast(model.encode_text(tokens)), dim=-1)
 
 
-def sample_class_prompts(class_tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """One template per image, drawn uniformly (global RNG, seeded per step by the trainer).
+def per_row(draw: Callable[[int], torch.Tensor], n: int) -> torch.Tensor:
+    """`draw(k)` gives k per-row random values; return those of this rank's n rows.
 
-    Under DDP (`labels` is this rank's slice `mb[rank::world]` of the micro-batch), every rank
-    draws for the whole micro-batch and keeps its own positions: each image gets the
-    template it would get in one process, and the RNG stays in step across ranks.
+    The DDP rule for every per-sample random draw in a loss: each sample gets what it would
+    get as that row of the one-process micro-batch. The trainer seeds the RNG per micro-batch
+    identically on every rank, and rank r holds rows `[r::world]` of the micro-batch, so
+    every rank draws for all n·world rows and keeps its own positions; the RNG then stays in
+    step across ranks. In one process this is `draw(n)`. Draws shared by all rows (a class
+    head's templates, DiVE's reference batch) are made once, the same on every rank.
     """
     from pipeline.core import dist
 
-    n_templates = class_tokens.shape[1]
     world = dist.world_size()
-    pick = torch.randint(n_templates, (labels.shape[0] * world,))[dist.rank()::world].to(labels.device)
+    if world == 1:
+        return draw(n)
+    return draw(n * world)[dist.rank()::world]
+
+
+_RANK_ROWS: contextvars.ContextVar[bool] = contextvars.ContextVar("rank_rows", default=False)
+
+
+@contextmanager
+def rank_rows() -> Iterator[None]:
+    """Mark the forwards inside as running on this rank's rows of the micro-batch (its slice
+    of the global batch), so that per-row draws inside the model (R-Adapter's drop masks)
+    follow `per_row`. Forwards outside it (a class head every rank computes on the same
+    rows) draw the same on every rank."""
+    token = _RANK_ROWS.set(True)
+    try:
+        yield
+    finally:
+        _RANK_ROWS.reset(token)
+
+
+def in_rank_rows() -> bool:
+    return _RANK_ROWS.get()
+
+
+def sample_class_prompts(class_tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """One template per image, drawn uniformly (global RNG, seeded per micro-batch by the
+    trainer). `labels` is this rank's slice of the micro-batch: the draw follows `per_row`,
+    so each image gets the template it would get in one process."""
+    n_templates = class_tokens.shape[1]
+    pick = per_row(lambda k: torch.randint(n_templates, (k,)), labels.shape[0]).to(labels.device)
     return class_tokens.to(labels.device)[labels, pick]
+
+
+def image_free(dataset):
+    """The view of a training set whose items carry only `y` and `index` (for methods that
+    read cached features, `uses_images = False`): `dataset.without_images()` where the
+    dataset offers it (the pipeline's `LabeledImages`), else the dataset itself."""
+    without = getattr(dataset, "without_images", None)
+    return without() if callable(without) else dataset

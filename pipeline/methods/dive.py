@@ -8,10 +8,13 @@ import torch
 
 from pipeline.core.validation import Bool, Float, Int
 from pipeline.core import dist
-from pipeline.models.losses import AverageVector, average_vector_loss, pairwise_vector_loss
+from pipeline.models.losses import (AverageVector, autocast_off, average_vector_loss, difference_vectors,
+                                   pairwise_vector_loss)
 from pipeline.methods import register
 from pipeline.methods.common import image_features, sample_class_prompts, text_features
 from pipeline.methods.flyp import FLYP, FLYPHparams
+
+_REFERENCE_STREAM = 0xD17E  # keeps the reference draw's seed apart from other (seed, step) uses
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,28 @@ class DiVE(FLYP):
     No contrastive loss on reference data. f_pre and g_pre are read from the embed stage's
     cache (never recomputed per step).
 
+    Precision: the target batch (the FLYP term) runs in the trainer's precision (bf16
+    autocast on CUDA by default), its logits in fp32. The reference rows always go through
+    both towers in fp32 with autocast off, and u, v, m, AVL and PVL are fp32: f_pre and g_pre
+    are fp32 (the embed stage, no autocast), and a bf16 f_ft would make u rounding noise of
+    norm ~1e-2 at θ = θ_pre, which λ = 1000 turns into the dominant gradient (measured with
+    CPU bf16 autocast at step 0, random weights, B' = 8, before this rule: λ(AVL + PVL) =
+    0.25 on tiny-clip and 0.36 on ViT-B-32 at 224 px, regulariser gradient norms 681 and
+    605 against FLYP's 2.0 and 3.5; after it, 1e-10 and 0.002-0.004, as in fp32: the
+    rounding between the embed stage's eval-mode kernels and the training forward;
+    benchmarks/check_precision.py). The cost: the B' reference rows run at fp32 speed (fp32
+    matmuls, TF32 only if the user enables it in torch.backends), which on a GPU costs far
+    more per row than the bf16 target rows; see benchmarks/device_check.sh. When the forward
+    is fp32 anyway, the reference rows ride in the target rows' batch (`embed`).
+
+    grad_accum: one reference draw and one m update per optimiser step, as with
+    grad_accum 1. The first micro-batch of a step (`Method.micro`) embeds all B' reference
+    rows, updates m once and weights the regulariser by the micro-batch count (the trainer
+    divides each micro-batch's loss by it), so the step's regulariser gradient, m and the
+    logged avl/pvl equal those of grad_accum 1 at the same global batch; later micro-batches
+    add the FLYP term only. The FLYP term itself is a contrastive loss per micro-batch (its
+    negatives are the micro-batch, as for FLYP), so only the regulariser is invariant.
+
     OPEN choices (ours; the paper has no code):
     - embeddings are L2-normalised before subtracting (λ = 1000 fits the unit scale);
     - m is one EMA shared by both modalities, m ← α_m·m + (1−α_m)·mean_j[(u_j+v_j)/2],
@@ -48,14 +73,15 @@ class DiVE(FLYP):
     - reference images use the evaluation transform (no augmentation), so f_pre from the
       cache is the pre-trained embedding of exactly the pixels the fine-tuned model sees;
     - the reference batch is drawn uniformly without replacement from the cached reference
-      set each step (seeded per step, identical on every DDP rank, each rank takes a slice);
+      set once per optimiser step, from its own generator seeded by (seed, step): the same on
+      every DDP rank (each rank takes a slice `[rank::world]`) and for any grad_accum or
+      amount of RNG the FLYP term and data loading used; its rows are embedded in index order;
     - B' = 8 by default, a quarter of the default target batch (32). The reference batch goes
-      through both towers forward and backward, so a step costs about 1 + B'/B FLYP steps
-      (benchmarks/bench_dive.py: 1.22× time, 1.02× memory at B' = B/4). AVL and PVL are means
-      over the reference pairs, unbiased at any B', and m averages over ~1/(1−α_m) = 100
-      steps, so a smaller B' adds noise, not bias. The paper does not state its B'.
-    - target and reference rows go through each tower in one batch (same values as two
-      passes, fewer and larger matmuls).
+      through both towers forward and backward, so a step costs about 1 + B'/B FLYP steps in
+      fp32 (benchmarks/bench_dive.py: 1.22× time, 1.02× memory at B' = B/4 on CPU), more
+      under bf16 (the reference rows stay fp32). AVL and PVL are means over the reference
+      pairs, unbiased at any B', and m averages over ~1/(1−α_m) = 100 steps, so a smaller
+      B' adds noise, not bias. The paper does not state its B'.
     """
 
     name = "dive"
@@ -70,30 +96,61 @@ class DiVE(FLYP):
         if "avg" not in self.extra:
             self.extra["avg"] = AverageVector(ref.image_pre.shape[1], self.hp.momentum)
 
-    def loss(self, batch, step):
+    def reference_rows(self, step: int) -> tuple[torch.Tensor, int]:
+        """This rank's reference rows for `step` (in index order) and the global B'."""
+        size = min(self.hp.ref_batch_size, len(self.ctx.reference))
+        # plain arithmetic, not hash(): the same seed on every Python version and platform
+        mixed = (self.ctx.seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + _REFERENCE_STREAM) % 2**63
+        g = torch.Generator().manual_seed(mixed)
+        chosen = torch.randperm(len(self.ctx.reference), generator=g)[:size].sort().values
+        return chosen[dist.rank()::dist.world_size()], size
+
+    def embed(self, images: torch.Tensor, tokens: torch.Tensor, rows: torch.Tensor | None,
+              device: torch.device) -> tuple[torch.Tensor, ...]:
+        """f, g of the target rows and, with reference `rows`, f_ft, g_ft of those rows.
+
+        Under autocast (a bf16 forward) the reference rows get their own fp32 forward with
+        autocast off (see the class docstring). In an fp32 forward they share each tower's
+        batch with the target rows: the towers act on each row alone, so the values are the
+        same up to ~1e-7 of batch-layout rounding (the order of the rounding between the
+        embed stage's eval-mode kernels and any training forward), and one pass costs less
+        (CPU, tiny-clip, B = 32, B' = 8: DiVE step 1.20× FLYP's CPU time against 1.56× with a
+        second pass)."""
         model = self.ctx.model
+        if rows is None:
+            return image_features(model, images), text_features(model, tokens)
         ref = self.ctx.reference
+        ref_images = torch.stack([torch.as_tensor(ref.images[int(j)]) for j in rows]).to(device)
+        ref_tokens = ref.tokens[rows].to(device)
+        if torch.is_autocast_enabled(device.type):
+            f, g = image_features(model, images), text_features(model, tokens)
+            with autocast_off(device.type):
+                return f, g, image_features(model, ref_images), text_features(model, ref_tokens)
+        n = images.shape[0]
+        f_all = image_features(model, torch.cat([images, ref_images.to(images.dtype)]))
+        g_all = text_features(model, torch.cat([tokens, ref_tokens]))
+        return f_all[:n], g_all[:n], f_all[n:], g_all[n:]
+
+    def loss(self, batch, step):
         device = batch["y"].device
-        tokens = sample_class_prompts(self.ctx.class_tokens, batch["y"])  # FLYP's draw, first
-        size = min(self.hp.ref_batch_size, len(ref))
-        chosen = torch.randperm(len(ref))[:size]
-        local = chosen[dist.rank()::dist.world_size()]
-        ref_images = torch.stack([ref.images[int(j)] for j in local]).to(device)
-        # One pass per tower over the target and reference rows together: the towers act on
-        # each row independently, so this equals two passes, with fewer and larger matmuls.
-        n = batch["image"].shape[0]
-        f_all = image_features(model, torch.cat([batch["image"], ref_images.to(batch["image"].dtype)])).float()
-        g_all = text_features(model, torch.cat([tokens, ref.tokens[local].to(device)])).float()
-        terms = {"flyp_loss": self.contrastive_loss(f_all[:n], g_all[:n])}
-        u = f_all[n:] - ref.image_pre[local].to(device)
-        v = g_all[n:] - ref.text_pre[local].to(device)
+        tokens = sample_class_prompts(self.ctx.class_tokens, batch["y"])
+        zero = torch.zeros((), device=device)
+        if self.micro.index > 0:  # the step's reference batch and m update were in micro-batch 0
+            f, g = self.embed(batch["image"], tokens, None, device)
+            return {"flyp_loss": self.contrastive_loss(f, g), "avl_loss": zero, "pvl_loss": zero}
+        ref = self.ctx.reference
+        local, size = self.reference_rows(step)
+        f, g, f_ref, g_ref = self.embed(batch["image"], tokens, local, device)
+        terms = {"flyp_loss": self.contrastive_loss(f, g)}
+        u, v = difference_vectors(f_ref, g_ref, ref.image_pre[local], ref.text_pre[local])
         # this rank's weight in the global mean over the reference batch: 1 when the slices
         # are equal (and in one process); averaged over ranks, share·local mean = global mean
         share = len(local) * dist.world_size() / size
         batch_mean = dist.mean(((u + v) / 2).mean(0).detach() * share)
         m = self.extra["avg"].update(batch_mean).to(device)
-        zero = torch.zeros((), device=device)
-        lam = self.hp.lam * share
+        # × count: the trainer divides every micro-batch's loss by the count, and the whole
+        # regulariser of the step lives in this one
+        lam = self.hp.lam * share * self.micro.count
         terms["avl_loss"] = lam * average_vector_loss(u, v, m) if self.hp.use_avl else zero
         terms["pvl_loss"] = lam * pairwise_vector_loss(u, v) if self.hp.use_pvl else zero
         return terms

@@ -27,7 +27,11 @@ class FullFinetune(Method):
 
     Defaults (`FTHparams`, our few-shot choice): lr 1e-4, wd 0.1 (the WiSE-FT recipe's wd;
     its lr 3e-5 is for full-data runs of thousands of steps), 6 warm-up steps (10 % of the
-    60-step default run)."""
+    60-step default run).
+
+    Precision: the image tower in the trainer's precision (bf16 autocast on CUDA); features
+    normalised in fp32, the head (fp32 weights) applied and the cross-entropy computed in
+    fp32 with autocast off. No random draw in the loss."""
 
     name = "ft"
     trains_clip = r"^visual\."

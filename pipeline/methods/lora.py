@@ -112,6 +112,10 @@ class LoRA(PromptCE):
     - the training head averages `head_templates` = 1 template per class drawn each step;
       evaluation uses the full prompt ensemble;
     - few-shot defaults: lr 5e-4, no weight decay, 6 warm-up steps.
+
+    Precision: as `PromptCE`; ΔW = scale·B A is formed in the factors' dtype (fp32) and
+    added to the fp32 weight, and the attention then runs in the trainer's precision; the
+    merge for export is computed in float64.
     """
 
     name = "lora"

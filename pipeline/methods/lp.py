@@ -29,6 +29,9 @@ class LinearProbe(Method):
     OPEN (ours): features are computed without augmentation (the eval transform); the head
     is trained with minibatch AdamW like every other method rather than L-BFGS logistic
     regression, so that it shares the trainer, schedule and logging.
+
+    Precision: fp32 throughout: the features are cached at setup, before the trainer's
+    autocast region, and the head and loss are fp32 with autocast off.
     """
 
     name = "lp"

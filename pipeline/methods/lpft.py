@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from pipeline.core.validation import Float, Int
 from pipeline.methods import register
-from pipeline.methods.common import LinearHead
+from pipeline.methods.common import LinearHead, image_free
 from pipeline.methods.ft import FTHparams, FullFinetune
 from pipeline.methods.lp import LinearProbe, LPHparams
 
@@ -27,7 +27,12 @@ class LPFT(FullFinetune):
     OPEN (ours): the LP phase runs at setup through the same trainer (`lp_steps` AdamW
     steps at `lp_lr`, no checkpointing: it is seconds on cached features and
     deterministic, so a resumed run recomputes it identically); `finetune.train.steps`
-    counts the FT phase only.
+    counts the FT phase only. The LP phase's trainer iterates the image-free view of the
+    training set (labels and indices; LP reads its features cached once at its setup), so
+    no image is decoded or transformed per LP step.
+
+    Precision: the LP phase (feature caching and head training) runs in fp32; the FT phase
+    as FT (the trainer's precision for the image tower, the loss in fp32).
     """
 
     name = "lpft"
@@ -37,7 +42,7 @@ class LPFT(FullFinetune):
         if "head" not in self.extra:
             lp_hp = LPHparams(lr=self.hp.lp_lr, weight_decay=self.hp.lp_weight_decay, warmup_steps=0)
             lp = LinearProbe(lp_hp, self.ctx)
-            self.ctx.fit(lp, self.ctx.train_eval_set, steps=self.hp.lp_steps,
+            self.ctx.fit(lp, image_free(self.ctx.train_eval_set), steps=self.hp.lp_steps,
                          batch_size=self.hp.lp_batch_size, seed=self.ctx.seed, device=self.ctx.device,
                          progress=False, desc="lpft/lp")
             self.extra["head"] = LinearHead(lp.extra["head"].weight.detach())

@@ -15,7 +15,8 @@ from pipeline.models.losses import classification_loss, clip_loss, mpm_nce_loss
 from pipeline.methods import register
 from pipeline.methods.base import BaseHparams, EvalModel, Method, freeze
 from pipeline.methods.bitfit import class_head_with_grad
-from pipeline.methods.common import image_features, sample_class_prompts, text_features
+from pipeline.methods.common import (image_features, in_rank_rows, per_row, rank_rows, sample_class_prompts,
+                                     text_features)
 
 BLOCK = re.compile(r"(^|\.)transformer\.resblocks\.\d+$")
 LOSSES = ("mpm_nce", "clip", "ce")
@@ -160,11 +161,18 @@ class Adapter(nn.Module):
         if training:
             z = self.sigma.to(y.dtype) * self.apply_map(y, self.own_params())
             if self.drop > 0:
-                # one keep/drop draw per sample: the whole branch of a sample is dropped
+                # one keep/drop draw per sample: the whole branch of a sample is dropped;
+                # under DDP a sample of the micro-batch gets the draw it would get in one
+                # process (rows of this rank's slice: `per_row`; shared rows: the same draw
+                # on every rank)
+                def draw(k: int) -> torch.Tensor:
+                    return torch.empty(k, dtype=y.dtype, device=y.device).bernoulli_(1 - self.drop)
+
+                n = y.shape[batch_dim]
+                keep = per_row(draw, n) if in_rank_rows() else draw(n)
                 shape = [1] * y.ndim
-                shape[batch_dim] = y.shape[batch_dim]
-                keep = torch.empty(shape, dtype=y.dtype, device=y.device).bernoulli_(1 - self.drop)
-                z = z * keep / (1 - self.drop)
+                shape[batch_dim] = n
+                z = z * keep.view(shape) / (1 - self.drop)
             return y + z
         avg = self.averaged()
         return y + (self.eval_scale * avg["sigma"]).to(y.dtype) * self.apply_map(y, avg)
@@ -208,7 +216,10 @@ class RAdapter(Method):
       Only F and σ train; everything of CLIP, the logit scale included, is frozen.
     - Adapter dropping: per sample (one draw per sample and adapter), kept branches scaled
       by 1/(1−p), p = 0.2; never at evaluation. The batch dimension is read from each
-      block's attention (`batch_first`; open_clip 3.3 runs batch-first by default).
+      block's attention (`batch_first`; open_clip 3.3 runs batch-first by default). Under
+      DDP a sample gets the mask it would get as that row of the one-process micro-batch
+      (`common.per_row`, inside `common.rank_rows`); the class head of `loss: ce`, whose
+      rows every rank computes alike, draws the same masks on every rank.
     - Accumulation: EMA of F (or U, D) and σ after every optimiser step, m = 0.999.
     - Re-scaling at evaluation: the branch becomes α·σ̃·F̃ y, α = `rescale` = 0.5.
     - Re-parameterisation: with c = α·σ̃, W' = (I + c·F̃)W, b' = (I + c·F̃)b in out_proj /
@@ -218,6 +229,10 @@ class RAdapter(Method):
       their labels (one template drawn per image), at τ = 0.01 (1/τ = 100), both towers.
     - Ablation switches: `drop: 0`, `ema_momentum: 0`, `rescale: 1`, `loss: clip` or `ce`,
       `smoothing: 0`, `margin: 0`.
+    - Precision: the adapters run in their block's precision (bf16 under the trainer's
+      autocast on CUDA; F and σ are fp32 parameters cast per use); features are normalised
+      and MPM-NCE / CLIP / CE computed in fp32 with autocast off; the EMA is fp32 and the
+      re-parameterisation float64.
 
     Evaluation α: `eval_model(alpha)` uses c = alpha·rescale·σ̃, so the evaluate stage's
     α sweep scales the *configured* re-scaling: α = 1 is R-Adapter as configured (the
@@ -276,11 +291,15 @@ class RAdapter(Method):
     def loss(self, batch, step):
         hp, model = self.hp, self.ctx.model
         labels = batch["y"]
-        f = image_features(model, batch["image"]).float()
+        with rank_rows():  # the batch's rows: drop masks drawn per sample across ranks
+            f = image_features(model, batch["image"])
         if hp.loss == "ce":
+            # the class head's rows are the same on every rank: shared drop draws
             head = class_head_with_grad(model, self.ctx.class_tokens, 1, f.device)
             return {"ce_loss": classification_loss(f, head / hp.tau, labels, label_smoothing=hp.smoothing)}
-        g = text_features(model, sample_class_prompts(self.ctx.class_tokens, labels)).float()
+        tokens = sample_class_prompts(self.ctx.class_tokens, labels)
+        with rank_rows():
+            g = text_features(model, tokens)
         f, g = dist.gather(f), dist.gather(g)
         if hp.loss == "clip":
             return {"clip_loss": clip_loss(f, g, torch.tensor(1.0 / hp.tau, device=f.device))}

@@ -17,7 +17,8 @@ class NoHparams(Settings):
 @register
 class ZeroShot(Method):
     """Radford et al. 2021. Head = per class, the mean over templates of g(template(c)),
-    renormalised; logits s·f(x)·Hᵀ. The embed stage evaluates it once as the k = 0 level."""
+    renormalised; logits s·f(x)·Hᵀ. The embed stage evaluates it once as the k = 0 level,
+    in fp32 without autocast, like every evaluation."""
 
     name = "zeroshot"
     Hparams = NoHparams

@@ -7,6 +7,8 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from pipeline.models.losses import upcast
+
 
 def tokenize_prompts(tokenizer: Callable, texts: Sequence[Sequence[str]]) -> torch.Tensor:
     """Tokenise per-class prompt lists into a [C, T, L] tensor (T templates per class)."""
@@ -32,7 +34,8 @@ def build_head(encode_text: Callable[[torch.Tensor], torch.Tensor], class_tokens
 
 
 def build_head_with_grad(encode_text: Callable, class_tokens: torch.Tensor) -> torch.Tensor:
-    """Same as `build_head` but differentiable (for methods that train the text tower)."""
+    """Same as `build_head` but differentiable (for methods that train the text tower); a
+    bf16 forward's output is upcast to fp32 before normalising, a float64 one kept."""
     c, t, length = class_tokens.shape
-    emb = F.normalize(encode_text(class_tokens.reshape(c * t, length)).float(), dim=-1)
+    emb = F.normalize(upcast(encode_text(class_tokens.reshape(c * t, length))), dim=-1)
     return F.normalize(emb.view(c, t, -1).mean(1), dim=-1)

@@ -9,7 +9,8 @@ Writes `data/embed/features.safetensors`:
   the difference starts at zero;
 - `head` [C, D] float32 — the zero-shot head.
 and `data/embed/metrics.json`: zero-shot (k = 0) results through the dataset's official
-eval, and every measure registered for the embed stage (retention, IIMM, silhouette, ...).
+eval, and every measure registered for the embed stage (retention; IIMM, `iimm` the paper's one
+template per class, `iimm_ensemble` the prompt-ensemble head; silhouette; ...).
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ def run(params: Params) -> dict:
     metrics.update(compute_all("embed", MeasureInputs(
         model=model, device=device, batch_size=bs, num_workers=nw, transform=clip.preprocess_val,
         tasks=tasks, train_features=train_feats, train_labels=torch.as_tensor(dataset.y_array)[sub].long(),
-        class_text=tensors["head"])))
+        class_text=tensors["head"], class_tokens=task.class_tokens)))
 
     files, titles = read_caption_csv(paths.reference_csv(params.reference.csv), params.reference.separator,
                                      limit=params.reference.max_samples)

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from pipeline.core import dist
-from pipeline.methods.base import Method, count_params
+from pipeline.methods.base import Method, MicroBatch, count_params
 from pipeline.training.optim import cosine_lr, decay_groups, scheduled_lr  # noqa: F401  (cosine_lr: the schedule's public name)
 
 
@@ -159,6 +159,7 @@ def fit(method: Method, train_set: torch.utils.data.Dataset, *, steps: int, batc
             # (augmentation in this process with num_workers 0 draws a variable amount):
             # the same on every DDP rank, and the same as in one process
             torch.manual_seed(_mix(seed, 1 + step, 0, 1 + i))
+            method.micro = MicroBatch(i, len(mbs))
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 terms = method.loss(batch, step)
             total = sum(terms.values())
@@ -193,6 +194,7 @@ def fit(method: Method, train_set: torch.utils.data.Dataset, *, steps: int, batc
         if ckpt is not None and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
             _save_checkpoint(ckpt, method, optimizer, step + 1)
     bar.close()
+    method.micro = MicroBatch()  # a later direct `loss` call computes a whole step
     wall = time.perf_counter() - t0
     return TrainResult(
         steps=steps, wall_time_s=wall, samples_per_s=n_samples / wall if wall > 0 else 0.0,
