@@ -55,6 +55,7 @@ def build_context(params: Params, method_cls, clip, dataset, indices, device, se
         model=clip.model, class_tokens=tokenize_prompts(clip.tokenizer, prompts.texts()),
         zeroshot_head=cache["head"].float(), device=device, seed=seed, train_set=train_set,
         train_eval_set=train_set.with_transform(clip.preprocess_val), reference=reference, fit=fit,
+        prompt_memory_bytes=params.finetune.train.prompt_memory_mb * 2**20,
     )
 
 

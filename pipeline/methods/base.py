@@ -10,13 +10,14 @@ optional per-step hook (`after_step`: EMA, running averages), what it saves
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.config import TrainParams
 from pipeline.zeroshot import build_head
 
 
@@ -61,6 +62,9 @@ class TaskContext:
     train_eval_set: torch.utils.data.Dataset | None = None  # same items, no augmentation
     reference: ReferenceData | None = None
     fit: Callable | None = None  # the trainer's `fit`, for methods with an inner stage (LP-FT)
+    # activation memory one chunk of class prompts encoded with gradient may use
+    # (finetune.train.prompt_memory_mb); None = all prompts in one forward
+    prompt_memory_bytes: int | None = field(default_factory=lambda: TrainParams().prompt_memory_mb * 2**20)
 
     @property
     def n_classes(self) -> int:
