@@ -69,16 +69,22 @@ def encode_text_with_grad(model: nn.Module, tokens: torch.Tensor, chunk_size: in
     replays autocast and the RNG state in the recomputation, so random draws in the tower
     repeat exactly): only the chunk outputs stay alive between forward and backward. With
     `trim`, the padding after the longest prompt of each chunk is cut off where that is
-    provably exact (`trims_exactly`).
+    provably exact (`trims_exactly`); the chunks are then formed from the prompts sorted by
+    length, so that each carries little padding (the rows come back in their order).
     """
-    encode = functools.partial(_encode_trimmed, model) if trim and trims_exactly(model) else model.encode_text
+    exact = trim and trims_exactly(model)
+    encode = functools.partial(_encode_trimmed, model) if exact else model.encode_text
     n = tokens.shape[0]
     if chunk_size is None or chunk_size >= n:
         return encode(tokens)
     if chunk_size < 1:
         raise ValueError(f"chunk_size: {chunk_size} must be >= 1")
-    return torch.cat([checkpoint(encode, tokens[i : i + chunk_size], use_reentrant=False)
-                      for i in range(0, n, chunk_size)])
+    order = torch.argsort(tokens.argmax(dim=-1), stable=True) if exact else None
+    if order is not None:
+        tokens = tokens[order]
+    out = torch.cat([checkpoint(encode, tokens[i : i + chunk_size], use_reentrant=False)
+                     for i in range(0, n, chunk_size)])
+    return out if order is None else out[torch.argsort(order)]
 
 
 # ---- trimming the padding ------------------------------------------------------------------

@@ -85,7 +85,8 @@ def test_chunked_and_trimmed_equal_one_full_forward(name):
 
 def test_chunks_are_recomputed_in_backward_and_trimmed():
     """What runs: one text-transformer pass per chunk forward, one more per chunk in the
-    backward pass (the recomputation), each on the chunk's own longest prompt only."""
+    backward pass (the recomputation), each on the chunk's own longest prompt only, the
+    chunks formed from the prompts sorted by length."""
     method = trained_method("bitfit")
     lengths: list[tuple[int, int]] = []
     hook = method.ctx.model.transformer.register_forward_pre_hook(
@@ -95,10 +96,14 @@ def test_chunks_are_recomputed_in_backward_and_trimmed():
     finally:
         hook.remove()
     flat = class_tokens().reshape(14, -1)
-    expected = [(len(flat[i:i + 3]), trimmed_length(flat[i:i + 3])) for i in range(0, 14, 3)]
+    by_length = sorted(int(n) + 1 for n in flat.argmax(-1))
+    expected = [(len(by_length[i:i + 3]), max(by_length[i:i + 3])) for i in range(0, 14, 3)]
     assert lengths[:5] == expected
     assert sorted(lengths[5:]) == sorted(expected)  # the backward recomputes every chunk
     assert max(n for _, n in expected) < flat.shape[1]
+    # positions run: the sorted chunks keep less padding than chunks in class order would
+    in_order = sum(len(flat[i:i + 3]) * trimmed_length(flat[i:i + 3]) for i in range(0, 14, 3))
+    assert sum(b * n for b, n in expected) < in_order
 
 
 def test_method_loss_honours_the_budget():
