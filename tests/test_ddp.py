@@ -1,7 +1,8 @@
 """Distributed training: 2-process DDP on CPU (gloo, launched with torchrun) gives the same
 trained weights as one process with the same global batch and seed, for FLYP (features
-gathered across ranks with gradients) and DiVE (plus the reference losses and the average
-vector m averaged across ranks); only rank 0 writes checkpoints and logs.
+gathered across ranks with gradients), DiVE (plus the reference losses and the average
+vector m averaged across ranks) and BitFit with its class-prompt head encoded in chunks
+under activation checkpointing; only rank 0 writes checkpoints and logs.
 
 Why the weights can match exactly (up to float summation order): the global batch of each
 step is the same list of indices in both runs (`batch_plan`); rank r takes `mb[r::world]` of
@@ -46,8 +47,12 @@ CASES = {
     # a global batch of 7 cannot be split over 2 ranks: DDP trains on 6 (a single process
     # with batch 6 is the reference) instead of failing in the all-gather
     "flyp_batch7": ("flyp", {"lr": 3e-4, "warmup_steps": 0}, {"steps": 2, "batch_size": 7}),
+    # the prompt-CE head in chunks of one prompt under activation checkpointing (the budget
+    # below fits less than one prompt): every rank encodes every class, chunked alike
+    "bitfit_chunked": ("bitfit", {"lr": 3e-4, "warmup_steps": 0}, {"steps": 3, "batch_size": 8}),
 }
 SINGLE_BATCH = {"flyp_batch7": 6}
+CONTEXT = {"bitfit_chunked": {"prompt_memory_bytes": 1}}  # TaskContext fields per case
 SEED = 3
 TOL = 1e-5  # observed on CPU: < 2e-6 (float64 weights, float32 losses)
 
@@ -77,6 +82,8 @@ def run_case(name: str, checkpoint_dir: Path | None = None, batch_size: int | No
     model = mf.fresh_model().double()
     ctx = mf.context(model, seed=SEED, reference=False)
     ctx.train_set = _double(ctx.train_set)
+    for key, value in CONTEXT.get(name, {}).items():
+        setattr(ctx, key, value)
     if cls.needs_reference:
         ref = mf.reference_data(mf.fresh_model(), n=7)
         ref.images = _double(ref.images)
