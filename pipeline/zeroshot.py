@@ -11,7 +11,7 @@ it bounded (same loss and gradients, up to float summation order):
   the peak holds one chunk's activations whatever the number of classes;
 - trimming the padding: open_clip's own text transformer is causally masked and pools at the
   argmax of the token ids (the end-of-text token), so the positions after the longest prompt
-  cannot reach any pooled output; they are cut off (`trimmed_length`) where that holds.
+  cannot reach any pooled output; they are cut off where that holds (`trims_exactly`).
 """
 
 from __future__ import annotations
@@ -227,9 +227,9 @@ def prompt_activation_bytes(shape: TextTowerShape, length: int,
     fp32 log-sum-exp values, 4·h); two fp32 mean/rstd pairs of the LayerNorms (16). Per
     prompt once: the final LayerNorm's input and statistics, the token ids (int64), the
     pooled feature before the projection. For ViT-B/32 (d 512, m 2048, h 8, 12 layers)
-    in fp32 this is ~16.5·d·4 bytes per position and block: ~29 MiB per 77-token prompt,
-    ~7 MiB at the 18 tokens of RxRx1's longest prompt (checked against the tensors
-    autograd saves in tests/test_zeroshot.py).
+    in fp32 this is 16-17·d·4 bytes per position and block: 31 MiB per 77-token prompt
+    (autograd saves 29 MiB), 6.9 MiB at the 18 tokens of RxRx1's longest prompt (6.8);
+    checked in tests/test_zeroshot.py.
 
     Per chunk: the causal mask each block keeps (L² at c) and, under autocast (c != p), the
     low-precision copies of the weights (4·d² + 2·d·m per block, d·e for the projection)
