@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import functools
 import json
-import tempfile
 from pathlib import Path
 
 import pipeline  # noqa: F401
@@ -155,8 +154,8 @@ def test_chunked_under_bf16_autocast():
 # ---- trimming: where it is exact, and only there -------------------------------------------
 
 
-def register(name: str, text_cfg: dict, custom_text: bool) -> str:
-    folder = Path(tempfile.mkdtemp(prefix="zeroshot-configs-"))
+def register(folder: Path, name: str, text_cfg: dict, custom_text: bool) -> str:
+    """The tiny config with `text_cfg` overrides, known to open_clip as `name`."""
     cfg = {**mf.CONFIG, "text_cfg": {**mf.CONFIG["text_cfg"], **text_cfg}}
     if custom_text:
         cfg["custom_text"] = True
@@ -172,8 +171,8 @@ def register(name: str, text_cfg: dict, custom_text: bool) -> str:
     ({"no_causal_mask": True}, True, False),  # bidirectional
     ({"embed_cls": True}, True, False),  # CoCa-style class token appended after the padding
 ])
-def test_trim_only_where_exact(text_cfg, custom_text, exact):
-    arch = register(f"zeroshot-test-{abs(hash((json.dumps(text_cfg), custom_text)))}", text_cfg, custom_text)
+def test_trim_only_where_exact(text_cfg, custom_text, exact, tmp_path):
+    arch = register(tmp_path, f"zeroshot-test-{tmp_path.name}", text_cfg, custom_text)
     torch.manual_seed(0)
     model = open_clip.create_model(arch, pretrained=None)
     assert trims_exactly(model) is exact
@@ -262,10 +261,10 @@ def test_chunk_size_follows_the_budget():
     assert prompt_chunk_size(model, tokens, 50 * per_prompt, trim=False) < 50
 
 
-def test_chunk_size_measured_for_other_towers():
+def test_chunk_size_measured_for_other_towers(tmp_path):
     """A tower the formula does not describe (custom blocks with QK norms) is measured on
     one prompt; the measured size lets the chunk keep no more than the budget."""
-    arch = register("zeroshot-test-custom-blocks", {"block_type": "custom", "qk_norm": True}, True)
+    arch = register(tmp_path, "zeroshot-test-custom-blocks", {"block_type": "custom", "qk_norm": True}, True)
     torch.manual_seed(0)
     model = open_clip.create_model(arch, pretrained=None)
     assert text_tower_shape(model) is None
