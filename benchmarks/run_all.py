@@ -33,6 +33,7 @@ BENCHES = {
     "dive": ("bench_dive.py", True),
     "eval": ("bench_eval.py", True),
     "radapter": ("bench_radapter.py", True),  # R-Adapter's own cost benchmark
+    "text_head": ("bench_text_head.py", True),  # prompt-CE head vs number of classes (~1 h on CPU)
     "repro": ("bench_repro.py", False),
 }
 

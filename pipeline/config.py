@@ -104,6 +104,10 @@ class TrainParams(Settings):
     precision: Str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
     num_workers: Int = 0
     nproc_per_node: Int = 1  # >1 launches torchrun (DDP)
+    # activation memory (MiB) for the class prompts the prompt-CE methods encode with
+    # gradient every step: they go through the text tower in chunks that fit it, recomputed
+    # in the backward pass (pipeline.models.zeroshot); the result does not depend on it
+    prompt_memory_mb: Int = 1024
 
     def __post_init__(self):
         check(self.steps > 0, "finetune.train.steps", self.steps, "use a positive integer")
@@ -119,6 +123,8 @@ class TrainParams(Settings):
         check(self.num_workers >= 0, "finetune.train.num_workers", self.num_workers, "use 0 or more")
         check(self.nproc_per_node >= 1, "finetune.train.nproc_per_node", self.nproc_per_node,
               "use 1 or more")
+        check(self.prompt_memory_mb >= 1, "finetune.train.prompt_memory_mb", self.prompt_memory_mb,
+              "use a positive number of MiB (e.g. 1024)")
 
 
 @dataclass(frozen=True)

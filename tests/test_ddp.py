@@ -4,7 +4,8 @@ gathered across ranks with gradients), DiVE (plus the reference losses and the a
 vector m averaged across ranks) and every other method that draws random numbers in its
 loss: R-Adapter (per-sample drop masks and prompt templates; shared drop draws for the
 class head of `loss: ce`) and BitFit / A-CLIP / LoRA (templates drawn for the training
-head); only rank 0 writes checkpoints and logs. LP, FT, LP-FT and CLIP-Adapter draw nothing
+head); BitFit with its class-prompt head encoded
+in chunks under activation checkpointing; only rank 0 writes checkpoints and logs. LP, FT, LP-FT and CLIP-Adapter draw nothing
 in their losses.
 
 Why the weights can match exactly (up to float summation order): the global batch of each
@@ -65,8 +66,12 @@ CASES = {
     "bitfit": ("bitfit", {"lr": 1e-3, "warmup_steps": 0, "head_templates": 1}, {"steps": 2, "batch_size": 8}),
     "aclip": ("aclip", {"lr": 3e-4, "warmup_steps": 0, "head_templates": 1}, {"steps": 2, "batch_size": 8}),
     "lora": ("lora", {"lr": 1e-2, "warmup_steps": 0, "head_templates": 1}, {"steps": 2, "batch_size": 8}),
+    # the prompt-CE head in chunks of one prompt under activation checkpointing (the budget
+    # below fits less than one prompt): every rank encodes every class, chunked alike
+    "bitfit_chunked": ("bitfit", {"lr": 3e-4, "warmup_steps": 0}, {"steps": 3, "batch_size": 8}),
 }
 SINGLE_BATCH = {"flyp_batch7": 6}
+CONTEXT = {"bitfit_chunked": {"prompt_memory_bytes": 1}}  # TaskContext fields per case
 SEED = 3
 TOL = 1e-5  # observed on CPU: < 2e-6 (float64 weights, float32 losses)
 
@@ -98,6 +103,8 @@ def run_case(name: str, checkpoint_dir: Path | None = None, batch_size: int | No
     ctx = mf.context(model, seed=SEED, reference=False)
     ctx.device = device
     ctx.train_set = _double(ctx.train_set)
+    for key, value in CONTEXT.get(name, {}).items():
+        setattr(ctx, key, value)
     if cls.needs_reference:
         ref = mf.reference_data(mf.fresh_model(), n=7)
         ref.images = _double(ref.images)

@@ -15,7 +15,7 @@ with autocast off. Each method's docstring says what else, if anything, it runs 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Iterable
 
 import torch
@@ -77,6 +77,9 @@ class TaskContext:
     train_eval_set: torch.utils.data.Dataset | None = None  # same items, no augmentation
     reference: ReferenceData | None = None
     fit: Callable | None = None  # the trainer's `fit`, for methods with an inner stage (LP-FT)
+    # activation memory one chunk of class prompts encoded with gradient may use
+    # (finetune.train.prompt_memory_mb); None = all prompts in one forward
+    prompt_memory_bytes: int | None = None
 
     @property
     def n_classes(self) -> int:

@@ -15,7 +15,7 @@ from pipeline.models.losses import classification_loss
 from pipeline.methods import register
 from pipeline.methods.base import BaseHparams, Method, freeze, matches, unfreeze
 from pipeline.methods.common import image_features
-from pipeline.models.zeroshot import build_head_with_grad
+from pipeline.models.zeroshot import build_head_with_grad, prompt_chunk_size
 
 # parameters of the residual blocks of both open_clip towers (`visual.transformer.resblocks.N`,
 # `transformer.resblocks.N`; `text.transformer.resblocks.N` in CustomTextCLIP)
@@ -35,18 +35,24 @@ class PromptCEHparams(BaseHparams):
 
 
 def class_head_with_grad(model: torch.nn.Module, class_tokens: torch.Tensor, n_templates: int,
-                         device: torch.device) -> torch.Tensor:
+                         device: torch.device, memory_bytes: int | None = None) -> torch.Tensor:
     """Normalised class text features [C, D] from the current text tower, with gradient.
 
     `n_templates = 0` averages every template (as `build_head`); otherwise each class
     averages `n_templates` templates drawn without replacement (global RNG: the trainer seeds
-    it per step, so every DDP rank draws the same).
+    it per step, so every DDP rank draws the same). The prompts go through the text tower in
+    chunks whose activations fit `memory_bytes` (None: all at once), recomputed in the
+    backward pass: the same loss and gradients at a peak that does not grow with C.
     """
     c, t, length = class_tokens.shape
     if 0 < n_templates < t:
         pick = torch.argsort(torch.rand(c, t), dim=1)[:, :n_templates]
         class_tokens = torch.gather(class_tokens, 1, pick[:, :, None].expand(-1, -1, length))
-    return build_head_with_grad(model.encode_text, class_tokens.to(device))
+    class_tokens = class_tokens.to(device)
+    chunk = None
+    if memory_bytes is not None:
+        chunk = prompt_chunk_size(model, class_tokens.reshape(-1, length), memory_bytes)
+    return build_head_with_grad(model, class_tokens, chunk)
 
 
 class PromptCE(Method):
@@ -59,6 +65,10 @@ class PromptCE(Method):
     precision (bf16 autocast on CUDA); features and head rows normalised in fp32, logits and
     cross-entropy in fp32 with autocast off. DDP: the templates drawn for the head are
     shared by every sample, so every rank draws the same (the trainer's per-micro-batch seed).
+    Memory: the prompts are encoded in chunks that fit `ctx.prompt_memory_bytes` (params
+    `finetune.train.prompt_memory_mb`) under activation checkpointing, with the padding after
+    the longest prompt cut off where that is exact (`pipeline.models.zeroshot`); both leave the loss
+    and its gradients as they are, up to float summation order.
     """
 
     Hparams = PromptCEHparams
@@ -66,7 +76,8 @@ class PromptCE(Method):
     def loss(self, batch, step):
         model = self.ctx.model
         feats = image_features(model, batch["image"])
-        head = class_head_with_grad(model, self.ctx.class_tokens, self.hp.head_templates, feats.device)
+        head = class_head_with_grad(model, self.ctx.class_tokens, self.hp.head_templates, feats.device,
+                                    self.ctx.prompt_memory_bytes)
         scale = model.logit_scale.exp().detach().float()
         return {"ce_loss": classification_loss(feats, scale * head, batch["y"])}
 

@@ -251,6 +251,9 @@ class RAdapter(Method):
       and D (F̃ = Ũ D̃, which keeps the checkpoint low-rank); 0 < r < d is low rank and
       r ≥ d full rank (the released code's inverted test is not repeated);
     - `loss: ce` uses 1/τ with the class head averaging one template per class per step;
+      where the prompts exceed `finetune.train.prompt_memory_mb` and go through the text
+      tower in chunks, each chunk draws its own adapter-dropping masks (the same
+      distribution as one forward, not the same draws);
     - few-shot defaults: the paper's lr 5e-4 and no weight decay; 6 warm-up steps (10 % of
       the 60-step default; the paper's 500 are for 50 ImageNet epochs); grad clip 1.0 is
       the trainer's default.
@@ -295,7 +298,7 @@ class RAdapter(Method):
             f = image_features(model, batch["image"])
         if hp.loss == "ce":
             # the class head's rows are the same on every rank: shared drop draws
-            head = class_head_with_grad(model, self.ctx.class_tokens, 1, f.device)
+            head = class_head_with_grad(model, self.ctx.class_tokens, 1, f.device, self.ctx.prompt_memory_bytes)
             return {"ce_loss": classification_loss(f, head / hp.tau, labels, label_smoothing=hp.smoothing)}
         tokens = sample_class_prompts(self.ctx.class_tokens, labels)
         with rank_rows():

@@ -54,6 +54,7 @@ def build_context(params: Params, method_cls, task, indices, device, seed) -> Ta
         model=clip.model, class_tokens=task.class_tokens,
         zeroshot_head=cache["head"].float(), device=device, seed=seed, train_set=train_set,
         train_eval_set=train_set.with_transform(clip.preprocess_val), reference=reference, fit=fit,
+        prompt_memory_bytes=params.finetune.train.prompt_memory_mb * 2**20,
     )
 
 
