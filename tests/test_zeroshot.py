@@ -14,7 +14,7 @@ import open_clip
 import pytest
 import torch
 
-from pipeline.methods.losses import classification_loss
+from pipeline.models.losses import classification_loss
 from pipeline.methods import METHODS
 from pipeline.methods.common import image_features
 from pipeline.models.zeroshot import (build_head_with_grad, encode_text_with_grad, prompt_activation_bytes,
