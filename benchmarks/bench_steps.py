@@ -99,12 +99,8 @@ def defaults(args, device) -> argparse.Namespace:
 
 
 def main(argv=None) -> dict:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = bt.resolve(args.device)
-    args = defaults(args, device)
+    argv = sys.argv[1:] if argv is None else list(argv)  # passed on to the worker processes
+    args, device = bt.start(argv, parse_args, defaults)
     if args.worker:
         print(json.dumps(worker(args)))
         return {}

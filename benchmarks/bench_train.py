@@ -57,6 +57,16 @@ def resolve(device: str) -> torch.device:
     return torch.device(device)
 
 
+def start(argv, parse_args, defaults) -> tuple[argparse.Namespace, torch.device]:
+    """The opening every benchmark's `main` shares: parse the arguments, set the CPU threads,
+    resolve the device, fill the device-dependent defaults."""
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve(args.device)
+    return defaults(args, device), device
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
