@@ -99,10 +99,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> dict:
-    args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = bt.resolve(args.device)
+    args, device = bt.start(argv, parse_args)
     gpu = device.type == "cuda"
     n = args.images or (2048 if gpu else 48)
     bs = args.batch_size or (256 if gpu else 16)

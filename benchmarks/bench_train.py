@@ -57,14 +57,14 @@ def resolve(device: str) -> torch.device:
     return torch.device(device)
 
 
-def start(argv, parse_args, defaults) -> tuple[argparse.Namespace, torch.device]:
+def start(argv, parse_args, defaults=None) -> tuple[argparse.Namespace, torch.device]:
     """The opening every benchmark's `main` shares: parse the arguments, set the CPU threads,
-    resolve the device, fill the device-dependent defaults."""
+    resolve the device, fill the device-dependent defaults (if the benchmark has any)."""
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve(args.device)
-    return defaults(args, device), device
+    return (defaults(args, device) if defaults else args), device
 
 
 def sync(device: torch.device) -> None:

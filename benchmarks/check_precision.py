@@ -161,10 +161,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> dict:
-    args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = bt.resolve(args.device)
+    args, device = bt.start(argv, parse_args)
     t0 = time.perf_counter()
     method, batch, size = build(args, device)
     dive = [dive_row(method, batch, device, bf16, path)
