@@ -1,9 +1,8 @@
-import time
-
 import numpy as np
 import pytest
 
-from pipeline.data.sampling import sample_kshot
+from pipeline.core.levels import parse_level
+from pipeline.data.sampling import fraction_size, sample_fraction, sample_kshot, sample_level
 
 
 def labels(n_classes=5, per_class=20, seed=0):
@@ -57,11 +56,77 @@ def test_rejects_nonpositive_k():
         sample_kshot(np.array([0, 1]), np.arange(2), k=0, seed=0)
 
 
-def test_200k_labels_fast():
+def test_200k_labels():
     y = np.random.default_rng(0).integers(0, 182, size=200_000)
-    t = time.perf_counter()
     s = sample_kshot(y, np.arange(len(y)), k=16, seed=0)
-    elapsed = time.perf_counter() - t
-    assert s["n"] == 182 * 16
-    # generous bound: a regression to per-class Python loops over rows would be ~100x slower
-    assert elapsed < 5.0
+    assert s["n"] == 182 * 16 and s["n_val"] == 182 * 16
+    assert not set(s["indices"]) & set(s["val_indices"])
+
+
+# ---- the few-shot validation set (selection protocol fewshot_val) ---------------------------
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_fewshot_val_is_disjoint_balanced_nested_and_seeded(seed):
+    y = labels(per_class=40)
+    rows = np.arange(len(y)) + 500
+    samples = [sample_kshot(y, rows, k, seed) for k in (1, 4, 16)]
+    vals = [set(s["val_indices"]) for s in samples]
+    for s, val in zip(samples, vals):
+        assert not val & set(s["indices"])  # never a training row
+        assert s["n_val"] == s["n"]  # the same k per class
+        assert np.bincount(y[np.array(sorted(val)) - 500]).tolist() == [s["k"]] * 5
+    for small, big in zip(vals, vals[1:]):
+        assert small < big  # nested like the training samples
+    assert sample_kshot(y, rows, 4, seed)["val_indices"] == samples[1]["val_indices"]
+    assert sample_kshot(y, rows, 4, seed + 1)["val_indices"] != samples[1]["val_indices"]
+
+
+def test_fewshot_val_of_a_small_class_takes_what_training_leaves():
+    y = np.array([0] * 6 + [1] * 3)
+    s = sample_kshot(y, np.arange(len(y)), k=4, seed=0)
+    val = np.array(s["val_indices"])
+    assert np.bincount(y[val], minlength=2).tolist() == [2, 0]  # 6 - 4 = 2 left; class 1 has none
+    assert not set(val) & set(s["indices"])
+
+
+# ---- fractions of the train split -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", [0, 5])
+def test_fractions_are_nested_seeded_and_sized(seed):
+    y = labels(per_class=40)  # 200 rows
+    rows = np.arange(len(y)) * 2
+    shares = (0.03, 0.1, 0.25, 0.5, 1.0)
+    sets = [set(sample_fraction(y, rows, f, seed, f"{f:%}")["indices"]) for f in shares]
+    assert [len(s) for s in sets] == [6, 20, 50, 100, 200]
+    for small, big in zip(sets, sets[1:]):
+        assert small < big
+    assert sets[-1] == set(rows.tolist())  # 100 % is the whole split
+    again = sample_fraction(y, rows, 0.25, seed, "25%")
+    assert set(again["indices"]) == sets[2]
+    assert set(sample_fraction(y, rows, 0.25, seed + 1, "25%")["indices"]) != sets[2]
+
+
+def test_fraction_val_is_disjoint_and_empty_at_100_percent():
+    y = labels(per_class=40)
+    rows = np.arange(len(y))
+    s = sample_fraction(y, rows, 0.1, 0, "10%")
+    assert s["n_val"] == s["n"] == 20 and not set(s["val_indices"]) & set(s["indices"])
+    s60 = sample_fraction(y, rows, 0.6, 0, "60%")
+    assert s60["n_val"] == 80 and not set(s60["val_indices"]) & set(s60["indices"])  # the rest
+    assert sample_fraction(y, rows, 1.0, 0, "100%")["n_val"] == 0
+
+
+def test_fraction_size_rounds_and_keeps_one_row():
+    assert fraction_size(0.03, 200) == 6
+    assert fraction_size(0.001, 200) == 1
+    assert fraction_size(1.0, 7) == 7
+
+
+def test_sample_level_dispatches_on_the_kind():
+    y = labels(per_class=40)
+    rows = np.arange(len(y))
+    assert sample_level(y, rows, parse_level(4), 0) == sample_kshot(y, rows, 4, 0)
+    s = sample_level(y, rows, parse_level("25%"), 0)
+    assert s["kind"] == "fraction" and s["level"] == "25%" and s["n"] == 50
