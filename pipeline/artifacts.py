@@ -10,6 +10,7 @@ from pathlib import Path
 CHECKED = Path("data/check.json")  # the check stage's marker: params.yaml passed
 PREPARED = Path("data/prepared")
 PREPARED_INFO = PREPARED / "dataset.json"
+PREPARED_MANIFEST = PREPARED / "manifest.json"  # digest of everything prepared: what stages depend on
 PREPARED_PROMPTS = PREPARED / "prompts.json"
 SPLIT_TABLE = PREPARED / "split_table.csv"
 GENERATED_ROOT = PREPARED / "wilds"  # generated datasets (the synthetic one) live here
@@ -29,27 +30,33 @@ RUNS = Path("runs")
 CHECKPOINTS = Path("checkpoints")
 REPORTS = Path("reports")
 REPORT_METRICS = Path("metrics/report.json")
-REPORT_PLOT_DATA = Path("metrics/shots.csv")
+REPORT_PLOT_DATA = Path("metrics/levels.csv")
 
 
-def sample_file(k: int, seed: int) -> Path:
-    return SAMPLES / f"k{k}_seed{seed}.json"
+SELECT = RUNS / "select"
 
 
-def run_name(method: str, k: int, seed: int) -> str:
-    return f"{method}/k{k}_seed{seed}"
+def sample_file(level: str, seed: int) -> Path:
+    """The training sample (and few-shot validation set) of a level (its params.yaml name,
+    e.g. `16` or `25%`) and seed."""
+    return SAMPLES / level / f"seed{seed}.json"
 
 
-def finetune_dir(method: str, k: int, seed: int) -> Path:
-    return RUNS / "finetune" / run_name(method, k, seed)
+def finetune_dir(trial: str, level: str, seed: int) -> Path:
+    return RUNS / "finetune" / trial / level / f"seed{seed}"
 
 
-def checkpoint_dir(method: str, k: int, seed: int) -> Path:
-    return CHECKPOINTS / run_name(method, k, seed)
+def checkpoint_dir(trial: str, level: str, seed: int) -> Path:
+    return CHECKPOINTS / trial / level / f"seed{seed}"
 
 
-def evaluate_dir(method: str, k: int, seed: int) -> Path:
-    return RUNS / "evaluate" / run_name(method, k, seed)
+def select_file(method: str, level: str) -> Path:
+    """The selection record of a method at a level: the chosen trial of every seed."""
+    return SELECT / method / f"{level}.json"
+
+
+def evaluate_dir(method: str, level: str, seed: int) -> Path:
+    return RUNS / "evaluate" / method / level / f"seed{seed}"
 
 
 # ---- the prepare stage's outputs ------------------------------------------------------------
@@ -94,15 +101,31 @@ TRAIN_LOG = "train_log.csv"
 SUMMARY = "train_summary.json"  # written last: the run is finished
 
 
-def read_run(method: str, k: int, seed: int):
+SCORES = "scores.json"  # the fine-tuned model (alpha = 1) on every split a protocol may read
+
+
+def read_run(trial: str, level: str, seed: int):
     """(trained state, run config, train summary) of a finished fine-tuning run."""
     from pipeline import models
 
-    out = finetune_dir(method, k, seed)
+    out = finetune_dir(trial, level, seed)
     if not (out / SUMMARY).exists():
         raise FileNotFoundError(f"{out}: no finished fine-tuning run; run `dvc repro` first")
     state = models.load_state_dict(out / WEIGHTS)
     return state, json.loads((out / CONFIG).read_text()), json.loads((out / SUMMARY).read_text())
+
+
+def read_json(path: Path, made_by: str) -> dict:
+    """A JSON object another stage wrote (FileNotFoundError naming the stage that makes it)."""
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: run `dvc repro {made_by}` first")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err}); re-run `dvc repro {made_by}`") from err
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object; re-run `dvc repro {made_by}`")
+    return data
 
 
 # ---- the evaluate stage's outputs ------------------------------------------------------------

@@ -13,28 +13,34 @@ from typing import Optional
 
 import typer
 
-from pipeline.stages import check, embed, evaluate, finetune, prepare, pretrained, report, sample
+from pipeline.stages import check, embed, evaluate, finetune, prepare, pretrained, report, sample, selection
 
 app = typer.Typer(
     help="Few-shot robust fine-tuning of CLIP on WILDS. Stages run in this order: check → prepare → "
-         "pretrained → embed → sample → finetune → evaluate → report. Normally `dvc repro` runs "
+         "pretrained → embed → sample → finetune → selection → evaluate → report. Normally `dvc repro` runs "
          "them; each command here runs one stage by hand (same code, same outputs).",
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
 )
 
 for _name, _module in (("check", check), ("prepare", prepare), ("pretrained", pretrained), ("embed", embed),
-                       ("sample", sample), ("finetune", finetune), ("evaluate", evaluate), ("report", report)):
+                       ("sample", sample), ("finetune", finetune), ("selection", selection), ("evaluate", evaluate),
+                       ("report", report)):
     app.command(name=_name)(_module.command)
 
 
 @app.command()
 def methods():
-    """List the registered fine-tuning methods (the names finetune.methods accepts)."""
+    """List the registered fine-tuning methods (the names finetune.methods accepts) with every
+    hyper-parameter's default: a trial of finetune.trials sets the ones it changes."""
+    import dataclasses
+
     from pipeline.methods import METHODS
 
     for name, cls in sorted(METHODS.items()):
         doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
         typer.echo(f"{name:14s} {doc}")
+        defaults = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(cls.Hparams))
+        typer.echo(f"{'':14s} defaults: {defaults}")
 
 
 @app.command()

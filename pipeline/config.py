@@ -4,7 +4,7 @@ This module knows the *shape* of params.yaml: every section is a frozen dataclas
 keys, wrong types and impossible values are rejected with a sentence that names the dotted key,
 the value and what is allowed. It imports no registry, so every stage can load params without
 depending on code it does not run. The free-form sections are typed by the layer that owns
-them: `finetune.hparams.<m>` by the method (`pipeline.methods.parse_hparams`),
+them: each trial of `finetune.trials` by its method (`pipeline.methods.parse_hparams`),
 `prepare.<dataset>` by the generated dataset (`DatasetSpec.options`), `pretrained.builtin` by
 the pre-trainer (`PretrainConfig`). Names against registries (datasets, methods, tasks) and the
 files params.yaml points at are checked by the first DVC stage, `check`
@@ -13,11 +13,13 @@ files params.yaml points at are checked by the first DVC stage, `check`
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
+from pipeline.core.levels import Level, parse_levels
 from pipeline.core.validation import Bool, Float, Int, ParamsError, Settings, Str, check, parse, to_dict
 
 __all__ = ["Params", "ParamsError", "load_params", "read_raw", "check", "to_dict"]
@@ -74,28 +76,41 @@ class EmbedParams(Settings):
 
 @dataclass(frozen=True)
 class SampleParams(Settings):
-    shots: tuple[Int, ...] = (1, 4, 16)
-    seeds: tuple[Int, ...] = (0,)
+    # levels of data availability (pipeline.core.levels): k examples per class (an integer)
+    # or a share of the train split ("25%"); the zero-shot level is always evaluated
+    levels: tuple[Int | Str | Float, ...] = (1, 16)  # floats only to say how to write a share
+    seeds: tuple[Int, ...] = (0, 1, 2)
 
     def __post_init__(self):
-        check(len(self.shots) > 0, "sample.shots", list(self.shots), "give at least one shot count")
-        for k in self.shots:
-            check(k > 0, "sample.shots", k, "shot counts are positive integers (k = 0 is the "
-                  "zero-shot level, evaluated by the embed stage)")
-        dup = sorted({k for k in self.shots if self.shots.count(k) > 1})
-        check(not dup, "sample.shots", list(self.shots), f"each shot count once (repeated: {dup})")
+        parse_levels(self.levels)
         check(len(self.seeds) > 0, "sample.seeds", list(self.seeds), "give at least one seed")
         dup = sorted({s for s in self.seeds if self.seeds.count(s) > 1})
         check(not dup, "sample.seeds", list(self.seeds), f"each seed once (repeated: {dup})")
         for s in self.seeds:
             check(s >= 0, "sample.seeds", s, "seeds are non-negative integers")
 
+    @property
+    def parsed_levels(self) -> tuple[Level, ...]:
+        return parse_levels(self.levels)
+
+    def level(self, name: str) -> Level:
+        """The configured level written `name` (as in a DVC matrix entry), or ParamsError."""
+        for lv in self.parsed_levels:
+            if lv.name == name:
+                return lv
+        raise ParamsError(f"--level: {name!r} is not in sample.levels "
+                          f"({', '.join(lv.name for lv in self.parsed_levels)})")
+
 
 @dataclass(frozen=True)
 class TrainParams(Settings):
     """Shared by every method; the per-method sections hold lr, weight decay and the rest."""
 
-    steps: Int = 60
+    # the budget scales with the data: `epochs` passes over the training sample, bounded by
+    # min_steps and max_steps (pipeline.training.train.budget_steps)
+    epochs: Float = 15.0
+    min_steps: Int = 30
+    max_steps: Int = 300
     batch_size: Int = 32  # global batch (summed over DDP processes)
     grad_accum: Int = 1
     grad_clip: Float = 1.0  # 0 disables
@@ -110,7 +125,10 @@ class TrainParams(Settings):
     prompt_memory_mb: Int = 1024
 
     def __post_init__(self):
-        check(self.steps > 0, "finetune.train.steps", self.steps, "use a positive integer")
+        check(self.epochs > 0, "finetune.train.epochs", self.epochs, "use a positive number of epochs")
+        check(self.min_steps > 0, "finetune.train.min_steps", self.min_steps, "use a positive integer")
+        check(self.max_steps >= self.min_steps, "finetune.train.max_steps", self.max_steps,
+              f"use at least finetune.train.min_steps ({self.min_steps})")
         check(self.batch_size > 0, "finetune.train.batch_size", self.batch_size, "use a positive integer")
         check(self.grad_accum > 0, "finetune.train.grad_accum", self.grad_accum, "use a positive integer")
         check(self.batch_size % self.grad_accum == 0, "finetune.train.grad_accum", self.grad_accum,
@@ -127,17 +145,72 @@ class TrainParams(Settings):
               "use a positive number of MiB (e.g. 1024)")
 
 
+# The default search space: at least two values of each default method's most sensitive
+# setting (params.yaml lists the same trials; tests/test_config.py checks it).
+DEFAULT_TRIALS: dict[str, dict] = {
+    "lp-lr1e-3": {"method": "lp", "lr": 1.0e-3},
+    "lp-lr1e-2": {"method": "lp", "lr": 1.0e-2},
+    "ft-lr3e-5": {"method": "ft", "lr": 3.0e-5},
+    "ft-lr1e-4": {"method": "ft", "lr": 1.0e-4},
+    "flyp-lr3e-5": {"method": "flyp", "lr": 3.0e-5},
+    "flyp-lr1e-4": {"method": "flyp", "lr": 1.0e-4},
+    "dive-lam10": {"method": "dive", "lam": 10.0},
+    "dive-lam100": {"method": "dive", "lam": 100.0},
+}
+
+TRIAL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
 @dataclass(frozen=True)
 class FinetuneParams(Settings):
-    methods: tuple[Str, ...] = ("lp", "ft", "lpft", "flyp", "dive")
+    # the methods compared (the report's order); each needs at least one trial
+    methods: tuple[Str, ...] = ("lp", "ft", "flyp", "dive")
     train: TrainParams = field(default_factory=TrainParams)
-    # per-method hyper-parameters: method name -> overrides of its Hparams dataclass
-    hparams: dict = field(default_factory=dict)
+    # the search space: trial name -> {method: <name>, <hparam>: <value>, ...}. A trial sets
+    # the hyper-parameters it changes from the method's defaults (its Hparams class, the one
+    # source: `python -m pipeline methods`). Every trial runs at every level and seed, and
+    # evaluate.selection picks one per method, level and seed.
+    trials: dict[Str, dict] = field(default_factory=lambda: {k: dict(v) for k, v in DEFAULT_TRIALS.items()})
+
+    def __post_init__(self):
+        check(len(self.methods) > 0, "finetune.methods", [], "list at least one method")
+        dup = sorted({m for m in self.methods if self.methods.count(m) > 1})
+        check(not dup, "finetune.methods", list(self.methods), f"each method once (repeated: {dup})")
+        for name, spec in self.trials.items():
+            check(bool(TRIAL_NAME.match(name)), "finetune.trials", name,
+                  "trial names use letters, digits, '-', '_' and '.' (they name DVC stages and folders)")
+            check(isinstance(spec.get("method"), str), f"finetune.trials.{name}.method", spec.get("method"),
+                  "every trial names its method, e.g. {method: ft, lr: 1.0e-4}")
+            check(spec["method"] in self.methods, f"finetune.trials.{name}.method", spec["method"],
+                  f"the method must be in finetune.methods ({', '.join(self.methods)})")
+        for m in self.methods:
+            check(any(t["method"] == m for t in self.trials.values()), "finetune.methods", m,
+                  f"give {m} at least one trial in finetune.trials (e.g. {m}-default: {{method: {m}}})")
+
+    def trial(self, name: str) -> tuple[str, dict]:
+        """(method, hparam overrides) of a trial, or ParamsError naming the allowed ones."""
+        if name not in self.trials:
+            raise ParamsError(f"--trial: {name!r} is not in finetune.trials "
+                              f"({', '.join(self.trials) or 'none'})")
+        spec = dict(self.trials[name])
+        return spec.pop("method"), spec
+
+    def trials_of(self, method: str) -> list[str]:
+        """The method's trials in params.yaml order (the `none` protocol takes the first)."""
+        return [n for n, t in self.trials.items() if t["method"] == method]
+
+
+SELECTIONS = ("auto", "id_val", "ood_val", "fewshot_val", "none")
 
 
 @dataclass(frozen=True)
 class EvaluateParams(Settings):
-    wise_alphas: tuple[Float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+    # how each method's trial (and WiSE-FT alpha) is chosen per level and seed, never on a test
+    # split: id_val / ood_val (the dataset's ID / OOD validation split), fewshot_val (a
+    # validation set the size of the training sample, held out of the train split), none (each
+    # method's first trial, alpha = 1); auto = id_val where the dataset has one, else ood_val
+    selection: Str = "auto"
+    wise_alphas: tuple[Float, ...] = (0.0, 0.5, 1.0)
     zs_tasks: tuple[Str, ...] | Str = "auto"  # 'auto' = the dataset's retention tasks
     rsa_samples: Int = 500
     batch_size: Int = 256
@@ -149,6 +222,8 @@ class EvaluateParams(Settings):
             check(0.0 <= a <= 1.0, "evaluate.wise_alphas", a, "alphas lie in [0, 1]")
         check(1.0 in self.wise_alphas, "evaluate.wise_alphas", list(self.wise_alphas),
               "include 1.0 (the fine-tuned model itself)")
+        check(self.selection in SELECTIONS, "evaluate.selection", self.selection,
+              f"allowed: {', '.join(SELECTIONS)}")
         check(self.rsa_samples >= 3, "evaluate.rsa_samples", self.rsa_samples, "use 3 or more")
         check(self.batch_size > 0, "evaluate.batch_size", self.batch_size, "use a positive integer")
 

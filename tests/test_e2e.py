@@ -20,9 +20,13 @@ TINY = {
     "pretrained": {"builtin": {"steps": 200, "batch_size": 64, "warmup": 20}},
     "reference": {"max_samples": 300},
     "embed": {"iimm_samples": 200},
-    "sample": {"shots": [4], "seeds": [0]},
+    "sample": {"levels": [4, "10%"], "seeds": [0]},
     "finetune": {"methods": ["lp", "flyp", "dive"],
-                 "train": {"steps": 12, "batch_size": 16, "checkpoint_every": 6}},
+                 "trials": {"lp-a": {"method": "lp"}, "flyp-a": {"method": "flyp"},
+                            "dive-lam10": {"method": "dive", "lam": 10.0},
+                            "dive-lam100": {"method": "dive", "lam": 100.0}},
+                 "train": {"epochs": 1.0, "min_steps": 12, "max_steps": 12, "batch_size": 16,
+                           "checkpoint_every": 6}},
     "evaluate": {"wise_alphas": [0.0, 0.5, 1.0], "rsa_samples": 150},
 }
 
@@ -30,6 +34,9 @@ TINY = {
 def merge(base: dict, extra: dict) -> dict:
     out = dict(base)
     for k, v in extra.items():
+        if k == "trials":  # the search space is replaced, not merged
+            out[k] = v
+            continue
         out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
@@ -67,8 +74,11 @@ def project(tmp_path_factory):
     return work, env
 
 
-def metrics(work: Path, method: str, k: int = 4, seed: int = 0) -> dict:
-    return json.loads((work / "runs/evaluate" / method / f"k{k}_seed{seed}" / "metrics.json").read_text())
+def metrics(work: Path, method: str, level: str = "4", seed: int = 0) -> dict:
+    return json.loads((work / "runs/evaluate" / method / level / f"seed{seed}" / "metrics.json").read_text())
+
+
+TRIALS = {"lp": ["lp-a"], "flyp": ["flyp-a"], "dive": ["dive-lam10", "dive-lam100"]}
 
 
 def test_pipeline_outputs(project):
@@ -76,16 +86,29 @@ def test_pipeline_outputs(project):
     zs = json.loads((work / "data/embed/metrics.json").read_text())
     assert {"id_test/acc_avg", "test/acc_avg", "iimm", "silhouette/modality", "silhouette/class",
             "zs/synthetic/colour/acc"} <= zs.keys()
-    sample = json.loads((work / "data/samples/k4_seed0.json").read_text())
-    assert sample["n"] == 4 * len(sample["per_class"])
-    for m in ("lp", "flyp", "dive"):
+    sample = json.loads((work / "data/samples/4/seed0.json").read_text())
+    assert sample["n"] == 4 * len(sample["per_class"]) and sample["n_val"] == sample["n"]
+    share = json.loads((work / "data/samples/10%/seed0.json").read_text())
+    assert share["kind"] == "fraction" and share["n"] == 40 and share["n_val"] == 40  # 10 % of 400
+    assert not set(share["val_indices"]) & set(share["indices"])
+    assert (work / "runs/evaluate/dive/10%/seed0/metrics.json").exists()
+    for m, trials in TRIALS.items():
+        for t in trials:
+            run = work / "runs/finetune" / t / "4" / "seed0"
+            assert (run / "weights.safetensors").exists()
+            assert {"id_val/acc_avg", "val/acc_avg", "fewshot_val/acc_avg"} <= json.loads((run / "scores.json").read_text()).keys()
+            assert json.loads((run / "train_summary.json").read_text())["steps"] == 12
+            assert not (work / "checkpoints" / t / "4" / "seed0" / "last.pt").exists()
         got = metrics(work, m)
-        assert {"id_test/acc_avg", "test/acc_avg", "rsa/image", "rsa/text", "selected/alpha"} <= got.keys()
-        assert (work / "runs/finetune" / m / "k4_seed0" / "weights.safetensors").exists()
-        assert not (work / "checkpoints" / m / "k4_seed0" / "last.pt").exists()
-        sel = json.loads((work / "runs/evaluate" / m / "k4_seed0" / "selection.json").read_text())
-        assert "test" not in sel["split"]
-    assert (work / "reports/summary.md").exists()
+        assert {"id_test/acc_avg", "test/acc_avg", "rsa/image", "rsa/text", "selected/alpha",
+                "selection/trials"} <= got.keys()
+        assert got["selection/trials"] == len(trials)
+        sel = json.loads((work / "runs/evaluate" / m / "4" / "seed0" / "selection.json").read_text())
+        assert sel["protocol"] == "id_val" and sel["split"] == "id_val" and sel["trial"] in trials
+        record = json.loads((work / "runs/select" / m / "4.json").read_text())
+        scores = record["seeds"]["0"]["scores"]
+        assert record["seeds"]["0"]["trial"] == max(trials, key=lambda t: (scores[t], -trials.index(t)))
+    assert (work / "reports/summary.md").exists() and (work / "reports/selection.csv").exists()
     assert (work / "metrics/report.json").exists()
     for png in ("id_vs_shots", "ood_vs_shots", "id_vs_ood", "zs_retention_vs_shots", "rsa_vs_shots"):
         data = (work / "reports" / f"{png}.png").read_bytes()
@@ -116,18 +139,21 @@ def test_mlflow_one_run_per_level(project):
         return client.search_runs([exp.experiment_id])
 
     keys = sorted(r.data.tags["run_key"] for r in runs())
-    assert keys == ["dive/k4/seed0", "flyp/k4/seed0", "lp/k4/seed0", "report", "zeroshot/k0/seed0"]
-    dive = next(r for r in runs() if r.data.tags["run_key"] == "dive/k4/seed0")
-    assert dive.data.params["method"] == "dive" and dive.data.params["shots"] == "4"
-    assert dive.data.params["hparams.lam"] == "1000.0"
-    assert dive.data.params["select_split"] == "id_val"
+    assert keys == sorted(f"{m}/{lv}/seed0" for m in ("dive", "flyp", "lp") for lv in ("4", "10%")) + [
+        "report", "zeroshot/k0/seed0"]
+    dive = next(r for r in runs() if r.data.tags["run_key"] == "dive/4/seed0")
+    chosen = json.loads((work / "runs/evaluate/dive/4/seed0/selection.json").read_text())["trial"]
+    assert dive.data.params["method"] == "dive" and dive.data.params["level"] == "4"
+    assert dive.data.tags["trial"] == dive.data.params["trial"] == chosen
+    assert dive.data.params["hparams.lam"] == ("10.0" if chosen == "dive-lam10" else "100.0")
+    assert dive.data.params["selection"] == dive.data.tags["selection"] == "id_val"
     assert dive.data.metrics["test/acc_avg"] == pytest.approx(metrics(work, "dive")["test/acc_avg"])
     history = client.get_metric_history(dive.info.run_id, "train/flyp_loss")
     assert [h.step for h in history] == list(range(1, 13))
     # re-running a stage replaces its run
-    sh([sys.executable, "-m", "dvc", "repro", "-f", "-s", "evaluate@flyp-4-0"], work, env)
+    sh([sys.executable, "-m", "dvc", "repro", "-f", "-s", "evaluate@flyp"], work, env)
     keys = sorted(r.data.tags["run_key"] for r in runs())
-    assert keys.count("flyp/k4/seed0") == 1
+    assert keys.count("flyp/4/seed0") == 1
 
 
 def changed_after(work: Path, env: dict, edit) -> set[str]:
@@ -142,20 +168,41 @@ def changed_after(work: Path, env: dict, edit) -> set[str]:
         (work / "params.yaml").write_text(original)
 
 
-def test_new_shot_count_runs_only_new_entries(project):
+def test_a_new_search_value_runs_only_the_new_trial(project):
     work, env = project
-    changed = changed_after(work, env, lambda p: p["sample"].update(shots=[4, 8]))
-    assert {"sample@8-0", "finetune@lp-8-0", "finetune@dive-8-0", "evaluate@flyp-8-0"} <= changed
-    assert not any(name.endswith("-4-0") for name in changed), changed
+    changed = changed_after(work, env, lambda p: p["finetune"]["trials"].update(
+        {"dive-lam1000": {"method": "dive", "lam": 1000.0}}))
+    assert {name for name in changed if name.startswith("finetune@")} == {
+        "finetune@dive-lam1000-4", "finetune@dive-lam1000-10%"}, changed
+    assert not {"prepare", "pretrained", "embed", "sample"} & changed, changed
+
+
+def test_a_new_level_runs_only_new_entries(project):
+    work, env = project
+    changed = changed_after(work, env, lambda p: p["sample"].update(levels=[4, "10%", "20%"]))
+    assert {"finetune@lp-a-20%", "finetune@dive-lam10-20%", "evaluate@flyp"} <= changed, changed
+    assert not any(name.startswith("finetune@") and name.endswith(("-4", "-10%")) for name in changed), changed
     assert not {"prepare", "pretrained", "embed"} & changed
 
 
 def test_new_method_trains_only_its_entries(project):
     work, env = project
-    changed = changed_after(work, env, lambda p: p["finetune"].update(methods=["lp", "flyp", "dive", "ft"]))
-    assert {"finetune@ft-4-0", "evaluate@ft-4-0"} <= changed
-    assert not {"finetune@lp-4-0", "finetune@flyp-4-0", "finetune@dive-4-0", "sample@4-0",
+
+    def add_ft(p):
+        p["finetune"]["methods"].append("ft")
+        p["finetune"]["trials"]["ft-a"] = {"method": "ft"}
+
+    changed = changed_after(work, env, add_ft)
+    assert {"finetune@ft-a-4", "evaluate@ft"} <= changed
+    assert not {"finetune@lp-a-4", "finetune@flyp-a-4", "finetune@dive-lam10-4", "sample",
                 "prepare", "pretrained", "embed"} & changed, changed
+
+
+def test_another_protocol_retrains_nothing(project):
+    work, env = project
+    changed = changed_after(work, env, lambda p: p["evaluate"].update(selection="fewshot_val"))
+    assert "selection" in changed and "report" in changed
+    assert not any(name.startswith("finetune@") for name in changed), changed
 
 
 def changed_after_code_edit(work: Path, env: dict, rel: str) -> set[str]:
@@ -173,8 +220,11 @@ def test_code_edits_rerun_the_stages_that_run_that_code(project):
     work, env = project
     assert changed_after_code_edit(work, env, "pipeline/report/plots.py") == {"report"}
     changed = changed_after_code_edit(work, env, "pipeline/methods/dive.py")
-    assert {"check", "finetune@dive-4-0", "evaluate@dive-4-0", "report"} <= changed, changed
-    assert not {"prepare", "pretrained", "embed", "sample@4-0"} & changed, changed
+    assert {"check", "finetune@dive-lam10-4", "finetune@dive-lam100-4", "evaluate@dive", "report"} <= changed, changed
+    assert not {"prepare", "pretrained", "embed", "sample", "selection"} & changed, changed
     # the WiSE-FT merge: every evaluate entry notices (it was missing from evaluate's deps once)
     changed = changed_after_code_edit(work, env, "pipeline/models/weights.py")
-    assert {"evaluate@flyp-4-0", "evaluate@lp-4-0"} <= changed, changed
+    assert {"evaluate@flyp", "evaluate@lp"} <= changed, changed
+    # the selection rule: the selection stage (and what reads its records), no training
+    changed = changed_after_code_edit(work, env, "pipeline/evaluation/selection.py")
+    assert "selection" in changed and not any(n.startswith(("prepare", "pretrained")) for n in changed), changed

@@ -104,13 +104,14 @@ def project(tmp_path_factory):
                   model={"arch": "ViT-B-32", "pretrained": str(weights)})
     params["reference"]["max_samples"] = 20
     params["prepare"]["synthetic"] = {"n_corpus": 20}
-    params["sample"] = {"shots": [1], "seeds": [0]}
+    params["sample"] = {"levels": [1], "seeds": [0]}
     params["finetune"]["methods"] = list(METHODS)
-    params["finetune"]["train"].update(steps=1, batch_size=2, checkpoint_every=1)
+    params["finetune"]["trials"] = {m: {"method": m} for m in METHODS}  # each at its defaults
+    params["finetune"]["train"].update(epochs=1.0, min_steps=1, max_steps=1, batch_size=2, checkpoint_every=1)
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
     stage(work, "prepare")
-    stage(work, "sample", "--shots", "1", "--seed", "0")
+    stage(work, "sample")
     stage(work, "pretrained")
     head = torch.nn.functional.normalize(torch.randn(1139, dim, generator=torch.Generator().manual_seed(0)), dim=-1)
     models.save_state_dict({"head": head}, work / "data/embed/features.safetensors")
@@ -122,8 +123,10 @@ def test_prompt_ce_finetune_on_rxrx1_vit_b32(project, method):
     work = project
     info = json.loads((work / "data/prepared/dataset.json").read_text())
     assert info["n_classes"] == 1139
-    peak = cli(work, "finetune", "--method", method, "--shots", "1", "--seed", "0")
-    out = work / "runs/finetune" / method / "k1_seed0"
+    from pipeline import artifacts
+
+    peak = cli(work, "finetune", "--trial", method, "--level", "1")
+    out = work / artifacts.finetune_dir(method, "1", 0)
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["steps"] == 1 and summary["n_train"] == 1139
     log = (out / "train_log.csv").read_text().splitlines()
@@ -131,5 +134,8 @@ def test_prompt_ce_finetune_on_rxrx1_vit_b32(project, method):
     assert math.isfinite(float(row[header.index("loss")]))
     config = json.loads((out / "config.json").read_text())
     assert config["train"]["prompt_memory_mb"] == 1024
+    assert (config["trial"], config["method"], config["level"], config["steps"]) == (method, method, "1", 1)
+    scores = json.loads((out / "scores.json").read_text())
+    assert "val/acc_avg" in scores and not any("test" in k for k in scores)  # RxRx1 selects on val
     print(f"{method}: peak RSS {peak / 2**30:.2f} GiB, step {summary['wall_time_s']:.0f} s")
     assert peak < PEAK_RSS_BOUND, f"{method}: peak RSS {peak / 2**30:.2f} GiB"

@@ -109,24 +109,31 @@ def test_alpha_zero_is_pretrained(name):
         torch.testing.assert_close(merged.task_head(mf.class_tokens()), expected_head, rtol=1e-6, atol=1e-5)
 
 
-def test_params_yaml_mirrors_the_method_defaults():
-    """One source for every default: a method's `Hparams` field defaults. params.yaml lists the
-    same values (so users see and edit them, and DVC tracks them); they must not drift."""
+def test_every_trial_of_params_yaml_parses():
+    """One source for every default: a method's `Hparams` field defaults; a trial of
+    finetune.trials changes exactly the keys it lists. Every trial parses, and no two trials
+    of a method train the same hyper-parameters (a wasted run that would fake a choice)."""
     import yaml
 
     from pipeline.core.validation import to_dict
+    from pipeline.methods import parse_hparams
 
     raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
-    sections = raw["finetune"]["hparams"]
-    assert sorted(sections) == sorted(METHODS), "params.yaml needs one hparams section per method"
-    for name, cls in METHODS.items():
-        defaults = to_dict(cls.Hparams())
-        listed = sections[name] or {}
-        assert sorted(listed) == sorted(defaults), f"finetune.hparams.{name}: keys differ from {cls.Hparams.__name__}"
+    trials = raw["finetune"]["trials"]
+    assert trials, "params.yaml lists the search space under finetune.trials"
+    seen: dict[str, list[dict]] = {}
+    for name, spec in trials.items():
+        spec = dict(spec)
+        method = spec.pop("method")
+        assert method in METHODS, f"finetune.trials.{name}: unknown method {method!r}"
+        hp = to_dict(parse_hparams(method, spec, f"finetune.trials.{name}"))
+        defaults = to_dict(METHODS[method].Hparams())
         for key, value in defaults.items():
-            assert listed[key] == value, (
-                f"finetune.hparams.{name}.{key}: params.yaml has {listed[key]!r}, "
-                f"{cls.Hparams.__name__} defaults to {value!r}")
+            want = float(spec[key]) if key in spec and isinstance(value, float) else spec.get(key, value)
+            assert hp[key] == want, f"finetune.trials.{name}.{key}: {hp[key]!r} != {want!r}"
+        assert hp not in seen.setdefault(method, []), f"finetune.trials.{name}: same as another {method} trial"
+        seen[method].append(hp)
+    assert set(seen) == set(raw["finetune"]["methods"]), "each compared method has a trial, and only those"
 
 
 class _CountingImages:

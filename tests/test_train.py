@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from pipeline.methods import METHODS
 from pipeline.methods.base import Method
-from pipeline.training.train import NonFiniteLossError, batch_plan, cosine_lr, fit
+from pipeline.training.train import NonFiniteLossError, batch_plan, budget_steps, cosine_lr, epoch_steps, fit
 
 from .methods_fixtures import context, single_thread  # noqa: F401
 
@@ -63,6 +63,51 @@ def test_batch_plan_has_no_duplicates_and_covers_epochs():
     small = batch_plan(3, 8, steps=2, seed=0)
     assert all(sorted(b) == [0, 1, 2] for b in small)
     assert batch_plan(10, 4, 6, seed=0) == plan
+
+
+# budget_steps' docstring: batch 32, 15 epochs, bounded by [30, 300]
+@pytest.mark.parametrize("n, steps", [(8, 30), (128, 60), (4000, 300)])
+def test_budget_steps_documented_examples(n, steps):
+    assert budget_steps(n, 32, 15.0, 30, 300) == steps
+
+
+@pytest.mark.parametrize("n, batch, epochs, multiple, steps", [
+    (128, 32, 2.5, 1, 10),    # 4 steps per epoch × 2.5
+    (128, 32, 0.3, 1, 2),     # 1.2 steps: rounded up to whole steps
+    (960, 32, 0.1, 1, 3),     # 30 × 0.1 = 3.0000000000000004 in floats: still 3, not 4
+    (100, 32, 15.0, 3, 45),   # batch rounded down to 30 (3 processes): 3 steps per epoch
+    (10, 32, 4.0, 4, 4),      # set smaller than the batch: 8 of 10 per batch, 1 step per epoch
+    (100, 32, 15.0, 1, 45),   # the last partial batch (4 of 100) is dropped: 3 steps per epoch
+])
+def test_budget_steps_fractional_epochs_and_multiples(n, batch, epochs, multiple, steps):
+    assert budget_steps(n, batch, epochs, 1, 10_000, multiple) == steps
+
+
+def test_budget_steps_bounds():
+    assert budget_steps(128, 32, 0.01, 5, 300) == 5       # min_steps
+    assert budget_steps(128, 32, 1000.0, 5, 300) == 300   # max_steps
+    assert budget_steps(128, 32, 15.0, 60, 60) == 60      # min = max: a fixed budget
+    assert epoch_steps(3, 8, multiple=4) == 0             # no batch fits: only the bound remains
+    assert budget_steps(3, 8, 15.0, 30, 300, multiple=4) == 30
+
+
+@pytest.mark.parametrize("n, batch, epochs, multiple", [
+    (8, 32, 15.0, 1), (128, 32, 15.0, 1), (4000, 32, 15.0, 1), (128, 32, 2.5, 1), (100, 32, 15.0, 3),
+])
+def test_batch_plan_yields_the_budget(n, batch, epochs, multiple):
+    steps = budget_steps(n, batch, epochs, 30, 300, multiple)
+    plan = batch_plan(n, batch, steps, seed=0, multiple=multiple)
+    assert len(plan) == steps
+    per_batch = min(batch, n) - min(batch, n) % multiple
+    assert all(len(b) == per_batch and len(set(b)) == per_batch for b in plan)
+
+
+def test_an_epoch_of_the_budget_is_a_pass_of_the_batch_plan():
+    """Unbounded, `epochs` = 3 over 128 samples in batches of 32 sees every sample 3 times."""
+    steps = budget_steps(128, 32, 3.0, 1, 10_000)
+    assert steps == 3 * epoch_steps(128, 32) == 12
+    seen = torch.bincount(torch.tensor([i for b in batch_plan(128, 32, steps, seed=4) for i in b]))
+    assert seen.tolist() == [3] * 128
 
 
 def test_cosine_schedule():

@@ -124,7 +124,7 @@ def _message(cls: type, prefix: str, err: ValidationError) -> str:
         msg = str(first.get("ctx", {}).get("error", first["msg"]))
         if msg == _NOT_A_NUMBER:
             return f"{key}: {first['input']!r} {msg}"
-        # a settings class's own rule ("lr: -1 must be positive" or "sample.shots: ..."):
+        # a settings class's own rule ("lr: -1 must be positive" or "sample.seeds: ..."):
         # qualify a bare field name with the section
         head = msg.split(":", 1)[0].strip()
         owner = _settings_class(cls, loc)
@@ -139,7 +139,7 @@ def _message(cls: type, prefix: str, err: ValidationError) -> str:
 
 def parse(cls: type, data: Any, prefix: str = ""):
     """Build the settings dataclass `cls` from `data` (None = all defaults); ParamsError names
-    the dotted key (`prefix` is the key of `data` itself, e.g. 'finetune.hparams.dive')."""
+    the dotted key (`prefix` is the key of `data` itself, e.g. 'finetune.trials.dive-lam10')."""
     if data is None:
         data = {}
     if not isinstance(data, dict):

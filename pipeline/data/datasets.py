@@ -81,7 +81,6 @@ class DatasetSpec:
     train_split: str
     id_splits: tuple[str, ...]  # in-distribution eval splits
     ood_splits: tuple[str, ...]  # out-of-distribution eval splits
-    select_split: str  # model selection split; never a test split
     metric: str  # official headline key of dataset.eval
     extra_metrics: tuple[str, ...]
     prompt_file: str  # file name in pipeline/data/prompts/
@@ -114,6 +113,22 @@ class DatasetSpec:
     @property
     def eval_splits(self) -> tuple[str, ...]:
         return self.id_splits + self.ood_splits
+
+    @property
+    def id_val(self) -> str | None:
+        """The in-distribution validation split (an ID split named *val*, never *test*)."""
+        return next((s for s in self.id_splits if "val" in s and "test" not in s), None)
+
+    @property
+    def ood_val(self) -> str | None:
+        """The out-of-distribution validation split (an OOD split named *val*, never *test*)."""
+        return next((s for s in self.ood_splits if "val" in s and "test" not in s), None)
+
+    @property
+    def val_splits(self) -> tuple[str, ...]:
+        """Every split a selection protocol may read (the trials are scored on all of them,
+        so changing the protocol re-trains nothing)."""
+        return tuple(s for s in (self.id_val, self.ood_val) if s is not None)
 
 
 # The registry. Each module of `pipeline.data.catalog` registers its datasets when imported
@@ -415,3 +430,18 @@ def _discover() -> None:
 
 
 _discover()
+
+
+def split_metrics(dataset, split: str, features: torch.Tensor, head: torch.Tensor,
+                  rows: torch.Tensor) -> dict[str, float]:
+    """Official eval of argmax(features · headᵀ) on one split -> flat `split/metric` keys."""
+    preds = (features.float() @ head.float().t().cpu()).argmax(1)
+    y_true = torch.as_tensor(dataset.y_array)[rows]
+    metadata = torch.as_tensor(dataset.metadata_array)[rows]
+    results = official_eval(dataset, preds, y_true, metadata)
+    return {f"{split}/{k}": float(v) for k, v in results.items()}
+
+
+def split_rows(dataset, split: str) -> torch.Tensor:
+    """WILDS row indices of `split`."""
+    return torch.nonzero(torch.as_tensor(dataset.split_array) == dataset.split_dict[split]).flatten()

@@ -1,6 +1,30 @@
-"""Model selection on a validation split (never a test split)."""
+"""Model selection: which trial (and WiSE-FT α) stands for a method at a level and seed.
+
+A *protocol* (`evaluate.selection`) names the data the choice is made on; it is never a test
+split (`check_selection_split` refuses one before any work):
+
+- `id_val`: the dataset's in-distribution validation split (the default where one exists);
+- `ood_val`: its out-of-distribution validation split (the WILDS official protocol);
+- `fewshot_val`: a validation set drawn from the train split, disjoint from the training
+  sample, the same size, seeded and nested like it (`pipeline.data.sampling`): what a
+  practitioner with k labelled examples per class really has;
+- `none`: no selection: each method's first trial (params.yaml order) at α = 1;
+- `auto`: `id_val` where the dataset has one, else `ood_val`.
+
+Selection is two-step, as in the WiSE-FT paper: first the trial, on the fine-tuned model
+(α = 1); then, for that trial, the α of the WiSE-FT sweep. Both are the argmax of the
+protocol's score (the dataset's official headline metric on the protocol's data). Ties go to
+the trial listed first in params.yaml, and to the larger α (closer to the fine-tuned model).
+"""
 
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from pipeline.data.sampling import FEWSHOT_VAL
+
+PROTOCOLS = ("id_val", "ood_val", "fewshot_val", "none")
 
 
 def check_selection_split(split: str) -> None:
@@ -8,10 +32,78 @@ def check_selection_split(split: str) -> None:
         raise ValueError(f"model selection on {split!r} would leak the test set; use a val split")
 
 
+@dataclass(frozen=True)
+class Protocol:
+    """A resolved protocol: its name and the metrics prefix it reads (None for `none`)."""
+
+    name: str
+    split: str | None
+
+    def key(self, metric: str) -> str | None:
+        return None if self.split is None else f"{self.split}/{metric}"
+
+
+def resolve_protocol(name: str, spec, levels=()) -> Protocol:
+    """`evaluate.selection` for this dataset (ParamsError naming the key when impossible)."""
+    from pipeline.core.validation import ParamsError
+
+    if name == "auto":
+        name = "id_val" if spec.id_val else "ood_val"
+    if name == "none":
+        return Protocol("none", None)
+    if name == FEWSHOT_VAL:
+        full = [lv.name for lv in levels if lv.kind == "fraction" and lv.value >= 1.0]
+        if full:
+            raise ParamsError(
+                f"evaluate.selection: 'fewshot_val' holds out part of the train split, but level "
+                f"{full[0]} trains on all of it; use id_val or ood_val, or drop {full[0]} from sample.levels")
+        return Protocol(FEWSHOT_VAL, FEWSHOT_VAL)
+    split = {"id_val": spec.id_val, "ood_val": spec.ood_val}.get(name)
+    if split is None:
+        allowed = [p for p in PROTOCOLS if p in ("fewshot_val", "none")
+                   or (p == "id_val" and spec.id_val) or (p == "ood_val" and spec.ood_val)]
+        raise ParamsError(f"evaluate.selection: {name!r} is not allowed for {spec.name} (it has no such "
+                          f"split); allowed: auto, {', '.join(allowed)}")
+    check_selection_split(split)
+    return Protocol(name, split)
+
+
+def select_trial(scores: dict[str, float], order: list[str]) -> str:
+    """The trial with the highest score; ties (and NaN scores) go to the one listed first."""
+    if not order:
+        raise ValueError("no trial to select from")
+
+    def rank(name: str) -> tuple[float, int]:
+        s = scores.get(name, math.nan)
+        return (-math.inf if s is None or math.isnan(s) else s, -order.index(name))
+
+    return max(order, key=rank)
+
+
 def alpha_key(alpha: float) -> str:
     return f"wise/{alpha:g}"
 
 
 def select_alpha(scores: dict[float, float]) -> float:
-    """Best α on the validation split; ties go to the larger α (closer to the fine-tuned)."""
+    """Best α on the protocol's data; ties go to the larger α (closer to the fine-tuned)."""
     return max(scores, key=lambda a: (scores[a], a))
+
+
+def edges(chosen: dict, tried: list[dict]) -> list[str]:
+    """Hyper-parameters of the chosen trial that sit on the edge of what was tried: for each
+    setting that differs between trials, the chosen value is the smallest or largest tried.
+    `chosen` and `tried` are the trials' full hyper-parameters (numbers compared as numbers)."""
+    out = []
+    for key in sorted(chosen):
+        values = [t.get(key) for t in tried]
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            continue
+        distinct = sorted(set(values))
+        if len(distinct) < 2:
+            continue
+        v = chosen[key]
+        if v == distinct[0]:
+            out.append(f"{key}={v:g} is the smallest tried")
+        elif v == distinct[-1]:
+            out.append(f"{key}={v:g} is the largest tried")
+    return out

@@ -9,26 +9,11 @@ from pathlib import Path
 
 import torch
 
-from pipeline.data.datasets import (RetentionTask, get_spec, load_dataset, load_prompts, official_eval,
+from pipeline.data.datasets import (RetentionTask, get_spec, load_dataset, load_prompts, official_eval, split_metrics, split_rows,
                                     task_labels)
 from pipeline.data.torchdata import LabeledImages
 from pipeline.models.encode import encode_images
 from pipeline.models.zeroshot import tokenize_prompts
-
-
-def split_metrics(dataset, split: str, features: torch.Tensor, head: torch.Tensor,
-                  rows: torch.Tensor) -> dict[str, float]:
-    """Official eval of argmax(features · headᵀ) on one split -> flat `split/metric` keys."""
-    preds = (features.float() @ head.float().t().cpu()).argmax(1)
-    y_true = torch.as_tensor(dataset.y_array)[rows]
-    metadata = torch.as_tensor(dataset.metadata_array)[rows]
-    results = official_eval(dataset, preds, y_true, metadata)
-    return {f"{split}/{k}": float(v) for k, v in results.items()}
-
-
-def split_rows(dataset, split: str) -> torch.Tensor:
-    """WILDS row indices of `split`."""
-    return torch.nonzero(torch.as_tensor(dataset.split_array) == dataset.split_dict[split]).flatten()
 
 
 @dataclass

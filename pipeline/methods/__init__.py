@@ -35,10 +35,10 @@ def _import_all() -> None:
 _import_all()
 
 
-def parse_hparams(name: str, raw: dict | None):
-    """`finetune.hparams.<name>` of params.yaml as the method's frozen `Hparams` (ParamsError
-    naming the key otherwise). The class's field defaults are the one source of every default;
-    params.yaml mirrors them (tests/test_methods.py checks it)."""
+def parse_hparams(name: str, raw: dict | None, key: str | None = None):
+    """Hyper-parameter overrides (a trial of `finetune.trials`, less its `method`) as the
+    method's frozen `Hparams`, or ParamsError naming `key`. The class's field defaults are the
+    one source of every default."""
     from pipeline.core.validation import parse
 
-    return parse(get_method(name).Hparams, raw or {}, f"finetune.hparams.{name}")
+    return parse(get_method(name).Hparams, raw or {}, key or f"{name} hparams")

@@ -26,7 +26,7 @@ class LPFT(FullFinetune):
 
     OPEN (ours): the LP phase runs at setup through the same trainer (`lp_steps` AdamW
     steps at `lp_lr`, no checkpointing: it is seconds on cached features and
-    deterministic, so a resumed run recomputes it identically); `finetune.train.steps`
+    deterministic, so a resumed run recomputes it identically); the step budget
     counts the FT phase only. The LP phase's trainer iterates the image-free view of the
     training set (labels and indices; LP reads its features cached once at its setup), so
     no image is decoded or transformed per LP step.

@@ -2,9 +2,9 @@
 stage that owns outputs runs (so a rejected edit deletes nothing).
 
 Each stage validates the shape of params.yaml itself (`pipeline.config`); this stage adds what
-needs the registries: dataset, method and retention-task names, every method's hyper-parameters
-(also of methods not in `finetune.methods`), the generated datasets' and the pre-trainer's
-options. Its output is a constant marker, so passing it again re-runs nothing downstream.
+needs the registries: dataset, method and retention-task names, every trial's hyper-parameters,
+the selection protocol against the dataset's splits and the levels, the generated datasets' and
+the pre-trainer's options. Its output is a constant marker, so passing it again re-runs nothing downstream.
 """
 
 from __future__ import annotations
@@ -23,25 +23,30 @@ from pipeline.stages.common import ParamsOpt, guard, run_command
 def check_params(path: str | Path = "params.yaml") -> Params:
     """Load params.yaml and check everything the registries know (ParamsError naming the key)."""
     from pipeline.data.datasets import CORPORA, DATASETS
+    from pipeline.evaluation.selection import resolve_protocol
     from pipeline.methods import METHODS, parse_hparams
     from pipeline.models import BUILTIN
     from pipeline.training.pretrain import PretrainConfig
 
+    # method names first: a misspelt method would otherwise surface as "its trials' method is not
+    # in finetune.methods" from the shape checks
+    from pipeline.config import read_raw
+
+    raw_methods = (read_raw(path).get("finetune") or {}).get("methods")
+    if isinstance(raw_methods, list):
+        for m in raw_methods:
+            check(m in METHODS, "finetune.methods", m, f"allowed: {', '.join(sorted(METHODS))}")
     params = load_params(path)
     check(params.seed >= 0, "seed", params.seed, "use a non-negative integer")
     check(params.dataset.name in DATASETS, "dataset.name", params.dataset.name,
           f"allowed: {', '.join(sorted(DATASETS))}")
-    check(len(params.finetune.methods) > 0, "finetune.methods", [], "list at least one method")
     for m in params.finetune.methods:
         check(m in METHODS, "finetune.methods", m, f"allowed: {', '.join(sorted(METHODS))}")
-    dup = sorted({m for m in params.finetune.methods if params.finetune.methods.count(m) > 1})
-    check(not dup, "finetune.methods", list(params.finetune.methods), f"each method once (repeated: {dup})")
-    for m in params.finetune.hparams:
-        check(m in METHODS, f"finetune.hparams.{m}", m,
-              f"sections are named after methods: {', '.join(sorted(METHODS))}")
-        parse_hparams(m, params.finetune.hparams[m])
-    for m in params.finetune.methods:
-        parse_hparams(m, params.finetune.hparams.get(m))
+    for name in params.finetune.trials:
+        method, overrides = params.finetune.trial(name)
+        parse_hparams(method, overrides, f"finetune.trials.{name}")
+    resolve_protocol(params.evaluate.selection, DATASETS[params.dataset.name],
+                     params.sample.parsed_levels)
     generated = {name: spec for name, spec in DATASETS.items() if spec.generated}
     for key, options in params.prepare.items():
         owners = [spec.options for name, spec in generated.items() if name == key]

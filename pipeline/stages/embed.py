@@ -31,9 +31,10 @@ def run(params: Params) -> dict:
 
     from pipeline import models
     from pipeline.core.env import resolve_device
+    from pipeline.data.datasets import split_metrics, split_rows
     from pipeline.data.torchdata import ImageFiles, LabeledImages, read_caption_csv
     from pipeline.evaluation.measures import MeasureInputs, compute_all
-    from pipeline.evaluation.zeroshot import retention_tasks, split_metrics, split_rows
+    from pipeline.evaluation.zeroshot import retention_tasks
     from pipeline.models.evalmodel import EvalModel
     from pipeline.models.encode import encode_images, encode_texts
 

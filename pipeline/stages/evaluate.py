@@ -1,17 +1,26 @@
-"""The `evaluate` stage: ID and OOD through the official eval, every measure registered for
-evaluation (zero-shot retention, RSA, ...), the WiSE-FT α sweep, model selection on a
-validation split, MLflow logging.
+"""The `evaluate` stage: one method at every level and seed, on the trial `selection` chose for
+each. ID and OOD through the dataset's official eval, every measure registered for
+evaluation (zero-shot retention, RSA, ...), the WiSE-FT α sweep with α chosen by the same
+protocol, and one MLflow run per seed.
 
-Metric keys are flat `split/metric` (the α = 1 model, i.e. the fine-tuned one), plus
-`wise/<α>/split/metric` for every α of the sweep, `selected/...` for the α chosen on the
-dataset's validation split (never a test split), `zs/<task>/acc` and `rsa/image`,
-`rsa/text`. The same dict goes to `metrics.json` and to MLflow.
+It evaluates the test splits and the validation data the protocol reads (the trials' scores
+on every validation split are in their finetune `scores.json`). Metric keys are flat
+`split/metric` (the α = 1 model, i.e. the fine-tuned one) with the registered measures
+(`zs/<task>/acc`, `rsa/image`, `rsa/text`, ...), `wise/<α>/split/metric` for every α of the
+sweep, `selected/...` at the chosen α (measures included), `selection/score` (the chosen trial's validation score) and
+`selection/trials` (how many trials it was chosen from). `selection.json` says which trial,
+on which data, and its hyper-parameters. The same go to MLflow (metrics, params and tags).
+
+One process runs every level and seed of a method: the start-up (~6 s of imports) and the
+decoded eval images are paid once, for every level, seed and α.
 """
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -19,39 +28,39 @@ import typer
 
 from pipeline import artifacts as paths, models
 from pipeline.artifacts import EVAL_METRICS as METRICS, EVAL_SELECTION, TRAIN_LOG
-from pipeline.config import Params, ParamsError, load_params, to_dict
+from pipeline.config import Params, load_params, to_dict
 from pipeline.core import tracking
 from pipeline.core.env import resolve_device
+from pipeline.data.datasets import split_metrics, split_rows
+from pipeline.data.sampling import FEWSHOT_VAL, read_sample
 from pipeline.data.torchdata import ImageFiles, LabeledImages, read_caption_csv
 from pipeline.evaluation.measures import MeasureInputs, compute_all
-from pipeline.evaluation.selection import alpha_key, check_selection_split, select_alpha
-from pipeline.evaluation.zeroshot import retention_tasks, split_metrics, split_rows
-from pipeline.methods import METHODS, get_method, parse_hparams
+from pipeline.evaluation.selection import alpha_key, resolve_protocol, select_alpha
+from pipeline.evaluation.zeroshot import retention_tasks
+from pipeline.methods import get_method, parse_hparams
 from pipeline.models.encode import encode_images, preload
 from pipeline.stages.common import ParamsOpt, guard, headline, open_task, run_command
 
 
-def run(params: Params, method: str, k: int, seed: int, log_mlflow: bool = True) -> dict:
+def run(params: Params, method: str, log_mlflow: bool = True) -> dict[tuple[str, int], dict]:
+    """Evaluate the chosen trial of every level and seed; returns {(level, seed): metrics}."""
     device = resolve_device(params.evaluate.device)
     task = open_task(params, device)
     spec, dataset, clip = task.spec, task.dataset, task.clip
-    check_selection_split(spec.select_split)
-    out = paths.evaluate_dir(method, k, seed)
-    (out / METRICS).unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
+    protocol = resolve_protocol(params.evaluate.selection, spec, params.sample.parsed_levels)
     ep = params.evaluate
     method_cls = get_method(method)
-    hp = parse_hparams(method, params.finetune.hparams.get(method))
-    state, config, summary = paths.read_run(method, k, seed)
     cache = paths.load_features()
     alphas = sorted(set(ep.wise_alphas)) if method_cls.weight_space else [1.0]
 
-    # Every image is decoded once and reused by every α (kept in memory up to
+    # Every image is decoded once and reused by every seed and α (kept in memory up to
     # models.encode.PRELOAD_BUDGET); a retention task on the rows of an eval split reuses its features.
     transform = clip.preprocess_val
     bs, nw = ep.batch_size, ep.num_workers
+    # the test splits, and the validation split the protocol chooses α on (the trials' scores
+    # on every validation split are in their finetune scores.json)
     splits = {}
-    for split in (*spec.id_splits, *spec.ood_splits):
+    for split in (s for s in spec.eval_splits if s == protocol.split or s not in spec.val_splits):
         rows = split_rows(dataset, split)
         splits[split] = (rows, preload(LabeledImages(dataset, rows.tolist(), transform), bs, nw, desc=f"decode {split}"))
     tasks = retention_tasks(spec.name, ep.zs_tasks, Path(params.dataset.root), paths.GENERATED_ROOT,
@@ -63,91 +72,133 @@ def run(params: Params, method: str, k: int, seed: int, log_mlflow: bool = True)
     n_ref = min(ep.rsa_samples, cache["ref/image"].shape[0])
     ref_files, _ = read_caption_csv(paths.reference_csv(params.reference.csv), params.reference.separator, limit=n_ref)
     ref_images = preload(ImageFiles(ref_files, transform), bs, nw, desc="decode reference")
+    inputs = dict(device=device, batch_size=bs, num_workers=nw, transform=transform, tasks=tasks,
+                  reference_images=ref_images, reference_image_pre=cache["ref/image"],
+                  reference_text_pre=cache["ref/text"], reference_tokens=cache["ref/tokens"][:n_ref])
 
-    metrics: dict[str, float] = {}
-    per_alpha: dict[float, dict[str, float]] = {}
-    for alpha in alphas:
-        if alpha != alphas[0]:
-            clip = models.create(params.model.arch, paths.PRETRAINED_WEIGHTS, device=device)
-        model = method_cls.eval_model(clip.model, state, hp, cache["head"].to(device), alpha=alpha)
-        model = model.to(device).eval()
-        head = model.task_head(task.class_tokens.to(device)).cpu()
-        m: dict[str, float] = {}
-        feats_by_split = {}
-        for split, (rows, images) in splits.items():
-            feats_by_split[split] = encode_images(model, images, device, bs, nw, desc=f"eval {split} α={alpha:g}")
-            m.update(split_metrics(dataset, split, feats_by_split[split], head, rows))
-        task_feats = {name: feats_by_split[split] for name, split in same_rows.items()}
-        task_feats.update({name: encode_images(model, images, device, bs, nw, desc=f"zs {name} α={alpha:g}")
-                           for name, images in task_images.items()})
-        m.update(compute_all("evaluate", MeasureInputs(
-            model=model, device=device, batch_size=bs, num_workers=nw, transform=transform, tasks=tasks,
-            task_features=task_feats, reference_images=ref_images, reference_image_pre=cache["ref/image"],
-            reference_text_pre=cache["ref/text"], reference_tokens=cache["ref/tokens"][:n_ref])))
-        per_alpha[alpha] = m
+    pristine = clip.model  # never changed: each α merges into a copy
+    results = {}
+    for level, seed in ((lv, s) for lv in params.sample.parsed_levels for s in params.sample.seeds):
+        record = paths.read_json(paths.select_file(method, level.name), "selection")
+        chosen = record["seeds"].get(str(seed))
+        if chosen is None:
+            raise ValueError(f"{paths.select_file(method, level.name)}: no seed {seed}; run `dvc repro selection`")
+        trial = chosen["trial"]
+        state, config, summary = paths.read_run(trial, level.name, seed)
+        if models.file_sha256(paths.finetune_dir(trial, level.name, seed) / paths.WEIGHTS) != chosen["weights_sha256"]:
+            raise ValueError(f"{paths.select_file(method, level.name)}: the weights of {trial} changed since "
+                             "the selection; run `dvc repro selection`")
+        hp = parse_hparams(method, config["hparams"], f"finetune.trials.{trial}")
+        sample = read_sample(paths.sample_file(level.name, seed))
+        fewshot = None
+        if sample["n_val"]:
+            fewshot = (torch.as_tensor(sample["val_indices"]),
+                       preload(LabeledImages(dataset, sample["val_indices"], transform), bs, nw, desc="decode fewshot_val"))
+        # the sweep: every split at every α; then the registered measures (retention, RSA, ...)
+        # at α = 1 (the fine-tuned model) and at the chosen α only
+        per_alpha: dict[float, dict[str, float]] = {}
+        feats_at: dict[float, dict[str, torch.Tensor]] = {}
+        models_at = {}
+        for alpha in alphas:
+            model = method_cls.eval_model(copy.deepcopy(pristine), state, hp, cache["head"].to(device), alpha=alpha)
+            model = model.to(device).eval()
+            head = model.task_head(task.class_tokens.to(device)).cpu()
+            m: dict[str, float] = {}
+            feats_at[alpha] = {}
+            tag = f"seed={seed} α={alpha:g}"
+            for split, (rows, images) in splits.items():
+                feats_at[alpha][split] = encode_images(model, images, device, bs, nw, desc=f"eval {split} {tag}")
+                m.update(split_metrics(dataset, split, feats_at[alpha][split], head, rows))
+            if fewshot is not None:
+                feats = encode_images(model, fewshot[1], device, bs, nw, desc=f"eval {FEWSHOT_VAL} {tag}")
+                m.update(split_metrics(dataset, FEWSHOT_VAL, feats, head, fewshot[0]))
+            per_alpha[alpha] = m
+            models_at[alpha] = model if alpha == 1.0 else None
+        key = protocol.key(spec.metric)
+        best = select_alpha({a: per_alpha[a][key] for a in alphas}) if key else 1.0
+        for alpha in dict.fromkeys((1.0, best)):
+            model = models_at.get(alpha) or method_cls.eval_model(
+                copy.deepcopy(pristine), state, hp, cache["head"].to(device), alpha=alpha).to(device).eval()
+            task_feats = {name: feats_at[alpha][split] for name, split in same_rows.items()}
+            task_feats.update({name: encode_images(model, images, device, bs, nw, desc=f"zs {name} seed={seed} α={alpha:g}")
+                               for name, images in task_images.items()})
+            per_alpha[alpha].update(compute_all("evaluate", MeasureInputs(model=model, task_features=task_feats, **inputs)))
+        del models_at, feats_at
+
+        metrics: dict[str, float] = {}
         if method_cls.weight_space:
-            metrics.update({f"{alpha_key(alpha)}/{k_}": v for k_, v in m.items()})
+            for alpha, m in per_alpha.items():
+                metrics.update({f"{alpha_key(alpha)}/{k_}": v for k_, v in m.items()})
+        metrics.update(per_alpha[1.0])
+        metrics["selected/alpha"] = best
+        metrics.update({f"selected/{k_}": v for k_, v in per_alpha[best].items()})
+        if chosen["score"] is not None:
+            metrics["selection/score"] = chosen["score"]
+        metrics["selection/trials"] = len(record["trials"])
+        metrics["train/trainable_params"] = summary["trainable_params"]
+        metrics["train/trainable_share"] = summary["trainable_share"]
+        metrics["train/wall_time_s"] = summary["wall_time_s"]
+        metrics["train/steps"] = summary["steps"]
+        metrics["train/n_train"] = summary["n_train"]
+        metrics = {k_: metrics[k_] for k_ in sorted(metrics)}
+        selection = {"protocol": protocol.name, "split": protocol.split, "metric": spec.metric,
+                     "trial": trial, "score": chosen["score"], "trials": record["trials"],
+                     "scores": chosen["scores"], "edges": chosen["edges"], "hparams": config["hparams"],
+                     "alpha": best, "alphas": alphas, "level": level.name, "level_kind": level.kind,
+                     "seed": seed, "n_train": summary["n_train"], "headline": spec.metric}
+        out = paths.evaluate_dir(method, level.name, seed)
+        (out / METRICS).unlink(missing_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / EVAL_SELECTION).write_text(json.dumps(selection, indent=1))
+        (out / METRICS).write_text(json.dumps(metrics, indent=1))
+        if log_mlflow:
+            log_to_mlflow(params, method, level, seed, config, metrics, selection,
+                          paths.finetune_dir(trial, level.name, seed), out)
+        results[(level.name, seed)] = metrics
+    return results
 
-    metrics.update(per_alpha[1.0])
-    select_key = f"{spec.select_split}/{spec.metric}"
-    best = select_alpha({a: per_alpha[a][select_key] for a in alphas})
-    metrics["selected/alpha"] = best
-    metrics.update({f"selected/{k_}": v for k_, v in per_alpha[best].items()})
-    metrics["train/trainable_params"] = summary["trainable_params"]
-    metrics["train/trainable_share"] = summary["trainable_share"]
-    metrics["train/wall_time_s"] = summary["wall_time_s"]
-    metrics = {k_: metrics[k_] for k_ in sorted(metrics)}
-    selection = {"split": spec.select_split, "metric": spec.metric, "alpha": best,
-                 "alphas": alphas, "headline": spec.metric}
-    (out / EVAL_SELECTION).write_text(json.dumps(selection, indent=1))
-    (out / METRICS).write_text(json.dumps(metrics, indent=1))
-    if log_mlflow:
-        log_to_mlflow(params, method, k, seed, metrics, selection, paths.finetune_dir(method, k, seed), out)
-    return metrics
 
-
-def run_params(params: Params, method: str, k: int, seed: int) -> dict:
+def run_params(params: Params, method: str, level, seed: int, config: dict, selection: dict) -> dict:
     """What MLflow records as the run's params: every setting that shaped the result."""
     return {
-        "method": method, "shots": k, "seed": seed, "dataset": params.dataset.name,
-        "arch": params.model.arch, "pretrained": params.model.pretrained,
-        "git_commit": tracking.git_commit(),
-        "hparams": to_dict(parse_hparams(method, params.finetune.hparams.get(method))),
-        "train": to_dict(params.finetune.train),
+        "method": method, "level": level.name, "level_kind": level.kind, "seed": seed,
+        "dataset": params.dataset.name, "arch": params.model.arch, "pretrained": params.model.pretrained,
+        "git_commit": tracking.git_commit(), "trial": selection["trial"],
+        "selection": selection["protocol"], "select_split": selection["split"] or "none",
+        "n_train": selection["n_train"], "steps": config.get("steps"),
+        "hparams": config["hparams"], "train": to_dict(params.finetune.train),
     }
 
 
-def log_to_mlflow(params: Params, method: str, k: int, seed: int, metrics: dict, selection: dict,
-                  train_dir: Path, eval_dir: Path) -> str:
+def log_to_mlflow(params: Params, method: str, level, seed: int, config: dict, metrics: dict,
+                  selection: dict, train_dir: Path, eval_dir: Path) -> str:
     steps = []
     log = train_dir / TRAIN_LOG
     if log.exists():
         with open(log) as f:
             steps = list(csv.DictReader(f))
-    tags = {"method": method, "shots": str(k), "seed": str(seed), "dataset": params.dataset.name,
-            "arch": params.model.arch, "level": f"k={k}", "select_split": selection["split"]}
-    p = run_params(params, method, k, seed)
-    p["select_split"] = selection["split"]
+    tags = {"method": method, "level": level.name, "level_kind": level.kind, "seed": str(seed),
+            "dataset": params.dataset.name, "arch": params.model.arch, "trial": selection["trial"],
+            "selection": selection["protocol"], "select_split": selection["split"] or "none"}
     return tracking.log_run(
-        experiment=params.dataset.name, key=f"{method}/k{k}/seed{seed}",
-        run_name=f"{method} k={k} seed={seed}", params=p, tags=tags, metrics=metrics,
-        step_metrics=steps,
+        experiment=params.dataset.name, key=f"{method}/{level.name}/seed{seed}",
+        run_name=f"{method} {level.label} seed={seed}", params=run_params(params, method, level, seed, config, selection),
+        tags=tags, metrics=metrics, step_metrics=steps,
         artifacts=[eval_dir / METRICS, eval_dir / EVAL_SELECTION, train_dir / "config.json", log],
     )
 
 
 @guard
-def command(method: str = typer.Option(..., "--method", "-m"),
-            shots: int = typer.Option(..., "--shots", "-k"),
-            seed: int = typer.Option(..., "--seed"),
+def command(method: str = typer.Option(..., "--method", "-m", help="A method of finetune.methods."),
             params_file: Path = ParamsOpt):
-    """Evaluate one fine-tuned run (ID, OOD, zero-shot retention, RSA, WiSE-FT sweep) ->
-    runs/evaluate/<method>/k<K>_seed<S>/metrics.json and an MLflow run."""
+    """Evaluate the chosen trial of one method at every level and seed (ID, OOD, zero-shot
+    retention, RSA, WiSE-FT sweep) -> runs/evaluate/<method>/<level>/seed<S>/metrics.json and
+    one MLflow run per level and seed."""
     params = load_params(params_file)
-    if method not in METHODS:
-        raise ParamsError(f"--method: unknown method {method!r}; allowed: {', '.join(sorted(METHODS))}")
-    metrics = run(params, method, shots, seed)
-    typer.echo(headline(params.dataset.name, metrics))
+    if method not in params.finetune.methods:
+        raise ValueError(f"--method: {method!r} is not in finetune.methods ({', '.join(params.finetune.methods)})")
+    for (level, seed), metrics in run(params, method).items():
+        typer.echo(f"level {level} seed {seed}: " + headline(params.dataset.name, metrics))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,9 +1,15 @@
-"""The `finetune` stage: one method × k × seed. Saves only what the method trained.
+"""The `finetune` stage: one trial (a method and its hyper-parameters) at one level, for every
+seed of sample.seeds. Saves only what the method trained, and the fine-tuned model's scores on
+every split a selection protocol may read (`scores.json`), so the `selection` stage can choose
+among trials and changing the protocol re-trains nothing.
 
+One process runs every seed: the start-up (torch, open_clip, wilds: ~6 s) and the decoded
+validation images are paid once per trial and level instead of once per seed.
 With finetune.train.nproc_per_node > 1 it relaunches itself under torchrun (DDP)."""
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import os
@@ -16,33 +22,41 @@ import torch
 import typer
 
 from pipeline import artifacts as paths, models
-from pipeline.artifacts import CONFIG, SUMMARY, TRAIN_LOG, WEIGHTS
-from pipeline.config import Params, ParamsError, load_params, to_dict
+from pipeline.artifacts import CONFIG, SCORES, SUMMARY, TRAIN_LOG, WEIGHTS
+from pipeline.config import Params, load_params, to_dict
 from pipeline.core import dist
 from pipeline.core.env import resolve_device, seed_everything
-from pipeline.data.sampling import read_sample
+from pipeline.core.levels import Level
+from pipeline.data.datasets import split_metrics, split_rows
+from pipeline.data.sampling import FEWSHOT_VAL, read_sample
 from pipeline.data.torchdata import ImageFiles, LabeledImages, read_caption_csv
-from pipeline.methods import METHODS, get_method, parse_hparams
+from pipeline.methods import get_method, parse_hparams
 from pipeline.methods.base import ReferenceData, TaskContext, count_params
+from pipeline.models.encode import encode_images, preload
 from pipeline.stages.common import ParamsOpt, guard, open_task, run_command
-from pipeline.training.train import fit
+from pipeline.training.train import budget_steps, fit
 
 
-def run_config(params: Params, method: str, k: int, seed: int) -> dict:
+TRAIN_MEMO_BYTES = 512 << 20
+
+
+def run_config(params: Params, trial: str, level: Level, seed: int, steps: int) -> dict:
     """Everything that determines the trained weights (also the resume fingerprint)."""
+    method, overrides = params.finetune.trial(trial)
     return {
-        "method": method, "shots": k, "seed": seed, "dataset": params.dataset.name,
-        "arch": params.model.arch, "pretrained": params.model.pretrained,
+        "trial": trial, "method": method, "level": level.name, "seed": seed,
+        "dataset": params.dataset.name, "arch": params.model.arch, "pretrained": params.model.pretrained,
         "pretrained_sha256": models.file_sha256(paths.PRETRAINED_WEIGHTS),
-        "hparams": to_dict(parse_hparams(method, params.finetune.hparams.get(method))),
-        "train": to_dict(params.finetune.train),
+        "hparams": to_dict(parse_hparams(method, overrides, f"finetune.trials.{trial}")),
+        "train": to_dict(params.finetune.train), "steps": steps,
     }
 
 
-def build_context(params: Params, method_cls, task, indices, device, seed) -> TaskContext:
-    clip = task.clip
+def build_context(params: Params, method_cls, task, model, indices, device, seed) -> TaskContext:
     cache = paths.load_features()
-    train_set = LabeledImages(task.dataset, indices, clip.preprocess_train)
+    clip = task.clip
+    # a training sample is seen every epoch: decode it once (up to TRAIN_MEMO_BYTES)
+    train_set = LabeledImages(task.dataset, indices, clip.preprocess_train, memo_bytes=TRAIN_MEMO_BYTES)
     reference = None
     if method_cls.needs_reference:
         files, _ = read_caption_csv(paths.reference_csv(params.reference.csv), params.reference.separator,
@@ -51,24 +65,54 @@ def build_context(params: Params, method_cls, task, indices, device, seed) -> Ta
                                   tokens=cache["ref/tokens"], image_pre=cache["ref/image"].float(),
                                   text_pre=cache["ref/text"].float())
     return TaskContext(
-        model=clip.model, class_tokens=task.class_tokens,
+        model=model, class_tokens=task.class_tokens,
         zeroshot_head=cache["head"].float(), device=device, seed=seed, train_set=train_set,
         train_eval_set=train_set.with_transform(clip.preprocess_val), reference=reference, fit=fit,
         prompt_memory_bytes=params.finetune.train.prompt_memory_mb * 2**20,
     )
 
 
-def run(params: Params, method: str, k: int, seed: int, progress: bool = True) -> dict:
+def run(params: Params, trial: str, level_name: str, progress: bool = True) -> list[dict]:
+    """Train the trial at the level for every seed; returns the train summaries."""
     tp = params.finetune.train
+    level = params.sample.level(level_name)
+    method, overrides = params.finetune.trial(trial)
+    method_cls = get_method(method)
+    hp = parse_hparams(method, overrides, f"finetune.trials.{trial}")
     device = resolve_device(tp.device)
     dist.init_from_env(device)
     if device.type == "cuda" and dist.is_distributed():
         device = torch.device("cuda", torch.cuda.current_device())
-    method_cls = get_method(method)
-    hp = parse_hparams(method, params.finetune.hparams.get(method))
-    out = paths.finetune_dir(method, k, seed)
-    ckpt_dir = paths.checkpoint_dir(method, k, seed)
-    config = run_config(params, method, k, seed)
+    task = open_task(params, device)
+    val_sets = _selection_sets(task, params) if dist.is_main() else {}
+    pristine = task.clip.model  # never changed: every seed trains, and is scored, on a copy
+    summaries = []
+    for seed in params.sample.seeds:
+        summaries.append(_run_seed(params, trial, level, seed, method_cls, hp, task, pristine, val_sets,
+                                   device, progress))
+    dist.cleanup()
+    return summaries
+
+
+def _selection_sets(task, params: Params) -> dict:
+    """The decoded images of every validation split a protocol may read (shared by the seeds)."""
+    ep = params.evaluate
+    out = {}
+    for split in task.spec.val_splits:
+        rows = split_rows(task.dataset, split)
+        out[split] = (rows, preload(LabeledImages(task.dataset, rows.tolist(), task.clip.preprocess_val),
+                                    ep.batch_size, ep.num_workers, desc=f"decode {split}"))
+    return out
+
+
+def _run_seed(params, trial, level, seed, method_cls, hp, task, pristine, val_sets, device, progress) -> dict:
+    tp = params.finetune.train
+    sample = read_sample(paths.sample_file(level.name, seed))
+    steps = budget_steps(sample["n"], tp.batch_size, tp.epochs, tp.min_steps, tp.max_steps,
+                         multiple=dist.world_size())
+    out = paths.finetune_dir(trial, level.name, seed)
+    ckpt_dir = paths.checkpoint_dir(trial, level.name, seed)
+    config = run_config(params, trial, level, seed, steps)
     if dist.is_main():
         (out / SUMMARY).unlink(missing_ok=True)  # the "finished" marker goes last
         out.mkdir(parents=True, exist_ok=True)
@@ -76,19 +120,17 @@ def run(params: Params, method: str, k: int, seed: int, progress: bool = True) -
     dist.barrier()
 
     seed_everything(seed)
-    task = open_task(params, device)
-    sample = read_sample(paths.sample_file(k, seed))
-    ctx = build_context(params, method_cls, task, sample["indices"], device, seed)
+    ctx = build_context(params, method_cls, task, copy.deepcopy(pristine), sample["indices"], device, seed)
     m = method_cls(hp, ctx)
     jsonl = ckpt_dir / "train_log.jsonl"
-
+    desc = f"{trial} {level.label} seed={seed}"
     if method_cls.trains:
         train_set = ctx.train_set if method_cls.uses_images else ctx.train_set.without_images()
-        result = fit(m, train_set, steps=tp.steps, batch_size=tp.batch_size, seed=seed, device=device,
+        result = fit(m, train_set, steps=steps, batch_size=tp.batch_size, seed=seed, device=device,
                      grad_accum=tp.grad_accum, grad_clip=tp.grad_clip, precision=tp.precision,
                      num_workers=tp.num_workers, checkpoint_dir=ckpt_dir,
                      checkpoint_every=tp.checkpoint_every, log=lambda s, r: _append_log(jsonl, r),
-                     progress=progress, desc=f"{method} k={k} seed={seed}")
+                     progress=progress, desc=desc)
         summary = {"steps": result.steps, "wall_time_s": result.wall_time_s,
                    "samples_per_s": result.samples_per_s, "resumed_from_step": result.resumed_from,
                    "trainable_params": result.trainable_params, "total_params": result.total_params}
@@ -98,16 +140,40 @@ def run(params: Params, method: str, k: int, seed: int, progress: bool = True) -
                    "trainable_params": 0, "total_params": count_params(m.root.parameters())}
     summary["trainable_share"] = summary["trainable_params"] / max(summary["total_params"], 1)
     summary["n_train"] = sample["n"]
+    summary["epochs"] = summary["steps"] * min(tp.batch_size, sample["n"]) / max(sample["n"], 1)
 
+    state = m.trained_state()
+    del m, ctx  # free the trained model (and what holds it) before the scoring copy
     if dist.is_main():
-        models.save_state_dict(m.trained_state(), out / WEIGHTS, meta={"method": method})
+        scores = _scores(params, task, method_cls, hp, state, copy.deepcopy(pristine), sample, val_sets, device)
+        models.save_state_dict(state, out / WEIGHTS, meta={"method": method_cls.name, "trial": trial})
         (out / CONFIG).write_text(json.dumps(config, indent=1))
+        (out / SCORES).write_text(json.dumps(scores, indent=1, sort_keys=True))
         _write_log(jsonl, out / TRAIN_LOG)
         (out / SUMMARY).write_text(json.dumps(summary, indent=1))
         (ckpt_dir / "last.pt").unlink(missing_ok=True)  # finished: the checkpoint is spent
     dist.barrier()
-    dist.cleanup()
     return summary
+
+
+@torch.no_grad()
+def _scores(params, task, method_cls, hp, state, model, sample, val_sets, device) -> dict[str, float]:
+    """The fine-tuned model (α = 1) on the dataset's validation splits and on the sample's
+    few-shot validation rows (`fewshot_val/<metric>`): what every protocol selects on."""
+    ep = params.evaluate
+    head0 = paths.load_features()["head"].to(device)
+    model = method_cls.eval_model(model, state, hp, head0, alpha=1.0).to(device).eval()
+    head = model.task_head(task.class_tokens.to(device)).cpu()
+    scores: dict[str, float] = {}
+    for split, (rows, images) in val_sets.items():
+        feats = encode_images(model, images, device, ep.batch_size, ep.num_workers, desc=f"score {split}")
+        scores.update(split_metrics(task.dataset, split, feats, head, rows))
+    if sample["n_val"]:
+        rows = torch.as_tensor(sample["val_indices"])
+        images = LabeledImages(task.dataset, sample["val_indices"], task.clip.preprocess_val)
+        feats = encode_images(model, images, device, ep.batch_size, ep.num_workers, desc=f"score {FEWSHOT_VAL}")
+        scores.update(split_metrics(task.dataset, FEWSHOT_VAL, feats, head, rows))
+    return scores
 
 
 def _check_resume_fingerprint(ckpt_dir: Path, config: dict) -> None:
@@ -142,31 +208,27 @@ def _write_log(jsonl: Path, out: Path) -> None:
         w.writerows(rows)
 
 
-def check_method(method: str) -> None:
-    if method not in METHODS:
-        raise ParamsError(f"--method: unknown method {method!r}; allowed: {', '.join(sorted(METHODS))}")
-
-
 @guard
-def command(method: str = typer.Option(..., "--method", "-m", help="A registered method (see `methods`)."),
-            shots: int = typer.Option(..., "--shots", "-k"),
-            seed: int = typer.Option(..., "--seed"),
+def command(trial: str = typer.Option(..., "--trial", "-t", help="A trial of finetune.trials."),
+            level: str = typer.Option(..., "--level", "-l", help="A level of sample.levels (e.g. 16 or 25%)."),
             params_file: Path = ParamsOpt):
-    """Fine-tune one method on one k-shot sample -> runs/finetune/<method>/k<K>_seed<S>.
+    """Fine-tune one trial at one level, every seed -> runs/finetune/<trial>/<level>/seed<S>/
+    (weights, config, train log, summary, validation scores).
 
-    Resumes from checkpoints/<method>/k<K>_seed<S>/last.pt if an earlier run was interrupted.
+    Resumes from checkpoints/<trial>/<level>/seed<S>/last.pt if an earlier run was interrupted.
     With finetune.train.nproc_per_node > 1 it relaunches itself under torchrun (DDP)."""
     params = load_params(params_file)
-    check_method(method)
+    params.finetune.trial(trial)
+    params.sample.level(level)
     nproc = params.finetune.train.nproc_per_node
     if nproc > 1 and "LOCAL_RANK" not in os.environ:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-               "-m", "pipeline", "finetune", "--method", method, "--shots", str(shots),
-               "--seed", str(seed), "--params", str(params_file)]
+               "-m", "pipeline", "finetune", "--trial", trial, "--level", level, "--params", str(params_file)]
         raise typer.Exit(subprocess.call(cmd))
-    summary = run(params, method, shots, seed)
+    summaries = run(params, trial, level)
     if int(os.environ.get("RANK", "0")) == 0:
-        typer.echo(json.dumps(summary))
+        for seed, summary in zip(params.sample.seeds, summaries):
+            typer.echo(json.dumps({"seed": seed, **summary}))
 
 
 def main(argv: list[str] | None = None) -> None:

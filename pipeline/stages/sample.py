@@ -1,4 +1,8 @@
-"""The `sample` stage (one matrix entry): a class-balanced k-shot index of the train split."""
+"""The `sample` stage: the training sample and few-shot validation set of every level × seed.
+
+One process writes them all (sampling is milliseconds; a process per entry would cost seconds
+of start-up each). A sample that does not change keeps its content, so DVC re-runs nothing
+downstream of it when a level or a seed is added."""
 
 from __future__ import annotations
 
@@ -11,34 +15,36 @@ from pipeline.config import load_params
 from pipeline.stages.common import ParamsOpt, guard, run_command
 
 
-def run(dataset_name: str, shots: int, seed: int) -> dict:
+def run(dataset_name: str, levels, seeds) -> list[dict]:
     import pandas as pd
 
     from pipeline.data.datasets import get_spec
-    from pipeline.data.sampling import sample_kshot, write_sample
+    from pipeline.data.sampling import sample_level, write_sample
 
     spec = get_spec(dataset_name)
     info = paths.read_info()
     table = pd.read_csv(paths.SPLIT_TABLE)
     train = table[table["split"] == spec.train_split]
-    result = sample_kshot(train["y"].to_numpy(), train["idx"].to_numpy(), shots, seed,
-                          n_classes=info["n_classes"])
-    write_sample(result, paths.sample_file(shots, seed))
-    return result
+    y, rows = train["y"].to_numpy(), train["idx"].to_numpy()
+    out = []
+    for level in levels:
+        for seed in seeds:
+            result = sample_level(y, rows, level, seed, n_classes=info["n_classes"])
+            write_sample(result, paths.sample_file(level.name, seed))
+            out.append(result)
+    return out
 
 
 @guard
-def command(shots: int = typer.Option(..., "--shots", "-k", help="Examples per class."),
-            seed: int = typer.Option(..., "--seed", help="Sampling seed."),
-            params_file: Path = ParamsOpt):
-    """A class-balanced k-shot index of the train split -> data/samples/k{K}_seed{S}.json
-    (nested: for one seed, the k=4 set contains the k=2 set)."""
+def command(params_file: Path = ParamsOpt):
+    """Training samples of every level in sample.levels × seed in sample.seeds ->
+    data/samples/<level>/seed<S>.json (nested: for one seed, the k=4 set contains the k=1 set,
+    the 25% set the 10% set), each with its few-shot validation set (held out of the train split)."""
     params = load_params(params_file)
-    if shots <= 0:
-        raise typer.BadParameter(f"--shots {shots}: use a positive integer")
-    result = run(params.dataset.name, shots, seed)
-    note = f" ({len(result['short_classes'])} classes have fewer than {shots})" if result["short_classes"] else ""
-    typer.echo(f"k={shots} seed={seed}: {result['n']} examples{note}")
+    for r in run(params.dataset.name, params.sample.parsed_levels, params.sample.seeds):
+        note = f" ({len(r['short_classes'])} classes have fewer than {r['k']})" if r["short_classes"] else ""
+        typer.echo(f"level {r['level']} seed {r['seed']}: {r['n']} training examples, "
+                   f"{r['n_val']} held out for fewshot_val{note}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -10,6 +10,7 @@ steps an uninterrupted run would take (bit-identical on CPU with `num_workers: 0
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
@@ -67,6 +68,25 @@ def batch_plan(n: int, batch_size: int, steps: int, seed: int, multiple: int = 1
         plan.extend(perm[i * b : (i + 1) * b] for i in range(n // b))
         epoch += 1
     return plan[:steps]
+
+
+def epoch_steps(n: int, batch_size: int, multiple: int = 1) -> int:
+    """Optimiser steps in one pass over n samples under `batch_plan`'s rule (batch min(B, n),
+    rounded down to `multiple`, last partial batch dropped)."""
+    b = min(batch_size, n)
+    b -= b % multiple
+    return n // b if b > 0 else 0
+
+
+def budget_steps(n: int, batch_size: int, epochs: float, min_steps: int, max_steps: int,
+                 multiple: int = 1) -> int:
+    """The training length for n samples: `epochs` passes over them (rounded up to whole
+    steps), bounded by [min_steps, max_steps]. A budget in epochs scales with the data; the
+    bounds keep a 1-shot run from stopping after a handful of steps and a full split from
+    running for ever. Example (batch 32): n = 8 -> 8 per batch, 1 step per epoch, 15 epochs
+    -> 15 -> min_steps 30; n = 128 -> 4 steps per epoch -> 60; n = 4000 -> 125 per epoch -> 1875
+    -> max_steps 300."""
+    return int(min(max_steps, max(min_steps, math.ceil(epochs * epoch_steps(n, batch_size, multiple) - 1e-9))))
 
 
 def build_optimizer(method: Method, device: torch.device) -> tuple[torch.optim.Optimizer, list[nn.Parameter]]:

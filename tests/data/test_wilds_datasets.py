@@ -50,7 +50,7 @@ def _half_right(y: torch.Tensor, n_classes: int, seed: int = 0) -> torch.Tensor:
 def test_every_split_of_the_spec_loads_images(loaded, name):
     _, dataset = loaded(name)
     spec = DATASETS[name]
-    splits = {spec.train_split, spec.select_split, *spec.id_splits, *spec.ood_splits}
+    splits = {spec.train_split, *spec.val_splits, *spec.id_splits, *spec.ood_splits}
     for split in splits:
         subset = dataset.get_subset(split)
         assert len(subset) > 0, split
@@ -59,7 +59,7 @@ def test_every_split_of_the_spec_loads_images(loaded, name):
         assert 0 <= int(y) < dataset.n_classes
         assert metadata.shape == (len(dataset.metadata_fields),)
     assert len(set(dataset.y_array[dataset.get_subset(spec.train_split).indices].tolist())) > 1
-    assert spec.select_split not in ("test", "id_test")
+    assert spec.val_splits and all("test" not in s for s in spec.val_splits)
 
 
 @pytest.mark.parametrize("name", REAL)
@@ -227,7 +227,8 @@ def test_table_facts():
     assert set(DATASETS) == {"synthetic", "iwildcam", "fmow", "camelyon17", "rxrx1", "waterbirds"}
     for name, spec in DATASETS.items():
         assert spec.name == name
-        assert spec.select_split not in ("test", "id_test")
+        assert spec.ood_val == "val"  # the WILDS official (OOD) validation split
+        assert spec.id_val in (None, "id_val")
         assert not set(spec.id_splits) & set(spec.ood_splits)
         assert spec.train_split == "train"
     synthetic = DATASETS["synthetic"]

@@ -37,7 +37,6 @@ register_dataset(DatasetSpec(
     train_split="train",
     id_splits=("id_val", "id_test"),
     ood_splits=("val", "test"),
-    select_split="id_val",
     metric="acc_avg",
     extra_metrics=("F1-macro_all", "acc_worst_domain"),
     prompt_file="synthetic.json",

@@ -12,7 +12,6 @@ register_dataset(DatasetSpec(
     train_split="train",
     id_splits=("id_val", "id_test"),
     ood_splits=("val", "test"),
-    select_split="val",
     metric="F1-macro_all",
     extra_metrics=("acc_avg", "recall-macro_all"),
     prompt_file="iwildcam.json",
@@ -25,7 +24,6 @@ register_dataset(DatasetSpec(
     train_split="train",
     id_splits=("id_val", "id_test"),
     ood_splits=("val", "test"),
-    select_split="val",
     metric="acc_worst_region",
     extra_metrics=("acc_avg", "acc_worst_year"),
     prompt_file="fmow.json",
@@ -38,7 +36,6 @@ register_dataset(DatasetSpec(
     train_split="train",
     id_splits=("id_val",),  # Camelyon17 has no id_test split.
     ood_splits=("val", "test"),
-    select_split="val",
     metric="acc_avg",
     extra_metrics=("acc_wg",),
     prompt_file="camelyon17.json",
@@ -51,7 +48,6 @@ register_dataset(DatasetSpec(
     train_split="train",
     id_splits=("id_test",),  # RxRx1 has no id_val split.
     ood_splits=("val", "test"),
-    select_split="val",
     metric="acc_avg",
     extra_metrics=("acc_wg",),
     prompt_file="rxrx1.json",
@@ -66,7 +62,6 @@ register_dataset(DatasetSpec(
     # measured by the worst group, so both count as OOD.
     id_splits=(),
     ood_splits=("val", "test"),
-    select_split="val",
     metric="acc_wg",
     extra_metrics=("adj_acc_avg",),  # waterbirds' eval drops plain acc_avg
     prompt_file="waterbirds.json",
