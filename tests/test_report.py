@@ -1,7 +1,9 @@
 """The report stage: tables, plots, DVC metrics and the MLflow summary run from fake inputs.
 
-The inputs are well-formed stand-ins for what `embed` and `evaluate` write: the zero-shot
-level in data/embed/metrics.json and, per method × k × seed, runs/evaluate/.../metrics.json
+The inputs are well-formed stand-ins for what `embed`, `selection` and `evaluate` write: the
+zero-shot level in data/embed/metrics.json; per method × level the selection record
+runs/select/<method>/<level>.json (the trial each seed chose, its scores and any edge of the
+search); and per method × level × seed runs/evaluate/<method>/<level>/seed<S>/metrics.json
 (with a WiSE-FT sweep for `ft`) and selection.json.
 """
 
@@ -19,19 +21,52 @@ import yaml
 import pipeline  # noqa: F401  (offline environment setup)
 from pipeline import artifacts as paths, report
 from pipeline.config import load_params
+from pipeline.core.levels import parse_level
+from pipeline.core.validation import to_dict
+from pipeline.data.datasets import get_spec
+from pipeline.evaluation.selection import edges as search_edges
+from pipeline.methods import parse_hparams
+from pipeline.report.inputs import level_key
 
 METHODS = ("ft", "flyp")
-SHOTS = (1, 4)
-SEEDS = (0, 1)
+LEVELS = (1, 4, "25%")
+SEEDS = (0, 1, 2)
 ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+N_CLASSES = 4  # k shots per class -> k * N_CLASSES training examples
+TRAIN_SIZE = 400  # "25%" -> 100 training examples
+# two trials per method (only lr differs): either choice is on an edge of the search
+LRS = (3e-5, 1e-4)
 
-# the headline keys of each dataset (DatasetSpec: last ID split, last OOD split, metric)
+# the headline keys of each dataset (DatasetSpec: last ID split, last OOD split, metric) and
+# what `evaluate.selection: auto` resolves to (id_val where the dataset has one, else ood_val)
 HEAD = {
     "synthetic": {"id": "id_test/acc_avg", "ood": "test/acc_avg", "select": "id_val/acc_avg",
-                  "zs": ("synthetic/colour", "synthetic/texture")},
-    "waterbirds": {"id": None, "ood": "test/acc_wg", "select": "val/acc_wg", "zs": ()},
+                  "protocol": "id_val", "zs": ("synthetic/colour", "synthetic/texture")},
+    "waterbirds": {"id": None, "ood": "test/acc_wg", "select": "val/acc_wg", "protocol": "ood_val",
+                   "zs": ()},
 }
+
+
+def n_train(level) -> int:
+    lv = parse_level(level)
+    return lv.shots * N_CLASSES if lv.kind == "shots" else int(round(lv.fraction * TRAIN_SIZE))
+
+
+def lrs_trials(method: str, lrs=LRS) -> list[tuple[str, dict]]:
+    return [(f"{method}-lr{lr:.0e}".replace("e-0", "e-"), {"lr": lr}) for lr in lrs]
+
+
+def default_trials(methods) -> dict[str, list[tuple[str, dict]]]:
+    """method -> [(trial name, hparam overrides)] (zeroshot has no hparams: one trial)."""
+    return {m: [("zeroshot-default", {})] if m == "zeroshot" else lrs_trials(m) for m in methods}
+
+
+def default_choice(method: str, level: str, seed: int, n: int) -> int:
+    """Which trial a seed chose: ft the first except seed 1 (counts 2 + 1), others the last."""
+    if method == "ft":
+        return 1 if seed == 1 else 0
+    return n - 1
 
 
 def zeroshot_metrics(dataset: str) -> dict[str, float]:
@@ -46,14 +81,15 @@ def zeroshot_metrics(dataset: str) -> dict[str, float]:
     return m
 
 
-def model_metrics(dataset: str, method: str, k: int, seed: int, alpha: float = 1.0) -> dict[str, float]:
-    """A deterministic, plausible fine-tuned model: ID rises with k, retention and RSA fall;
-    alpha interpolates from the zero-shot numbers (alpha = 0) to the fine-tuned ones."""
+def model_metrics(dataset: str, method: str, level, seed: int, alpha: float = 1.0) -> dict[str, float]:
+    """A deterministic, plausible fine-tuned model: ID rises with the training examples,
+    retention and RSA fall; alpha interpolates from the zero-shot numbers (alpha = 0) to the
+    fine-tuned ones."""
     h = HEAD[dataset]
     zs = zeroshot_metrics(dataset)
-    lk = math.log2(k) + 1
+    lk = math.log2(n_train(level) / N_CLASSES) + 1
     gain = {"zeroshot": 0.0, "ft": 0.08, "flyp": 0.07, "lp": 0.05, "lpft": 0.075, "dive": 0.065}[method] * lk + 0.01 * seed
-    bump = 4 * alpha * (1 - alpha) * 0.04  # WiSE-FT: the middle of the curve beats both ends
+    bump = 4 * alpha * (1 - alpha) * 0.08  # WiSE-FT: the middle of the curve beats both ends
     m = {h["ood"]: zs[h["ood"]] + alpha * (0.3 * gain) + bump,
          h["select"]: zs[h["select"]] + alpha * (0.3 * gain) + bump,
          "rsa/image": 1 - alpha * {"ft": 0.12, "dive": 0.01}.get(method, 0.08) * lk - 0.005 * seed,
@@ -65,53 +101,100 @@ def model_metrics(dataset: str, method: str, k: int, seed: int, alpha: float = 1
     return m
 
 
-def eval_metrics(dataset: str, method: str, k: int, seed: int, wise: bool) -> dict[str, float]:
+def trial_scores(dataset: str, method: str, level, seed: int, names: list[str], chosen: int) -> dict[str, float]:
+    """The trials' validation scores (alpha = 1): the chosen trial has the highest."""
+    base = model_metrics(dataset, method, level, seed)[HEAD[dataset]["select"]]
+    return {t: base - 0.01 * abs(i - chosen) for i, t in enumerate(names)}
+
+
+def eval_metrics(dataset: str, method: str, level, seed: int, wise: bool, score: float = math.nan,
+                 n_trials: int = 2) -> dict[str, float]:
     h = HEAD[dataset]
-    base = model_metrics(dataset, method, k, seed)
+    base = model_metrics(dataset, method, level, seed)
     out = dict(base)
     alphas = ALPHAS if wise else (1.0,)
-    per = {a: model_metrics(dataset, method, k, seed, a) for a in alphas}
+    per = {a: model_metrics(dataset, method, level, seed, a) for a in alphas}
     if wise:
         for a, m in per.items():
             out.update({f"wise/{a:g}/{key}": v for key, v in m.items()})
     best = max(alphas, key=lambda a: (per[a][h["select"]], a))
     out["selected/alpha"] = best
     out.update({f"selected/{key}": v for key, v in per[best].items()})
+    if not math.isnan(score):
+        out["selection/score"] = score
+    out["selection/trials"] = n_trials
+    n = n_train(level)
+    out["train/n_train"] = n
+    out["train/steps"] = max(30, min(300, n))
     out["train/trainable_params"] = 1000.0 if method == "ft" else 2000.0
     out["train/trainable_share"] = 0.5 if method == "ft" else 1.0
-    out["train/wall_time_s"] = 10.0 * k + seed
+    out["train/wall_time_s"] = 10.0 * n + seed
     return out
 
 
-def write_inputs(root: Path, dataset: str = "synthetic", methods=METHODS, shots=SHOTS,
-                 seeds=SEEDS, wise_methods=("ft",)) -> Path:
-    """params.yaml plus every input file of the report under `root`; returns params.yaml."""
+def write_inputs(root: Path, dataset: str = "synthetic", methods=METHODS, levels=LEVELS,
+                 seeds=SEEDS, wise_methods=("ft",), trials=None, choose=default_choice) -> Path:
+    """params.yaml plus every input file of the report under `root`; returns params.yaml.
+
+    `trials`: method -> [(trial name, overrides)]; `choose(method, level, seed, n)`: the index
+    of the trial that seed chose. Edges are computed as the selection stage does."""
+    trials = trials or default_trials(methods)
+    h = HEAD[dataset]
     base = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
     base["dataset"]["name"] = dataset
     base["finetune"]["methods"] = list(methods)
-    base["sample"] = {"shots": list(shots), "seeds": list(seeds)}
+    base["finetune"]["trials"] = {name: {"method": m, **over} for m in methods for name, over in trials[m]}
+    base["sample"] = {"levels": list(levels), "seeds": list(seeds)}
     pfile = root / "params.yaml"
-    pfile.write_text(yaml.safe_dump(base))
+    pfile.write_text(yaml.safe_dump(base, sort_keys=False))
     (root / paths.EMBED).mkdir(parents=True, exist_ok=True)
     (root / paths.EMBED_METRICS).write_text(json.dumps(zeroshot_metrics(dataset)))
-    sel_split = HEAD[dataset]["select"].split("/")[0]
+    split, metric = h["select"].split("/")
     for m in methods:
-        for k in shots:
+        names = [name for name, _ in trials[m]]
+        hps = {name: to_dict(parse_hparams(m, over)) for name, over in trials[m]}
+        for level in levels:
+            lv = parse_level(level)
+            record = {"method": m, "level": lv.name, "protocol": h["protocol"], "split": split,
+                      "metric": metric, "score_key": h["select"], "trials": names, "seeds": {}}
             for s in seeds:
-                d = root / paths.evaluate_dir(m, k, s)
+                c = choose(m, lv.name, s, len(names))
+                trial = names[c]
+                scores = trial_scores(dataset, m, level, s, names, c)
+                edge = search_edges(hps[trial], list(hps.values()))
+                record["seeds"][str(s)] = {"trial": trial, "score": scores[trial], "scores": scores,
+                                           "hparams": hps[trial], "edges": edge,
+                                           "weights_sha256": f"{m}{lv.name}{s}".encode().hex()}
+                d = root / paths.evaluate_dir(m, lv.name, s)
                 d.mkdir(parents=True, exist_ok=True)
-                met = eval_metrics(dataset, m, k, s, wise=m in wise_methods)
-                (d / "metrics.json").write_text(json.dumps(met))
-                (d / "selection.json").write_text(json.dumps({
-                    "split": sel_split, "metric": HEAD[dataset]["ood"].split("/")[1],
-                    "alpha": met["selected/alpha"], "alphas": list(ALPHAS if m in wise_methods else (1.0,)),
-                    "headline": HEAD[dataset]["ood"].split("/")[1]}))
+                met = eval_metrics(dataset, m, level, s, wise=m in wise_methods, score=scores[trial],
+                                   n_trials=len(names))
+                (d / paths.EVAL_METRICS).write_text(json.dumps(met))
+                (d / paths.EVAL_SELECTION).write_text(json.dumps({
+                    "protocol": h["protocol"], "split": split, "metric": metric, "trial": trial,
+                    "score": scores[trial], "trials": names, "scores": scores, "edges": edge,
+                    "hparams": hps[trial], "alpha": met["selected/alpha"],
+                    "alphas": list(ALPHAS if m in wise_methods else (1.0,)), "level": lv.name,
+                    "level_kind": lv.kind, "seed": s, "n_train": n_train(level), "headline": metric}))
+            sel = root / paths.select_file(m, lv.name)
+            sel.parent.mkdir(parents=True, exist_ok=True)
+            sel.write_text(json.dumps(record))
     return pfile
+
+
+def chosen_trial(method: str, level, seed: int, trials=None) -> str:
+    names = [n for n, _ in (trials or default_trials(METHODS))[method]]
+    return names[default_choice(method, parse_level(level).name, seed, len(names))]
+
+
+def read_csv(path) -> pd.DataFrame:
+    return pd.read_csv(path, dtype={"level": str})
 
 
 @pytest.fixture(scope="module")
 def done(tmp_path_factory):
-    """One full report of synthetic: 2 methods × 2 shots × 2 seeds (ft with a WiSE-FT sweep)."""
+    """One full report of synthetic: 2 methods × 3 levels (1, 4, 25%) × 3 seeds, two trials per
+    method (ft with a WiSE-FT sweep)."""
     root = tmp_path_factory.mktemp("report")
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
@@ -123,23 +206,32 @@ def done(tmp_path_factory):
 
 
 def test_runs_csv_one_row_per_run(done):
-    runs = pd.read_csv(done["root"] / report.RUNS_CSV)
+    runs = read_csv(done["root"] / report.RUNS_CSV)
     assert list(runs.columns) == list(report.columns())
-    assert len(runs) == 1 + len(METHODS) * len(SHOTS) * len(SEEDS)
+    assert list(report.columns())[:6] == ["dataset", "method", "level", "level_kind", "seed", "trial"]
+    assert len(runs) == 1 + len(METHODS) * len(LEVELS) * len(SEEDS)
     z = runs[runs["method"] == "zeroshot"]
-    assert len(z) == 1 and z["shots"].iloc[0] == 0 and pd.isna(z["seed"].iloc[0])
+    assert len(z) == 1 and z["level"].iloc[0] == "0" and pd.isna(z["seed"].iloc[0])
+    assert z["level_kind"].iloc[0] == "shots" and pd.isna(z["trial"].iloc[0])
     zm = zeroshot_metrics("synthetic")
     assert z["id"].iloc[0] == pytest.approx(zm["id_test/acc_avg"])
     assert z["ood"].iloc[0] == pytest.approx(zm["test/acc_avg"])
     assert z["zs"].iloc[0] == pytest.approx((0.7 + 0.6) / 2)
     assert z["rsa_image"].iloc[0] == 1.0 and z["rsa_text"].iloc[0] == 1.0
+    assert z["n_train"].iloc[0] == 0 and pd.isna(z["selection_score"].iloc[0])
     for m in METHODS:
-        for k in SHOTS:
+        for lv in LEVELS:
             for s in SEEDS:
-                r = runs[(runs["method"] == m) & (runs["shots"] == k) & (runs["seed"] == s)]
+                r = runs[(runs["method"] == m) & (runs["level"] == str(lv)) & (runs["seed"] == s)]
                 assert len(r) == 1
                 r = r.iloc[0]
-                e = eval_metrics("synthetic", m, k, s, wise=m == "ft")
+                assert r["dataset"] == "synthetic"
+                assert r["level_kind"] == ("fraction" if lv == "25%" else "shots")
+                assert r["trial"] == chosen_trial(m, lv, s)
+                names = [n for n, _ in default_trials(METHODS)[m]]
+                c = names.index(r["trial"])
+                score = trial_scores("synthetic", m, lv, s, names, c)[r["trial"]]
+                e = eval_metrics("synthetic", m, lv, s, wise=m == "ft", score=score)
                 assert r["id"] == pytest.approx(e["id_test/acc_avg"])
                 assert r["ood"] == pytest.approx(e["test/acc_avg"])
                 assert r["zs"] == pytest.approx(np.mean([e["zs/synthetic/colour/acc"],
@@ -149,6 +241,9 @@ def test_runs_csv_one_row_per_run(done):
                 assert r["selected_alpha"] == pytest.approx(e["selected/alpha"])
                 assert r["selected_id"] == pytest.approx(e["selected/id_test/acc_avg"])
                 assert r["selected_ood"] == pytest.approx(e["selected/test/acc_avg"])
+                assert r["selection_score"] == pytest.approx(e["selection/score"])
+                assert r["n_train"] == n_train(lv)
+                assert r["train_steps"] == e["train/steps"]
                 assert r["trainable_share"] == pytest.approx(e["train/trainable_share"])
                 assert r["wall_time_s"] == pytest.approx(e["train/wall_time_s"])
     # the sweep mattered: ft picks an interior α, flyp (no sweep) reports α = 1
@@ -159,27 +254,69 @@ def test_runs_csv_one_row_per_run(done):
 def test_read_runs_matches_csv(done, monkeypatch):
     monkeypatch.chdir(done["root"])
     df = report.read_runs(report.ReportConfig.of(done["params"]))
-    csv = pd.read_csv(done["root"] / report.RUNS_CSV)
+    csv = read_csv(done["root"] / report.RUNS_CSV)
     assert len(df) == len(csv)
-    np.testing.assert_allclose(df["ood"].to_numpy(float), csv["ood"].to_numpy(float))
+    assert list(df["method"]) == list(csv["method"]) and list(df["level"]) == list(csv["level"])
+    assert list(df["trial"].fillna("")) == list(csv["trial"].fillna(""))
+    for col in ("ood", "id", "zs", "selected_ood", "n_train"):
+        np.testing.assert_allclose(df[col].to_numpy(float), csv[col].to_numpy(float))
 
 
 def test_summary_mean_and_std_over_seeds(done):
-    summ = pd.read_csv(done["root"] / report.SUMMARY_CSV)
-    assert len(summ) == 1 + len(METHODS) * len(SHOTS)
-    assert list(summ["method"]) == ["zeroshot", "ft", "ft", "flyp", "flyp"]  # params order
+    summ = read_csv(done["root"] / report.SUMMARY_CSV)
+    assert len(summ) == 1 + len(METHODS) * len(LEVELS)
+    # zero-shot first, then params order, levels shots by k then fractions
+    assert list(zip(summ["method"], summ["level"])) == [
+        ("zeroshot", "0"), ("ft", "1"), ("ft", "4"), ("ft", "25%"),
+        ("flyp", "1"), ("flyp", "4"), ("flyp", "25%")]
     z = summ[summ["method"] == "zeroshot"].iloc[0]
-    assert z["shots"] == 0 and z["seeds"] == 1 and z["id_std"] == 0.0
+    assert z["level"] == "0" and z["seeds"] == 1 and z["id_std"] == 0.0 and pd.isna(z["id_ci"])
     for m in METHODS:
-        for k in SHOTS:
-            r = summ[(summ["method"] == m) & (summ["shots"] == k)].iloc[0]
+        for lv in LEVELS:
+            r = summ[(summ["method"] == m) & (summ["level"] == str(lv))].iloc[0]
             assert r["seeds"] == len(SEEDS)
             for col, key in (("id", "id_test/acc_avg"), ("ood", "test/acc_avg"),
                              ("rsa_image", "rsa/image"), ("wall_time_s", "train/wall_time_s")):
-                vals = [eval_metrics("synthetic", m, k, s, wise=m == "ft")[key] for s in SEEDS]
+                vals = [eval_metrics("synthetic", m, lv, s, wise=m == "ft")[key] for s in SEEDS]
                 assert r[f"{col}_mean"] == pytest.approx(np.mean(vals))
                 assert r[f"{col}_std"] == pytest.approx(np.std(vals, ddof=1))
-                assert r[f"{col}_std"] > 0
+                assert r[f"{col}_std"] > 0 and r[f"{col}_ci"] > r[f"{col}_std"] / math.sqrt(len(SEEDS))
+
+
+def test_confidence_intervals_equal_scipys(done):
+    from scipy import stats as sst
+
+    from pipeline.report.stats import mean_ci
+
+    def scipy_half(vals) -> float:
+        vals = np.asarray(vals, float)
+        lo, hi = sst.t.interval(0.95, len(vals) - 1, loc=vals.mean(), scale=sst.sem(vals))
+        return (hi - lo) / 2
+
+    runs = read_csv(done["root"] / report.RUNS_CSV)
+    summ = read_csv(done["root"] / report.SUMMARY_CSV)
+    checked = 0
+    for m in METHODS:
+        for lv in LEVELS:
+            g = runs[(runs["method"] == m) & (runs["level"] == str(lv))]
+            r = summ[(summ["method"] == m) & (summ["level"] == str(lv))].iloc[0]
+            for col in ("id", "ood", "zs", "rsa_image", "selected_ood", "wall_time_s"):
+                vals = g[col].to_numpy(float)
+                assert len(vals) == len(SEEDS) and np.ptp(vals) > 0
+                assert r[f"{col}_ci"] == pytest.approx(scipy_half(vals), rel=1e-6)
+                assert r[f"{col}_mean"] == pytest.approx(vals.mean())
+                checked += 1
+    assert checked == len(METHODS) * len(LEVELS) * 6
+    # the function itself, on a hand list (4 values: 3 degrees of freedom)
+    hand = [0.61, 0.55, 0.70, 0.58]
+    mean, half = mean_ci(hand)
+    assert mean == pytest.approx(np.mean(hand))
+    assert half == pytest.approx(scipy_half(hand))
+    assert half == pytest.approx(sst.t.ppf(0.975, 3) * np.std(hand, ddof=1) / 2)
+    assert mean_ci([0.61, float("nan"), 0.55]) == pytest.approx(mean_ci([0.61, 0.55]))  # NaN dropped
+    one_mean, one_half = mean_ci([0.42])
+    assert one_mean == 0.42 and math.isnan(one_half)
+    assert all(math.isnan(v) for v in mean_ci([]))
 
 
 def test_summary_markdown(done):
@@ -187,15 +324,26 @@ def test_summary_markdown(done):
     assert md.startswith("# Report: synthetic")
     assert "| method" in md and "| zero-shot" in md and " ± " in md
     assert "`id_test/acc_avg`" in md and "`test/acc_avg`" in md
+    assert "levels k=1, k=4, 25%" in md and "4 trials" in md
+    assert "95 % confidence interval over 3 seeds" in md and "2 degrees of freedom" in md
     for name in ("id_vs_shots", "ood_vs_shots", "id_vs_ood", "zs_retention_vs_shots", "rsa_vs_shots"):
         assert f"({name}.png)" in md
+    # the largest level is the one with the most training examples: 25% (100 examples)
+    assert "## At the largest level (25%, 100 training examples)" in md
     # one dataset: no IIMM plot, and the summary says why
     assert "No `iimm_vs_change.png`" in md and "across tasks" in md
+    # two trials per method: every choice is on an edge of its list
+    assert "## Selection (`id_val` on `id_val`)" in md
+    assert "**Widen the search**" in md and "6 of 6 cells" in md
     # every table row has the same number of cells as its header
+    tables = 0
     for block in md.split("\n\n"):
         lines = [ln for ln in block.splitlines() if ln.startswith("|")]
         if lines:
-            assert len({ln.count("|") for ln in lines}) == 1
+            tables += 1
+            assert len({ln.count("|") for ln in lines}) == 1, block
+            assert set(lines[1].replace("|", "").strip()) <= set("-: ")
+    assert tables == 3  # results, selection, WiSE-FT selection and cost
 
 
 def _check_png(path: Path) -> None:
@@ -230,21 +378,74 @@ def test_dvc_metrics_and_plot_data(done):
     assert flat["zeroshot/ood"] == pytest.approx(zm["test/acc_avg"])
     assert flat["zeroshot/rsa_image"] == 1.0
     assert flat["zeroshot/iimm"] == pytest.approx(zm["iimm"])
+    assert "zeroshot/n_train" not in flat and "zeroshot/selected_alpha" not in flat
     for m in METHODS:
-        for k in SHOTS:
+        for lv in LEVELS:
+            key = level_key(parse_level(lv))
+            assert key == ("25%" if lv == "25%" else f"k{lv}")
             for col in ("id", "ood", "zs", "rsa_image", "rsa_text", "selected_alpha",
-                        "selected_id", "selected_ood"):
-                assert f"{m}/k{k}/{col}" in flat
-            vals = [eval_metrics("synthetic", m, k, s, wise=m == "ft")["test/acc_avg"] for s in SEEDS]
-            assert flat[f"{m}/k{k}/ood"] == pytest.approx(np.mean(vals))
+                        "selected_id", "selected_ood", "selection_score", "n_train"):
+                assert f"{m}/{key}/{col}" in flat
+            vals = [eval_metrics("synthetic", m, lv, s, wise=m == "ft")["test/acc_avg"] for s in SEEDS]
+            assert flat[f"{m}/{key}/ood"] == pytest.approx(np.mean(vals))
+    assert "ft/25%/id" in flat and "ft/k25%/id" not in flat
     assert all(math.isfinite(v) for v in flat.values())
-    long = pd.read_csv(root / report.SHOTS_CSV)
-    assert list(long.columns) == ["method", "shots", "metric", "value"]
-    row = long[(long["method"] == "ft") & (long["shots"] == 4) & (long["metric"] == "id")]
+    long = pd.read_csv(root / report.SHOTS_CSV, dtype={"level": str})
+    assert report.SHOTS_CSV.name == "levels.csv"
+    assert list(long.columns) == ["method", "level", "n_train", "metric", "value", "ci"]
+    summ = read_csv(root / report.SUMMARY_CSV)
+    s4 = summ[(summ["method"] == "ft") & (summ["level"] == "4")].iloc[0]
+    row = long[(long["method"] == "ft") & (long["level"] == "k=4") & (long["metric"] == "id")]
+    assert len(row) == 1
     assert row["value"].iloc[0] == pytest.approx(flat["ft/k4/id"])
-    assert set(long.loc[long["method"] == "zeroshot", "shots"]) == {0}
+    assert row["n_train"].iloc[0] == n_train(4) and row["ci"].iloc[0] == pytest.approx(s4["id_ci"])
+    z = long[long["method"] == "zeroshot"]
+    assert set(z["level"]) == {"zero-shot"} and set(z["n_train"]) == {0} and z["ci"].isna().all()
     done_marker = json.loads((root / report.SUMMARY_JSON).read_text())
-    assert done_marker["runs"] == 9 and done_marker["mlflow_run_id"]
+    assert done_marker["runs"] == 1 + len(METHODS) * len(LEVELS) * len(SEEDS)
+    assert done_marker["mlflow_run_id"]
+    assert str(report.SELECTION_CSV) in done_marker["files"]
+
+
+def test_levels_share_one_axis(done):
+    """Fractions and shots sit on one axis: training examples per level."""
+    summ = read_csv(done["root"] / report.SUMMARY_CSV)
+    for m in METHODS:
+        g = summ[summ["method"] == m]
+        assert list(g["level_label"]) == ["k=1", "k=4", "25%"]
+        assert list(g["level_kind"]) == ["shots", "shots", "fraction"]
+        assert list(g["n_train_mean"]) == [n_train(lv) for lv in LEVELS] == [4, 16, 100]
+    z = summ[summ["method"] == "zeroshot"].iloc[0]
+    assert z["level_label"] == "zero-shot" and z["n_train_mean"] == 0
+    long = pd.read_csv(done["root"] / report.SHOTS_CSV, dtype={"level": str})
+    for (m, metric), g in long[long["method"] != "zeroshot"].groupby(["method", "metric"]):
+        assert list(g["level"]) == ["k=1", "k=4", "25%"], (m, metric)
+        assert g["n_train"].is_monotonic_increasing and g["n_train"].is_unique, (m, metric)
+    assert set(long.loc[long["level"] == "25%", "n_train"]) == {100}
+    assert set(long.loc[long["level"] == "k=4", "n_train"]) == {16}
+    # the IIMM points (and the "largest level" headline) take the level with most examples
+    points = report.task_points("synthetic", done["flat"])
+    assert {(p["method"], p["level"], p["n_train"]) for p in points} == {("ft", "25%", 100), ("flyp", "25%", 100)}
+
+
+def test_selection_table_in_csv(done):
+    sel = read_csv(done["root"] / report.SELECTION_CSV)
+    assert list(sel.columns) == ["method", "level", "protocol", "split", "trials", "chosen",
+                                 "val_score", "edges"]
+    assert list(zip(sel["method"], sel["level"])) == [(m, str(lv)) for m in METHODS for lv in LEVELS]
+    assert set(sel["protocol"]) == {"id_val"} and set(sel["split"]) == {"id_val"}
+    assert set(sel["trials"]) == {2}
+    for _, r in sel.iterrows():
+        if r["method"] == "ft":
+            assert r["chosen"] == "ft-lr3e-5 ×2, ft-lr1e-4 ×1"
+            assert r["edges"] == "lr=0.0001 is the largest tried; lr=3e-05 is the smallest tried"
+        else:
+            assert r["chosen"] == "flyp-lr1e-4 ×3" and r["edges"] == "lr=0.0001 is the largest tried"
+        names = [n for n, _ in default_trials(METHODS)[r["method"]]]
+        scores = [trial_scores("synthetic", r["method"], r["level"], s, names,
+                               names.index(chosen_trial(r["method"], r["level"], s)))[chosen_trial(r["method"], r["level"], s)]
+                  for s in SEEDS]
+        assert r["val_score"] == pytest.approx(np.mean(scores))
 
 
 def test_mlflow_summary_run(done):
@@ -256,11 +457,67 @@ def test_mlflow_summary_run(done):
     assert len(found) == 1
     run = found[0]
     assert run.info.run_name == "report"
+    # MLflow names allow no '%': the fraction level is logged as `25pct`
+    assert len(run.data.metrics) == len(done["flat"])
     for key, v in done["flat"].items():
-        assert run.data.metrics[key] == pytest.approx(v)
-    assert run.data.params["dataset"] == "synthetic"
+        assert run.data.metrics[key.replace("%", "pct")] == pytest.approx(v)
+    assert run.data.metrics["ft/25pct/id"] == pytest.approx(done["flat"]["ft/25%/id"])
+    p = run.data.params
+    assert p["dataset"] == "synthetic" and p["methods"] == "ft,flyp" and p["levels"] == "1,4,25%"
+    assert p["seeds"] == "0,1,2" and p["selection"] == "auto" and p["select_split"] == "id_val"
+    assert p["trials"] == "4"
     names = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"summary.md", "summary.csv", "runs.csv", "id_vs_ood.png", "rsa_vs_shots.png"} <= names
+    assert {"summary.md", "summary.csv", "selection.csv", "runs.csv", "id_vs_ood.png",
+            "rsa_vs_shots.png"} <= names
+
+
+def test_selection_reports_chosen_trials_and_edges(tmp_path, monkeypatch):
+    """ft with three learning rates: at k=1 seeds 0 and 1 choose the middle one and seed 2 the
+    largest (an edge); at k=4 every seed chooses the middle one (no edge)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    trials = {"ft": lrs_trials("ft", (1e-5, 3e-5, 1e-4))}
+    assert [n for n, _ in trials["ft"]] == ["ft-lr1e-5", "ft-lr3e-5", "ft-lr1e-4"]
+
+    def choose(method, level, seed, n):
+        return 2 if (level, seed) == ("1", 2) else 1
+
+    params = load_params(write_inputs(tmp_path, methods=("ft",), levels=(1, 4), trials=trials, choose=choose))
+    cfg = report.ReportConfig.of(params)
+    report.run(cfg)
+    sel = read_csv(report.SELECTION_CSV).set_index("level")
+    assert list(sel.index) == ["1", "4"] and set(sel["trials"]) == {3}
+    assert sel.loc["1", "chosen"] == "ft-lr3e-5 ×2, ft-lr1e-4 ×1"
+    assert sel.loc["1", "edges"] == "lr=0.0001 is the largest tried"
+    assert sel.loc["4", "chosen"] == "ft-lr3e-5 ×3"
+    assert pd.isna(sel.loc["4", "edges"])  # interior choice: no edge
+    runs = read_csv(report.RUNS_CSV)
+    assert list(runs.loc[runs["level"] == "1", "trial"]) == ["ft-lr3e-5", "ft-lr3e-5", "ft-lr1e-4"]
+
+    md = report.SUMMARY_MD.read_text()
+    assert "3 trials, selected per method, level and seed by `auto`" in md
+    block = md.split("## Selection")[1].split("\n\n")
+    rows = {ln.split("|")[2].strip(): [c.strip() for c in ln.split("|")[1:-1]]
+            for ln in block[2].splitlines()[2:]}
+    assert rows["k=1"] == ["ft", "k=1", "3", "ft-lr3e-5 ×2, ft-lr1e-4 ×1",
+                           f"{sel.loc['1', 'val_score']:.3f}", "lr=0.0001 is the largest tried"]
+    assert rows["k=4"] == ["ft", "k=4", "3", "ft-lr3e-5 ×3", f"{sel.loc['4', 'val_score']:.3f}", "–"]
+    widen = next(ln for ln in md.splitlines() if "Widen the search" in ln)
+    assert "1 of 2 cells (ft at k=1)" in widen and "k=4" not in widen
+
+    # no choice on an edge: no warning
+    from pipeline.report.tables import selection_table, summary_markdown
+
+    records = report.read_selection(cfg)
+    for r in records:
+        for c in r["seeds"].values():
+            c["edges"] = []
+    table = selection_table(records)
+    assert (table["edges"] == "").all()
+    summ = pd.read_csv(report.SUMMARY_CSV, dtype={"level": str})
+    quiet = summary_markdown(cfg, summ, report.Headline.of(get_spec("synthetic")),
+                             zeroshot_metrics("synthetic"), [], [], [], table)
+    assert "## Selection" in quiet and "Widen the search" not in quiet
 
 
 def test_second_dataset_adds_iimm_plot_and_no_id(done, tmp_path, monkeypatch):
@@ -270,42 +527,61 @@ def test_second_dataset_adds_iimm_plot_and_no_id(done, tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", done["uri"])
     params = load_params(write_inputs(tmp_path, dataset="waterbirds", seeds=(0,)))
     flat = report.run(report.ReportConfig.of(params))
-    runs = pd.read_csv(report.RUNS_CSV)
+    runs = read_csv(report.RUNS_CSV)
     assert "id" not in runs.columns and "selected_id" not in runs.columns
     assert runs.loc[runs["method"] == "ft", "ood"].notna().all()
     assert not any(k.endswith("/id") for k in flat)
     assert not report.PLOTS["id_vs_shots"].exists() and not report.PLOTS["id_vs_ood"].exists()
     assert not report.PLOTS["zs_retention_vs_shots"].exists()  # waterbirds: no retention tasks
-    summ = pd.read_csv(report.SUMMARY_CSV)
+    summ = read_csv(report.SUMMARY_CSV)
     assert (summ["ood_std"] == 0).all()  # one seed: std 0
+    assert summ["ood_ci"].isna().all()  # and no interval
+    sel = read_csv(report.SELECTION_CSV)
+    assert set(sel["protocol"]) == {"ood_val"} and set(sel["split"]) == {"val"}
     _check_png(report.PLOTS["iimm_vs_change"])
     _check_png(report.PLOTS["ood_vs_shots"])
     md = report.SUMMARY_MD.read_text()
     assert "no ID split" in md and "(iimm_vs_change.png)" in md and " ± " not in md
+    assert "2 tasks side by side: synthetic, waterbirds" in md
 
 
 def test_missing_run_names_file_and_target(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    params = load_params(write_inputs(tmp_path, shots=(4,), seeds=(0, 1)))
-    gone = paths.evaluate_dir("flyp", 4, 1) / "metrics.json"
-    gone.unlink()
-    paths.EMBED_METRICS.unlink()
+    params = load_params(write_inputs(tmp_path, levels=(4, "25%"), seeds=(0, 1)))
+    cfg = report.ReportConfig.of(params)
+    gone = paths.evaluate_dir("flyp", "4", 1) / paths.EVAL_METRICS
+    gone_frac = paths.evaluate_dir("ft", "25%", 0) / paths.EVAL_METRICS
+    kept = {p: p.read_text() for p in (gone, gone_frac, paths.EMBED_METRICS)}
+    for p in kept:
+        p.unlink()
     paths.REPORTS.mkdir()
     report.SUMMARY_JSON.write_text("{}")  # a finished report from an earlier run
     with pytest.raises(FileNotFoundError) as err:
-        report.run(report.ReportConfig.of(params))
+        report.run(cfg)
     msg = str(err.value)
-    assert str(gone) in msg and "dvc repro evaluate@flyp-4-1" in msg
+    assert str(gone) in msg and "dvc repro evaluate@flyp`" in msg
+    assert str(gone_frac) in msg and "dvc repro evaluate@ft`" in msg
     assert str(paths.EMBED_METRICS) in msg and "dvc repro embed" in msg
     assert isinstance(err.value, report.MissingInputsError)
-    assert err.value.missing == [paths.EMBED_METRICS, gone]
+    assert err.value.missing == [paths.EMBED_METRICS, gone_frac, gone]
+    assert report.SUMMARY_JSON.read_text() == "{}"  # missing inputs change nothing
     with pytest.raises(FileNotFoundError):
-        report.read_runs(report.ReportConfig.of(params))
+        report.read_runs(cfg)
+
+    # every run there, but a selection record missing
+    for p, text in kept.items():
+        p.write_text(text)
+    record = paths.select_file("flyp", "25%")
+    record.unlink()
+    with pytest.raises(report.MissingInputsError) as err:
+        report.run(cfg)
+    assert err.value.missing == [record]
+    assert str(record) in str(err.value) and "dvc repro selection" in str(err.value)
 
 
 def test_crash_leaves_no_finished_report(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    params = load_params(write_inputs(tmp_path, methods=("ft",), shots=(1,), seeds=(0,)))
+    params = load_params(write_inputs(tmp_path, methods=("ft",), levels=(1,), seeds=(0,)))
     paths.REPORTS.mkdir()
     report.SUMMARY_JSON.write_text("{}")
 
@@ -313,27 +589,32 @@ def test_crash_leaves_no_finished_report(tmp_path, monkeypatch):
         raise RuntimeError("disk full")
 
     monkeypatch.setattr(report, "plot_panels", boom)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="disk full"):
         report.run(report.ReportConfig.of(params))
     assert not report.SUMMARY_JSON.exists() and not report.SUMMARY_MD.exists()
 
 
 def test_wrong_dataset_metrics_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    params = load_params(write_inputs(tmp_path, methods=("ft",), shots=(1,), seeds=(0,)))
-    f = paths.evaluate_dir("ft", 1, 0) / "metrics.json"
+    params = load_params(write_inputs(tmp_path, methods=("ft",), levels=(1,), seeds=(0,)))
+    f = paths.evaluate_dir("ft", "1", 0) / paths.EVAL_METRICS
     f.write_text(json.dumps({"test/acc_wg": 0.5}))
-    with pytest.raises(ValueError, match="ft/k1_seed0/metrics.json: no .test/acc_avg"):
+    with pytest.raises(ValueError, match="ft/1/seed0/metrics.json: no .test/acc_avg"):
         report.read_runs(report.ReportConfig.of(params))
 
 
-def test_zeroshot_method_at_k_is_not_the_k0_level(tmp_path, monkeypatch):
-    """`zeroshot` listed in finetune.methods gives ordinary k > 0 rows next to the k = 0 level."""
+def test_zeroshot_method_at_a_level_is_not_the_zero_shot_level(tmp_path, monkeypatch):
+    """`zeroshot` listed in finetune.methods gives ordinary rows at its levels next to the
+    zero-shot level (level 0)."""
     monkeypatch.chdir(tmp_path)
-    params = load_params(write_inputs(tmp_path, methods=("zeroshot", "ft"), shots=(2,), seeds=(0,)))
+    params = load_params(write_inputs(tmp_path, methods=("zeroshot", "ft"), levels=(2, "25%"), seeds=(0,)))
     runs = report.read_runs(report.ReportConfig.of(params))
-    summ = report.summarize(runs, list(params.finetune.methods))
-    assert list(zip(summ["method"], summ["shots"])) == [("zeroshot", 0), ("zeroshot", 2), ("ft", 2)]
+    assert list(runs.loc[runs["method"] == "zeroshot", "seed"].isna()) == [True, False, False]
+    summ = report.summarize(runs, list(params.finetune.methods), list(params.sample.parsed_levels))
+    assert list(zip(summ["method"], summ["level"])) == [
+        ("zeroshot", "0"), ("zeroshot", "2"), ("zeroshot", "25%"), ("ft", "2"), ("ft", "25%")]
     flat = report.flat_metrics(summ, zeroshot_metrics("synthetic"))
     assert flat["zeroshot/id"] == pytest.approx(0.55)
     assert "zeroshot/k2/id" in flat and "zeroshot/k2/selected_alpha" in flat
+    assert "zeroshot/25%/n_train" in flat and flat["zeroshot/25%/n_train"] == n_train("25%")
+    assert "zeroshot/n_train" not in flat  # the zero-shot level has no training data

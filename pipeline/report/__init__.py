@@ -1,13 +1,15 @@
 """The `report` stage: every configured run -> tables, plots, DVC metrics and a summary MLflow run.
 
-Reads the zero-shot level (k = 0) from `data/embed/metrics.json` and every method × k × seed of
-params.yaml from `runs/evaluate/<method>/k<K>_seed<S>/metrics.json`; a configured run whose
-file is missing is an error (naming the file and the `dvc repro` target that makes it), never
-silently skipped. Writes under `reports/`:
+Reads the zero-shot level from `data/embed/metrics.json`, every method × level × seed of
+params.yaml from `runs/evaluate/<method>/<level>/seed<S>/` (the trial chosen by the protocol)
+and the selection records `runs/select/<method>/<level>.json`; a configured run whose file is
+missing is an error (naming the file and the `dvc repro` target that makes it), never silently
+skipped. Writes under `reports/`:
 
-- `runs.csv` — one row per run (zero-shot: method `zeroshot`, shots 0, blank seed);
-- `summary.csv`, `summary.md` — mean and std over seeds per method × shots;
-- PNG plots (see `PLOTS`), `metrics/shots.csv` (long format, for `dvc plots`) and `metrics/report.json`
+- `runs.csv` — one row per run (zero-shot: method `zeroshot`, level 0, blank seed);
+- `summary.csv`, `summary.md` — mean, std and 95 % CI over seeds per method × level;
+- `selection.csv` — per method × level, the trials chosen per seed and any edge of the search;
+- PNG plots (see `PLOTS`), `metrics/levels.csv` (long format against the training examples, for `dvc plots`) and `metrics/report.json`
   (flat means, for `dvc metrics show`);
 - `summary.json` last: the marker of a finished report (removed first when the stage starts).
 
@@ -36,13 +38,13 @@ from pipeline import artifacts as paths
 from pipeline.core import tracking
 from pipeline.data.datasets import get_spec
 from pipeline.evaluation.measures import MEASURES
-from pipeline.report.files import (METRICS_JSON, OUTPUTS, PLOTS, RUNS_CSV, SHOTS_CSV, SUMMARY_CSV, SUMMARY_JSON,
+from pipeline.report.files import (METRICS_JSON, OUTPUTS, PLOTS, RUNS_CSV, SELECTION_CSV, SHOTS_CSV, SUMMARY_CSV, SUMMARY_JSON,
                                    SUMMARY_MD, _write_csv, _write_text)
 from pipeline.report.inputs import (COLUMNS, KEYS, REPORT_KEY, VALUES, ZEROSHOT, columns, values, Headline, MissingInputsError,
                                     ReportConfig, RunInput, _ZS_TASK, load_inputs, other_datasets, read_runs,
-                                    runs_frame, task_points, wise_curves)
+                                    read_selection, runs_frame, task_points, wise_curves)
 from pipeline.report.plots import plot_id_vs_ood, plot_iimm, plot_panels, plot_vs_shots
-from pipeline.report.tables import flat_metrics, shots_long, summarize, summary_markdown
+from pipeline.report.tables import flat_metrics, selection_table, shots_long, summarize, summary_markdown
 
 __all__ = ["run", "ReportConfig", "read_runs", "load_inputs", "runs_frame", "summarize", "flat_metrics",
            "shots_long", "wise_curves", "summary_markdown", "MissingInputsError", "Headline", "RunInput",
@@ -54,6 +56,7 @@ def run(cfg: ReportConfig) -> dict[str, float]:
     spec = get_spec(cfg.dataset)
     head = Headline.of(spec)
     inputs = load_inputs(cfg)  # before touching reports/: missing inputs change nothing
+    records = read_selection(cfg)
 
     SUMMARY_JSON.unlink(missing_ok=True)  # from here on the report is unfinished
     for p in OUTPUTS:
@@ -62,7 +65,8 @@ def run(cfg: ReportConfig) -> dict[str, float]:
 
     methods = list(cfg.methods)
     runs = runs_frame(inputs, spec.name, head)
-    summary = summarize(runs, methods)
+    summary = summarize(runs, methods, list(cfg.levels))
+    selection = selection_table(records)
     embed = inputs[0].metrics
     flat = flat_metrics(summary, embed)
     wise = wise_curves(inputs, head)
@@ -71,28 +75,30 @@ def run(cfg: ReportConfig) -> dict[str, float]:
 
     _write_csv(RUNS_CSV, runs)
     _write_csv(SUMMARY_CSV, summary)
+    _write_csv(SELECTION_CSV, selection)
     _write_csv(SHOTS_CSV, shots_long(summary))
 
     plots: list[Path] = []
     if head.id:
         plot_vs_shots(summary, "id", f"ID: {head.id}",
-                      f"In-distribution ({head.id}) vs shots", PLOTS["id_vs_shots"])
+                      f"In-distribution ({head.id}) vs training data", PLOTS["id_vs_shots"])
         plots.append(PLOTS["id_vs_shots"])
     else:
         notes.append(f"{spec.name} has no ID split: no ID columns, no `id_vs_shots.png`, "
                      "no `id_vs_ood.png`.")
     plot_vs_shots(summary, "ood", f"OOD: {head.ood}",
-                  f"Out-of-distribution ({head.ood}) vs shots", PLOTS["ood_vs_shots"])
+                  f"Out-of-distribution ({head.ood}) vs training data", PLOTS["ood_vs_shots"])
     plots.append(PLOTS["ood_vs_shots"])
     if head.id:
-        plot_id_vs_ood(summary, wise, head, PLOTS["id_vs_ood"])
+        plot_id_vs_ood(summary, wise, head, PLOTS["id_vs_ood"], next(iter(selection["protocol"]), ""))
         plots.append(PLOTS["id_vs_ood"])
     for measure in MEASURES.values():  # every registered measure's own figure
         if measure.plot is None:
             continue
         cols = [c.name for c in measure.columns if f"{c.name}_mean" in summary]
         path = paths.REPORTS / measure.plot.file
-        if cols and summary.loc[summary["shots"] > 0, [f"{c}_mean" for c in cols]].notna().any().any():
+        fine = summary[~((summary["method"] == ZEROSHOT) & (summary["level"] == "0"))]
+        if cols and fine[[f"{c}_mean" for c in cols]].notna().any().any():
             plot_panels(summary, cols, measure.plot, path)
             plots.append(path)
         else:
@@ -124,26 +130,30 @@ def run(cfg: ReportConfig) -> dict[str, float]:
             "with the same model (e.g. `dvc exp run -S dataset.name=...`, same MLflow store) and "
             "the report puts the tasks side by side.")
 
-    md = summary_markdown(cfg, summary, head, embed, plots, notes, tasks)
+    md = summary_markdown(cfg, summary, head, embed, plots, notes, tasks, selection)
     _write_text(METRICS_JSON, json.dumps(flat, indent=1, sort_keys=True) + "\n")
     _write_text(SUMMARY_MD, md)
 
     run_params = {
         "dataset": spec.name, "arch": cfg.arch, "pretrained": cfg.pretrained,
-        "methods": ",".join(methods), "shots": ",".join(map(str, cfg.shots)),
+        "methods": ",".join(methods), "levels": ",".join(lv.name for lv in cfg.levels),
         "seeds": ",".join(map(str, cfg.seeds)), "metric": head.metric,
-        "id_key": head.id or "", "ood_key": head.ood, "select_split": head.select_split,
+        "id_key": head.id or "", "ood_key": head.ood, "selection": cfg.selection,
+        "select_split": next(iter(selection["split"]), "") or "none",
+        "trials": sum(len(t) for t in cfg.trials.values()),
         "git_commit": tracking.git_commit(),
     }
+    # MLflow metric names allow no '%': a fraction level is `pct` there (`ft/25pct/id`)
     run_id = tracking.log_run(
         experiment=spec.name, key=REPORT_KEY, run_name=REPORT_KEY, params=run_params,
-        tags={"level": "report", "dataset": spec.name}, metrics=flat,
-        artifacts=[SUMMARY_MD, SUMMARY_CSV, RUNS_CSV, *plots])
+        tags={"level": "report", "dataset": spec.name},
+        metrics={k.replace("%", "pct"): v for k, v in flat.items()},
+        artifacts=[SUMMARY_MD, SUMMARY_CSV, SELECTION_CSV, RUNS_CSV, *plots])
 
     _write_text(SUMMARY_JSON, json.dumps({
         "dataset": spec.name, "runs": len(runs), "headline": {"metric": head.metric, "id": head.id,
                                                              "ood": head.ood},
-        "files": [str(p) for p in (RUNS_CSV, SUMMARY_CSV, SUMMARY_MD, METRICS_JSON, SHOTS_CSV,
+        "files": [str(p) for p in (RUNS_CSV, SUMMARY_CSV, SELECTION_CSV, SUMMARY_MD, METRICS_JSON, SHOTS_CSV,
                                    *plots)],
         "notes": notes, "mlflow_run_id": run_id,
     }, indent=1) + "\n")

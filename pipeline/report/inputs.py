@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -14,27 +14,32 @@ import pandas as pd
 
 from pipeline import artifacts as paths
 from pipeline.core import tracking
+from pipeline.core.levels import ZERO_SHOT, Level
 from pipeline.data.datasets import DatasetSpec, get_spec
 from pipeline.evaluation.measures import report_columns
 
 
 @dataclass(frozen=True)
 class ReportConfig:
-    """What the report covers: the dataset, the model, and every method × shots × seed."""
+    """What the report covers: the dataset, the model, every method × level × seed, and the
+    selection protocol that chose each method's trial."""
 
     dataset: str
     arch: str
     pretrained: str
     methods: tuple[str, ...]
-    shots: tuple[int, ...]
+    levels: tuple[Level, ...]
     seeds: tuple[int, ...]
+    selection: str = "auto"
+    trials: dict[str, tuple[str, ...]] = field(default_factory=dict)  # method -> its trials
 
     @classmethod
     def of(cls, params) -> "ReportConfig":
         """From a loaded params.yaml (`pipeline.config.Params`)."""
-        return cls(params.dataset.name, params.model.arch, params.model.pretrained,
-                   tuple(params.finetune.methods), tuple(params.sample.shots), tuple(params.sample.seeds))
-
+        ft = params.finetune
+        return cls(params.dataset.name, params.model.arch, params.model.pretrained, tuple(ft.methods),
+                   params.sample.parsed_levels, tuple(params.sample.seeds), params.evaluate.selection,
+                   {m: tuple(ft.trials_of(m)) for m in ft.methods})
 
 
 EVAL_METRICS = paths.EVAL_METRICS
@@ -44,17 +49,17 @@ REPORT_KEY = "report"  # the MLflow run key (and run name) of the summary run
 # runs.csv / read_runs columns; `values()` are the per-run numbers aggregated over seeds:
 # the headline, then every registered measure's report columns (read at call time, so a
 # measure registered after this import shows too), then selection and cost
-KEYS = ("dataset", "method", "shots", "seed")
+KEYS = ("dataset", "method", "level", "level_kind", "seed")
 ID_COLUMNS = ("id", "selected_id")  # dropped for datasets without an ID split
 
 
 def values() -> tuple[str, ...]:
     return ("id", "ood", *(c.name for c in report_columns()), "selected_alpha", "selected_id",
-            "selected_ood", "trainable_share", "wall_time_s")
+            "selected_ood", "selection_score", "n_train", "train_steps", "trainable_share", "wall_time_s")
 
 
 def columns() -> tuple[str, ...]:
-    return KEYS + values()
+    return KEYS + ("trial",) + values()
 
 
 def shots_metrics() -> tuple[str, ...]:
@@ -67,8 +72,12 @@ COLUMNS = columns()
 
 _ZS_TASK = re.compile(r"^zs/(.+)/acc$")
 _WISE = re.compile(r"^wise/([^/]+)/(.+)$")
-_FLAT = re.compile(r"^(?P<method>[^/]+)/k(?P<k>\d+)/(?P<col>[a-z_]+)$")
+_FLAT = re.compile(r"^(?P<method>[^/]+)/(?P<level>[^/]+)/(?P<col>[a-z_]+)$")
 
+
+def level_key(level: Level) -> str:
+    """A level in flat metric keys (`ft/k16/id`, `ft/25%/id`)."""
+    return f"k{level.shots}" if level.kind == "shots" else level.name
 
 
 # ---------------------------------------------------------------------------------------------
@@ -83,7 +92,7 @@ class MissingInputsError(FileNotFoundError):
         lines = "\n".join(f"  - {p}  (made by `dvc repro {target}`)" for p, target in missing)
         super().__init__(
             f"report: {len(missing)} input file(s) missing. The report covers every run that "
-            f"params.yaml configures (finetune.methods × sample.shots × sample.seeds) and skips "
+            f"params.yaml configures (finetune.methods × sample.levels × sample.seeds) and skips "
             f"none:\n{lines}\nRun `dvc repro` (or the targets above) first, or remove those runs "
             f"from params.yaml."
         )
@@ -96,38 +105,39 @@ class Headline:
     metric: str
     id: str | None
     ood: str
-    select_split: str
 
     @classmethod
     def of(cls, spec: DatasetSpec) -> "Headline":
         return cls(metric=spec.metric,
                    id=f"{spec.id_splits[-1]}/{spec.metric}" if spec.id_splits else None,
-                   ood=f"{spec.ood_splits[-1]}/{spec.metric}", select_split=spec.select_split)
+                   ood=f"{spec.ood_splits[-1]}/{spec.metric}")
 
 
 @dataclass
 class RunInput:
     method: str
-    shots: int
+    level: Level
     seed: int | None  # None: the zero-shot level
     metrics: dict[str, float]
     source: Path
+    selection: dict = field(default_factory=dict)  # evaluate's selection.json (trial, protocol, ...)
 
 
-def stage_target(method: str, k: int, seed: int) -> str:
-    """The dvc.yaml matrix entry that writes this run's metrics (`evaluate@ft-4-0`)."""
-    return f"evaluate@{method}-{k}-{seed}"
+def stage_target(method: str, level: str) -> str:
+    """The dvc.yaml matrix entry that writes this run's metrics (`evaluate@ft`: one entry per
+    method covers every level)."""
+    return f"evaluate@{method}"
 
 
-def expected_inputs(cfg: ReportConfig) -> list[tuple[str, int, int | None, Path, str]]:
-    """(method, k, seed, metrics file, dvc target) for the zero-shot level and every run."""
-    out: list[tuple[str, int, int | None, Path, str]] = [
-        (ZEROSHOT, 0, None, paths.EMBED_METRICS, "embed")]
+def expected_inputs(cfg: ReportConfig) -> list[tuple[str, Level, int | None, Path, str]]:
+    """(method, level, seed, metrics file, dvc target) for the zero-shot level and every run."""
+    out: list[tuple[str, Level, int | None, Path, str]] = [
+        (ZEROSHOT, ZERO_SHOT, None, paths.EMBED_METRICS, "embed")]
     for method in cfg.methods:
-        for k in cfg.shots:
+        for level in cfg.levels:
             for seed in cfg.seeds:
-                out.append((method, k, seed, paths.evaluate_dir(method, k, seed) / EVAL_METRICS,
-                            stage_target(method, k, seed)))
+                out.append((method, level, seed, paths.evaluate_dir(method, level.name, seed) / EVAL_METRICS,
+                            stage_target(method, level.name)))
     return out
 
 
@@ -148,20 +158,18 @@ def load_inputs(cfg: ReportConfig) -> list[RunInput]:
     if missing:
         raise MissingInputsError(missing)
     runs = []
-    for method, k, seed, path, _ in expected:
+    for method, level, seed, path, _ in expected:
         metrics = {key: float(v) for key, v in _read_json(path).items()
                    if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        runs.append(RunInput(method, k, seed, metrics, path))
+        sel_path = path.with_name(paths.EVAL_SELECTION)
+        selection = _read_json(sel_path) if seed is not None and sel_path.is_file() else {}
+        runs.append(RunInput(method, level, seed, metrics, path, selection))
     return runs
-
-
-def _mean(values: list[float]) -> float:
-    return float(np.mean(values)) if values else math.nan
 
 
 def _row(dataset: str, run: RunInput, head: Headline) -> dict[str, Any]:
     m = run.metrics
-    zero = run.shots == 0  # the k = 0 level (the zeroshot *method* at k > 0 is a plain run)
+    zero = run.seed is None  # the zero-shot level (the zeroshot *method* at k > 0 is a plain run)
 
     def need(key: str) -> float:
         if key not in m:
@@ -172,22 +180,24 @@ def _row(dataset: str, run: RunInput, head: Headline) -> dict[str, Any]:
 
     ood = need(head.ood)
     idv = need(head.id) if head.id else math.nan
-    row = {
-        "dataset": dataset, "method": run.method, "shots": run.shots, "seed": run.seed,
+    return {
+        "dataset": dataset, "method": run.method, "level": run.level.name, "level_kind": run.level.kind,
+        "seed": run.seed, "trial": run.selection.get("trial", ""),
         "id": idv, "ood": ood,
         **{c.name: c.read(m, zero) for c in report_columns()},
         "selected_alpha": math.nan if zero else m.get("selected/alpha", math.nan),
         "selected_id": idv if zero else (m.get(f"selected/{head.id}", math.nan) if head.id else math.nan),
         "selected_ood": ood if zero else m.get(f"selected/{head.ood}", math.nan),
+        "selection_score": math.nan if zero else m.get("selection/score", math.nan),
+        "n_train": 0.0 if zero else m.get("train/n_train", math.nan),
+        "train_steps": 0.0 if zero else m.get("train/steps", math.nan),
         "trainable_share": 0.0 if zero else m.get("train/trainable_share", math.nan),
         "wall_time_s": 0.0 if zero else m.get("train/wall_time_s", math.nan),
     }
-    return row
 
 
 def runs_frame(runs: list[RunInput], dataset: str, head: Headline) -> pd.DataFrame:
     df = pd.DataFrame([_row(dataset, r, head) for r in runs], columns=list(columns()))
-    df["shots"] = df["shots"].astype(int)
     df["seed"] = df["seed"].astype("Int64")
     if head.id is None:
         df = df.drop(columns=list(ID_COLUMNS))
@@ -195,14 +205,14 @@ def runs_frame(runs: list[RunInput], dataset: str, head: Headline) -> pd.DataFra
 
 
 def read_runs(cfg: ReportConfig) -> pd.DataFrame:
-    """One row per run (zero-shot first, as method `zeroshot`, shots 0, seed <NA>), columns
+    """One row per run (zero-shot first, as method `zeroshot`, level 0, seed <NA>), columns
     `COLUMNS` (without `id`/`selected_id` for datasets that have no ID split)."""
     spec = get_spec(cfg.dataset)
     return runs_frame(load_inputs(cfg), spec.name, Headline.of(spec))
 
 
 def wise_curves(runs: list[RunInput], head: Headline) -> pd.DataFrame:
-    """WiSE-FT sweeps: method, shots, alpha, id, ood (means over seeds; id NaN without ID)."""
+    """WiSE-FT sweeps: method, level, alpha, id, ood (means over seeds; id NaN without ID), n."""
     rows = []
     for r in runs:
         points: dict[float, dict[str, float]] = {}
@@ -220,33 +230,47 @@ def wise_curves(runs: list[RunInput], head: Headline) -> pd.DataFrame:
                 points.setdefault(alpha, {})["id"] = v
         for alpha, p in points.items():
             if "ood" in p:
-                rows.append({"method": r.method, "shots": r.shots, "seed": r.seed, "alpha": alpha,
+                rows.append({"method": r.method, "level": r.level.name, "seed": r.seed, "alpha": alpha,
                              "id": p.get("id", math.nan), "ood": p["ood"]})
     if not rows:
-        return pd.DataFrame(columns=["method", "shots", "alpha", "id", "ood", "n"])
+        return pd.DataFrame(columns=["method", "level", "alpha", "id", "ood", "n"])
     df = pd.DataFrame(rows)
-    agg = df.groupby(["method", "shots", "alpha"], sort=True).agg(
+    agg = df.groupby(["method", "level", "alpha"], sort=False).agg(
         id=("id", "mean"), ood=("ood", "mean"), n=("ood", "size")).reset_index()
-    return agg
+    return agg.sort_values(["method", "level", "alpha"], kind="stable").reset_index(drop=True)
 
+
+def read_selection(cfg: ReportConfig) -> list[dict]:
+    """The selection records of every method × level (`runs/select/<method>/<level>.json`)."""
+    out = []
+    for method in cfg.methods:
+        for level in cfg.levels:
+            path = paths.select_file(method, level.name)
+            if not path.is_file():
+                raise MissingInputsError([(path, "selection")])
+            out.append(_read_json(path))
+    return out
 
 
 def task_points(dataset: str, flat: dict[str, float]) -> list[dict[str, Any]]:
-    """Per method, the change after fine-tuning at its largest k (mean over seeds) against the
-    pre-trained model's IIMM on this task: dataset, method, shots, iimm, d_id, d_ood, d_zs."""
+    """Per method, the change after fine-tuning at its largest level (most training examples,
+    mean over seeds) against the pre-trained model's IIMM on this task: dataset, method,
+    level, n_train, iimm, d_id, d_ood, d_zs."""
     if "zeroshot/iimm" not in flat:
         return []
-    best: dict[str, int] = {}
-    for key in flat:
+    best: dict[str, tuple[float, str]] = {}
+    for key, v in flat.items():
         hit = _FLAT.match(key)
-        if hit:
-            best[hit.group("method")] = max(best.get(hit.group("method"), 0), int(hit.group("k")))
+        if hit and hit.group("col") == "n_train" and hit.group("method") != ZEROSHOT:
+            m, lv = hit.group("method"), hit.group("level")
+            if m not in best or v > best[m][0]:
+                best[m] = (v, lv)
     points = []
-    for method, k in sorted(best.items()):
-        p: dict[str, Any] = {"dataset": dataset, "method": method, "shots": k,
+    for method, (n, lv) in sorted(best.items()):
+        p: dict[str, Any] = {"dataset": dataset, "method": method, "level": lv, "n_train": n,
                              "iimm": flat["zeroshot/iimm"]}
         for c in ("id", "ood", "zs"):
-            a, b = flat.get(f"{method}/k{k}/{c}"), flat.get(f"{ZEROSHOT}/{c}")
+            a, b = flat.get(f"{method}/{lv}/{c}"), flat.get(f"{ZEROSHOT}/{c}")
             p[f"d_{c}"] = a - b if a is not None and b is not None else math.nan
         points.append(p)
     return points

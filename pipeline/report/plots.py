@@ -52,26 +52,40 @@ def _save(fig, path: Path) -> None:
     _write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", facecolor="white"))
 
 
+def _fine(summary: pd.DataFrame) -> pd.DataFrame:
+    """The fine-tuned rows (every level but zero-shot)."""
+    return summary[~((summary["method"] == ZEROSHOT) & (summary["level"] == "0"))]
+
+
 def _seed_note(summary: pd.DataFrame) -> str:
-    n = summary.loc[summary["shots"] > 0, "seeds"]
+    n = _fine(summary)["seeds"]
     if n.empty:
         return ""
     lo, hi = int(n.min()), int(n.max())
     if hi <= 1:
-        return "one seed per point"
-    return f"mean ± std over {lo} seeds" if lo == hi else f"mean ± std over {lo}–{hi} seeds"
+        return "one seed per point (no interval)"
+    return (f"mean ± 95% CI over {lo} seeds" if lo == hi else f"mean ± 95% CI over {lo}–{hi} seeds")
 
 
-def _shots_axis(ax, shots: list[int]) -> None:
+def _level_ticks(summary: pd.DataFrame) -> list[tuple[float, str]]:
+    """(training examples, label) of every level, for the x axis (mean over methods)."""
+    fine = _fine(summary)
+    ticks = fine.groupby("level_label", sort=False)["n_train_mean"].mean()
+    return sorted((float(x), f"{lab}\n({x:.0f})") for lab, x in ticks.items() if x > 0)
+
+
+def _level_axis(ax, summary: pd.DataFrame) -> None:
     from matplotlib.ticker import FixedLocator, NullLocator
 
-    ax.set_xscale("log", base=2)
-    ax.xaxis.set_major_locator(FixedLocator(shots))
+    ticks = _level_ticks(summary)
+    ax.set_xscale("log")
+    xs = [x for x, _ in ticks]
+    ax.xaxis.set_major_locator(FixedLocator(xs))
     ax.xaxis.set_minor_locator(NullLocator())
-    ax.set_xticks(shots, [str(s) for s in shots])
-    lo, hi = min(shots), max(shots)
-    ax.set_xlim(lo / 1.45, hi * 1.45)
-    ax.set_xlabel("shots per class (k)")
+    ax.set_xticks(xs, [lab for _, lab in ticks])
+    if xs:
+        ax.set_xlim(min(xs) / 1.5, max(xs) * 1.5)
+    ax.set_xlabel("training examples (log scale): level (examples)")
 
 
 def _dodge(methods: list[str]) -> dict[str, float]:
@@ -81,31 +95,38 @@ def _dodge(methods: list[str]) -> dict[str, float]:
 
 
 def _methods(summary: pd.DataFrame) -> list[str]:
-    return list(dict.fromkeys(summary.loc[summary["shots"] > 0, "method"]))
+    return list(dict.fromkeys(_fine(summary)["method"]))
 
 
 def _zs_value(summary: pd.DataFrame, col: str) -> float:
-    z = summary.loc[summary["shots"] == 0, f"{col}_mean"]
+    z = summary.loc[(summary["method"] == ZEROSHOT) & (summary["level"] == "0"), f"{col}_mean"]
     return float(z.iloc[0]) if len(z) else math.nan
 
 
 def _lines_vs_shots(ax, summary: pd.DataFrame, col: str, ref: float | None, ref_label: str) -> None:
+    """One line per method against the training examples of each level; the 95 % CI as a band
+    and error bars (when there are several seeds)."""
+    fine = _fine(summary)
     methods = _methods(summary)
-    shots = sorted(int(s) for s in summary.loc[summary["shots"] > 0, "shots"].unique())
     dodge = _dodge(methods)
     for m in methods:
-        g = summary[summary["method"] == m].sort_values("shots")
+        g = fine[fine["method"] == m].sort_values("n_train_mean")
         y = g[f"{col}_mean"].to_numpy(float)
         if np.all(np.isnan(y)):
             continue
-        err = g[f"{col}_std"].to_numpy(float) if (g["seeds"] > 1).any() else None
+        x = g["n_train_mean"].to_numpy(float) * dodge[m]
+        ci = g[f"{col}_ci"].to_numpy(float)
+        has_ci = bool(np.isfinite(ci).any())
         colour, marker = method_style(m)
-        ax.errorbar(g["shots"].to_numpy(float) * dodge[m], y, yerr=err, color=colour,
+        ax.errorbar(x, y, yerr=np.nan_to_num(ci) if has_ci else None, color=colour,
                     marker=marker, markersize=6.5, linewidth=2, capsize=3.5, elinewidth=1.2,
                     label=m, zorder=3)
+        if has_ci:
+            ax.fill_between(x, y - np.nan_to_num(ci), y + np.nan_to_num(ci), color=colour, alpha=0.13,
+                            linewidth=0, zorder=2)
     if ref is not None and math.isfinite(ref):
         ax.axhline(ref, color=ZS_COLOUR, linestyle="--", linewidth=1.4, label=ref_label, zorder=2)
-    _shots_axis(ax, shots)
+    _level_axis(ax, summary)
 
 
 def _legend_right(ax, title: str = "", handles=None) -> None:
@@ -116,9 +137,10 @@ def _legend_right(ax, title: str = "", handles=None) -> None:
 
 
 def plot_vs_shots(summary: pd.DataFrame, col: str, ylabel: str, title: str, path: Path) -> None:
-    """One line per method against k (error bars: std over seeds); zero-shot dashed."""
+    """One line per method against the level's training examples (bands: 95 % CI over seeds);
+    zero-shot dashed."""
     fig, (ax,) = _figure(width=8.4)
-    _lines_vs_shots(ax, summary, col, _zs_value(summary, col), "zero-shot (k = 0)")
+    _lines_vs_shots(ax, summary, col, _zs_value(summary, col), "zero-shot")
     ax.set_ylabel(ylabel)
     ax.set_title(title, loc="left")
     _legend_right(ax, _seed_note(summary))
@@ -137,10 +159,10 @@ def plot_panels(summary: pd.DataFrame, columns: list[str], plot, path: Path) -> 
         if plot.reference is not None:
             _lines_vs_shots(ax, summary, col, plot.reference, f"zero-shot model (≡ {plot.reference:g})")
         else:
-            _lines_vs_shots(ax, summary, col, _zs_value(summary, col), "zero-shot (k = 0)")
+            _lines_vs_shots(ax, summary, col, _zs_value(summary, col), "zero-shot")
         ax.set_ylabel(ylabel)
-    lows = [(summary[f"{c}_mean"] - summary[f"{c}_std"].fillna(0)).min() for c in columns]
-    highs = [(summary[f"{c}_mean"] + summary[f"{c}_std"].fillna(0)).max() for c in columns]
+    lows = [(summary[f"{c}_mean"] - summary[f"{c}_ci"].fillna(0)).min() for c in columns]
+    highs = [(summary[f"{c}_mean"] + summary[f"{c}_ci"].fillna(0)).max() for c in columns]
     if np.isfinite(lows).any() and np.isfinite(highs).any():
         low, high = float(np.nanmin(lows)), float(np.nanmax(highs))
         if plot.reference is not None:
@@ -153,50 +175,57 @@ def plot_panels(summary: pd.DataFrame, columns: list[str], plot, path: Path) -> 
     _save(fig, path)
 
 
-def _k_size(k: int, shots: list[int]) -> float:
-    """Marker area grows with k (log scale): small for the fewest shots, large for the most."""
-    lo, hi = math.log2(min(shots)), math.log2(max(shots))
-    t = 0.5 if hi == lo else (math.log2(k) - lo) / (hi - lo)
+def _k_size(n: float, sizes: list[float]) -> float:
+    """Marker size grows with the training examples (log scale)."""
+    lo, hi = math.log(min(sizes)), math.log(max(sizes))
+    t = 0.5 if hi == lo else (math.log(n) - lo) / (hi - lo)
     return 7.0 + 6.0 * t  # marker size in points
 
 
-def plot_id_vs_ood(summary: pd.DataFrame, wise: pd.DataFrame, head: Headline, path: Path) -> None:
-    """Every method × k (mean ± std; bigger marker = more shots), the zero-shot point, and the
-    WiSE-FT α curve (zero-shot at α = 0 to the fine-tuned model at α = 1) of the largest k."""
+def plot_id_vs_ood(summary: pd.DataFrame, wise: pd.DataFrame, head: Headline, path: Path,
+                   protocol: str = "") -> None:
+    """Every method × level (mean ± 95 % CI; bigger marker = more training examples), the
+    zero-shot point, and the WiSE-FT α curve (zero-shot at α = 0 to the fine-tuned model at
+    α = 1) of the largest level."""
     from matplotlib.lines import Line2D
 
     fig, (ax,) = _figure(width=9.6, height=5.8)
+    fine = _fine(summary)
     methods = _methods(summary)
-    shots = sorted(int(s) for s in summary.loc[summary["shots"] > 0, "shots"].unique())
+    ticks = _level_ticks(summary)
+    sizes = [x for x, _ in ticks] or [1.0]
     zid, zood = _zs_value(summary, "id"), _zs_value(summary, "ood")
-    several = bool((summary["seeds"] > 1).any())
+    several = bool((fine["seeds"] > 1).any())
     handles: list = [Line2D([], [], marker="*", markersize=15, color=ZS_COLOUR, linestyle="none",
-                            markeredgecolor="white", label="zero-shot (k = 0)")]
+                            markeredgecolor="white", label="zero-shot")]
     any_wise = any_sel = False
+    top_label = ""
     for m in methods:
-        g = summary[summary["method"] == m].sort_values("shots")
+        g = fine[fine["method"] == m].sort_values("n_train_mean")
         colour, marker = method_style(m)
-        # the path zero-shot -> k1 -> k2 ... (faint), then the points (size = k)
+        # the path zero-shot -> smallest level -> ... (faint), then the points (size = examples)
         ax.plot([zid, *g["id_mean"]], [zood, *g["ood_mean"]], color=colour, alpha=0.45,
                 linewidth=1.3, zorder=2)
         for _, r in g.iterrows():
             ax.errorbar([r["id_mean"]], [r["ood_mean"]],
-                        xerr=[r["id_std"]] if several else None,
-                        yerr=[r["ood_std"]] if several else None,
-                        color=colour, marker=marker, markersize=_k_size(int(r["shots"]), shots),
+                        xerr=[np.nan_to_num(r["id_ci"])] if several else None,
+                        yerr=[np.nan_to_num(r["ood_ci"])] if several else None,
+                        color=colour, marker=marker, markersize=_k_size(max(r["n_train_mean"], 1.0), sizes),
                         markeredgecolor="white", markeredgewidth=0.8, linestyle="none",
                         capsize=2.5, elinewidth=1, alpha=0.95, zorder=4)
         handles.append(Line2D([], [], color=colour, marker=marker, markersize=7, linewidth=1.3,
                               label=m))
-        w = wise[wise["method"] == m] if len(wise) else wise
-        k = int(w["shots"].max()) if len(w) else 0
-        w = w[w["shots"] == k].sort_values("alpha") if len(w) else w
+        if not len(g):
+            continue
+        top = g.iloc[[-1]]  # the largest level
+        level = top["level"].iloc[0]
+        top_label = top["level_label"].iloc[0]
+        w = wise[(wise["method"] == m) & (wise["level"] == level)].sort_values("alpha") if len(wise) else wise
         if len(w) > 1:
             ax.plot(w["id"], w["ood"], color=colour, linestyle=(0, (4, 2)), linewidth=1.7,
                     marker="o", markersize=3, zorder=3)
             any_wise = True
-            top = g[g["shots"] == k]
-            if len(top) and top["selected_alpha_mean"].notna().all() and top["selected_alpha_mean"].iloc[0] < 1:
+            if top["selected_alpha_mean"].notna().all() and top["selected_alpha_mean"].iloc[0] < 1:
                 ax.plot(top["selected_id_mean"], top["selected_ood_mean"], marker="o",
                         markersize=11, markerfacecolor="none", markeredgecolor=colour,
                         markeredgewidth=1.8, linestyle="none", zorder=5)
@@ -205,30 +234,29 @@ def plot_id_vs_ood(summary: pd.DataFrame, wise: pd.DataFrame, head: Headline, pa
             linestyle="none", zorder=6)
     if any_wise:
         handles.append(Line2D([], [], color="#555555", linestyle=(0, (4, 2)), linewidth=1.7,
-                              marker="o", markersize=3,
-                              label=f"WiSE-FT α = 0 → 1 (k = {max(shots)})"))
+                              marker="o", markersize=3, label=f"WiSE-FT α = 0 → 1 ({top_label})"))
     if any_sel:
         handles.append(Line2D([], [], marker="o", markersize=11, markerfacecolor="none",
                               markeredgecolor="#555555", markeredgewidth=1.8, linestyle="none",
-                              label=f"α chosen on {head.select_split}"))
+                              label=f"α chosen by {protocol or 'the protocol'} (mean)"))
     handles.append(Line2D([], [], color="#555555", alpha=0.45, linewidth=1.3,
-                          label="path zero-shot → k"))
-    for k in shots:
+                          label="path zero-shot → more data"))
+    for x, lab in ticks:
         handles.append(Line2D([], [], marker="o", color="#888888", linestyle="none",
-                              markersize=_k_size(k, shots), markeredgecolor="white",
-                              label=f"k = {k}"))
+                              markersize=_k_size(x, sizes), markeredgecolor="white",
+                              label=lab.replace("\n", " ")))
     ax.set_xlabel(f"ID: {head.id}")
     ax.set_ylabel(f"OOD: {head.ood}")
-    ax.set_title(f"ID vs OOD {head.metric}: every method and shot count", loc="left")
+    ax.set_title(f"ID vs OOD {head.metric}: every method and level", loc="left")
     ax.margins(0.06)
-    _legend_right(ax, _seed_note(summary).replace("mean ± std", "points: mean ± std"), handles)
+    _legend_right(ax, _seed_note(summary).replace("mean ± 95% CI", "points: mean ± 95% CI"), handles)
     _save(fig, path)
 
 
 def plot_iimm(points: pd.DataFrame, head_by_dataset: dict[str, str], path: Path,
               methods: list[str] | None = None) -> None:
     """IIMM of the pre-trained model (x) against the change after fine-tuning (y): one point
-    per task (dataset) and method, at the method's largest k; a least-squares line per method
+    per task (dataset) and method, at the method's largest level; a least-squares line per method
     from 3 tasks on. Panels: ID, OOD, zero-shot retention, each where 2 or more tasks have it."""
     panels = [(c, t) for c, t in (("d_id", "ID"), ("d_ood", "OOD"), ("d_zs", "zero-shot retention"))
               if points.loc[points[c].notna(), "dataset"].nunique() >= 2]
@@ -263,7 +291,7 @@ def plot_iimm(points: pd.DataFrame, head_by_dataset: dict[str, str], path: Path,
         ax.set_xlabel("IIMM of the pre-trained model on the task")
         ax.set_ylabel(f"Δ {name} (fine-tuned − zero-shot)")
         ax.set_title(f"{name} change", loc="left")
-    _legend_right(axes[-1], "method (at its largest k)")
+    _legend_right(axes[-1], "method (at its largest level)")
     metrics = "\n".join(f"{d}: {m}" for d, m in sorted(head_by_dataset.items()))
     axes[-1].text(1.02, 0.0, f"Δ in each task's\nheadline metric:\n{metrics}",
                   transform=axes[-1].transAxes, fontsize=8, color="#555555", va="bottom",

@@ -8,43 +8,63 @@ from typing import Any
 
 import pandas as pd
 
+import numpy as np
+
+from pipeline.core.levels import ZERO_SHOT, Level, parse_level
 from pipeline.evaluation.measures import MEASURES, report_columns
 from pipeline.report.files import METRICS_JSON, SHOTS_CSV
-from pipeline.report.inputs import ZEROSHOT, Headline, ReportConfig, shots_metrics, values
+from pipeline.report.inputs import ZEROSHOT, Headline, ReportConfig, level_key, shots_metrics, values
 from pipeline.report.plots import _zs_value
+from pipeline.report.stats import mean_ci
 
 
-def summarize(runs: pd.DataFrame, methods: list[str] | None = None) -> pd.DataFrame:
-    """Mean and std over seeds per dataset × method × shots: columns `<value>_mean`,
-    `<value>_std` (std 0 for a single seed) and `seeds`; zero-shot first, then `methods` order."""
+def summarize(runs: pd.DataFrame, methods: list[str] | None = None,
+              levels: list[Level] | None = None) -> pd.DataFrame:
+    """Mean, std and 95 % CI half-width (Student t over seeds: `stats.mean_ci`) per dataset ×
+    method × level: columns `<value>_mean`, `<value>_std`, `<value>_ci` (NaN for one seed),
+    `seeds`, `level_label`; zero-shot first, then `methods` order, levels by kind and size."""
     present = [c for c in values() if c in runs.columns]
-    order = list(methods or dict.fromkeys(runs.loc[runs["shots"] > 0, "method"]))
+    order = list(methods or dict.fromkeys(runs.loc[runs["seed"].notna(), "method"]))
+    by_name = {lv.name: lv for lv in (levels or [])}
     rows = []
-    for (dataset, method, shots), g in runs.groupby(["dataset", "method", "shots"], sort=False):
-        row: dict[str, Any] = {"dataset": dataset, "method": method, "shots": int(shots),
-                               "seeds": len(g)}
+    for (dataset, method, level), g in runs.groupby(["dataset", "method", "level"], sort=False):
+        zero = g["seed"].isna().all()
+        lv = ZERO_SHOT if zero else by_name.get(level) or parse_level(level)
+        row: dict[str, Any] = {"dataset": dataset, "method": method, "level": level,
+                               "level_kind": lv.kind, "level_label": lv.label, "seeds": len(g),
+                               "_sort": (-1, 0.0) if zero else lv.sort_key}
         for c in present:
             col = g[c].astype(float)
             n = int(col.notna().sum())
-            row[f"{c}_mean"] = float(col.mean()) if n else math.nan
+            mean, ci = mean_ci(col.tolist())
+            row[f"{c}_mean"] = mean
             row[f"{c}_std"] = (float(col.std(ddof=1)) if n > 1 else 0.0) if n else math.nan
+            row[f"{c}_ci"] = ci
         rows.append(row)
     df = pd.DataFrame(rows)
     rank = {m: i for i, m in enumerate(order)}
-    df["_rank"] = [-1 if k == 0 else rank.get(m, len(rank)) for m, k in zip(df["method"], df["shots"])]
-    return df.sort_values(["dataset", "_rank", "shots"]).drop(columns="_rank").reset_index(drop=True)
+    df["_rank"] = [-1 if s[0] == -1 else rank.get(m, len(rank)) for m, s in zip(df["method"], df["_sort"])]
+    df = df.sort_values(["dataset", "_rank", "_sort"], kind="stable")
+    return df.drop(columns=["_rank", "_sort"]).reset_index(drop=True)
+
+
+def _level_key(row) -> str:
+    return level_key(ZERO_SHOT if row["level"] == "0" and row["method"] == ZEROSHOT
+                     else parse_level(row["level"]))
 
 
 def flat_metrics(summary: pd.DataFrame, embed: dict[str, float]) -> dict[str, float]:
-    """`zeroshot/<value>` and `<method>/k<K>/<value>` (means over seeds) plus the zero-shot
-    task measures (`zeroshot/iimm`, ...); NaNs left out (DVC reads strict JSON)."""
+    """`zeroshot/<value>` and `<method>/<level>/<value>` (`ft/k16/id`, `ft/25%/id`; means over
+    seeds) plus the zero-shot task measures (`zeroshot/iimm`, ...); NaNs left out (DVC reads
+    strict JSON)."""
     out: dict[str, float] = {}
     present = [c[: -len("_mean")] for c in summary.columns if c.endswith("_mean")]
     for _, r in summary.iterrows():
-        zero = int(r["shots"]) == 0
-        prefix = ZEROSHOT if zero else f"{r['method']}/k{int(r['shots'])}"
+        zero = r["method"] == ZEROSHOT and r["level"] == "0"
+        prefix = ZEROSHOT if zero else f"{r['method']}/{_level_key(r)}"
         for c in present:
-            if zero and c in ("selected_alpha", "trainable_share", "wall_time_s"):
+            if zero and c in ("selected_alpha", "trainable_share", "wall_time_s", "selection_score",
+                              "n_train", "train_steps"):
                 continue
             v = r[f"{c}_mean"]
             if v is not None and not (isinstance(v, float) and math.isnan(v)):
@@ -56,25 +76,46 @@ def flat_metrics(summary: pd.DataFrame, embed: dict[str, float]) -> dict[str, fl
 
 
 def shots_long(summary: pd.DataFrame) -> pd.DataFrame:
-    """Long format for `dvc plots`: method, shots, metric, value (mean over seeds)."""
+    """Long format for `dvc plots`: method, level, n_train (training examples), metric, value
+    (mean over seeds), ci (95 % half-width; empty for one seed)."""
     rows = []
     for _, r in summary.iterrows():
         for c in shots_metrics():
             v = r.get(f"{c}_mean", math.nan)
             if v is not None and not pd.isna(v):
-                rows.append({"method": r["method"], "shots": int(r["shots"]), "metric": c,
-                             "value": float(v)})
-    return pd.DataFrame(rows, columns=["method", "shots", "metric", "value"])
+                ci = r.get(f"{c}_ci", math.nan)
+                rows.append({"method": r["method"], "level": r["level_label"],
+                             "n_train": float(r["n_train_mean"]), "metric": c, "value": float(v),
+                             "ci": None if pd.isna(ci) else float(ci)})
+    return pd.DataFrame(rows, columns=["method", "level", "n_train", "metric", "value", "ci"])
 
 
+def selection_table(records: list[dict]) -> pd.DataFrame:
+    """Per method × level: the protocol, how many trials, which trial each seed chose (with
+    counts), the chosen trials' mean validation score, and any edge of the search list."""
+    rows = []
+    for r in records:
+        chosen = [c["trial"] for c in r["seeds"].values()]
+        counts = {t: chosen.count(t) for t in dict.fromkeys(chosen)}
+        scores = [c["score"] for c in r["seeds"].values() if c.get("score") is not None]
+        edges = sorted({e for c in r["seeds"].values() for e in c.get("edges", [])})
+        rows.append({"method": r["method"], "level": r["level"], "protocol": r["protocol"],
+                     "split": r.get("split") or "", "trials": len(r["trials"]),
+                     "chosen": ", ".join(f"{t} ×{n}" for t, n in counts.items()),
+                     "val_score": float(np.mean(scores)) if scores else math.nan,
+                     "edges": "; ".join(edges)})
+    return pd.DataFrame(rows, columns=["method", "level", "protocol", "split", "trials", "chosen",
+                                       "val_score", "edges"])
 
-def _fmt(mean: float, std: float, seeds: int, digits: int = 3, scale: float = 1.0,
+
+def _fmt(mean: float, ci: float, seeds: int, digits: int = 3, scale: float = 1.0,
          unit: str = "") -> str:
+    """`0.512 ± 0.031`: the mean and its 95 % CI half-width (just the mean for one seed)."""
     if mean is None or pd.isna(mean):
         return "–"
     s = f"{mean * scale:.{digits}f}"
-    if seeds > 1 and std is not None and not pd.isna(std):
-        s += f" ± {std * scale:.{digits}f}"
+    if seeds > 1 and ci is not None and not pd.isna(ci):
+        s += f" ± {ci * scale:.{digits}f}"
     return s + unit
 
 
@@ -97,31 +138,39 @@ def _md_table(header: list[str], rows: list[list[str]], align: list[str]) -> str
 
 
 def summary_markdown(cfg: ReportConfig, summary: pd.DataFrame, head: Headline, embed: dict,
-                     plots: list[Path], notes: list[str], tasks: list[str]) -> str:
+                     plots: list[Path], notes: list[str], tasks: list[str],
+                     selection: pd.DataFrame | None = None) -> str:
     has_id = head.id is not None
     seeds = list(cfg.seeds)
+    n_trials = sum(len(t) for t in cfg.trials.values())
     out = [f"# Report: {cfg.dataset}", ""]
-    out.append(f"Model `{cfg.arch}` (weights `{cfg.pretrained}`); methods "
-               f"{', '.join(cfg.methods)}; k = {', '.join(map(str, cfg.shots))} "
-               f"shots per class; seeds {', '.join(map(str, seeds))}.")
+    out.append(f"Model `{cfg.arch}` (weights `{cfg.pretrained}`); methods {', '.join(cfg.methods)}; "
+               f"levels {', '.join(lv.label for lv in cfg.levels)}; seeds {', '.join(map(str, seeds))}; "
+               f"{n_trials} trials, selected per method, level and seed by `{cfg.selection}`.")
     out.append("")
     desc = [f"- **Headline metric** `{head.metric}`: "
             + (f"ID = `{head.id}`, " if has_id else "no ID split (no ID columns), ")
-            + f"OOD = `{head.ood}`. Zero-shot is the k = 0 row."]
+            + f"OOD = `{head.ood}` (test splits, never used for any choice). Zero-shot is the first row."]
+    desc.append(f"- Each cell is the trial chosen on validation data by the protocol "
+                f"(`evaluate.selection: {cfg.selection}`; see the selection table), then averaged over seeds.")
     desc += [f"- **{c.label}** = {c.description}." for c in report_columns() if c.description]
     desc.append("- Retention tasks: " + (", ".join(tasks) if tasks else "none for this dataset") + ".")
-    desc.append(f"- **α\\*** = WiSE-FT mixing weight chosen on `{head.select_split}` "
+    desc.append("- **α\*** = WiSE-FT mixing weight chosen by the same protocol "
                 "(1 = the fine-tuned model; methods without WiSE-FT always report 1).")
     if len(seeds) > 1:
-        desc.append(f"- Cells are mean ± std over {len(seeds)} seeds (sample std).")
+        desc.append(f"- Cells are mean ± 95 % confidence interval over {len(seeds)} seeds "
+                    f"(Student t, {len(seeds) - 1} degrees of freedom); each seed draws its own sample and trains with its own seed.")
+    else:
+        desc.append("- One seed: no interval. A result needs several seeds (`sample.seeds`).")
     if "iimm" in embed:
         desc.append(f"- IIMM of the pre-trained model on this task: {embed['iimm']:.3f}.")
     out += desc + [""]
 
-    fine = summary[summary["shots"] > 0]
+    fine = summary[summary["seeds"].notna() & (summary["level"] != "0")]
     if len(fine):
-        kmax = int(fine["shots"].max())
-        top = fine[fine["shots"] == kmax]
+        top_n = fine["n_train_mean"].max()
+        top = fine[fine["n_train_mean"] == top_n]
+        label = top["level_label"].iloc[0]
         hl = []
         for col, name in (("id", "ID"), ("ood", "OOD"), ("selected_ood", "OOD at α*"),
                           *((c.name, c.label) for c in report_columns() if c.highlight)):
@@ -131,9 +180,9 @@ def summary_markdown(cfg: ReportConfig, summary: pd.DataFrame, head: Headline, e
             best = top.loc[top[c].idxmax()]
             zs = _zs_value(summary, col)
             delta = f" ({best[c] - zs:+.3f} vs zero-shot)" if math.isfinite(zs) else ""
-            hl.append(f"- best {name}: **{best['method']}** {best[c]:.3f}{delta}")
+            hl.append(f"- best {name}: **{best['method']}** {_fmt(best[c], best[f'{col}_ci'], int(best['seeds']))}{delta}")
         if hl:
-            out += [f"## At k = {kmax}", "", *hl, ""]
+            out += [f"## At the largest level ({label}, {top_n:.0f} training examples)", "", *hl, ""]
 
     # every registered measure's columns, but none that is empty (e.g. no retention tasks)
     columns = [c for c in report_columns() if f"{c.name}_mean" in summary
@@ -141,37 +190,54 @@ def summary_markdown(cfg: ReportConfig, summary: pd.DataFrame, head: Headline, e
     rows1, rows2 = [], []
     for _, r in summary.iterrows():
         n = int(r["seeds"])
-        k = int(r["shots"])
-        name = "zero-shot" if k == 0 else r["method"]
-        perf = [name, str(k), str(n)]
+        zero = r["level"] == "0" and r["method"] == ZEROSHOT
+        name = "zero-shot" if zero else r["method"]
+        perf = [name, r["level_label"], f"{r['n_train_mean']:.0f}", str(n)]
         if has_id:
-            perf.append(_fmt(r["id_mean"], r["id_std"], n))
-        perf.append(_fmt(r["ood_mean"], r["ood_std"], n))
-        perf += [_fmt(r[f"{c.name}_mean"], r[f"{c.name}_std"], n) for c in columns]
+            perf.append(_fmt(r["id_mean"], r["id_ci"], n))
+        perf.append(_fmt(r["ood_mean"], r["ood_ci"], n))
+        perf += [_fmt(r[f"{c.name}_mean"], r[f"{c.name}_ci"], n) for c in columns]
         rows1.append(perf)
-        if k > 0:
-            sel = [name, str(k), _fmt(r["selected_alpha_mean"], r["selected_alpha_std"], n, 2)]
+        if not zero:
+            sel = [name, r["level_label"], _fmt(r["selected_alpha_mean"], r["selected_alpha_ci"], n, 2)]
             if has_id:
-                sel.append(_fmt(r["selected_id_mean"], r["selected_id_std"], n))
-            sel += [_fmt(r["selected_ood_mean"], r["selected_ood_std"], n),
-                    _share(r["trainable_share_mean"]),
-                    _fmt(r["wall_time_s_mean"], r["wall_time_s_std"], 1, 1)]
+                sel.append(_fmt(r["selected_id_mean"], r["selected_id_ci"], n))
+            sel += [_fmt(r["selected_ood_mean"], r["selected_ood_ci"], n),
+                    _share(r["trainable_share_mean"]), f"{r['train_steps_mean']:.0f}",
+                    _fmt(r["wall_time_s_mean"], r["wall_time_s_ci"], 1, 1)]
             rows2.append(sel)
-    h1 = ["method", "k", "seeds", *(["ID"] if has_id else []), "OOD", *(c.label for c in columns)]
-    out += ["## Results", "", _md_table(h1, rows1, ["l", "r", "r"] + ["r"] * (len(h1) - 3)), ""]
+    h1 = ["method", "level", "examples", "seeds", *(["ID"] if has_id else []), "OOD", *(c.label for c in columns)]
+    out += ["## Results", "", _md_table(h1, rows1, ["l", "l", "r", "r"] + ["r"] * (len(h1) - 4)), ""]
+    if selection is not None and len(selection):
+        rows3, wide = [], []
+        for _, r in selection.iterrows():
+            lv = next((x.label for x in cfg.levels if x.name == r["level"]), r["level"])
+            score = "–" if pd.isna(r["val_score"]) else f"{r['val_score']:.3f}"
+            rows3.append([r["method"], lv, str(r["trials"]), r["chosen"], score, r["edges"] or "–"])
+            if r["edges"]:
+                wide.append(f"{r['method']} at {lv}")
+        where = next(iter(selection["split"]), "") or "none"
+        out += [f"## Selection (`{next(iter(selection['protocol']))}` on `{where}`)", "",
+                "The trial chosen per seed (×count), from how many trials, and the chosen trials' "
+                "mean validation score. An edge means the chosen value is the smallest or largest "
+                "of its search list.", "",
+                _md_table(["method", "level", "trials", "chosen (per seed)", "val score", "edge of the search"],
+                          rows3, ["l", "l", "r", "l", "r", "l"]), ""]
+        if wide:
+            out += [f"**Widen the search**: the choice sits on the edge of its search list for "
+                    f"{len(wide)} of {len(selection)} cells ({', '.join(wide[:6])}{', …' if len(wide) > 6 else ''}); "
+                    "add values beyond the edge to `finetune.trials`.", ""]
     if rows2:
-        h2 = ["method", "k", "α*", *(["ID at α*"] if has_id else []), "OOD at α*", "trainable",
-              "train time (s)"]
+        h2 = ["method", "level", "α*", *(["ID at α*"] if has_id else []), "OOD at α*", "trainable",
+              "steps", "train time (s)"]
         out += ["## WiSE-FT selection and cost", "",
-                _md_table(h2, rows2, ["l", "r"] + ["r"] * (len(h2) - 2)), ""]
+                _md_table(h2, rows2, ["l", "l"] + ["r"] * (len(h2) - 2)), ""]
     if plots:
         out += ["## Plots", ""]
         out += [f"![{p.stem.replace('_', ' ')}]({p.name})" for p in plots]
         out.append("")
     if notes:
         out += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
-    out += ["Files: `runs.csv` (every run), `summary.csv` (these tables, unrounded), "
+    out += ["Files: `runs.csv` (every run), `summary.csv` (these tables, unrounded), `selection.csv`, "
             f"`{METRICS_JSON}` (`dvc metrics show`), `{SHOTS_CSV}` (`dvc plots`).", ""]
     return "\n".join(out)
-
-
