@@ -10,8 +10,10 @@ copies every tracked and untracked-but-not-ignored file (`git ls-files -co
 --exclude-standard`), for trying uncommitted work. The stages run with this interpreter's
 environment (its bin/ directory first on PATH, so the `python` in dvc.yaml is this one) and
 the copy's root on PYTHONPATH (its own `pipeline` package, installed or not).
-Reported: the total wall time of `dvc repro`, the stages it ran and the wall time of each
-(from the time its "Running stage" line appeared to the next one).
+Reported: the total wall time of `dvc repro`, the per-stage breakdown (each DVC stage with
+its matrix entries summed: how many ran, their total and mean wall time, share of the whole)
+and the slowest entries. An entry's time runs from its "Running stage" line to the next one,
+so it includes DVC's own work between stages.
 """
 
 from __future__ import annotations
@@ -101,7 +103,16 @@ def main(argv=None) -> dict:
     print(f"| wall time | {wall:.0f} s ({wall / 60:.1f} min) |")
     print(f"| stages run | {len(stages)} |")
     if stages:
-        print(f"\nSlowest stages (wall time between 'Running stage' lines, includes DVC's own work):\n")
+        groups: dict[str, list[float]] = {}
+        for name, t in stages:
+            groups.setdefault(name.split("@")[0], []).append(t)
+        print("\nPer stage (matrix entries summed; wall time between 'Running stage' lines, so DVC's "
+              "own work is included):\n")
+        print("| stage | entries | total s | mean s | share |")
+        print("|---|---:|---:|---:|---:|")
+        for name, ts in groups.items():
+            print(f"| {name} | {len(ts)} | {sum(ts):.0f} | {sum(ts) / len(ts):.1f} | {100 * sum(ts) / wall:.0f} % |")
+        print(f"\nSlowest entries:\n")
         print("| stage | s |")
         print("|---|---:|")
         for name, t in sorted(stages, key=lambda s: -s[1])[:args.top]:

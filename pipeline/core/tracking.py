@@ -28,12 +28,19 @@ def git_commit() -> str:
         return "unknown"
 
 
-def _client():
-    import mlflow
-    from mlflow.tracking import MlflowClient
+_CLIENTS: dict = {}
 
-    mlflow.set_tracking_uri(tracking_uri())
-    return MlflowClient(tracking_uri())
+
+def _client():
+    """One client per tracking URI and process (opening a sqlite store checks its schema: ~0.5 s)."""
+    uri = tracking_uri()
+    if uri not in _CLIENTS:
+        import mlflow
+        from mlflow.tracking import MlflowClient
+
+        mlflow.set_tracking_uri(uri)
+        _CLIENTS[uri] = MlflowClient(uri)
+    return _CLIENTS[uri]
 
 
 def _experiment_id(client, name: str) -> str:

@@ -12,26 +12,45 @@ from PIL import Image
 
 class LabeledImages(torch.utils.data.Dataset):
     """Items {image, y, index} for `indices` of a WILDS dataset; `index` is the position in
-    this set (what methods with cached features look up), not the WILDS row."""
+    this set (what methods with cached features look up), not the WILDS row.
+
+    `memo_bytes` > 0 keeps decoded images (before the transform) in memory up to that many
+    bytes, so a small training sample seen every step is decoded once, not once per epoch;
+    the transform (random augmentation included) still runs on every access, so the items are
+    the same as without the memo. Sets derived with `with_transform` share it."""
 
     def __init__(self, dataset, indices: Sequence[int], transform: Callable | None,
-                 labels: torch.Tensor | None = None, with_images: bool = True):
+                 labels: torch.Tensor | None = None, with_images: bool = True, memo_bytes: int = 0,
+                 _memo: dict | None = None):
         self.dataset = dataset
         self.indices = torch.as_tensor(list(indices), dtype=torch.long)
         self.transform = transform
         y = dataset.y_array[self.indices] if labels is None else labels
         self.labels = torch.as_tensor(y, dtype=torch.long)
         self.with_images = with_images
+        self.memo_bytes = memo_bytes
+        self._memo = {"images": {}, "bytes": 0} if _memo is None else _memo
 
     def __len__(self) -> int:
         return len(self.indices)
 
+    def _image(self, i: int):
+        images = self._memo["images"]
+        if i in images:
+            return images[i].copy()
+        image = self.dataset.get_input(int(self.indices[i]))
+        if isinstance(image, Image.Image):
+            image = image.convert("RGB")
+            size = image.width * image.height * 3
+            if self._memo["bytes"] + size <= self.memo_bytes:
+                images[i] = image.copy()
+                self._memo["bytes"] += size
+        return image
+
     def __getitem__(self, i: int) -> dict:
         item = {"y": self.labels[i], "index": torch.tensor(i)}
         if self.with_images:
-            image = self.dataset.get_input(int(self.indices[i]))
-            if isinstance(image, Image.Image):
-                image = image.convert("RGB")
+            image = self._image(i)
             item["image"] = self.transform(image) if self.transform else image
         return item
 
@@ -39,7 +58,8 @@ class LabeledImages(torch.utils.data.Dataset):
         return LabeledImages(self.dataset, self.indices, None, self.labels, with_images=False)
 
     def with_transform(self, transform: Callable) -> "LabeledImages":
-        return LabeledImages(self.dataset, self.indices, transform, self.labels, self.with_images)
+        return LabeledImages(self.dataset, self.indices, transform, self.labels, self.with_images,
+                             self.memo_bytes, self._memo)
 
 
 def read_caption_csv(path: Path, separator: str = ",", limit: int | None = None) -> tuple[list[Path], list[str]]:

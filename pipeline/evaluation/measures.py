@@ -13,7 +13,6 @@ from typing import Any, Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.stats import spearmanr
 
 
 def iimm(image: torch.Tensor, labels: torch.Tensor, class_text: torch.Tensor,
@@ -93,6 +92,8 @@ def rsa(pre: torch.Tensor, fine: torch.Tensor) -> float:
     iu = torch.triu_indices(pre.shape[0], pre.shape[0], offset=1)
     a = rdm(pre)[iu[0], iu[1]].cpu().numpy()
     b = rdm(fine)[iu[0], iu[1]].cpu().numpy()
+    from scipy.stats import spearmanr  # here, not at import: scipy.stats costs ~1 s of every stage's start-up
+
     return float(spearmanr(a, b).statistic)
 
 

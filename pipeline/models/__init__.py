@@ -9,7 +9,6 @@ Every stage after `pretrained` loads weights only from that stage's local file.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -20,6 +19,8 @@ from typing import Any, Callable
 import open_clip
 import torch
 from safetensors.torch import load_file, save_file
+
+from pipeline.core.hashing import file_sha256
 
 BUILTIN = "builtin"
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -121,14 +122,6 @@ def save_state_dict(state: dict[str, torch.Tensor], path: Path, meta: dict[str, 
     save_file(contiguous, str(tmp), metadata=header)
     os.replace(tmp, path)
     return file_sha256(path)
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def fetch_pretrained(arch: str, pretrained: str, out: Path) -> dict[str, Any]:

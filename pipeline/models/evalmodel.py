@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.models.zeroshot import build_head
+from pipeline.models.zeroshot import build_head, encode_text_with_grad, trims_exactly
 
 
 class EvalModel(nn.Module):
@@ -32,6 +32,11 @@ class EvalModel(nn.Module):
         return F.normalize(f.float(), dim=-1)
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Normalised text embeddings; the padding after the longest prompt is cut off where
+        that is provably exact (`zeroshot.trims_exactly`: open_clip's causal, argmax-pooled
+        tower), which makes a head of 1,139 RxRx1 classes ~4x cheaper at 77 tokens."""
+        if trims_exactly(self.model):
+            return F.normalize(encode_text_with_grad(self.model, tokens).float(), dim=-1)
         return F.normalize(self.model.encode_text(tokens).float(), dim=-1)
 
     def task_head(self, class_tokens: torch.Tensor) -> torch.Tensor:

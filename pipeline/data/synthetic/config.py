@@ -34,15 +34,15 @@ _STREAM = {"train": 1, "id_val": 2, "id_test": 3, "val": 4, "test": 5, "corpus":
 
 @dataclass(frozen=True)
 class SyntheticConfig(Settings):
-    """What the generator draws. Defaults: ~8k task images and 20k corpus images at 32 px."""
+    """What the generator draws. Defaults: 7k task images and 20k corpus images at 32 px."""
 
     seed: Int = 0
     image_size: Int = 32
     n_train: Int = 4000
-    n_id_val: Int = 800
+    n_id_val: Int = 500
     n_id_test: Int = 1000
-    n_val: Int = 1000
-    n_test: Int = 1500
+    n_val: Int = 500
+    n_test: Int = 1000
     n_corpus: Int = 20000
     corpus_studio: Float = 0.7  # share of corpus images on a plain studio backdrop (the rest: every background)
     # how often a corpus caption names the shape, colour, size, texture and background
