@@ -12,6 +12,7 @@ PREPARED = Path("data/prepared")
 PREPARED_INFO = PREPARED / "dataset.json"
 PREPARED_MANIFEST = PREPARED / "manifest.json"  # digest of everything prepared: what stages depend on
 PREPARED_PROMPTS = PREPARED / "prompts.json"
+PREPARED_RETENTION = PREPARED / "retention.json"  # the retention tasks: images, labels, prompts
 SPLIT_TABLE = PREPARED / "split_table.csv"
 GENERATED_ROOT = PREPARED / "wilds"  # generated datasets (the synthetic one) live here
 BUILTIN_REFERENCE = PREPARED / "reference"

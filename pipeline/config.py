@@ -56,6 +56,74 @@ class ReferenceParams(Settings):
 
 
 @dataclass(frozen=True)
+class RetentionTaskParams(Settings):
+    """One zero-shot retention task of `retention.tasks` (the kinds and what each field
+    defaults to: `pipeline.data.datasets.RetentionTask`, `pipeline.data.retention`)."""
+
+    name: Str | None = None  # default: the folder's name, or '<dataset>' / '<dataset>/<label>'
+    dataset: Str | None = None  # a registered dataset (its `split`, labelled by `label`)
+    split: Str | None = None
+    label: Str | None = None  # 'y' (default) or a metadata field of the dataset
+    folder: Str | None = None  # or an image folder <folder>/<class>/<image>
+    classnames: tuple[Str, ...] | Str | None = None  # folder: names in sorted-folder order, or a file
+    templates: tuple[Str, ...] | None = None  # folder: prompt templates with {c}
+    max_samples: Int | None = None  # default: retention.max_samples
+
+    def check(self, key: str) -> None:
+        given = {k: v for k, v in to_dict(self).items() if v is not None}
+        check((self.dataset is None) != (self.folder is None), key, given,
+              "give either `dataset` (a registered dataset) or `folder` (<folder>/<class>/<image>)")
+        if self.folder is not None:
+            for field_ in ("split", "label"):
+                check(getattr(self, field_) is None, f"{key}.{field_}", getattr(self, field_),
+                      "a folder task has no split or label (its classes are the sub-folders)")
+        else:
+            for field_ in ("classnames", "templates"):
+                check(getattr(self, field_) is None, f"{key}.{field_}", getattr(self, field_),
+                      "a dataset task takes its class names and templates from the dataset's prompt file")
+        for i, t in enumerate(self.templates or ()):
+            check("{c}" in t, f"{key}.templates[{i}]", t, "a template contains {c}, where the class name goes")
+        if self.templates is not None:
+            check(len(self.templates) > 0, f"{key}.templates", [], "give at least one template, or leave it out")
+        if self.max_samples is not None:
+            check(self.max_samples >= 1, f"{key}.max_samples", self.max_samples, "use a positive integer")
+        if self.name is not None:
+            check(bool(TASK_NAME.match(self.name)), f"{key}.name", self.name,
+                  "names use letters, digits and '-', '_', '.', '/' (they are metric keys)")
+
+
+TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_./-]*$")
+
+
+@dataclass(frozen=True)
+class RetentionParams(Settings):
+    """Zero-shot retention: tasks the fine-tuned models are never trained on, evaluated with
+    their own prompts before and after fine-tuning (`prepare` draws their images)."""
+
+    # 'auto': the dataset's own retention tasks plus every other WILDS dataset found under
+    # dataset.root; or a list of tasks: 'auto', '<dataset>', '<dataset>/<label>' or a mapping
+    tasks: tuple[Str | RetentionTaskParams, ...] | Str = "auto"
+    max_samples: Int = 1000  # images per task at most (a seeded subsample, the same for every model)
+
+    def __post_init__(self):
+        check(self.max_samples >= 1, "retention.max_samples", self.max_samples, "use a positive integer")
+        if isinstance(self.tasks, str):
+            check(self.tasks == "auto", "retention.tasks", self.tasks,
+                  "use 'auto' or a list of tasks ('auto', '<dataset>', '<dataset>/<label>' or a mapping)")
+            return
+        for i, t in enumerate(self.tasks):
+            if isinstance(t, RetentionTaskParams):
+                t.check(f"retention.tasks[{i}]")
+            else:
+                check(bool(TASK_NAME.match(t)), f"retention.tasks[{i}]", t,
+                      "use 'auto', '<dataset>' or '<dataset>/<label>' (e.g. synthetic/colour)")
+
+    @property
+    def entries(self) -> tuple:
+        return ("auto",) if isinstance(self.tasks, str) else self.tasks
+
+
+@dataclass(frozen=True)
 class PretrainedParams(Settings):
     builtin: dict = field(default_factory=dict)  # PretrainConfig overrides
     device: Str = "auto"
@@ -211,7 +279,6 @@ class EvaluateParams(Settings):
     # method's first trial, alpha = 1); auto = id_val where the dataset has one, else ood_val
     selection: Str = "auto"
     wise_alphas: tuple[Float, ...] = (0.0, 0.5, 1.0)
-    zs_tasks: tuple[Str, ...] | Str = "auto"  # 'auto' = the dataset's retention tasks
     rsa_samples: Int = 500
     batch_size: Int = 256
     device: Str = "auto"
@@ -239,6 +306,7 @@ class Params(Settings):
     dataset: DatasetParams = field(default_factory=DatasetParams)
     model: ModelParams = field(default_factory=ModelParams)
     reference: ReferenceParams = field(default_factory=ReferenceParams)
+    retention: RetentionParams = field(default_factory=RetentionParams)
     # generated dataset name -> overrides of its options (e.g. synthetic: SyntheticConfig)
     prepare: dict[Str, dict] = field(default_factory=dict)
     pretrained: PretrainedParams = field(default_factory=PretrainedParams)

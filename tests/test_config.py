@@ -111,12 +111,13 @@ def _only_trials(d: dict, trials: dict) -> None:
      "evaluate.selection", "100%"),
     (lambda d: d["evaluate"].update(wise_alphas=[0.5, 1.5]), "evaluate.wise_alphas", "[0, 1]"),
     (lambda d: d["evaluate"].update(wise_alphas=[0.0, 0.5]), "evaluate.wise_alphas", "include 1.0"),
-    (lambda d: d["evaluate"].update(zs_tasks="everything"), "evaluate.zs_tasks", "auto"),
+    (lambda d: d["retention"].update(tasks="everything"), "retention.tasks", "auto"),
+    (lambda d: d["evaluate"].update(zs_tasks="auto"), "evaluate.zs_tasks", "unknown key"),
     (lambda d: d["prepare"].update(synthetic={"n_trian": 5}), "prepare.synthetic.n_trian", "unknown key"),
     (lambda d: d["pretrained"].update(builtin={"stepz": 5}), "pretrained.builtin.stepz", "unknown key"),
     (lambda d: d.update(seeds=[0, 1]), "seeds", "unknown key"),
     (lambda d: d["prepare"].update(imagenet={}), "prepare.imagenet", "generated datasets"),
-    (lambda d: d["evaluate"].update(zs_tasks=3), "evaluate.zs_tasks", "is not a"),
+    (lambda d: d["retention"].update(tasks=3), "retention.tasks", "is not a"),
 ])
 def test_bad_params_name_the_key(tmp_path, mutate, key, fragment):
     data = base()

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 
 TINY = {
     "prepare": {"synthetic": {"n_train": 400, "n_id_val": 100, "n_id_test": 150, "n_val": 100,
-                              "n_test": 150, "n_corpus": 3000}},
+                              "n_test": 150, "n_heldout": 200, "n_corpus": 3000}},
     "pretrained": {"builtin": {"steps": 200, "batch_size": 64, "warmup": 20}},
     "reference": {"max_samples": 300},
     "embed": {"iimm_samples": 200},
@@ -85,7 +85,7 @@ def test_pipeline_outputs(project):
     work, _ = project
     zs = json.loads((work / "data/embed/metrics.json").read_text())
     assert {"id_test/acc_avg", "test/acc_avg", "iimm", "silhouette/modality", "silhouette/class",
-            "zs/synthetic/colour/acc"} <= zs.keys()
+            "zs/synthetic/colour/acc", "zs/synthetic/heldout-shapes/acc"} <= zs.keys()
     sample = json.loads((work / "data/samples/4/seed0.json").read_text())
     assert sample["n"] == 4 * len(sample["per_class"]) and sample["n_val"] == sample["n"]
     share = json.loads((work / "data/samples/10%/seed0.json").read_text())
@@ -110,7 +110,14 @@ def test_pipeline_outputs(project):
         assert record["seeds"]["0"]["trial"] == max(trials, key=lambda t: (scores[t], -trials.index(t)))
     assert (work / "reports/summary.md").exists() and (work / "reports/selection.csv").exists()
     assert (work / "metrics/report.json").exists()
-    for png in ("id_vs_shots", "ood_vs_shots", "id_vs_ood", "zs_retention_vs_shots", "rsa_vs_shots"):
+    assert {"zs/synthetic/colour/acc", "zs/synthetic/heldout-shapes/acc",
+            "selected/zs/synthetic/heldout-shapes/acc"} <= got.keys()
+    flat = json.loads((work / "metrics/report.json").read_text())
+    assert {"flyp/k4/zs_delta", "dive/k4/zs_delta/synthetic/heldout-shapes"} <= flat.keys()
+    # LP changes neither tower: its zero-shot answers on tasks it never saw are the pre-trained ones
+    assert flat["lp/k4/zs_delta"] == pytest.approx(0.0, abs=1e-9)
+    assert "## Zero-shot retention: change from the pre-trained model" in (work / "reports/summary.md").read_text()
+    for png in ("id_vs_shots", "ood_vs_shots", "id_vs_ood", "retention", "rsa_vs_shots"):
         data = (work / "reports" / f"{png}.png").read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
 

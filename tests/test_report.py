@@ -38,11 +38,17 @@ TRAIN_SIZE = 400  # "25%" -> 100 training examples
 # two trials per method (only lr differs): either choice is on an edge of the search
 LRS = (3e-5, 1e-4)
 
+# the retention tasks of the fake runs: (pre-trained accuracy, best constant guess, images); the
+# model is at chance on texture, so the report flags it and leaves it out of the mean
+ZS_TASKS = {"synthetic/heldout-shapes": (0.7, 0.25, 800), "synthetic/colour": (0.6, 1 / 6, 1000),
+            "synthetic/texture": (0.255, 0.25, 1000)}
+INFORMATIVE = ("synthetic/heldout-shapes", "synthetic/colour")
+
 # the headline keys of each dataset (DatasetSpec: last ID split, last OOD split, metric) and
 # what `evaluate.selection: auto` resolves to (id_val where the dataset has one, else ood_val)
 HEAD = {
     "synthetic": {"id": "id_test/acc_avg", "ood": "test/acc_avg", "select": "id_val/acc_avg",
-                  "protocol": "id_val", "zs": ("synthetic/colour", "synthetic/texture")},
+                  "protocol": "id_val", "zs": ("synthetic/heldout-shapes", "synthetic/colour", "synthetic/texture")},
     "waterbirds": {"id": None, "ood": "test/acc_wg", "select": "val/acc_wg", "protocol": "ood_val",
                    "zs": ()},
 }
@@ -76,8 +82,8 @@ def zeroshot_metrics(dataset: str) -> dict[str, float]:
          "silhouette/class": 0.05, "test/acc_worst_domain": 0.3}
     if h["id"]:
         m[h["id"]] = 0.55
-    for i, t in enumerate(h["zs"]):
-        m[f"zs/{t}/acc"] = 0.7 - 0.1 * i
+    for t in h["zs"]:
+        m[f"zs/{t}/acc"] = ZS_TASKS[t][0]
     return m
 
 
@@ -149,6 +155,10 @@ def write_inputs(root: Path, dataset: str = "synthetic", methods=METHODS, levels
     pfile.write_text(yaml.safe_dump(base, sort_keys=False))
     (root / paths.EMBED).mkdir(parents=True, exist_ok=True)
     (root / paths.EMBED_METRICS).write_text(json.dumps(zeroshot_metrics(dataset)))
+    (root / paths.PREPARED).mkdir(parents=True, exist_ok=True)
+    (root / paths.PREPARED_RETENTION).write_text(json.dumps({"tasks": [
+        {"name": t, "kind": "dataset", "n_samples": ZS_TASKS[t][2], "n_classes": round(1 / ZS_TASKS[t][1]),
+         "majority": ZS_TASKS[t][1]} for t in h["zs"]]}))
     split, metric = h["select"].split("/")
     for m in methods:
         names = [name for name, _ in trials[m]]
@@ -216,7 +226,7 @@ def test_runs_csv_one_row_per_run(done):
     zm = zeroshot_metrics("synthetic")
     assert z["id"].iloc[0] == pytest.approx(zm["id_test/acc_avg"])
     assert z["ood"].iloc[0] == pytest.approx(zm["test/acc_avg"])
-    assert z["zs"].iloc[0] == pytest.approx((0.7 + 0.6) / 2)
+    assert z["zs"].iloc[0] == pytest.approx(np.mean([v[0] for v in ZS_TASKS.values()]))
     assert z["rsa_image"].iloc[0] == 1.0 and z["rsa_text"].iloc[0] == 1.0
     assert z["n_train"].iloc[0] == 0 and pd.isna(z["selection_score"].iloc[0])
     for m in METHODS:
@@ -234,8 +244,7 @@ def test_runs_csv_one_row_per_run(done):
                 e = eval_metrics("synthetic", m, lv, s, wise=m == "ft", score=score)
                 assert r["id"] == pytest.approx(e["id_test/acc_avg"])
                 assert r["ood"] == pytest.approx(e["test/acc_avg"])
-                assert r["zs"] == pytest.approx(np.mean([e["zs/synthetic/colour/acc"],
-                                                         e["zs/synthetic/texture/acc"]]))
+                assert r["zs"] == pytest.approx(np.mean([e[f"zs/{t}/acc"] for t in ZS_TASKS]))
                 assert r["rsa_image"] == pytest.approx(e["rsa/image"])
                 assert r["rsa_text"] == pytest.approx(e["rsa/text"])
                 assert r["selected_alpha"] == pytest.approx(e["selected/alpha"])
@@ -326,7 +335,7 @@ def test_summary_markdown(done):
     assert "`id_test/acc_avg`" in md and "`test/acc_avg`" in md
     assert "levels k=1, k=4, 25%" in md and "4 trials" in md
     assert "95 % confidence interval over 3 seeds" in md and "2 degrees of freedom" in md
-    for name in ("id_vs_shots", "ood_vs_shots", "id_vs_ood", "zs_retention_vs_shots", "rsa_vs_shots"):
+    for name in ("id_vs_shots", "ood_vs_shots", "id_vs_ood", "retention", "rsa_vs_shots"):
         assert f"({name}.png)" in md
     # the largest level is the one with the most training examples: 25% (100 examples)
     assert "## At the largest level (25%, 100 training examples)" in md
@@ -343,7 +352,7 @@ def test_summary_markdown(done):
             tables += 1
             assert len({ln.count("|") for ln in lines}) == 1, block
             assert set(lines[1].replace("|", "").strip()) <= set("-: ")
-    assert tables == 3  # results, selection, WiSE-FT selection and cost
+    assert tables == 5  # results, retention tasks and changes, selection, WiSE-FT selection and cost
 
 
 def _check_png(path: Path) -> None:
@@ -363,7 +372,7 @@ def _check_png(path: Path) -> None:
 
 def test_plots_are_valid_pngs(done):
     root = done["root"]
-    for name in ("id_vs_shots", "ood_vs_shots", "id_vs_ood", "zs_retention_vs_shots", "rsa_vs_shots"):
+    for name in ("id_vs_shots", "ood_vs_shots", "id_vs_ood", "retention", "rsa_vs_shots"):
         _check_png(root / report.PLOTS[name])
     assert not (root / report.PLOTS["iimm_vs_change"]).exists()
     assert not list(root.joinpath(paths.REPORTS).rglob("*.tmp"))
@@ -532,7 +541,9 @@ def test_second_dataset_adds_iimm_plot_and_no_id(done, tmp_path, monkeypatch):
     assert runs.loc[runs["method"] == "ft", "ood"].notna().all()
     assert not any(k.endswith("/id") for k in flat)
     assert not report.PLOTS["id_vs_shots"].exists() and not report.PLOTS["id_vs_ood"].exists()
-    assert not report.PLOTS["zs_retention_vs_shots"].exists()  # waterbirds: no retention tasks
+    assert not report.PLOTS["retention"].exists()  # waterbirds: no retention tasks
+    md = report.SUMMARY_MD.read_text()
+    assert "No zero-shot retention task for waterbirds" in md and "retention: {tasks: [{folder:" in md
     summ = read_csv(report.SUMMARY_CSV)
     assert (summ["ood_std"] == 0).all()  # one seed: std 0
     assert summ["ood_ci"].isna().all()  # and no interval
@@ -618,3 +629,39 @@ def test_zeroshot_method_at_a_level_is_not_the_zero_shot_level(tmp_path, monkeyp
     assert "zeroshot/k2/id" in flat and "zeroshot/k2/selected_alpha" in flat
     assert "zeroshot/25%/n_train" in flat and flat["zeroshot/25%/n_train"] == n_train("25%")
     assert "zeroshot/n_train" not in flat  # the zero-shot level has no training data
+
+
+def test_retention_section_reports_changes_with_intervals(done):
+    """Retention is the fine-tuned minus the pre-trained accuracy per task, mean ± Student-t CI
+    over seeds; the mean leaves out the task the pre-trained model is at chance on (texture)."""
+    from pipeline.report.stats import mean_ci
+
+    ret = pd.read_csv(done["root"] / "reports" / "retention.csv", dtype={"level": str})
+    assert set(ret["task"]) == {*ZS_TASKS, "mean"}
+    for m in METHODS:
+        for lv in LEVELS:
+            name = parse_level(lv).name
+            per_task = {}
+            for t, (pre, _, _) in ZS_TASKS.items():
+                deltas = [model_metrics("synthetic", m, lv, s)[f"zs/{t}/acc"] - pre for s in SEEDS]
+                per_task[t] = deltas
+                row = ret[(ret["method"] == m) & (ret["level"] == name) & (ret["task"] == t)].iloc[0]
+                mean, ci = mean_ci(deltas)
+                assert row["delta_mean"] == pytest.approx(mean) and row["delta_ci"] == pytest.approx(ci)
+                assert row["delta_mean"] < 0 and row["seeds"] == len(SEEDS)
+            mean_row = ret[(ret["method"] == m) & (ret["level"] == name) & (ret["task"] == "mean")].iloc[0]
+            per_seed = [np.mean([per_task[t][i] for t in INFORMATIVE]) for i in range(len(SEEDS))]
+            assert mean_row["delta_mean"] == pytest.approx(np.mean(per_seed))
+            assert mean_row["delta_ci"] == pytest.approx(mean_ci(per_seed)[1])
+            key = f"{m}/{level_key(parse_level(lv))}/zs_delta"
+            assert done["flat"][key] == pytest.approx(np.mean(per_seed))
+            assert done["flat"][f"{key}/synthetic/colour"] == pytest.approx(np.mean(per_task["synthetic/colour"]))
+    md = (done["root"] / report.SUMMARY_MD).read_text()
+    section = md.split("## Zero-shot retention: change from the pre-trained model")[1].split("\n## ")[0]
+    assert "| synthetic/texture" in section and "**no** (p = " in section
+    assert "**No signal** from synthetic/texture" in section and "left out of the mean" in section
+    assert "Δ synthetic/heldout-shapes" in section and "mean Δ at α*" in section
+    ft1 = ret[(ret["method"] == "ft") & (ret["level"] == "1") & (ret["task"] == "synthetic/colour")].iloc[0]
+    assert f"{ft1['delta_mean']:+.3f} ± {ft1['delta_ci']:.3f}" in section
+    assert "(retention.png)" in section
+    assert (done["root"] / report.PLOTS["retention"]).read_bytes()[:8] == PNG_MAGIC

@@ -45,8 +45,25 @@ def test_generation_is_deterministic_per_seed(root, tmp_path):
     assert _tree(again) == first
     other = _tree(generate_dataset(tmp_path / "other", dataclasses.replace(CFG, seed=1), workers=1))
     assert other["metadata.csv"] != first["metadata.csv"]
-    images = [k for k in first if k.endswith(".png")]
+    images = [k for k in first if k.startswith("images/")]
     assert sum(first[k] != other[k] for k in images) > 0.9 * len(images)
+    held, held_other = ([k for k in tree if k.startswith("heldout/")] for tree in (first, other))
+    assert len(held) == len(held_other) == CFG.n_heldout and set(held) != set(held_other)
+
+
+def test_heldout_shapes_are_a_class_folder_the_task_never_shows(root, dataset):
+    """The held-out shapes: equally many per shape, in heldout/<shape>/, never a class or a
+    file of any split; the corpus names them as often as the task's shapes."""
+    from pipeline.data.folder import ImageFolderDataset
+    from pipeline.data.synthetic.render import _corpus_items
+
+    folder = ImageFolderDataset(root / syn.FOLDER / "heldout")
+    assert folder.classes == tuple(sorted(syn.HELDOUT_SHAPES))
+    assert torch.bincount(folder.y_array).tolist() == [CFG.n_heldout // len(syn.HELDOUT_SHAPES)] * len(syn.HELDOUT_SHAPES)
+    assert not set(syn.HELDOUT_SHAPES) & set(dataset.attributes["y"])
+    assert not any(str(f).startswith("heldout") for f in dataset._input_array)
+    counts = np.bincount([i.shape for i in _corpus_items(SyntheticConfig())], minlength=len(syn.ALL_SHAPES))
+    assert counts.min() > 0.97 * counts.mean() and counts.max() < 1.03 * counts.mean()  # all shapes alike
 
 
 def test_metadata_columns_and_files(root):
@@ -134,7 +151,8 @@ def test_corpus_csv(tmp_path):
         assert (csv_path.parent / row["filepath"]).is_file()
         assert row["title"].strip()
     titles = [r["title"] for r in rows]
-    assert sum(any(s in t for s in syn.SHAPES) for t in titles) > 0.8 * len(titles)
+    assert sum(any(s in t for s in syn.ALL_SHAPES) for t in titles) > 0.8 * len(titles)
+    assert sum(any(s in t for s in syn.HELDOUT_SHAPES) for t in titles) > 0.2 * len(titles)  # 4 of 12 shapes
     assert len(set(titles)) > 0.5 * len(titles)  # varied phrasings
     # Deterministic too, whatever the worker count.
     again = generate_corpus(tmp_path / "again", cfg, workers=2)
@@ -142,7 +160,7 @@ def test_corpus_csv(tmp_path):
 
 
 def test_corpus_covers_every_background_and_combination():
-    attributes = len(syn.SHAPES) * len(syn.COLOURS) * len(syn.SIZES) * len(syn.TEXTURES)
+    attributes = len(syn.ALL_SHAPES) * len(syn.COLOURS) * len(syn.SIZES) * len(syn.TEXTURES)
     n_scenes = attributes * len(CFG.domains)
     # a share of 0.5 and n = 2 × one full cycle of the scenes: studio items cover every
     # attribute combination len(domains) times, scene items every (attributes, background) once
@@ -200,9 +218,11 @@ def test_prompt_file_matches_the_vocabulary():
     assert prompts.classnames == syn.SHAPES
     assert load_prompts("synthetic", task="colour").classnames == tuple(syn.COLOURS)
     assert load_prompts("synthetic", task="texture").classnames == syn.TEXTURES
+    held = load_prompts("synthetic", task="heldout")
+    assert held.classnames == syn.HELDOUT_SHAPES and held.templates == prompts.templates  # phrased as the task
     data = json.loads((Path(syn.__file__).parents[1] / "prompts" / "synthetic.json").read_text())
     for task in data["tasks"].values():
-        assert all("{c}" in t for t in task["templates"])
+        assert all("{c}" in t for t in task.get("templates", data["templates"]))
 
 
 def test_config_rejects_bad_values():

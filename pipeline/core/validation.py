@@ -72,16 +72,50 @@ def _type_phrase(kind: str) -> str | None:
     return None
 
 
+def _dataclass_in(tp) -> type | None:
+    """`tp` itself if a dataclass, else the first dataclass among its type arguments (a list
+    or union of settings: `tuple[str | RetentionTaskParams, ...]`)."""
+    if dataclasses.is_dataclass(tp):
+        return tp
+    for arg in typing.get_args(tp):
+        found = _dataclass_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
 def _settings_class(cls: type, loc: tuple) -> type | None:
-    """The dataclass that owns the last named element of `loc` (for 'allowed keys')."""
+    """The dataclass that owns the last named element of `loc` (for 'allowed keys'); list
+    indices step into the list's settings class."""
     for part in loc:
-        if not isinstance(part, str) or not dataclasses.is_dataclass(cls):
+        if isinstance(part, int):
+            continue
+        if not dataclasses.is_dataclass(cls):
             return None
-        tp = typing.get_type_hints(cls).get(part)
-        cls = tp if dataclasses.is_dataclass(tp) else None
+        cls = _dataclass_in(typing.get_type_hints(cls).get(part))
         if cls is None:
             return None
     return cls
+
+
+def _is_tag(part) -> bool:
+    """A union member tag in a pydantic error location ('str', 'tuple[str, ...]',
+    'RetentionTaskParams'), not a key: keys are snake_case."""
+    return isinstance(part, str) and ("[" in part or bool(_UNION_TAG.fullmatch(part)) or part[:1].isupper())
+
+
+def _deepest(errors: list[dict]) -> dict | None:
+    """Of a union's errors, the one that got furthest into the value (e.g. an unknown key of a
+    mapping member rather than 'is not a string'), with the member tags removed; None when no
+    error is deeper than all others."""
+    cleaned = [(tuple(p for p in e["loc"] if not _is_tag(p)), e) for e in errors]
+    depth = max(len(loc) for loc, _ in cleaned)
+    top = [(loc, e) for loc, e in cleaned if len(loc) == depth]
+    if len(top) != 1 or sum(len(loc) == depth for loc, _ in cleaned) != 1 or all(len(loc) == depth for loc, _ in cleaned):
+        return None
+    if not any(_is_tag(p) for p in top[0][1]["loc"]):
+        return None
+    return {**top[0][1], "loc": top[0][0]}
 
 
 _UNION_TAG = re.compile(r"(str|int|float|bool|none|tuple\[\w+, \.\.\.\])")
@@ -99,6 +133,9 @@ def _join(prefix: str, loc: tuple) -> str:
 
 def _message(cls: type, prefix: str, err: ValidationError) -> str:
     errors = err.errors(include_url=False)
+    deep = _deepest(errors) if len(errors) > 1 else None
+    if deep is not None:
+        errors = [deep]
     first = errors[0]
     loc = tuple(first["loc"])
     # a union reports one error per member, behind a member tag ('str', 'tuple[str, ...]')

@@ -62,16 +62,31 @@ class Prompts:
 
 @dataclass(frozen=True)
 class RetentionTask:
-    """A zero-shot task the fine-tuned model was not trained on.
+    """A zero-shot task the fine-tuned model was not trained on (`pipeline.data.retention`
+    prepares it and says what every field defaults to).
 
-    Its prompts are `load_prompts(dataset, task=label)` (the prompt file's `tasks[label]`), or
-    the dataset's own prompts when `label == "y"`.
+    Two kinds: `split` of a registered `dataset` labelled by `label` ("y" or a metadata field;
+    prompts from the dataset's prompt file: its own for "y", `tasks[label]` otherwise), or an
+    image `folder` (`<folder>/<class>/<image>`): with `dataset`, relative to that dataset's
+    folder (a built-in task); otherwise a path. A folder's prompts are `prompts` (a task of
+    `dataset`'s prompt file: its class names are the folder names, in label order), else
+    `classnames` (display names in sorted-folder order: a list or a file with one per line;
+    default the folder names) and `templates` (default "a photo of a {c}.").
     """
 
-    dataset: str  # key in DATASETS
-    split: str
-    label: str  # "y" or a metadata field name (e.g. "colour")
     name: str  # e.g. "synthetic/colour"
+    dataset: str | None = None  # key in DATASETS
+    split: str | None = None  # default: the dataset's last OOD split (its OOD test split)
+    label: str = "y"
+    folder: str | None = None
+    prompts: str | None = None
+    classnames: tuple[str, ...] | str | None = None
+    templates: tuple[str, ...] = ()
+    max_samples: int | None = None  # default: retention.max_samples
+
+    @property
+    def kind(self) -> str:
+        return "folder" if self.folder is not None else "dataset"
 
 
 @dataclass(frozen=True)

@@ -38,13 +38,15 @@ from pipeline import artifacts as paths
 from pipeline.core import tracking
 from pipeline.data.datasets import get_spec
 from pipeline.evaluation.measures import MEASURES
-from pipeline.report.files import (METRICS_JSON, OUTPUTS, PLOTS, RUNS_CSV, SELECTION_CSV, SHOTS_CSV, SUMMARY_CSV, SUMMARY_JSON,
-                                   SUMMARY_MD, _write_csv, _write_text)
+from pipeline.report.files import (METRICS_JSON, OUTPUTS, PLOTS, RETENTION_CSV, RUNS_CSV, SELECTION_CSV, SHOTS_CSV,
+                                   SUMMARY_CSV, SUMMARY_JSON, SUMMARY_MD, _write_csv, _write_text)
 from pipeline.report.inputs import (COLUMNS, KEYS, REPORT_KEY, VALUES, ZEROSHOT, columns, values, Headline, MissingInputsError,
                                     ReportConfig, RunInput, _ZS_TASK, load_inputs, other_datasets, read_runs,
                                     read_selection, runs_frame, task_points, wise_curves)
 from pipeline.report.plots import plot_id_vs_ood, plot_iimm, plot_panels, plot_vs_shots
-from pipeline.report.tables import flat_metrics, selection_table, shots_long, summarize, summary_markdown
+from pipeline.report.retention import (plot_retention, retention_flat, retention_long, retention_markdown,
+                                       retention_summary, task_infos)
+from pipeline.report.tables import _md_table, flat_metrics, selection_table, shots_long, summarize, summary_markdown
 
 __all__ = ["run", "ReportConfig", "read_runs", "load_inputs", "runs_frame", "summarize", "flat_metrics",
            "shots_long", "wise_curves", "summary_markdown", "MissingInputsError", "Headline", "RunInput",
@@ -57,6 +59,9 @@ def run(cfg: ReportConfig) -> dict[str, float]:
     head = Headline.of(spec)
     inputs = load_inputs(cfg)  # before touching reports/: missing inputs change nothing
     records = read_selection(cfg)
+    from pipeline.data.retention import no_task_hint, read_records
+
+    task_records = read_records(paths.PREPARED_RETENTION)
 
     SUMMARY_JSON.unlink(missing_ok=True)  # from here on the report is unfinished
     for p in OUTPUTS:
@@ -70,12 +75,17 @@ def run(cfg: ReportConfig) -> dict[str, float]:
     embed = inputs[0].metrics
     flat = flat_metrics(summary, embed)
     wise = wise_curves(inputs, head)
-    tasks = sorted(_ZS_TASK.match(k).group(1) for k in embed if _ZS_TASK.match(k))
+    infos = task_infos(task_records, embed)
+    n_train = {(r.method, r.level.name, r.seed): r.metrics.get("train/n_train", float("nan")) for r in inputs}
+    retention = retention_summary(retention_long(inputs, infos, n_train), methods, list(cfg.levels))
+    flat.update(retention_flat(retention))
+    tasks = [t.name for t in infos]
     notes: list[str] = []
 
     _write_csv(RUNS_CSV, runs)
     _write_csv(SUMMARY_CSV, summary)
     _write_csv(SELECTION_CSV, selection)
+    _write_csv(RETENTION_CSV, retention)
     _write_csv(SHOTS_CSV, shots_long(summary))
 
     plots: list[Path] = []
@@ -92,6 +102,11 @@ def run(cfg: ReportConfig) -> dict[str, float]:
     if head.id:
         plot_id_vs_ood(summary, wise, head, PLOTS["id_vs_ood"], next(iter(selection["protocol"]), ""))
         plots.append(PLOTS["id_vs_ood"])
+    retention_plot = None
+    if infos and not retention.empty:
+        retention_plot = PLOTS["retention"]
+        plot_retention(retention, infos, retention_plot)
+        plots.append(retention_plot)
     for measure in MEASURES.values():  # every registered measure's own figure
         if measure.plot is None:
             continue
@@ -130,7 +145,9 @@ def run(cfg: ReportConfig) -> dict[str, float]:
             "with the same model (e.g. `dvc exp run -S dataset.name=...`, same MLflow store) and "
             "the report puts the tasks side by side.")
 
-    md = summary_markdown(cfg, summary, head, embed, plots, notes, tasks, selection)
+    section = retention_markdown(retention, infos, no_task_hint(spec.name), retention_plot, _md_table)
+    md = summary_markdown(cfg, summary, head, embed, [p for p in plots if p != retention_plot], notes, tasks,
+                          selection, section)
     _write_text(METRICS_JSON, json.dumps(flat, indent=1, sort_keys=True) + "\n")
     _write_text(SUMMARY_MD, md)
 
@@ -148,12 +165,12 @@ def run(cfg: ReportConfig) -> dict[str, float]:
         experiment=spec.name, key=REPORT_KEY, run_name=REPORT_KEY, params=run_params,
         tags={"level": "report", "dataset": spec.name},
         metrics={k.replace("%", "pct"): v for k, v in flat.items()},
-        artifacts=[SUMMARY_MD, SUMMARY_CSV, SELECTION_CSV, RUNS_CSV, *plots])
+        artifacts=[SUMMARY_MD, SUMMARY_CSV, SELECTION_CSV, RETENTION_CSV, RUNS_CSV, *plots])
 
     _write_text(SUMMARY_JSON, json.dumps({
         "dataset": spec.name, "runs": len(runs), "headline": {"metric": head.metric, "id": head.id,
                                                              "ood": head.ood},
-        "files": [str(p) for p in (RUNS_CSV, SUMMARY_CSV, SELECTION_CSV, SUMMARY_MD, METRICS_JSON, SHOTS_CSV,
+        "files": [str(p) for p in (RUNS_CSV, SUMMARY_CSV, SELECTION_CSV, RETENTION_CSV, SUMMARY_MD, METRICS_JSON, SHOTS_CSV,
                                    *plots)],
         "notes": notes, "mlflow_run_id": run_id,
     }, indent=1) + "\n")

@@ -17,16 +17,17 @@ from pipeline.evaluation.measures import MEASURES
 RUNS_CSV = paths.REPORTS / "runs.csv"
 SUMMARY_CSV = paths.REPORTS / "summary.csv"
 SELECTION_CSV = paths.REPORTS / "selection.csv"
+RETENTION_CSV = paths.REPORTS / "retention.csv"
 SUMMARY_MD = paths.REPORTS / "summary.md"
 METRICS_JSON = paths.REPORT_METRICS  # `dvc metrics show` (outside reports/: DVC outs may not nest)
 SUMMARY_JSON = paths.REPORTS / "summary.json"  # written last: the report is complete
 SHOTS_CSV = paths.REPORT_PLOT_DATA  # `dvc plots show`: method, level, n_train, metric, value, ci
 PLOTS: dict[str, Path] = {
-    name: paths.REPORTS / f"{name}.png" for name in ("id_vs_shots", "ood_vs_shots", "id_vs_ood", "iimm_vs_change")
+    name: paths.REPORTS / f"{name}.png" for name in ("id_vs_shots", "ood_vs_shots", "id_vs_ood", "retention", "iimm_vs_change")
 }
 # and one per registered measure that draws one
 PLOTS.update({Path(m.plot.file).stem: paths.REPORTS / m.plot.file for m in MEASURES.values() if m.plot})
-OUTPUTS: tuple[Path, ...] = (RUNS_CSV, SUMMARY_CSV, SELECTION_CSV, SUMMARY_MD, METRICS_JSON, SHOTS_CSV,
+OUTPUTS: tuple[Path, ...] = (RUNS_CSV, SUMMARY_CSV, SELECTION_CSV, RETENTION_CSV, SUMMARY_MD, METRICS_JSON, SHOTS_CSV,
                              *PLOTS.values())
 
 

@@ -139,7 +139,7 @@ def _md_table(header: list[str], rows: list[list[str]], align: list[str]) -> str
 
 def summary_markdown(cfg: ReportConfig, summary: pd.DataFrame, head: Headline, embed: dict,
                      plots: list[Path], notes: list[str], tasks: list[str],
-                     selection: pd.DataFrame | None = None) -> str:
+                     selection: pd.DataFrame | None = None, retention: list[str] | None = None) -> str:
     has_id = head.id is not None
     seeds = list(cfg.seeds)
     n_trials = sum(len(t) for t in cfg.trials.values())
@@ -154,7 +154,8 @@ def summary_markdown(cfg: ReportConfig, summary: pd.DataFrame, head: Headline, e
     desc.append(f"- Each cell is the trial chosen on validation data by the protocol "
                 f"(`evaluate.selection: {cfg.selection}`; see the selection table), then averaged over seeds.")
     desc += [f"- **{c.label}** = {c.description}." for c in report_columns() if c.description]
-    desc.append("- Retention tasks: " + (", ".join(tasks) if tasks else "none for this dataset") + ".")
+    desc.append("- Retention tasks: " + (", ".join(tasks) + " (changes from the pre-trained model: the retention section)"
+                                         if tasks else "none (the retention section says how to add one)") + ".")
     desc.append("- **α\*** = WiSE-FT mixing weight chosen by the same protocol "
                 "(1 = the fine-tuned model; methods without WiSE-FT always report 1).")
     if len(seeds) > 1:
@@ -208,6 +209,7 @@ def summary_markdown(cfg: ReportConfig, summary: pd.DataFrame, head: Headline, e
             rows2.append(sel)
     h1 = ["method", "level", "examples", "seeds", *(["ID"] if has_id else []), "OOD", *(c.label for c in columns)]
     out += ["## Results", "", _md_table(h1, rows1, ["l", "l", "r", "r"] + ["r"] * (len(h1) - 4)), ""]
+    out += retention or []
     if selection is not None and len(selection):
         rows3, wide = [], []
         for _, r in selection.iterrows():

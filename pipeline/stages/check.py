@@ -15,7 +15,7 @@ from pathlib import Path
 import typer
 
 from pipeline import artifacts as paths
-from pipeline.config import Params, check, load_params
+from pipeline.config import Params, ParamsError, check, load_params
 from pipeline.core.validation import parse
 from pipeline.stages.common import ParamsOpt, guard, run_command
 
@@ -56,14 +56,41 @@ def check_params(path: str | Path = "params.yaml") -> Params:
         parse(owners[0], options, f"prepare.{key}")
     if params.model.pretrained == BUILTIN:
         parse(PretrainConfig, params.pretrained.builtin, "pretrained.builtin")
-    if isinstance(params.evaluate.zs_tasks, str):
-        check(params.evaluate.zs_tasks == "auto", "evaluate.zs_tasks", params.evaluate.zs_tasks,
-              "use 'auto' or a list of tasks named '<dataset>/<label>' (e.g. synthetic/colour)")
-    else:
-        for t in params.evaluate.zs_tasks:
-            check("/" in t and t.split("/")[0] in DATASETS, "evaluate.zs_tasks", t,
-                  f"tasks are '<dataset>/<label>' with dataset one of {', '.join(sorted(DATASETS))}")
+    check_retention(params)
     return params
+
+
+def check_retention(params: Params) -> None:
+    """Every retention task names a known dataset and prompts that exist, or an image folder
+    with class folders (and as many class names as folders); 'auto' finds what is there."""
+    from pipeline.data.datasets import get_spec, load_prompts
+    from pipeline.data.folder import folder_classes
+    from pipeline.data.retention import resolve_tasks
+
+    for t in resolve_tasks(params.retention, params.dataset.name, Path(params.dataset.root)):
+        key = f"retention task {t.name}"
+        if t.kind == "folder":
+            if t.dataset is not None:  # a built-in task: its folder is made by `prepare`
+                load_prompts(t.dataset, task=t.prompts) if t.prompts else None
+                continue
+            classes = folder_classes(Path(t.folder))
+            if t.classnames is not None and not isinstance(t.classnames, str):
+                check(len(t.classnames) == len(classes), f"{key}: classnames", list(t.classnames),
+                      f"one name per class folder, in sorted order ({len(classes)}: {', '.join(classes)})")
+            elif isinstance(t.classnames, str):
+                check(Path(t.classnames).is_file(), f"{key}: classnames", t.classnames,
+                      "a file with one class name per line, in sorted-folder order")
+        else:
+            spec = get_spec(t.dataset)
+            root = Path(params.dataset.root)
+            if not spec.generated and spec.name != params.dataset.name and not spec.marker(root).is_file():
+                raise ParamsError(f"{key}: {spec.name} is not under dataset.root ({spec.marker(root)} is missing). "
+                                  + spec.download_hint.format(root=root))
+            if t.label != "y":
+                load_prompts(spec.name, task=t.label)
+            if t.split is not None:
+                check(t.split in spec.eval_splits + (spec.train_split,), f"{key}: split", t.split,
+                      f"{spec.name}'s splits: {', '.join((spec.train_split, *spec.eval_splits))}")
 
 
 @guard

@@ -34,6 +34,7 @@ def run(params: Params) -> dict:
     from pipeline.data.datasets import split_metrics, split_rows
     from pipeline.data.torchdata import ImageFiles, LabeledImages, read_caption_csv
     from pipeline.evaluation.measures import MeasureInputs, compute_all
+    from pipeline.data.retention import read_records
     from pipeline.evaluation.zeroshot import retention_tasks
     from pipeline.models.evalmodel import EvalModel
     from pipeline.models.encode import encode_images, encode_texts
@@ -65,8 +66,7 @@ def run(params: Params) -> dict:
     sub = train_rows[torch.randperm(len(train_rows), generator=g)[: params.embed.iimm_samples]].sort().values
     train_feats = encode_images(model, LabeledImages(dataset, sub.tolist(), clip.preprocess_val),
                                 device, bs, nw, desc="embed train (IIMM)")
-    tasks = retention_tasks(spec.name, params.evaluate.zs_tasks, Path(params.dataset.root),
-                            paths.GENERATED_ROOT, clip.tokenizer, dataset)
+    tasks = retention_tasks(read_records(paths.PREPARED_RETENTION), clip.tokenizer, dataset, spec.name)
     metrics.update(compute_all("embed", MeasureInputs(
         model=model, device=device, batch_size=bs, num_workers=nw, transform=clip.preprocess_val,
         tasks=tasks, train_features=train_feats, train_labels=torch.as_tensor(dataset.y_array)[sub].long(),

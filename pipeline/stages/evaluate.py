@@ -36,6 +36,7 @@ from pipeline.data.sampling import FEWSHOT_VAL, read_sample
 from pipeline.data.torchdata import ImageFiles, LabeledImages, read_caption_csv
 from pipeline.evaluation.measures import MeasureInputs, compute_all
 from pipeline.evaluation.selection import alpha_key, resolve_protocol, select_alpha
+from pipeline.data.retention import read_records
 from pipeline.evaluation.zeroshot import retention_tasks
 from pipeline.methods import get_method, parse_hparams
 from pipeline.models.encode import encode_images, preload
@@ -63,8 +64,7 @@ def run(params: Params, method: str, log_mlflow: bool = True) -> dict[tuple[str,
     for split in (s for s in spec.eval_splits if s == protocol.split or s not in spec.val_splits):
         rows = split_rows(dataset, split)
         splits[split] = (rows, preload(LabeledImages(dataset, rows.tolist(), transform), bs, nw, desc=f"decode {split}"))
-    tasks = retention_tasks(spec.name, ep.zs_tasks, Path(params.dataset.root), paths.GENERATED_ROOT,
-                            clip.tokenizer, dataset)
+    tasks = retention_tasks(read_records(paths.PREPARED_RETENTION), clip.tokenizer, dataset, spec.name)
     same_rows = {t.name: split for t in tasks for split, (rows, _) in splits.items()
                  if t.dataset is dataset and torch.equal(t.rows, rows)}
     task_images = {t.name: preload(LabeledImages(t.dataset, t.rows.tolist(), transform), bs, nw, desc=f"decode {t.name}")

@@ -1,5 +1,6 @@
 """The `prepare` stage: dataset (real WILDS or generated) -> split table, class names, the
-reference set (generated corpora are written here)."""
+reference set (generated corpora are written here), the zero-shot retention tasks' images and
+prompts (`pipeline.data.retention`)."""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ def run(params: Params) -> dict:
     paths.PREPARED_INFO.unlink(missing_ok=True)
     paths.PREPARED_MANIFEST.unlink(missing_ok=True)
     paths.PREPARED_PROMPTS.unlink(missing_ok=True)  # written by older versions, never read
+    paths.PREPARED_RETENTION.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     root = paths.dataset_root(spec.generated, params.dataset.root)
     reference = paths.reference_csv(params.reference.csv)
@@ -75,6 +77,12 @@ def run(params: Params) -> dict:
         "reference_csv": str(reference),
         "reference_rows": len(ref_files),
     }
+    from pipeline.data.retention import prepare_tasks, write_records
+
+    tasks = prepare_tasks(params.retention, dataset=spec.name, seed=params.seed, main_dataset=dataset,
+                          data_root=Path(params.dataset.root), generated_root=paths.GENERATED_ROOT)
+    write_records(paths.PREPARED_RETENTION, tasks)
+    info["retention_tasks"] = {t["name"]: t["n_samples"] for t in tasks}
     paths.PREPARED_INFO.write_text(json.dumps(info, indent=1))
     paths.PREPARED_MANIFEST.write_text(json.dumps(manifest(out), indent=1))
     return info

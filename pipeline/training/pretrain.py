@@ -45,7 +45,7 @@ _CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 class PretrainConfig(Settings):
     """Pre-training recipe. The defaults take about 3 minutes on 2 CPU cores."""
 
-    steps: Int = 700
+    steps: Int = 1000
     batch_size: Int = 128
     lr: Float = 2e-3
     weight_decay: Float = 0.1

@@ -47,7 +47,7 @@ def test_synthetic_prompt_file_has_its_retention_tasks():
         pytest.skip("synthetic.json not written yet")
     assert load_prompts("synthetic").classnames
     for task in spec.retention_tasks:
-        assert load_prompts(task.dataset, task=task.label).classnames
+        assert load_prompts(task.dataset, task=task.prompts or task.label).classnames
 
 
 def test_texts_fill_the_placeholder_only():

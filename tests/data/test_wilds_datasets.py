@@ -233,7 +233,8 @@ def test_table_facts():
         assert spec.train_split == "train"
     synthetic = DATASETS["synthetic"]
     assert synthetic.folder("/d").as_posix() == "/d/synthetic_v1.0"
-    assert [t.name for t in synthetic.retention_tasks] == ["synthetic/colour", "synthetic/texture"]
-    assert all(t.dataset == "synthetic" and t.split == "id_test" for t in synthetic.retention_tasks)
+    assert [t.name for t in synthetic.retention_tasks] == ["synthetic/heldout-shapes", "synthetic/colour"]
+    assert [t.kind for t in synthetic.retention_tasks] == ["folder", "dataset"]
+    assert all(t.dataset == "synthetic" for t in synthetic.retention_tasks)
     assert DATASETS["camelyon17"].id_splits == ("id_val",)
     assert DATASETS["fmow"].metric == "acc_worst_region"

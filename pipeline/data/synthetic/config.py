@@ -15,7 +15,14 @@ ID_SPLITS = ("train", "id_val", "id_test")
 
 # The vocabulary is fixed (it is what pipeline/data/prompts/synthetic.json names); the
 # config chooses sizes of the splits, which backgrounds are ID / OOD, and the difficulty.
-SHAPES = ("circle", "square", "triangle", "star", "cross", "ring", "crescent", "heart")
+SHAPES = ("circle", "square", "triangle", "star", "cross", "ring", "crescent", "heart")  # the task's classes
+# Held-out concepts: shapes the task never shows but the caption corpus names (as often as each
+# task shape), so the pre-trained model knows them and fine-tuning can make it forget them.
+# The dataset writes them as a labelled image folder (`heldout/<shape>/*.png`): the built-in
+# zero-shot retention task that fine-tuning conflicts with.
+HELDOUT_SHAPES = ("diamond", "arrow", "semicircle", "hourglass")
+ALL_SHAPES = SHAPES + HELDOUT_SHAPES  # what `_Item.shape` indexes
+HELDOUT = "heldout"  # the folder of held-out-shape images inside the dataset folder
 COLOURS = {  # RGB in [0, 1]; no name starts with a vowel, so "a {c} object" reads right
     "red": (0.86, 0.14, 0.14),
     "green": (0.14, 0.66, 0.22),
@@ -29,12 +36,13 @@ TEXTURES = ("solid", "striped", "dotted", "checkered")
 BACKGROUNDS = ("grass", "sand", "water", "snow", "brick", "forest", "night", "rock", "dusk", "tile")
 STUDIO = "studio"  # the plain backdrop of part of the corpus (never a task domain)
 
-_STREAM = {"train": 1, "id_val": 2, "id_test": 3, "val": 4, "test": 5, "corpus": 6}
+_STREAM = {"train": 1, "id_val": 2, "id_test": 3, "val": 4, "test": 5, "corpus": 6, HELDOUT: 7}
 
 
 @dataclass(frozen=True)
 class SyntheticConfig(Settings):
-    """What the generator draws. Defaults: 7k task images and 20k corpus images at 32 px."""
+    """What the generator draws. Defaults: 7k task images, 800 held-out-shape images and 20k
+    corpus images at 32 px."""
 
     seed: Int = 0
     image_size: Int = 32
@@ -43,6 +51,7 @@ class SyntheticConfig(Settings):
     n_id_test: Int = 1000
     n_val: Int = 500
     n_test: Int = 1000
+    n_heldout: Int = 800  # images of the held-out shapes (on ID backgrounds), equally many per shape
     n_corpus: Int = 20000
     corpus_studio: Float = 0.7  # share of corpus images on a plain studio backdrop (the rest: every background)
     # how often a corpus caption names the shape, colour, size, texture and background
@@ -59,7 +68,7 @@ class SyntheticConfig(Settings):
     supersample: Int = 2  # drawn at this multiple of image_size, then box-filtered down
 
     def __post_init__(self) -> None:
-        for name in ("n_train", "n_id_val", "n_id_test", "n_val", "n_test", "n_corpus"):
+        for name in ("n_train", "n_id_val", "n_id_test", "n_val", "n_test", "n_heldout", "n_corpus"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: {getattr(self, name)!r} is not allowed; it must be at least 1.")
         if not 8 <= self.image_size <= 512:
@@ -98,7 +107,8 @@ class SyntheticConfig(Settings):
     @classmethod
     def small(cls, seed: int = 0) -> "SyntheticConfig":
         """A few hundred task images and 3k corpus images: for tests."""
-        return cls(seed=seed, n_train=400, n_id_val=100, n_id_test=200, n_val=100, n_test=200, n_corpus=3000)
+        return cls(seed=seed, n_train=400, n_id_val=100, n_id_test=200, n_val=100, n_test=200, n_heldout=200,
+                   n_corpus=3000)
 
     @classmethod
     def quick(cls, seed: int = 0) -> "SyntheticConfig":

@@ -21,8 +21,9 @@ from wilds.common.metrics.all_metrics import F1, Accuracy
 from wilds.datasets.wilds_dataset import WILDSDataset
 
 from pipeline.data.scatter import install_scatter_fallback
-from pipeline.data.synthetic.config import COLOURS, FOLDER, SHAPES, SIZES, SPLITS, SyntheticConfig, TEXTURES, VERSION
-from pipeline.data.synthetic.render import _Item, _caption, _corpus_items, _render, _rng, _split_items
+from pipeline.data.synthetic.config import (ALL_SHAPES, COLOURS, FOLDER, HELDOUT, HELDOUT_SHAPES, SHAPES, SIZES, SPLITS,
+                                            SyntheticConfig, TEXTURES, VERSION)
+from pipeline.data.synthetic.render import _Item, _caption, _corpus_items, _heldout_items, _render, _rng, _split_items
 
 install_scatter_fallback()  # wilds' group-wise eval imports torch_scatter
 
@@ -47,6 +48,7 @@ def _attributes(cfg: SyntheticConfig) -> dict[str, Any]:
         "id_domains": list(cfg.id_domains),
         "ood_domains": list(cfg.ood_domains),
         "preferred_colour": {s: tuple(COLOURS)[i % len(COLOURS)] for i, s in enumerate(SHAPES)},
+        "heldout_shapes": list(HELDOUT_SHAPES),
     }
 
 
@@ -134,7 +136,9 @@ def generate_dataset(root: Path, cfg: SyntheticConfig, *, workers: int | None = 
 
     Contents: ``RELEASE_v1.0.txt``, ``metadata.csv`` (filename, y, split, domain, colour, size,
     texture, shape), ``attributes.json`` (the names behind the integer columns, the ID / OOD
-    backgrounds and the config) and ``images/*.png``. Deterministic in ``cfg`` (whatever
+    backgrounds and the config), ``images/*.png``, and ``heldout/<shape>/*.png``: the
+    held-out shapes on ID backgrounds, a labelled image folder (never part of a split) that
+    the built-in retention task reads. Deterministic in ``cfg`` (whatever
     ``workers``, which defaults to the available cores); built in a temp folder beside the
     target and renamed into place when complete.
     """
@@ -145,6 +149,8 @@ def generate_dataset(root: Path, cfg: SyntheticConfig, *, workers: int | None = 
     tmp = _tmp_sibling(final)
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "images").mkdir(parents=True)
+    for shape in HELDOUT_SHAPES:
+        (tmp / HELDOUT / shape).mkdir(parents=True)
     try:
         jobs, rows = [], []
         for split in SPLITS:
@@ -152,6 +158,8 @@ def generate_dataset(root: Path, cfg: SyntheticConfig, *, workers: int | None = 
             jobs.append((split, items))
             rows += [(path, it.shape, split, it.domain, it.colour, it.size, it.texture, SHAPES[it.shape])
                      for _, path, it in items]
+        jobs.append((HELDOUT, [(i, f"{HELDOUT}/{ALL_SHAPES[it.shape]}/{i:05d}.png", it)
+                               for i, it in enumerate(_heldout_items(cfg))]))
         _draw_all(cfg, jobs, tmp, captions=False, workers=workers)
         with open(tmp / "metadata.csv", "w", newline="", encoding="utf-8") as f:
             writer = csv.writer(f, lineterminator="\n")

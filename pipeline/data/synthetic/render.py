@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.data.synthetic.config import COLOURS, ID_SPLITS, SHAPES, SIZES, STUDIO, SyntheticConfig, TEXTURES, _STREAM
+from pipeline.data.synthetic.config import (ALL_SHAPES, COLOURS, HELDOUT, HELDOUT_SHAPES, ID_SPLITS, SHAPES, SIZES, STUDIO,
+                                            SyntheticConfig, TEXTURES, _STREAM)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,6 +154,17 @@ def _shape_mask(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     if shape == "heart":
         x, y = u * 1.2, -v * 1.2 + 0.12
         return (x * x + y * y - 1) ** 3 - x * x * y**3 <= 0
+    # the held-out shapes (never a task class)
+    if shape == "diamond":  # a tall rhombus
+        return np.abs(u) / 0.62 + np.abs(v) / 0.95 <= 1.0
+    if shape == "arrow":  # pointing right: a shaft and a triangular head
+        shaft = (np.abs(v) <= 0.2) & (u >= -0.92) & (u <= 0.1)
+        head = (u >= 0.0) & (u <= 0.92) & (np.abs(v) <= 0.8 * (0.92 - u))
+        return shaft | head
+    if shape == "semicircle":  # a half disc, flat side down
+        return (u * u + (v - 0.38) ** 2 <= 0.92**2) & (v <= 0.38)
+    if shape == "hourglass":  # two triangles meeting at their tips
+        return (np.abs(u) <= 0.08 + 0.75 * np.abs(v)) & (np.abs(v) <= 0.9)
     raise ValueError(f"unknown shape {shape!r}")  # pragma: no cover
 
 
@@ -211,7 +223,7 @@ def _render(item: _Item, cfg: SyntheticConfig, rng: np.random.Generator) -> np.n
     ca, sa = np.cos(angle), np.sin(angle)
     u_img = (X - cx) * ca + (Y - cy) * sa
     v_img = -(X - cx) * sa + (Y - cy) * ca
-    mask = _shape_mask(SHAPES[item.shape], u_img / (radius * stretch), v_img / (radius / stretch))
+    mask = _shape_mask(ALL_SHAPES[item.shape], u_img / (radius * stretch), v_img / (radius / stretch))
 
     base = np.asarray(COLOURS[tuple(COLOURS)[item.colour]])
     colour = np.clip(base * rng.uniform(0.85, 1.08) + rng.normal(0, 0.035, size=3), 0, 1)
@@ -249,6 +261,20 @@ def _split_items(cfg: SyntheticConfig, split: str) -> list[_Item]:
     return [_Item(*map(int, row)) for row in zip(shape, colour, size, texture, domain)]
 
 
+def _heldout_items(cfg: SyntheticConfig) -> list[_Item]:
+    """The held-out shapes on the ID backgrounds: every shape equally often (n_heldout rounded
+    down to a multiple of their number), uniform colours (no shortcut), sizes and textures."""
+    rng = _rng(cfg, HELDOUT, 0)
+    k = len(HELDOUT_SHAPES)
+    n = max(cfg.n_heldout // k, 1) * k
+    shape = len(SHAPES) + rng.permutation(np.arange(n) % k)
+    colour = rng.integers(0, len(COLOURS), n)
+    size = rng.integers(0, len(SIZES), n)
+    texture = rng.integers(0, len(TEXTURES), n)
+    domain = rng.integers(0, len(cfg.id_domains), n)
+    return [_Item(*map(int, row)) for row in zip(shape, colour, size, texture, domain)]
+
+
 def _balanced(rng: np.random.Generator, n: int, sizes: tuple[int, ...]) -> np.ndarray:
     """n rows of indices into `sizes`: every combination equally often (shuffled per cycle)."""
     grids = np.meshgrid(*(np.arange(k) for k in sizes), indexing="ij")
@@ -258,7 +284,8 @@ def _balanced(rng: np.random.Generator, n: int, sizes: tuple[int, ...]) -> np.nd
 
 
 def _corpus_items(cfg: SyntheticConfig) -> list[_Item]:
-    """A `corpus_studio` share of the images on the studio backdrop, the rest on every background.
+    """A `corpus_studio` share of the images on the studio backdrop, the rest on every background;
+    the task's shapes and the held-out ones alike.
 
     Within each part every combination of attributes (and background) comes equally often; the
     two parts are interleaved at random. The studio images are the "product photos" of the
@@ -266,7 +293,7 @@ def _corpus_items(cfg: SyntheticConfig) -> list[_Item]:
     steps; the other images tie the same words to objects in cluttered scenes.
     """
     rng = _rng(cfg, "corpus", 0)
-    attributes = (len(SHAPES), len(COLOURS), len(SIZES), len(TEXTURES))
+    attributes = (len(ALL_SHAPES), len(COLOURS), len(SIZES), len(TEXTURES))
     n_studio = int(round(cfg.corpus_studio * cfg.n_corpus))
     studio = _balanced(rng, n_studio, attributes)
     studio = np.concatenate([studio, np.full((n_studio, 1), len(cfg.domains))], axis=1)
@@ -288,7 +315,7 @@ _TEXTURE_WITH = {"solid": "in one solid colour", "striped": "with stripes", "dot
 
 def _caption(item: _Item, cfg: SyntheticConfig, rng: np.random.Generator) -> str:
     """A varied caption: each attribute named with its `caption_rates` probability."""
-    shape = SHAPES[item.shape]
+    shape = ALL_SHAPES[item.shape]
     colour = tuple(COLOURS)[item.colour]
     size = tuple(SIZES)[item.size]
     texture = TEXTURES[item.texture]
