@@ -96,7 +96,8 @@ def test_pipeline_outputs(project):
         for t in trials:
             run = work / "runs/finetune" / t / "4" / "seed0"
             assert (run / "weights.safetensors").exists()
-            assert {"id_val/acc_avg", "val/acc_avg", "fewshot_val/acc_avg"} <= json.loads((run / "scores.json").read_text()).keys()
+            assert {"id_val/acc_avg", "val/acc_avg", "fewshot_val/acc_avg",
+                    "zs/synthetic/heldout-shapes/acc"} <= json.loads((run / "scores.json").read_text()).keys()
             assert json.loads((run / "train_summary.json").read_text())["steps"] == 12
             assert not (work / "checkpoints" / t / "4" / "seed0" / "last.pt").exists()
         got = metrics(work, m)
@@ -108,6 +109,7 @@ def test_pipeline_outputs(project):
         record = json.loads((work / "runs/select" / m / "4.json").read_text())
         scores = record["seeds"]["0"]["scores"]
         assert record["seeds"]["0"]["trial"] == max(trials, key=lambda t: (scores[t], -trials.index(t)))
+        assert set(record["seeds"]["0"]["retention"]) == set(trials)  # every trial's retention, for the report
     assert (work / "reports/summary.md").exists() and (work / "reports/selection.csv").exists()
     assert (work / "metrics/report.json").exists()
     assert {"zs/synthetic/colour/acc", "zs/synthetic/heldout-shapes/acc",

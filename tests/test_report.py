@@ -107,6 +107,13 @@ def model_metrics(dataset: str, method: str, level, seed: int, alpha: float = 1.
     return m
 
 
+def trial_retention(dataset: str, method: str, level, seed: int, names: list[str]) -> dict[str, dict[str, float]]:
+    """Each trial's retention accuracies (as finetune's scores.json): trial i forgets 0.02 · i more."""
+    base = model_metrics(dataset, method, level, seed)
+    return {t: {f"zs/{z}/acc": base[f"zs/{z}/acc"] - 0.02 * i for z in HEAD[dataset]["zs"]}
+            for i, t in enumerate(names)}
+
+
 def trial_scores(dataset: str, method: str, level, seed: int, names: list[str], chosen: int) -> dict[str, float]:
     """The trials' validation scores (alpha = 1): the chosen trial has the highest."""
     base = model_metrics(dataset, method, level, seed)[HEAD[dataset]["select"]]
@@ -174,7 +181,8 @@ def write_inputs(root: Path, dataset: str = "synthetic", methods=METHODS, levels
                 edge = search_edges(hps[trial], list(hps.values()))
                 record["seeds"][str(s)] = {"trial": trial, "score": scores[trial], "scores": scores,
                                            "hparams": hps[trial], "edges": edge,
-                                           "weights_sha256": f"{m}{lv.name}{s}".encode().hex()}
+                                           "weights_sha256": f"{m}{lv.name}{s}".encode().hex(),
+                                           "retention": trial_retention(dataset, m, level, s, names)}
                 d = root / paths.evaluate_dir(m, lv.name, s)
                 d.mkdir(parents=True, exist_ok=True)
                 met = eval_metrics(dataset, m, level, s, wise=m in wise_methods, score=scores[trial],
@@ -352,7 +360,7 @@ def test_summary_markdown(done):
             tables += 1
             assert len({ln.count("|") for ln in lines}) == 1, block
             assert set(lines[1].replace("|", "").strip()) <= set("-: ")
-    assert tables == 5  # results, retention tasks and changes, selection, WiSE-FT selection and cost
+    assert tables == 6  # results, retention tasks, changes and trials, selection, WiSE-FT selection and cost
 
 
 def _check_png(path: Path) -> None:
@@ -665,3 +673,27 @@ def test_retention_section_reports_changes_with_intervals(done):
     assert f"{ft1['delta_mean']:+.3f} ± {ft1['delta_ci']:.3f}" in section
     assert "(retention.png)" in section
     assert (done["root"] / report.PLOTS["retention"]).read_bytes()[:8] == PNG_MAGIC
+
+
+def test_the_trade_off_of_every_trial(done):
+    """Per trial: seeds that chose it, mean val score, mean change in retention (informative tasks)."""
+    from pipeline.report.stats import mean_ci
+
+    trials = pd.read_csv(done["root"] / "reports" / "trials.csv", dtype={"level": str})
+    assert len(trials) == len(METHODS) * len(LEVELS) * 2
+    for m in METHODS:
+        names = [n for n, _ in default_trials(METHODS)[m]]
+        for lv in LEVELS:
+            name = parse_level(lv).name
+            for i, t in enumerate(names):
+                row = trials[(trials["method"] == m) & (trials["level"] == name) & (trials["trial"] == t)].iloc[0]
+                assert row["chosen"] == sum(chosen_trial(m, lv, s) == t for s in SEEDS)
+                deltas = [np.mean([model_metrics("synthetic", m, lv, s)[f"zs/{z}/acc"] - 0.02 * i - ZS_TASKS[z][0]
+                                   for z in INFORMATIVE]) for s in SEEDS]
+                mean, ci = mean_ci(deltas)
+                assert row["delta_mean"] == pytest.approx(mean) and row["delta_ci"] == pytest.approx(ci)
+                scores = [trial_scores("synthetic", m, lv, s, names, names.index(chosen_trial(m, lv, s)))[t]
+                          for s in SEEDS]
+                assert row["val_score"] == pytest.approx(np.mean(scores))
+    md = (done["root"] / report.SUMMARY_MD).read_text()
+    assert "### What the selection traded" in md and "validation score on `id_val`" in md

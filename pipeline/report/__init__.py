@@ -38,14 +38,14 @@ from pipeline import artifacts as paths
 from pipeline.core import tracking
 from pipeline.data.datasets import get_spec
 from pipeline.evaluation.measures import MEASURES
-from pipeline.report.files import (METRICS_JSON, OUTPUTS, PLOTS, RETENTION_CSV, RUNS_CSV, SELECTION_CSV, SHOTS_CSV,
+from pipeline.report.files import (METRICS_JSON, OUTPUTS, PLOTS, RETENTION_CSV, TRIALS_CSV, RUNS_CSV, SELECTION_CSV, SHOTS_CSV,
                                    SUMMARY_CSV, SUMMARY_JSON, SUMMARY_MD, _write_csv, _write_text)
 from pipeline.report.inputs import (COLUMNS, KEYS, REPORT_KEY, VALUES, ZEROSHOT, columns, values, Headline, MissingInputsError,
                                     ReportConfig, RunInput, _ZS_TASK, load_inputs, other_datasets, read_runs,
                                     read_selection, runs_frame, task_points, wise_curves)
 from pipeline.report.plots import plot_id_vs_ood, plot_iimm, plot_panels, plot_vs_shots
 from pipeline.report.retention import (plot_retention, retention_flat, retention_long, retention_markdown,
-                                       retention_summary, task_infos)
+                                       retention_summary, task_infos, trial_tradeoff)
 from pipeline.report.tables import _md_table, flat_metrics, selection_table, shots_long, summarize, summary_markdown
 
 __all__ = ["run", "ReportConfig", "read_runs", "load_inputs", "runs_frame", "summarize", "flat_metrics",
@@ -145,7 +145,10 @@ def run(cfg: ReportConfig) -> dict[str, float]:
             "with the same model (e.g. `dvc exp run -S dataset.name=...`, same MLflow store) and "
             "the report puts the tasks side by side.")
 
-    section = retention_markdown(retention, infos, no_task_hint(spec.name), retention_plot, _md_table)
+    tradeoff = trial_tradeoff(records, infos, list(cfg.levels))
+    _write_csv(TRIALS_CSV, tradeoff)
+    section = retention_markdown(retention, infos, no_task_hint(spec.name), retention_plot, _md_table, tradeoff,
+                                 next(iter(selection["split"]), "") or "")
     md = summary_markdown(cfg, summary, head, embed, [p for p in plots if p != retention_plot], notes, tasks,
                           selection, section)
     _write_text(METRICS_JSON, json.dumps(flat, indent=1, sort_keys=True) + "\n")
@@ -165,12 +168,13 @@ def run(cfg: ReportConfig) -> dict[str, float]:
         experiment=spec.name, key=REPORT_KEY, run_name=REPORT_KEY, params=run_params,
         tags={"level": "report", "dataset": spec.name},
         metrics={k.replace("%", "pct"): v for k, v in flat.items()},
-        artifacts=[SUMMARY_MD, SUMMARY_CSV, SELECTION_CSV, RETENTION_CSV, RUNS_CSV, *plots])
+        artifacts=[SUMMARY_MD, SUMMARY_CSV, SELECTION_CSV, RETENTION_CSV, TRIALS_CSV, RUNS_CSV, *plots])
 
     _write_text(SUMMARY_JSON, json.dumps({
         "dataset": spec.name, "runs": len(runs), "headline": {"metric": head.metric, "id": head.id,
                                                              "ood": head.ood},
-        "files": [str(p) for p in (RUNS_CSV, SUMMARY_CSV, SELECTION_CSV, RETENTION_CSV, SUMMARY_MD, METRICS_JSON, SHOTS_CSV,
+        "files": [str(p) for p in (RUNS_CSV, SUMMARY_CSV, SELECTION_CSV, RETENTION_CSV, TRIALS_CSV, SUMMARY_MD, METRICS_JSON,
+                                   SHOTS_CSV,
                                    *plots)],
         "notes": notes, "mlflow_run_id": run_id,
     }, indent=1) + "\n")

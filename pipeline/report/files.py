@@ -18,6 +18,7 @@ RUNS_CSV = paths.REPORTS / "runs.csv"
 SUMMARY_CSV = paths.REPORTS / "summary.csv"
 SELECTION_CSV = paths.REPORTS / "selection.csv"
 RETENTION_CSV = paths.REPORTS / "retention.csv"
+TRIALS_CSV = paths.REPORTS / "trials.csv"  # every trial: chosen by how many seeds, val score, retention change
 SUMMARY_MD = paths.REPORTS / "summary.md"
 METRICS_JSON = paths.REPORT_METRICS  # `dvc metrics show` (outside reports/: DVC outs may not nest)
 SUMMARY_JSON = paths.REPORTS / "summary.json"  # written last: the report is complete
@@ -27,7 +28,7 @@ PLOTS: dict[str, Path] = {
 }
 # and one per registered measure that draws one
 PLOTS.update({Path(m.plot.file).stem: paths.REPORTS / m.plot.file for m in MEASURES.values() if m.plot})
-OUTPUTS: tuple[Path, ...] = (RUNS_CSV, SUMMARY_CSV, SELECTION_CSV, RETENTION_CSV, SUMMARY_MD, METRICS_JSON, SHOTS_CSV,
+OUTPUTS: tuple[Path, ...] = (RUNS_CSV, SUMMARY_CSV, SELECTION_CSV, RETENTION_CSV, TRIALS_CSV, SUMMARY_MD, METRICS_JSON, SHOTS_CSV,
                              *PLOTS.values())
 
 

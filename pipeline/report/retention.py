@@ -103,6 +103,33 @@ def retention_summary(long: pd.DataFrame, methods: list[str], levels: list[Level
     return df.sort_values("_r", kind="stable").drop(columns="_r").reset_index(drop=True)
 
 
+def trial_tradeoff(records: list[dict], infos: list[TaskInfo], levels: list[Level]) -> pd.DataFrame:
+    """Per method × level × trial (from the selection records): how often it was chosen, its
+    mean validation score, and its change in zero-shot retention (mean over informative
+    tasks; mean ± CI over seeds): what the protocol traded, since it selects on the task only."""
+    pre = {t.name: t.pretrained for t in infos if t.informative}
+    labels = {lv.name: lv.label for lv in levels}
+    rows = []
+    for r in records:
+        for trial in r["trials"]:
+            chosen = sum(c["trial"] == trial for c in r["seeds"].values())
+            scores = [c["scores"].get(trial) for c in r["seeds"].values()]
+            deltas = []
+            for c in r["seeds"].values():
+                acc = (c.get("retention") or {}).get(trial, {})
+                d = [acc[f"zs/{t}/acc"] - p for t, p in pre.items() if f"zs/{t}/acc" in acc]
+                if pre and len(d) == len(pre):
+                    deltas.append(float(np.mean(d)))
+            mean, ci = mean_ci(deltas)
+            rows.append({"method": r["method"], "level": r["level"], "level_label": labels.get(r["level"], r["level"]),
+                         "trial": trial, "chosen": chosen, "seeds": len(r["seeds"]),
+                         "val_score": float(np.mean([s for s in scores if s is not None])) if any(
+                             s is not None for s in scores) else math.nan,
+                         "delta_mean": mean, "delta_ci": ci, "n": len(deltas)})
+    return pd.DataFrame(rows, columns=["method", "level", "level_label", "trial", "chosen", "seeds", "val_score",
+                                       "delta_mean", "delta_ci", "n"])
+
+
 def _signed(mean: float, ci: float, seeds: int) -> str:
     if mean is None or pd.isna(mean):
         return "–"
@@ -125,7 +152,7 @@ def retention_flat(summary: pd.DataFrame) -> dict[str, float]:
 
 
 def retention_markdown(summary: pd.DataFrame, infos: list[TaskInfo], hint: str, plot: Path | None,
-                       table) -> list[str]:
+                       table, tradeoff: pd.DataFrame | None = None, split: str = "") -> list[str]:
     """The report's retention section (`table`: the report's Markdown table writer)."""
     out = ["## Zero-shot retention: change from the pre-trained model", ""]
     if not infos:
@@ -166,6 +193,16 @@ def retention_markdown(summary: pd.DataFrame, infos: list[TaskInfo], hint: str, 
     out += [table(header, body, ["l", "l"] + ["r"] * (len(header) - 2)), ""]
     if plot is not None:
         out += [f"![zero-shot retention]({plot.name})", ""]
+    if tradeoff is not None and len(tradeoff) and (tradeoff["n"] > 0).any():
+        rows = [[r["method"], r["level_label"], r["trial"], f"{r['chosen']}/{r['seeds']}",
+                 "–" if pd.isna(r["val_score"]) else f"{r['val_score']:.3f}",
+                 _signed(r["delta_mean"], r["delta_ci"], int(r["n"]))] for _, r in tradeoff.iterrows()]
+        out += ["### What the selection traded", "",
+                f"Every trial of the search (fine-tuned model, α = 1): how many seeds chose it, its mean "
+                f"validation score{f' on `{split}`' if split else ''} (what the protocol maximises) and its "
+                "mean change in retention over the informative tasks (what the protocol does not see).", "",
+                table(["method", "level", "trial", "chosen", "val score", "mean Δ retention"], rows,
+                      ["l", "l", "l", "r", "r", "r"]), ""]
     return out
 
 
@@ -199,5 +236,5 @@ def plot_retention(summary: pd.DataFrame, infos: list[TaskInfo], path: Path) -> 
     _save(fig, path)
 
 
-__all__ = ["TaskInfo", "task_infos", "retention_long", "retention_summary", "retention_flat",
+__all__ = ["TaskInfo", "task_infos", "trial_tradeoff", "retention_long", "retention_summary", "retention_flat",
            "retention_markdown", "plot_retention", "MEAN", "ZEROSHOT"]

@@ -95,13 +95,20 @@ def run(params: Params, trial: str, level_name: str, progress: bool = True) -> l
 
 
 def _selection_sets(task, params: Params) -> dict:
-    """The decoded images of every validation split a protocol may read (shared by the seeds)."""
+    """The decoded images of every validation split a protocol may read, and of every retention
+    task (key `zs:<task>`, value (task, images)), shared by the seeds."""
+    from pipeline.data.retention import read_records
+    from pipeline.evaluation.zeroshot import retention_tasks
+
     ep = params.evaluate
     out = {}
     for split in task.spec.val_splits:
         rows = split_rows(task.dataset, split)
         out[split] = (rows, preload(LabeledImages(task.dataset, rows.tolist(), task.clip.preprocess_val),
                                     ep.batch_size, ep.num_workers, desc=f"decode {split}"))
+    for t in retention_tasks(read_records(paths.PREPARED_RETENTION), task.clip.tokenizer, task.dataset, task.spec.name):
+        out[f"zs:{t.name}"] = (t, preload(LabeledImages(t.dataset, t.rows.tolist(), task.clip.preprocess_val),
+                                          ep.batch_size, ep.num_workers, desc=f"decode {t.name}"))
     return out
 
 
@@ -159,15 +166,25 @@ def _run_seed(params, trial, level, seed, method_cls, hp, task, pristine, val_se
 @torch.no_grad()
 def _scores(params, task, method_cls, hp, state, model, sample, val_sets, device) -> dict[str, float]:
     """The fine-tuned model (α = 1) on the dataset's validation splits and on the sample's
-    few-shot validation rows (`fewshot_val/<metric>`): what every protocol selects on."""
+    few-shot validation rows (`fewshot_val/<metric>`): what every protocol selects on; and its
+    zero-shot accuracy on every retention task (`zs/<task>/acc`), so the report can show what
+    each trial the protocol passed over would have kept."""
+    from pipeline.evaluation.zeroshot import retention_metrics
+
     ep = params.evaluate
     head0 = paths.load_features()["head"].to(device)
     model = method_cls.eval_model(model, state, hp, head0, alpha=1.0).to(device).eval()
     head = model.task_head(task.class_tokens.to(device)).cpu()
     scores: dict[str, float] = {}
+    tasks, task_feats = [], {}
     for split, (rows, images) in val_sets.items():
         feats = encode_images(model, images, device, ep.batch_size, ep.num_workers, desc=f"score {split}")
-        scores.update(split_metrics(task.dataset, split, feats, head, rows))
+        if split.startswith("zs:"):
+            tasks.append(rows)
+            task_feats[rows.name] = feats
+        else:
+            scores.update(split_metrics(task.dataset, split, feats, head, rows))
+    scores.update(retention_metrics(model, tasks, None, device, ep.batch_size, features=task_feats))
     if sample["n_val"]:
         rows = torch.as_tensor(sample["val_indices"])
         images = LabeledImages(task.dataset, sample["val_indices"], task.clip.preprocess_val)

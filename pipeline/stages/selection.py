@@ -30,12 +30,13 @@ def select_cell(params: Params, protocol, metric: str, method: str, level: str) 
     record = {"method": method, "level": level, "protocol": protocol.name, "split": protocol.split,
               "metric": metric, "score_key": key, "trials": trials, "seeds": {}}
     for seed in params.sample.seeds:
-        scores, hparams = {}, {}
+        scores, hparams, retention = {}, {}, {}
         for trial in trials:
             run = paths.finetune_dir(trial, level, seed)
             made_by = f"finetune@{trial}-{level}"
             s = paths.read_json(run / paths.SCORES, made_by)
             hparams[trial] = paths.read_json(run / paths.CONFIG, made_by)["hparams"]
+            retention[trial] = {k: float(v) for k, v in s.items() if k.startswith("zs/")}
             if key is not None:
                 if key not in s:
                     raise ValueError(f"{run / paths.SCORES}: no {key!r}; it was written by an older "
@@ -50,6 +51,8 @@ def select_cell(params: Params, protocol, metric: str, method: str, level: str) 
             "hparams": hparams[chosen],
             "edges": edges(hparams[chosen], list(hparams.values())) if key is not None else [],
             "weights_sha256": file_sha256(paths.finetune_dir(chosen, level, seed) / paths.WEIGHTS),
+            # every trial's zero-shot retention (what the choice kept or gave up; not a criterion)
+            "retention": retention,
         }
     return record
 
