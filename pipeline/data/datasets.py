@@ -324,24 +324,31 @@ def _normalise(text: str) -> str:
     return " ".join(text.lower().split())
 
 
-def _validate(path: Path, where: str, prompts: Prompts, n_classes: int | None) -> None:
+def check_prompts(prompts: Prompts, fail: Callable[[str], Exception], where: str = "",
+                  n_classes: int | None = None) -> None:
+    """Every template has the placeholder, the class count matches, no two classes give the
+    same prompt; `fail(sentence)` builds the error (its prefix names the file or key)."""
+    lead = f"{where} " if where else ""
     for i, template in enumerate(prompts.templates):
         if PLACEHOLDER not in template:
-            raise _fail(path, f"{where} template {i} {template!r} lacks the placeholder {PLACEHOLDER}.")
+            raise fail(f"{lead}template {i} {template!r} lacks the placeholder {PLACEHOLDER}.")
     if n_classes is not None and len(prompts.classnames) != n_classes:
-        raise _fail(path, f"{where} has {len(prompts.classnames)} class names but the dataset has {n_classes} classes.")
+        raise fail(f"{lead}has {len(prompts.classnames)} class names but the dataset has {n_classes} classes.")
     first_owner: dict[str, int] = {}
     for i, name in enumerate(prompts.classnames):
         key = _normalise(name)
         if key in first_owner:
             j = first_owner[key]
             filled = _normalise(prompts.templates[0].replace(PLACEHOLDER, name))
-            raise _fail(
-                path,
-                f"{where} classes {j} ({prompts.classnames[j]!r}) and {i} ({name!r}) give identical "
-                f"prompts after lower-casing (e.g. {filled!r}); rename one of them.",
+            raise fail(
+                f"{lead}classes {j} ({prompts.classnames[j]!r}) and {i} ({name!r}) give identical "
+                f"prompts after lower-casing (e.g. {filled!r}); rename one of them."
             )
         first_owner[key] = i
+
+
+def _validate(path: Path, where: str, prompts: Prompts, n_classes: int | None) -> None:
+    check_prompts(prompts, lambda sentence: _fail(path, sentence), where, n_classes)
 
 
 _TOP_KEYS = {"classnames", "templates", "tasks"}

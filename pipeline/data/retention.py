@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.data.datasets import (DATASETS, PLACEHOLDER, Prompts, RetentionTask, get_spec, load_dataset, load_prompts,
+from pipeline.data.datasets import (DATASETS, Prompts, check_prompts, RetentionTask, get_spec, load_dataset, load_prompts,
                                     split_rows, task_labels)
 
 __all__ = ["DEFAULT_TEMPLATES", "resolve_tasks", "auto_tasks", "prepare_task", "prepare_tasks", "load_task",
@@ -148,15 +148,7 @@ def _subsample(n: int, cap: int, seed: int) -> np.ndarray:
 
 
 def _check_prompts(prompts: Prompts, key: str) -> None:
-    for i, t in enumerate(prompts.templates):
-        if PLACEHOLDER not in t:
-            raise ValueError(f"{key}.templates[{i}]: {t!r} lacks the placeholder {PLACEHOLDER}")
-    seen: dict[str, str] = {}
-    for c in prompts.classnames:
-        k = " ".join(c.lower().split())
-        if k in seen:
-            raise ValueError(f"{key}: class names {seen[k]!r} and {c!r} give identical prompts; rename one")
-        seen[k] = c
+    check_prompts(prompts, lambda sentence: ValueError(f"{key}: {sentence}"))
 
 
 def prepare_task(task: RetentionTask, *, seed: int, max_samples: int, main: tuple[str, Any] | None,
