@@ -107,6 +107,9 @@ class DatasetSpec:
     # data/prepared/wilds) with `prepare.<name>` of params.yaml parsed as `options`
     generate: Callable[[Path, Any], Any] | None = field(default=None, repr=False, compare=False)
     options: type | None = field(default=None, repr=False, compare=False)
+    # Generated datasets made from the user's files: checks `options` and the files they name
+    # (the `check` stage calls it before any work); raises ValueError naming the file or row
+    validate: Callable[[Any], None] | None = field(default=None, repr=False, compare=False)
 
     @property
     def generated(self) -> bool:
@@ -398,10 +401,13 @@ def read_prompts(path: Path, task: str | None = None, n_classes: int | None = No
     return prompts
 
 
-def load_prompts(name: str, task: str | None = None, n_classes: int | None = None) -> Prompts:
-    """Class names and templates of dataset `name` (or of its extra zero-shot `task`)."""
+def load_prompts(name: str, task: str | None = None, n_classes: int | None = None, dataset=None) -> Prompts:
+    """Class names and templates of dataset `name` (or of its extra zero-shot `task`). A loaded
+    `dataset` with a `prompt_file` attribute (a dataset whose prompts are written with its
+    data, e.g. `custom`) is read from that file instead of the shipped one."""
     spec = get_spec(name)
-    return read_prompts(spec.prompt_path, task=task, n_classes=n_classes)
+    path = getattr(dataset, "prompt_file", None) or spec.prompt_path
+    return read_prompts(path, task=task, n_classes=n_classes)
 
 
 def official_eval(dataset, y_pred: torch.Tensor, y_true: torch.Tensor, metadata: torch.Tensor) -> dict[str, float]:

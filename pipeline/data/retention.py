@@ -190,7 +190,7 @@ def prepare_task(task: RetentionTask, *, seed: int, max_samples: int, main: tupl
         all_rows = split_rows(ds, split)
         if len(all_rows) == 0:
             raise ValueError(f"{key}: split {split!r} of {spec.name} is empty")
-        p = load_prompts(spec.name, task=None if task.label == "y" else task.label)
+        p = load_prompts(spec.name, task=None if task.label == "y" else task.label, dataset=ds)
         rows = all_rows[torch.as_tensor(_subsample(len(all_rows), cap, seed))].numpy()
         labels = task_labels(ds, rows, task.label)
         record.update(root=str(Path(ds.data_dir).parent), split=split, label=task.label, classes=None)

@@ -54,6 +54,11 @@ def check_params(path: str | Path = "params.yaml") -> Params:
         check(bool(owners), f"prepare.{key}", key,
               f"sections are named after generated datasets: {', '.join(sorted(generated)) or 'none'}")
         parse(owners[0], options, f"prepare.{key}")
+    chosen = DATASETS[params.dataset.name]
+    if chosen.generated:  # its options even when params.yaml leaves them out, and its files
+        options = parse(chosen.options, params.prepare.get(chosen.name), f"prepare.{chosen.name}")
+        if chosen.validate is not None:
+            chosen.validate(options)
     if params.model.pretrained == BUILTIN:
         parse(PretrainConfig, params.pretrained.builtin, "pretrained.builtin")
     check_retention(params)

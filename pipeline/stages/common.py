@@ -59,7 +59,7 @@ def open_task(params: Params, device, weights: Path = artifacts.PRETRAINED_WEIGH
 
     spec = get_spec(params.dataset.name)
     dataset = load_dataset(spec.name, artifacts.dataset_root(spec.generated, params.dataset.root), download=False)
-    prompts = load_prompts(spec.name, n_classes=dataset.n_classes)
+    prompts = load_prompts(spec.name, n_classes=dataset.n_classes, dataset=dataset)
     clip = models.create(params.model.arch, weights, device=device)
     return Task(spec, dataset, prompts, clip, tokenize_prompts(clip.tokenizer, prompts.texts()))
 

@@ -50,7 +50,7 @@ def run(params: Params) -> dict:
         "csv": str(reference), "separator": params.reference.separator}))
 
     dataset = load_dataset(spec.name, root, download=params.dataset.download)
-    load_prompts(spec.name, n_classes=dataset.n_classes)  # validated now, not mid-training
+    load_prompts(spec.name, n_classes=dataset.n_classes, dataset=dataset)  # validated now, not mid-training
     ref_files, _ = read_caption_csv(reference, params.reference.separator, limit=params.reference.max_samples)
     missing = [str(f) for f in ref_files if not f.exists()]
     if missing:

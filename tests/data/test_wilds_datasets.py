@@ -224,7 +224,7 @@ def test_unknown_dataset_names_the_params_key():
 
 
 def test_table_facts():
-    assert set(DATASETS) == {"synthetic", "iwildcam", "fmow", "camelyon17", "rxrx1", "waterbirds"}
+    assert set(DATASETS) == {"synthetic", "custom", "iwildcam", "fmow", "camelyon17", "rxrx1", "waterbirds"}
     for name, spec in DATASETS.items():
         assert spec.name == name
         assert spec.ood_val == "val"  # the WILDS official (OOD) validation split

@@ -1,0 +1,124 @@
+"""End to end on your own data: the default methods through `dvc repro` on a custom CSV dataset,
+then on the same images as a folder tree (`<folder>/<domain>/<class>/<image>`), made here as
+real PNG files; official-style metrics, the ID / OOD split by domain, the MLflow runs."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+CLASSES = ("cat", "dog", "fox")
+ID_DOMAINS = ("clinic_a", "clinic_b")
+OOD_DOMAINS = ("clinic_c",)
+METHODS = ("lp", "ft", "flyp", "dive")
+
+
+def sh(cmd, cwd, env):
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(map(str, cmd))} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    work = tmp_path_factory.mktemp("custom")
+    for name in ("pipeline", "stages"):
+        shutil.copytree(ROOT / name, work / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("dvc.yaml", "pyproject.toml"):
+        shutil.copy(ROOT / name, work / name)
+    # the images: a colour per class (so something is learnable), a brightness per domain
+    data = work / "mydata"
+    rng = np.random.default_rng(0)
+    rows = []
+    for d, domain in enumerate(ID_DOMAINS + OOD_DOMAINS):
+        for c, label in enumerate(CLASSES):
+            (data / "tree" / domain / label).mkdir(parents=True)
+            for i in range(10):
+                pixels = np.zeros((24, 24, 3)) + 40 + 30 * d
+                pixels[6:18, 6:18, c] = 220
+                img = np.clip(pixels + rng.normal(0, 12, pixels.shape), 0, 255).astype(np.uint8)
+                Image.fromarray(img).save(data / "tree" / domain / label / f"{i}.png")
+                rows.append(f"tree/{domain}/{label}/{i}.png,{label},{domain}")
+    (data / "images.csv").write_text("path,label,domain\n" + "\n".join(rows) + "\n")
+    (data / "captions.csv").write_text("filepath,title\n" + "\n".join(
+        f"{r.split(',')[0]},a photo of a {r.split(',')[1]}" for r in rows) + "\n")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "PYTHONPATH": str(work), "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}",
+           "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    # random tiny-clip weights as a local file (the offline rule: weights come from a file)
+    sh([sys.executable, "-c", "import sys; from pipeline import models; c = models.create('tiny-clip'); "
+        "from pathlib import Path; models.save_state_dict(c.model.state_dict(), Path(sys.argv[1]))", str(data / "weights.safetensors")], work, env)
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params.update({
+        "dataset": {"name": "custom", "root": "data/wilds", "download": False},
+        "model": {"arch": "tiny-clip", "pretrained": "mydata/weights.safetensors"},
+        "reference": {"csv": "mydata/captions.csv", "separator": ",", "max_samples": 40},
+        "prepare": {"custom": {"csv": "mydata/images.csv", "id_domains": list(ID_DOMAINS),
+                               "ood_domains": list(OOD_DOMAINS), "templates": ["a photo of a {c}."]}},
+        "embed": {**params["embed"], "iimm_samples": 40},
+        "sample": {"levels": [2], "seeds": [0]},
+    })
+    params["finetune"]["methods"] = list(METHODS)
+    params["finetune"]["trials"] = {f"{m}-a": {"method": m} for m in METHODS}
+    params["finetune"]["train"].update(epochs=1.0, min_steps=4, max_steps=4, batch_size=6, checkpoint_every=2)
+    params["evaluate"].update(rsa_samples=20)
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    sh(["git", "init", "-q"], work, env)
+    sh([sys.executable, "-m", "dvc", "init", "-q"], work, env)
+    (work / ".gitignore").write_text("mlflow.db\nmlruns/\nmydata/\n")
+    sh(["git", "add", "-A"], work, env)
+    sh(["git", "commit", "-qm", "init"], work, env)
+    sh([sys.executable, "-m", "dvc", "repro"], work, env)
+    return work, env, params
+
+
+def _check_run(work: Path) -> None:
+    for m in METHODS:
+        metrics = json.loads((work / "runs/evaluate" / m / "2/seed0/metrics.json").read_text())
+        for split in ("id_test", "test"):
+            assert {f"{split}/acc_avg", f"{split}/F1-macro_all", f"{split}/acc_worst_domain"} <= metrics.keys()
+            assert 0.0 <= metrics[f"{split}/acc_avg"] <= 1.0
+        # ID splits hold the ID domains only, OOD splits the OOD domain only
+        assert metrics["id_test/count_domain:clinic_a"] > 0 and metrics["id_test/count_domain:clinic_b"] > 0
+        assert metrics.get("id_test/count_domain:clinic_c", 0) == 0
+        assert metrics["test/count_domain:clinic_c"] > 0
+        assert metrics.get("test/count_domain:clinic_a", 0) == 0 and metrics.get("test/count_domain:clinic_b", 0) == 0
+    md = (work / "reports/summary.md").read_text()
+    assert md.startswith("# Report: custom") and "No zero-shot retention task for custom" in md
+
+
+def test_custom_csv_dataset_runs_every_default_method(project):
+    work, env, _ = project
+    _check_run(work)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("custom")
+    runs = client.search_runs([exp.experiment_id])
+    assert {r.data.tags.get("method") for r in runs} >= set(METHODS) | {"zeroshot"}
+    info = json.loads((work / "data/prepared/dataset.json").read_text())
+    assert info["n_classes"] == 3 and sum(info["splits"].values()) == 90
+
+
+def test_the_same_images_as_a_folder_tree(project):
+    work, env, params = project
+    params["prepare"]["custom"] = {"folder": "mydata/tree", "id_domains": list(ID_DOMAINS),
+                                   "ood_domains": list(OOD_DOMAINS)}
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = sh([sys.executable, "-m", "dvc", "repro"], work, env).stdout
+    assert "Stage 'pretrained' didn't change" in out  # only what depends on the data re-runs
+    _check_run(work)
+    meta = (work / "data/prepared/wilds/custom_v1.0/metadata.csv").read_text()
+    assert "mydata/tree/clinic_c/fox/9.png" in meta
