@@ -237,3 +237,58 @@ def test_code_edits_rerun_the_stages_that_run_that_code(project):
     # the selection rule: the selection stage (and what reads its records), no training
     changed = changed_after_code_edit(work, env, "pipeline/evaluation/selection.py")
     assert "selection" in changed and not any(n.startswith(("prepare", "pretrained")) for n in changed), changed
+
+
+def test_a_kill_while_logging_leaves_nothing_finished_looking(project):
+    """SIGKILL evaluate while it logs to MLflow: no metrics.json of the method looks finished,
+    no run is left RUNNING, the earlier runs stay; `dvc repro` then completes cleanly with one
+    finished run per method × level × seed."""
+    import signal
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    work, env = project
+    marker = work / "logging.started"
+    script = (
+        "import sys, time, pathlib\n"
+        "from mlflow.tracking import MlflowClient\n"
+        "real = MlflowClient.log_batch\n"
+        "def slow(self, *a, **k):\n"
+        f"    pathlib.Path({str(marker)!r}).write_text('x')\n"
+        "    real(self, *a, **k)\n"
+        "    time.sleep(120)\n"
+        "MlflowClient.log_batch = slow\n"
+        "from pipeline.stages import evaluate\n"
+        "evaluate.main(['--method', 'lp'])\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=work, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not marker.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert marker.exists(), "evaluate never reached MLflow logging"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    finished = lambda: [p for p in (work / "runs/evaluate/lp").rglob("metrics.json") if ".staging" not in p.parts]  # noqa: E731
+    assert not finished()  # (the staged copy MLflow was logging sits in a hidden .staging folder)
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    exp = client.get_experiment_by_name("synthetic")
+    runs = client.search_runs([exp.experiment_id])
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    lp = [r for r in runs if r.data.tags.get("method") == "lp"]
+    assert {r.info.status for r in lp} == {"FINISHED", "FAILED"}  # the old ones, and the killed one
+    out = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=work, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert len(finished()) == 2 and not list((work / "runs/evaluate/lp").rglob(".staging"))  # levels 4, 10%
+    # DVC restores the unchanged outputs from its cache; MLflow keeps the finished runs, and
+    # the killed one stays marked FAILED (never RUNNING) until the key is logged again
+    runs = client.search_runs([exp.experiment_id])
+    done = [r.data.tags["run_key"] for r in runs if r.info.status == "FINISHED"]
+    assert len(done) == len(set(done)) and not [r for r in runs if r.info.status == "RUNNING"]
+    assert {"lp/4/seed0", "lp/10%/seed0"} <= set(done)
+    out = subprocess.run([sys.executable, "-m", "dvc", "repro", "-f", "-s", "evaluate@lp"], cwd=work, env=env,
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    runs = client.search_runs([exp.experiment_id])
+    keys = [r.data.tags["run_key"] for r in runs]
+    assert len(keys) == len(set(keys)) and {r.info.status for r in runs} == {"FINISHED"}

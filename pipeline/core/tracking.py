@@ -1,7 +1,8 @@
 """MLflow tracking: sqlite in the working directory by default, any URI from the environment.
 
 One experiment per dataset; one run per method × k × seed (k = 0 is the zero-shot level);
-re-running a stage replaces its run (the old one is deleted) instead of piling up copies.
+re-running a stage replaces its run (the old one is deleted once the new one is complete)
+instead of piling up copies.
 """
 
 from __future__ import annotations
@@ -63,15 +64,22 @@ def _flatten(prefix: str, value: Any, out: dict[str, str]) -> None:
 def log_run(experiment: str, key: str, run_name: str, params: dict, tags: dict[str, str],
             metrics: dict[str, float], step_metrics: list[dict] | None = None,
             artifacts: list[Path] | None = None) -> str:
-    """Create the run for `key` (replacing an earlier one) and log everything in batches."""
+    """Create the run for `key`, log everything in batches, then replace the earlier runs of
+    the key.
+
+    Nothing half-made ever looks finished: the new run is marked FAILED from the moment it
+    exists and FINISHED only once everything is logged; the earlier runs of the key are deleted
+    only after that. A process killed while logging leaves the old run in place and the new one
+    FAILED (the next run of the key deletes it), never an empty RUNNING run.
+    """
     from mlflow.entities import Metric, Param, RunTag
 
     client = _client()
     exp_id = _experiment_id(client, experiment)
-    for old in client.search_runs([exp_id], filter_string=f"tags.{RUN_KEY} = '{key}'"):
-        client.delete_run(old.info.run_id)
+    earlier = client.search_runs([exp_id], filter_string=f"tags.{RUN_KEY} = '{key}'")
     run = client.create_run(exp_id, run_name=run_name, tags={RUN_KEY: key, **tags})
     rid = run.info.run_id
+    client.set_terminated(rid, status="FAILED")  # until the last line below
     now = int(time.time() * 1000)
     flat: dict[str, str] = {}
     _flatten("", params, flat)
@@ -88,5 +96,7 @@ def log_run(experiment: str, key: str, run_name: str, params: dict, tags: dict[s
     for path in artifacts or []:
         if Path(path).exists():
             client.log_artifact(rid, str(path))
-    client.set_terminated(rid)
+    client.set_terminated(rid, status="FINISHED")
+    for old in earlier:
+        client.delete_run(old.info.run_id)
     return rid

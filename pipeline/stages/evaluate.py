@@ -20,6 +20,8 @@ from __future__ import annotations
 import copy
 import csv
 import json
+import os
+import shutil
 import math
 from pathlib import Path
 
@@ -78,6 +80,9 @@ def run(params: Params, method: str, log_mlflow: bool = True) -> dict[tuple[str,
 
     pristine = clip.model  # never changed: each α merges into a copy
     results = {}
+    for level, seed in ((lv, s) for lv in params.sample.parsed_levels for s in params.sample.seeds):
+        # nothing of a previous run may look finished while this one works
+        (paths.evaluate_dir(method, level.name, seed) / METRICS).unlink(missing_ok=True)
     for level, seed in ((lv, s) for lv in params.sample.parsed_levels for s in params.sample.seeds):
         record = paths.read_json(paths.select_file(method, level.name), "selection")
         chosen = record["seeds"].get(str(seed))
@@ -147,13 +152,19 @@ def run(params: Params, method: str, log_mlflow: bool = True) -> dict[tuple[str,
                      "alpha": best, "alphas": alphas, "level": level.name, "level_kind": level.kind,
                      "seed": seed, "n_train": summary["n_train"], "headline": spec.metric}
         out = paths.evaluate_dir(method, level.name, seed)
-        (out / METRICS).unlink(missing_ok=True)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / EVAL_SELECTION).write_text(json.dumps(selection, indent=1))
-        (out / METRICS).write_text(json.dumps(metrics, indent=1))
+        # staged, logged to MLflow from the staging folder, and moved into place only then:
+        # metrics.json (the finished marker) appears last, after everything else succeeded
+        staging = out / ".staging"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        (staging / EVAL_SELECTION).write_text(json.dumps(selection, indent=1))
+        (staging / METRICS).write_text(json.dumps(metrics, indent=1))
         if log_mlflow:
             log_to_mlflow(params, method, level, seed, config, metrics, selection,
-                          paths.finetune_dir(trial, level.name, seed), out)
+                          paths.finetune_dir(trial, level.name, seed), staging)
+        os.replace(staging / EVAL_SELECTION, out / EVAL_SELECTION)
+        os.replace(staging / METRICS, out / METRICS)
+        staging.rmdir()
         results[(level.name, seed)] = metrics
     return results
 
