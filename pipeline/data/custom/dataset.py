@@ -15,8 +15,9 @@ from PIL import Image
 
 import pipeline  # noqa: F401  (installs the `outdated` stub before wilds is imported)
 from wilds.common.grouper import CombinatorialGrouper
-from wilds.common.metrics.all_metrics import F1, Accuracy
 from wilds.datasets.wilds_dataset import WILDSDataset
+
+from pipeline.data.domain_eval import domain_eval
 
 from pipeline.data.custom.config import FOLDER, VERSION, CustomConfig, build_table
 from pipeline.data.scatter import install_scatter_fallback
@@ -100,10 +101,4 @@ class CustomDataset(WILDSDataset):
 
     def eval(self, y_pred, y_true, metadata, prediction_fn=None):
         """Accuracy (overall, per domain, worst domain) and macro F1, by wilds' metrics."""
-        accuracy = Accuracy(prediction_fn=prediction_fn)
-        results, results_str = self.standard_group_eval(accuracy, self._eval_grouper, y_pred, y_true, metadata)
-        results["acc_worst_domain"] = results.pop(accuracy.worst_group_metric_field)
-        f1 = F1(prediction_fn=prediction_fn, average="macro")
-        results.update(f1.compute(y_pred, y_true))
-        results_str += f"Macro F1: {results[f1.agg_metric_field]:.3f}\n"
-        return results, results_str
+        return domain_eval(self, self._eval_grouper, y_pred, y_true, metadata, prediction_fn)
