@@ -3,7 +3,6 @@ MLflow store. One pipeline run serves several checks (module-scoped fixture)."""
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.e2e_project import ROOT, copy_pipeline, init_and_repro, sh
+
 pytestmark = pytest.mark.slow
 
 TINY = {
@@ -41,36 +41,14 @@ def merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def sh(cmd: list[str], cwd: Path, env: dict, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-    return proc
-
-
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     """A fresh git + DVC project holding this repository's pipeline with tiny params."""
     work = tmp_path_factory.mktemp("project")
-    for name in ("pipeline", "stages"):
-        shutil.copytree(ROOT / name, work / name, ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("dvc.yaml", "pyproject.toml"):
-        shutil.copy(ROOT / name, work / name)
+    env = copy_pipeline(work)
     params = merge(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY)
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = {**os.environ,
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "PYTHONPATH": str(work),
-           "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}",
-           "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
-           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
-    sh(["git", "init", "-q"], work, env)
-    sh([sys.executable, "-m", "dvc", "init", "-q"], work, env)
-    sh([sys.executable, "-m", "dvc", "config", "core.analytics", "false"], work, env)
-    (work / ".gitignore").write_text("mlflow.db\nmlruns/\n")
-    sh(["git", "add", "-A"], work, env)
-    sh(["git", "commit", "-qm", "init"], work, env)
-    sh([sys.executable, "-m", "dvc", "repro"], work, env)
+    init_and_repro(work, env)
     return work, env
 
 

@@ -3,9 +3,6 @@ then on the same images as a folder tree (`<folder>/<domain>/<class>/<image>`), 
 real PNG files; official-style metrics, the ID / OOD split by domain, the MLflow runs."""
 
 import json
-import os
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,7 +11,8 @@ import pytest
 import yaml
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.e2e_project import ROOT, copy_pipeline, init_and_repro, sh
+
 pytestmark = pytest.mark.slow
 
 CLASSES = ("cat", "dog", "fox")
@@ -23,20 +21,10 @@ OOD_DOMAINS = ("clinic_c",)
 METHODS = ("lp", "ft", "flyp", "dive")
 
 
-def sh(cmd, cwd, env):
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise AssertionError(f"{' '.join(map(str, cmd))} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-    return proc
-
-
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     work = tmp_path_factory.mktemp("custom")
-    for name in ("pipeline", "stages"):
-        shutil.copytree(ROOT / name, work / name, ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("dvc.yaml", "pyproject.toml"):
-        shutil.copy(ROOT / name, work / name)
+    env = copy_pipeline(work)
     # the images: a colour per class (so something is learnable), a brightness per domain
     data = work / "mydata"
     rng = np.random.default_rng(0)
@@ -53,10 +41,6 @@ def project(tmp_path_factory):
     (data / "images.csv").write_text("path,label,domain\n" + "\n".join(rows) + "\n")
     (data / "captions.csv").write_text("filepath,title\n" + "\n".join(
         f"{r.split(',')[0]},a photo of a {r.split(',')[1]}" for r in rows) + "\n")
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "PYTHONPATH": str(work), "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}",
-           "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
-           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
     # random tiny-clip weights as a local file (the offline rule: weights come from a file)
     sh([sys.executable, "-c", "import sys; from pipeline import models; c = models.create('tiny-clip'); "
         "from pathlib import Path; models.save_state_dict(c.model.state_dict(), Path(sys.argv[1]))", str(data / "weights.safetensors")], work, env)
@@ -75,12 +59,7 @@ def project(tmp_path_factory):
     params["finetune"]["train"].update(epochs=1.0, min_steps=4, max_steps=4, batch_size=6, checkpoint_every=2)
     params["evaluate"].update(rsa_samples=20)
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    sh(["git", "init", "-q"], work, env)
-    sh([sys.executable, "-m", "dvc", "init", "-q"], work, env)
-    (work / ".gitignore").write_text("mlflow.db\nmlruns/\nmydata/\n")
-    sh(["git", "add", "-A"], work, env)
-    sh(["git", "commit", "-qm", "init"], work, env)
-    sh([sys.executable, "-m", "dvc", "repro"], work, env)
+    init_and_repro(work, env, ignore="mlflow.db\nmlruns/\nmydata/\n")
     return work, env, params
 
 

@@ -17,7 +17,7 @@ import pipeline  # noqa: F401  (installs the `outdated` stub before wilds is imp
 from wilds.common.grouper import CombinatorialGrouper
 from wilds.datasets.wilds_dataset import WILDSDataset
 
-from pipeline.data.domain_eval import domain_eval
+from pipeline.data.domain_eval import DomainDataset
 
 from pipeline.data.custom.config import FOLDER, VERSION, CustomConfig, build_table
 from pipeline.data.scatter import install_scatter_fallback
@@ -50,7 +50,7 @@ def generate_dataset(root: Path, cfg: CustomConfig) -> Path:
     return final
 
 
-class CustomDataset(WILDSDataset):
+class CustomDataset(DomainDataset, WILDSDataset):
     """The dataset `generate_dataset` wrote: a WILDS dataset like the built-in synthetic one.
 
     Splits: train, id_val, id_test (ID domains); val, test (OOD domains). Metadata: domain, y.
@@ -87,18 +87,6 @@ class CustomDataset(WILDSDataset):
         self._eval_grouper = CombinatorialGrouper(dataset=self, groupby_fields=["domain"])
         super().__init__(root_dir, download, split_scheme)
 
-    @property
-    def id_domains(self) -> tuple[str, ...]:
-        return tuple(self.attributes["id_domains"])
-
-    @property
-    def ood_domains(self) -> tuple[str, ...]:
-        return tuple(self.attributes["ood_domains"])
-
     def get_input(self, idx):
         with Image.open(self._input_array[idx]) as img:
             return img.convert("RGB")
-
-    def eval(self, y_pred, y_true, metadata, prediction_fn=None):
-        """Accuracy (overall, per domain, worst domain) and macro F1, by wilds' metrics."""
-        return domain_eval(self, self._eval_grouper, y_pred, y_true, metadata, prediction_fn)

@@ -19,7 +19,7 @@ import pipeline  # noqa: F401  (installs the `outdated` stub before wilds is imp
 from wilds.common.grouper import CombinatorialGrouper
 from wilds.datasets.wilds_dataset import WILDSDataset
 
-from pipeline.data.domain_eval import domain_eval
+from pipeline.data.domain_eval import DomainDataset
 
 from pipeline.data.scatter import install_scatter_fallback
 from pipeline.data.synthetic.config import (ALL_SHAPES, COLOURS, FOLDER, HELDOUT, HELDOUT_SHAPES, SHAPES, SIZES, SPLITS,
@@ -209,7 +209,7 @@ def generate_corpus(out_dir: Path, cfg: SyntheticConfig, *, workers: int | None 
 # the wilds dataset
 
 
-class SyntheticDataset(WILDSDataset):
+class SyntheticDataset(DomainDataset, WILDSDataset):
     """The built-in synthetic dataset, a WILDS dataset like iWildCam.
 
     Supported `split_scheme`:
@@ -283,29 +283,7 @@ class SyntheticDataset(WILDSDataset):
         self._eval_grouper = CombinatorialGrouper(dataset=self, groupby_fields=["domain"])
         super().__init__(root_dir, download, split_scheme)
 
-    @property
-    def id_domains(self) -> tuple[str, ...]:
-        return tuple(self.attributes["id_domains"])
-
-    @property
-    def ood_domains(self) -> tuple[str, ...]:
-        return tuple(self.attributes["ood_domains"])
-
     def get_input(self, idx):
         """The idx-th image as an RGB PIL image."""
         with Image.open(self.data_dir / self._input_array[idx]) as img:
             return img.convert("RGB")
-
-    def eval(self, y_pred, y_true, metadata, prediction_fn=None):
-        """Accuracy (overall and per domain, with the worst domain) and macro F1, by wilds' metrics.
-
-        Args:
-            - y_pred (Tensor): predicted labels, or model outputs turned into labels by prediction_fn
-            - y_true (LongTensor): true labels
-            - metadata (Tensor): metadata rows of the same examples
-            - prediction_fn (function): turns y_pred into predicted labels
-        Output:
-            - results (dict): acc_avg, F1-macro_all, acc_worst_domain, acc_domain:<name>, count_domain:<name>
-            - results_str (str): a summary
-        """
-        return domain_eval(self, self._eval_grouper, y_pred, y_true, metadata, prediction_fn)
