@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 repro: setup
-	PATH="$(abspath $(VENV))/bin:$$PATH" dvc repro
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pipeline repro
 
 test: setup
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -q $(PYTEST_ARGS)

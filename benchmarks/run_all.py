@@ -32,6 +32,7 @@ BENCHES = {
     "train": ("bench_train.py", True),
     "dive": ("bench_dive.py", True),
     "eval": ("bench_eval.py", True),
+    "images": ("bench_images.py", True),  # real-size JPEGs: originals vs the image cache
     "radapter": ("bench_radapter.py", True),  # R-Adapter's own cost benchmark
     "text_head": ("bench_text_head.py", True),  # prompt-CE head vs number of classes (~1 h on CPU)
     "repro": ("bench_repro.py", False),

@@ -8,6 +8,8 @@ import json
 from pathlib import Path
 
 CHECKED = Path("data/check.json")  # the check stage's marker: params.yaml passed
+IMAGE_KEY = Path("data/image_key.json")  # written by check: what determines the image cache
+IMAGES = Path("data/images")  # the image cache (the images stage; pipeline.data.imagecache)
 PREPARED = Path("data/prepared")
 PREPARED_INFO = PREPARED / "dataset.json"
 PREPARED_MANIFEST = PREPARED / "manifest.json"  # digest of everything prepared: what stages depend on
@@ -49,6 +51,16 @@ def finetune_dir(trial: str, level: str, seed: int) -> Path:
 
 def checkpoint_dir(trial: str, level: str, seed: int) -> Path:
     return CHECKPOINTS / trial / level / f"seed{seed}"
+
+
+LOGS = Path("logs")  # what changes from run to run (wall time, host): never a DVC output
+
+
+def run_time_file(trial: str, level: str, seed: int) -> Path:
+    """When, where and how fast a fine-tuning run trained (written by finetune beside, not in,
+    its DVC output, so re-running an unchanged finetune changes no output and re-runs nothing
+    downstream). Evaluate logs it to MLflow and the report's time column reads it."""
+    return LOGS / "finetune" / trial / level / f"seed{seed}.json"
 
 
 def select_file(method: str, level: str) -> Path:
@@ -99,7 +111,7 @@ def load_features() -> dict:
 WEIGHTS = "weights.safetensors"
 CONFIG = "config.json"
 TRAIN_LOG = "train_log.csv"
-SUMMARY = "train_summary.json"  # written last: the run is finished
+SUMMARY = "train_summary.json"  # written last: the run is finished (deterministic: no wall time)
 
 
 SCORES = "scores.json"  # the fine-tuned model (alpha = 1) on every split a protocol may read

@@ -1,5 +1,5 @@
 """Command line: one subcommand per DVC stage (the same functions `dvc repro` runs through
-`stages/*.py`), plus helpers (methods, ui).
+`stages/*.py`), plus helpers (repro, methods, ui).
 
 Every stage command reads params.yaml; `check` validates all of it against the registries
 (DVC runs it first).
@@ -13,16 +13,18 @@ from typing import Optional
 
 import typer
 
-from pipeline.stages import check, embed, evaluate, finetune, prepare, pretrained, report, sample, selection
+from pipeline.config import ParamsError
+
+from pipeline.stages import check, embed, evaluate, finetune, images, prepare, pretrained, report, sample, selection
 
 app = typer.Typer(
     help="Few-shot robust fine-tuning of CLIP on WILDS. Stages run in this order: check → prepare → "
-         "pretrained → embed → sample → finetune → selection → evaluate → report. Normally `dvc repro` runs "
+         "images → pretrained → embed → sample → finetune → selection → evaluate → report. Normally `dvc repro` runs "
          "them; each command here runs one stage by hand (same code, same outputs).",
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
 )
 
-for _name, _module in (("check", check), ("prepare", prepare), ("pretrained", pretrained), ("embed", embed),
+for _name, _module in (("check", check), ("prepare", prepare), ("images", images), ("pretrained", pretrained), ("embed", embed),
                        ("sample", sample), ("finetune", finetune), ("selection", selection), ("evaluate", evaluate),
                        ("report", report)):
     app.command(name=_name)(_module.command)
@@ -41,6 +43,25 @@ def methods():
         typer.echo(f"{name:14s} {doc}")
         defaults = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(cls.Hparams))
         typer.echo(f"{'':14s} defaults: {defaults}")
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def repro(ctx: typer.Context):
+    """Check all of params.yaml and the files it names, then run `dvc repro` (any further
+    arguments go to it, e.g. `repro -s report`, `repro finetune@ft-lr1e-4-16`).
+
+    DVC reads params.yaml to expand dvc.yaml's matrices before any stage runs, so a wrong
+    shape there (a level list that is a string, a misspelt section) would otherwise end in
+    DVC's own message, naming nothing useful. Plain `dvc repro` works too: its first stage,
+    `check`, runs the same checks before any stage that owns outputs."""
+    from pipeline.stages.check import check_params
+    from pipeline.stages.common import fail
+
+    try:
+        check_params("params.yaml")
+    except (ParamsError, FileNotFoundError, KeyError, ValueError) as err:
+        fail(err)
+    raise typer.Exit(subprocess.call([sys.executable, "-m", "dvc", "repro", *ctx.args]))
 
 
 @app.command()

@@ -123,6 +123,24 @@ class RetentionParams(Settings):
         return ("auto",) if isinstance(self.tasks, str) else self.tasks
 
 
+IMAGE_FORMATS = ("raw", "jpeg", "none")  # pipeline.data.imagecache says what each stores
+
+
+@dataclass(frozen=True)
+class ImagesParams(Settings):
+    """The prepared image cache (`images` stage, `pipeline.data.imagecache`): every image the
+    model stages read, decoded once at the model's resolution."""
+
+    format: Str = "raw"  # raw (uint8, memory-mapped: exact) | jpeg (re-encoded at `quality`) | none
+    quality: Int = 95  # jpeg only
+    num_workers: Int = 0  # decoding processes while building (not part of the cache's key)
+
+    def __post_init__(self):
+        check(self.format in IMAGE_FORMATS, "images.format", self.format, f"allowed: {', '.join(IMAGE_FORMATS)}")
+        check(1 <= self.quality <= 100, "images.quality", self.quality, "use 1 to 100 (JPEG quality)")
+        check(self.num_workers >= 0, "images.num_workers", self.num_workers, "use 0 or more")
+
+
 @dataclass(frozen=True)
 class PretrainedParams(Settings):
     builtin: dict = field(default_factory=dict)  # PretrainConfig overrides
@@ -309,6 +327,7 @@ class Params(Settings):
     retention: RetentionParams = field(default_factory=RetentionParams)
     # generated dataset name -> overrides of its options (e.g. synthetic: SyntheticConfig)
     prepare: dict[Str, dict] = field(default_factory=dict)
+    images: ImagesParams = field(default_factory=ImagesParams)
     pretrained: PretrainedParams = field(default_factory=PretrainedParams)
     embed: EmbedParams = field(default_factory=EmbedParams)
     sample: SampleParams = field(default_factory=SampleParams)

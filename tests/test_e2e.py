@@ -46,6 +46,13 @@ def project(tmp_path_factory):
     """A fresh git + DVC project holding this repository's pipeline with tiny params."""
     work = tmp_path_factory.mktemp("project")
     env = copy_pipeline(work)
+    # two more architectures, part of the code from the start: one with the tiny CLIP's 32-px
+    # input, one with 48 px (test_the_image_cache_follows_the_image_size)
+    cfg = json.loads((work / "pipeline/models/configs/tiny-clip.json").read_text())
+    cfg["vision_cfg"]["width"] = 64
+    (work / "pipeline/models/configs/tiny-clip-narrow.json").write_text(json.dumps(cfg))
+    cfg["vision_cfg"]["image_size"] = 48
+    (work / "pipeline/models/configs/tiny-clip-48.json").write_text(json.dumps(cfg))
     params = merge(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY)
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     init_and_repro(work, env)
@@ -113,6 +120,42 @@ def test_nothing_to_do_when_unchanged(project):
     work, env = project
     out = sh([sys.executable, "-m", "dvc", "status"], work, env).stdout
     assert "changed" not in out, out
+
+
+def test_rerunning_an_unchanged_finetune_reruns_nothing_downstream(project):
+    """Its outputs are deterministic (the wall time and host go to logs/, outside DVC), so a
+    forced re-run leaves `dvc status` clean: selection, evaluate and report stay as they are."""
+    work, env = project
+    times = work / "logs/finetune/dive-lam10/4/seed0.json"
+    before = json.loads(times.read_text())
+    out = sh([sys.executable, "-m", "dvc", "repro", "-f", "-s", "finetune@dive-lam10-4"], work, env)
+    assert "Running stage 'finetune@dive-lam10-4'" in out.stdout
+    assert json.loads(sh([sys.executable, "-m", "dvc", "status", "--json"], work, env).stdout) == {}
+    after = json.loads(times.read_text())
+    assert after["finished_at"] >= before["finished_at"] and after["wall_time_s"] > 0
+    assert not list((work / "checkpoints/dive-lam10/4/seed0").glob("*.jsonl"))  # the step log is spent too
+    assert metrics(work, "dive")["train/wall_time_s"] > 0  # evaluate read it from logs/
+
+
+def test_a_rejected_edit_deletes_nothing(project):
+    """A bad weights file: `dvc repro` stops in `check` with one line naming the file, and
+    nothing downstream looks changed once the edit is undone."""
+    work, env = project
+    original = (work / "params.yaml").read_text()
+    (work / "garbage.safetensors").write_bytes(b"\x10" + bytes(7) + b"{not json")
+    params = yaml.safe_load(original)
+    params["model"]["pretrained"] = "garbage.safetensors"
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        out = sh([sys.executable, "-m", "dvc", "repro"], work, env, check=False)
+        assert out.returncode != 0
+        assert "error: model.pretrained: garbage.safetensors is not a readable weights file" in out.stdout + out.stderr
+        assert "Running stage 'prepare'" not in out.stdout
+    finally:
+        (work / "params.yaml").write_text(original)
+        (work / "garbage.safetensors").unlink()
+    assert (work / "data/check.json").is_file()
+    assert json.loads(sh([sys.executable, "-m", "dvc", "status", "--json"], work, env).stdout) == {}
 
 
 def test_mlflow_one_run_per_level(project):
@@ -190,6 +233,39 @@ def test_another_protocol_retrains_nothing(project):
     changed = changed_after(work, env, lambda p: p["evaluate"].update(selection="fewshot_val"))
     assert "selection" in changed and "report" in changed
     assert not any(name.startswith("finetune@") for name in changed), changed
+
+
+def test_the_image_cache_follows_the_image_size(project):
+    """Another architecture with the same input size rebuilds no image; a new image size
+    rebuilds the cache at that size; going back gives the same cache, so nothing downstream
+    re-runs."""
+    work, env = project
+    dvc = [sys.executable, "-m", "dvc"]
+    index = lambda: json.loads((work / "data/images/index.json").read_text())  # noqa: E731
+    before = index()
+    original = (work / "params.yaml").read_text()
+
+    def use(arch: str) -> None:
+        params = yaml.safe_load(original)
+        params["model"]["arch"] = arch
+        (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    try:
+        use("tiny-clip-narrow")
+        sh([*dvc, "repro", "check"], work, env)
+        changed = set(json.loads(sh([*dvc, "status", "--json"], work, env).stdout))
+        assert "pretrained" in changed and "images" not in changed, changed
+        use("tiny-clip-48")
+        sh([*dvc, "repro", "images"], work, env)
+        after = index()
+        assert "size=48" in after["key"]["resize"] and "size=32" in before["key"]["resize"]
+        main = after["collections"]["main"]
+        assert main["bytes"] == main["images"] * 48 * 48 * 3 == before["collections"]["main"]["bytes"] * 48 ** 2 // 32 ** 2
+    finally:
+        (work / "params.yaml").write_text(original)
+    sh([*dvc, "repro", "images"], work, env)
+    assert index() == before
+    assert json.loads(sh([*dvc, "status", "--json"], work, env).stdout) == {}
 
 
 def changed_after_code_edit(work: Path, env: dict, rel: str) -> set[str]:

@@ -1,6 +1,7 @@
 """End to end on your own data: the default methods through `dvc repro` on a custom CSV dataset,
 then on the same images as a folder tree (`<folder>/<domain>/<class>/<image>`), made here as
-real PNG files; official-style metrics, the ID / OOD split by domain, the MLflow runs."""
+real PNG files; official-style metrics, the ID / OOD split by domain, the MLflow runs; and the
+stages read from the image cache give the metrics they give from the original files."""
 
 import json
 import sys
@@ -32,9 +33,9 @@ def project(tmp_path_factory):
     for d, domain in enumerate(ID_DOMAINS + OOD_DOMAINS):
         for c, label in enumerate(CLASSES):
             (data / "tree" / domain / label).mkdir(parents=True)
-            for i in range(10):
-                pixels = np.zeros((24, 24, 3)) + 40 + 30 * d
-                pixels[6:18, 6:18, c] = 220
+            for i in range(10):  # larger than the model's 32 px and not square: resize and crop both act
+                pixels = np.zeros((32, 44, 3)) + 40 + 30 * d
+                pixels[8:24, 12:32, c] = 220
                 img = np.clip(pixels + rng.normal(0, 12, pixels.shape), 0, 255).astype(np.uint8)
                 Image.fromarray(img).save(data / "tree" / domain / label / f"{i}.png")
                 rows.append(f"tree/{domain}/{label}/{i}.png,{label},{domain}")
@@ -89,6 +90,39 @@ def test_custom_csv_dataset_runs_every_default_method(project):
     assert {r.data.tags.get("method") for r in runs} >= set(METHODS) | {"zeroshot"}
     info = json.loads((work / "data/prepared/dataset.json").read_text())
     assert info["n_classes"] == 3 and sum(info["splits"].values()) == 90
+
+
+def _stage(work: Path, env: dict, *args: str) -> None:
+    sh([sys.executable, f"stages/{args[0]}.py", *args[1:]], work, env)
+
+
+def test_the_image_cache_gives_the_metrics_of_the_originals(project):
+    """The same stages with `images.format: none` (reading the original files): LP (trained on
+    features of the evaluation transform) gives bit-identical weights and evaluate the same
+    metrics, exactly; FT (random crops, taken from the 32-px cached image instead of the 44x32
+    original) ends within a resampling difference."""
+    work, env, params = project
+    run = lambda trial: work / "runs/finetune" / trial / "2/seed0"  # noqa: E731
+    read = lambda path: json.loads(path.read_text())  # noqa: E731
+    cached = {"lp": (run("lp-a") / "weights.safetensors").read_bytes(), "ft": read(run("ft-a") / "scores.json"),
+              "eval": read(work / "runs/evaluate/lp/2/seed0/metrics.json")}
+    assert read(work / "data/images/index.json")["collections"]["main"]["images"] == 90
+    original = (work / "params.yaml").read_text()
+    (work / "params.yaml").write_text(yaml.safe_dump({**params, "images": {"format": "none"}}, sort_keys=False))
+    try:
+        for args in (("check",), ("images",), ("finetune", "--trial", "lp-a", "--level", "2"),
+                     ("finetune", "--trial", "ft-a", "--level", "2"), ("evaluate", "--method", "lp")):
+            _stage(work, env, *args)
+        assert not list((work / "data/images").glob("*.bin"))  # nothing cached: the originals were read
+        assert (run("lp-a") / "weights.safetensors").read_bytes() == cached["lp"]
+        metrics = read(work / "runs/evaluate/lp/2/seed0/metrics.json")
+        same = [k for k in cached["eval"] if k.split("/")[0] in ("id_test", "test", "wise", "selected", "rsa", "zs")]
+        assert len(same) > 50 and {k: metrics[k] for k in same} == {k: cached["eval"][k] for k in same}
+        ft = read(run("ft-a") / "scores.json")
+        assert ft.keys() == cached["ft"].keys()
+        assert max(abs(ft[k] - cached["ft"][k]) for k in ft) <= 0.1, (ft, cached["ft"])
+    finally:
+        (work / "params.yaml").write_text(original)
 
 
 def test_the_same_images_as_a_folder_tree(project):

@@ -8,7 +8,7 @@ forward at the full context that needs ~20 GB of activations; chunked under acti
 checkpointing (`finetune.train.prompt_memory_mb`) and trimmed after the longest prompt, a
 step holds one chunk's. Each stage runs in its own process under an address-space cap (a
 regression fails instead of exhausting the machine), and its peak resident memory is
-checked. The stages before run for real, in this process (prepare, sample, pretrained from
+checked. The stages before run for real, in this process (prepare, images, sample, pretrained from
 a local file), except `embed`: its zero-shot head of 1,139 × 3 prompts would cost minutes
 of CPU and the prompt-CE methods never read it, so the test writes the one cache entry
 finetune loads (`head`, a stand-in).
@@ -111,6 +111,7 @@ def project(tmp_path_factory):
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
     stage(work, "prepare")
+    stage(work, "images")
     stage(work, "sample")
     stage(work, "pretrained")
     head = torch.nn.functional.normalize(torch.randn(1139, dim, generator=torch.Generator().manual_seed(0)), dim=-1)

@@ -131,6 +131,21 @@ def _join(prefix: str, loc: tuple) -> str:
     return key
 
 
+def _did_you_mean(cls: type, prefix: str, loc: tuple, allowed: list[str]) -> str:
+    """' (did you mean ...?)' for an unknown key: a close spelling among the allowed keys, or
+    the same name one level down (a `seeds` at the top that belongs in `sample`)."""
+    import difflib
+
+    name = str(loc[-1])
+    owner = _settings_class(cls, loc[:-1])
+    for f in dataclasses.fields(owner) if owner else ():
+        inner = _settings_class(cls, (*loc[:-1], f.name))
+        if inner is not None and name in {g.name for g in dataclasses.fields(inner)}:
+            return f" (did you mean {_join(prefix, (*loc[:-1], f.name, name))}?)"
+    close = difflib.get_close_matches(name, allowed, n=1, cutoff=0.75)
+    return f" (did you mean {_join(prefix, (*loc[:-1], close[0]))}?)" if close else ""
+
+
 def _message(cls: type, prefix: str, err: ValidationError) -> str:
     errors = err.errors(include_url=False)
     deep = _deepest(errors) if len(errors) > 1 else None
@@ -149,8 +164,8 @@ def _message(cls: type, prefix: str, err: ValidationError) -> str:
         owner = _settings_class(cls, loc[:-1])
         where = _join(prefix, loc[:-1])
         allowed = sorted(f.name for f in dataclasses.fields(owner) if f.init) if owner else []
-        return (f"{key}: unknown key. Allowed keys{' in ' + where if where else ''}: "
-                f"{', '.join(allowed)}")
+        return (f"{key}: unknown key{_did_you_mean(cls, prefix, loc, allowed)}. Allowed keys"
+                f"{' in ' + where if where else ''}: {', '.join(allowed)}")
     if kind in ("missing", "missing_argument"):
         if loc and isinstance(loc[-1], int):  # a fixed-length list that is too short
             return f"{_join(prefix, loc[:-1])}: too few values (item {loc[-1]} is missing)"

@@ -87,15 +87,22 @@ def read_caption_csv(path: Path, separator: str = ",", limit: int | None = None)
 
 
 class ImageFiles(torch.utils.data.Dataset):
-    """Item j -> transform(image j) (a tensor)."""
+    """Item j -> transform(image j) (a tensor). `store`: an image cache collection holding
+    file j as row j (`pipeline.data.imagecache`), read instead of the file."""
 
-    def __init__(self, files: Sequence[Path], transform: Callable):
+    def __init__(self, files: Sequence[Path], transform: Callable, store=None):
         self.files = list(files)
         self.transform = transform
+        self.store = store
 
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, j: int) -> torch.Tensor:
+    def image(self, j: int) -> Image.Image:
+        if self.store is not None:
+            return self.store.get(j)
         with Image.open(self.files[j]) as im:
-            return self.transform(im.convert("RGB"))
+            return im.convert("RGB")
+
+    def __getitem__(self, j: int) -> torch.Tensor:
+        return self.transform(self.image(j))

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 import torch
 
+from pipeline.data.imagecache import collection_name
 from pipeline.data.retention import load_task
 from pipeline.data.torchdata import LabeledImages
 from pipeline.models.encode import encode_images
@@ -22,13 +23,18 @@ class Retention:
     class_tokens: torch.Tensor
 
 
-def retention_tasks(records: list[dict], tokenizer, main_dataset, main_name: str) -> list[Retention]:
+def retention_tasks(records: list[dict], tokenizer, main_dataset, main_name: str, images=None) -> list[Retention]:
     """The prepared retention tasks (`pipeline.data.retention`, `data/prepared/retention.json`)
-    with their class prompts tokenised for this model."""
+    with their class prompts tokenised for this model. `images`: the image cache
+    (`pipeline.data.imagecache.ImageCache`) the tasks' images are read from; a task on the main
+    dataset reads through `main_dataset`."""
     out = []
     for record in records:
         t = load_task(record, main_dataset, main_name)
-        out.append(Retention(t.name, t.dataset, t.rows, t.labels, tokenize_prompts(tokenizer, t.prompts.texts())))
+        ds = t.dataset
+        if images is not None and ds is not main_dataset:
+            ds = images.dataset(collection_name(f"retention-{t.name}"), ds)
+        out.append(Retention(t.name, ds, t.rows, t.labels, tokenize_prompts(tokenizer, t.prompts.texts())))
     return out
 
 

@@ -131,20 +131,11 @@ def fetch_pretrained(arch: str, pretrained: str, out: Path) -> dict[str, Any]:
     is set unless the user set it) and the failure is turned into a sentence saying how to
     provide the weights as a file instead.
     """
-    register_builtin_configs()
-    check_arch(arch)
-    source = Path(pretrained).expanduser()
-    if source.exists():
-        state = load_state_dict(source)
+    source = _weights_source(arch, pretrained)
+    if source is not None:
+        state = read_weights(source)
         origin = str(source)
     else:
-        tags = open_clip.list_pretrained_tags_by_model(arch)
-        if pretrained not in tags:
-            raise ValueError(
-                f"model.pretrained: {pretrained!r} is neither a file nor an open_clip tag for "
-                f"{arch!r}. Allowed: {BUILTIN!r}, a path to a .safetensors/.pt file, or one of "
-                f"{tags or '(no tags for this arch)'}."
-            )
         if not _hub_reachable():
             _set_hub_offline()  # fail at once instead of retrying for ~46 s
         try:
@@ -164,6 +155,63 @@ def fetch_pretrained(arch: str, pretrained: str, out: Path) -> dict[str, Any]:
     _load_checked(model, state, origin, arch)
     digest = save_state_dict(model.state_dict(), out, meta={"arch": arch, "origin": origin})
     return {"arch": arch, "origin": origin, "sha256": digest}
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+
+
+def _weights_source(arch: str, pretrained: str) -> Path | None:
+    """The local file `model.pretrained` names, or None for a valid open_clip tag of `arch`
+    (ValueError naming the key otherwise)."""
+    register_builtin_configs()
+    check_arch(arch)
+    source = Path(pretrained).expanduser()
+    if source.is_file():
+        return source
+    if source.suffix in WEIGHT_SUFFIXES or "/" in pretrained:
+        raise ValueError(f"model.pretrained: {pretrained}: weights file not found")
+    tags = open_clip.list_pretrained_tags_by_model(arch)
+    if pretrained not in tags:
+        raise ValueError(
+            f"model.pretrained: {pretrained!r} is neither a file nor an open_clip tag for "
+            f"{arch!r}. Allowed: {BUILTIN!r}, a path to a .safetensors/.pt file, or one of "
+            f"{tags or '(no tags for this arch)'}."
+        )
+    return None
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A weights file's state dict, or ValueError naming the file (truncated, garbage, not a
+    state dict) instead of the reader's own traceback."""
+    try:
+        state = load_state_dict(path)
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # safetensors, pickle and zip readers raise many types
+        first = str(err).splitlines()[0] if str(err) else ""
+        raise ValueError(f"model.pretrained: {path} is not a readable weights file ({type(err).__name__}: "
+                         f"{first}); use a .safetensors or torch .pt/.bin state dict") from err
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"model.pretrained: {path} holds no state dict of tensors")
+    return state
+
+
+def check_weights(arch: str, pretrained: str) -> None:
+    """What the `check` stage verifies before any work: `model.pretrained` is `builtin`, a
+    known open_clip tag of `arch` (fetched later), or a readable file whose tensors fit `arch`."""
+    if pretrained == BUILTIN:
+        check_arch(arch)
+        return
+    source = _weights_source(arch, pretrained)
+    if source is not None:
+        logger = logging.getLogger()
+        level = logger.level
+        logger.setLevel(logging.ERROR)  # open_clip warns of a model built without weights
+        try:
+            model = open_clip.create_model(arch, pretrained=None, device="cpu")
+        finally:
+            logger.setLevel(level)
+        _load_checked(model, read_weights(source), str(source), arch)
 
 
 def _set_hub_offline() -> None:

@@ -62,7 +62,34 @@ def check_params(path: str | Path = "params.yaml") -> Params:
     if params.model.pretrained == BUILTIN:
         parse(PretrainConfig, params.pretrained.builtin, "pretrained.builtin")
     check_retention(params)
+    check_files(params)
     return params
+
+
+def check_files(params: Params) -> None:
+    """The files params.yaml names: the weights (readable, of `model.arch`), the reference CSV
+    and its images, a real dataset's folder under `dataset.root` (unless it is to be
+    downloaded). So a bad path fails here, before `prepare` regenerates anything."""
+    from pipeline import models
+    from pipeline.data.datasets import CORPORA, DATASETS
+    from pipeline.data.torchdata import read_caption_csv
+
+    models.check_weights(params.model.arch, params.model.pretrained)
+    if params.reference.csv not in CORPORA:
+        path = Path(params.reference.csv)
+        if not path.is_file():
+            raise ParamsError(f"reference.csv: {path}: file not found. Allowed: "
+                              f"{', '.join(repr(c) for c in CORPORA)} (built in) or a CSV with columns filepath,title")
+        files, _ = read_caption_csv(path, params.reference.separator, limit=params.reference.max_samples)
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise ParamsError(f"reference.csv: {path}: {len(missing)} of its first {len(files)} image files are "
+                              f"missing, e.g. {missing[0]} (relative paths are taken from the CSV's folder)")
+    spec = DATASETS[params.dataset.name]
+    root = Path(params.dataset.root)
+    if not spec.generated and not params.dataset.download and not spec.marker(root).is_file():
+        raise ParamsError(f"dataset.root: {spec.name} is not under {root} ({spec.marker(root)} is missing). "
+                          + spec.download_hint.format(root=root))
 
 
 def check_retention(params: Params) -> None:
@@ -101,8 +128,15 @@ def check_retention(params: Params) -> None:
 @guard
 def command(params_file: Path = ParamsOpt):
     """Check all of params.yaml (names, every method's settings, generator options) -> data/check.json."""
-    check_params(params_file)
+    params = check_params(params_file)
     paths.CHECKED.parent.mkdir(parents=True, exist_ok=True)
+    # what determines the image cache: the images stage depends on this file, not on `model`,
+    # so another architecture with the same resize rebuilds nothing
+    from pipeline import models
+    from pipeline.stages.common import image_key
+
+    key = image_key(params, models.create(params.model.arch).preprocess_val)
+    paths.IMAGE_KEY.write_text(json.dumps(key, indent=1, sort_keys=True) + "\n")
     paths.CHECKED.write_text(json.dumps({"params": "valid"}) + "\n")
     typer.echo(f"{params_file}: valid")
 

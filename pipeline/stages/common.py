@@ -43,25 +43,40 @@ def run_command(command: Callable, argv: list[str] | None = None, name: str | No
 
 @dataclass
 class Task:
-    """The dataset and model side of a run: spec, WILDS dataset, prompts, model, class tokens."""
+    """The dataset and model side of a run: spec, WILDS dataset (reading the image cache),
+    prompts, model, class tokens, and the image cache itself (for the retention tasks and the
+    reference images)."""
 
     spec: object
     dataset: object
     prompts: object
     clip: object
     class_tokens: object
+    images: object = None
+
+
+def image_key(params: Params, eval_transform) -> dict:
+    """The image cache's key for these params and this model's evaluation transform."""
+    from pipeline.data.imagecache import image_key as key
+
+    return key(params.dataset.name, eval_transform, params.images.format, params.images.quality)
 
 
 def open_task(params: Params, device, weights: Path = artifacts.PRETRAINED_WEIGHTS) -> Task:
+    """Everything a model stage opens; the dataset's images come from the image cache
+    (`dvc repro images`), checked to be built for this dataset and this model's resize."""
     from pipeline import models
     from pipeline.data.datasets import get_spec, load_dataset, load_prompts
+    from pipeline.data.imagecache import ImageCache
     from pipeline.models.zeroshot import tokenize_prompts
 
     spec = get_spec(params.dataset.name)
     dataset = load_dataset(spec.name, artifacts.dataset_root(spec.generated, params.dataset.root), download=False)
     prompts = load_prompts(spec.name, n_classes=dataset.n_classes, dataset=dataset)
     clip = models.create(params.model.arch, weights, device=device)
-    return Task(spec, dataset, prompts, clip, tokenize_prompts(clip.tokenizer, prompts.texts()))
+    images = ImageCache.open(artifacts.IMAGES, image_key(params, clip.preprocess_val))
+    return Task(spec, images.dataset("main", dataset), prompts, clip,
+                tokenize_prompts(clip.tokenizer, prompts.texts()), images)
 
 
 def headline(dataset_name: str, metrics: dict) -> str:

@@ -66,7 +66,7 @@ def run(params: Params) -> dict:
     sub = train_rows[torch.randperm(len(train_rows), generator=g)[: params.embed.iimm_samples]].sort().values
     train_feats = encode_images(model, LabeledImages(dataset, sub.tolist(), clip.preprocess_val),
                                 device, bs, nw, desc="embed train (IIMM)")
-    tasks = retention_tasks(read_records(paths.PREPARED_RETENTION), clip.tokenizer, dataset, spec.name)
+    tasks = retention_tasks(read_records(paths.PREPARED_RETENTION), clip.tokenizer, dataset, spec.name, task.images)
     metrics.update(compute_all("embed", MeasureInputs(
         model=model, device=device, batch_size=bs, num_workers=nw, transform=clip.preprocess_val,
         tasks=tasks, train_features=train_feats, train_labels=torch.as_tensor(dataset.y_array)[sub].long(),
@@ -75,8 +75,8 @@ def run(params: Params) -> dict:
     files, titles = read_caption_csv(paths.reference_csv(params.reference.csv), params.reference.separator,
                                      limit=params.reference.max_samples)
     ref_tokens = clip.tokenizer(titles)
-    tensors["ref/image"] = encode_images(model, ImageFiles(files, clip.preprocess_val), device, bs, nw,
-                                         desc="embed reference").float()
+    ref_images = ImageFiles(files, clip.preprocess_val, task.images.store("reference"))
+    tensors["ref/image"] = encode_images(model, ref_images, device, bs, nw, desc="embed reference").float()
     tensors["ref/text"] = encode_texts(model, ref_tokens, device).float()
     tensors["ref/tokens"] = ref_tokens
 

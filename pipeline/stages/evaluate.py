@@ -66,14 +66,14 @@ def run(params: Params, method: str, log_mlflow: bool = True) -> dict[tuple[str,
     for split in (s for s in spec.eval_splits if s == protocol.split or s not in spec.val_splits):
         rows = split_rows(dataset, split)
         splits[split] = (rows, preload(LabeledImages(dataset, rows.tolist(), transform), bs, nw, desc=f"decode {split}"))
-    tasks = retention_tasks(read_records(paths.PREPARED_RETENTION), clip.tokenizer, dataset, spec.name)
+    tasks = retention_tasks(read_records(paths.PREPARED_RETENTION), clip.tokenizer, dataset, spec.name, task.images)
     same_rows = {t.name: split for t in tasks for split, (rows, _) in splits.items()
                  if t.dataset is dataset and torch.equal(t.rows, rows)}
     task_images = {t.name: preload(LabeledImages(t.dataset, t.rows.tolist(), transform), bs, nw, desc=f"decode {t.name}")
                    for t in tasks if t.name not in same_rows}
     n_ref = min(ep.rsa_samples, cache["ref/image"].shape[0])
     ref_files, _ = read_caption_csv(paths.reference_csv(params.reference.csv), params.reference.separator, limit=n_ref)
-    ref_images = preload(ImageFiles(ref_files, transform), bs, nw, desc="decode reference")
+    ref_images = preload(ImageFiles(ref_files, transform, task.images.store("reference")), bs, nw, desc="decode reference")
     inputs = dict(device=device, batch_size=bs, num_workers=nw, transform=transform, tasks=tasks,
                   reference_images=ref_images, reference_image_pre=cache["ref/image"],
                   reference_text_pre=cache["ref/text"], reference_tokens=cache["ref/tokens"][:n_ref])
@@ -142,7 +142,10 @@ def run(params: Params, method: str, log_mlflow: bool = True) -> dict[tuple[str,
         metrics["selection/trials"] = len(record["trials"])
         metrics["train/trainable_params"] = summary["trainable_params"]
         metrics["train/trainable_share"] = summary["trainable_share"]
-        metrics["train/wall_time_s"] = summary["wall_time_s"]
+        # the run's wall time lives outside DVC's outputs (artifacts.run_time_file): NaN when absent
+        times = paths.run_time_file(trial, level.name, seed)
+        metrics["train/wall_time_s"] = (json.loads(times.read_text())["wall_time_s"] if times.is_file()
+                                        else math.nan)
         metrics["train/steps"] = summary["steps"]
         metrics["train/n_train"] = summary["n_train"]
         metrics = {k_: metrics[k_] for k_ in sorted(metrics)}

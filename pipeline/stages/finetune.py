@@ -12,6 +12,8 @@ from __future__ import annotations
 import copy
 import csv
 import json
+import socket
+import time
 import os
 import shutil
 import subprocess
@@ -61,7 +63,7 @@ def build_context(params: Params, method_cls, task, model, indices, device, seed
     if method_cls.needs_reference:
         files, _ = read_caption_csv(paths.reference_csv(params.reference.csv), params.reference.separator,
                                     limit=params.reference.max_samples)
-        reference = ReferenceData(images=ImageFiles(files, clip.preprocess_val),
+        reference = ReferenceData(images=ImageFiles(files, clip.preprocess_val, task.images.store("reference")),
                                   tokens=cache["ref/tokens"], image_pre=cache["ref/image"].float(),
                                   text_pre=cache["ref/text"].float())
     return TaskContext(
@@ -106,7 +108,8 @@ def _selection_sets(task, params: Params) -> dict:
         rows = split_rows(task.dataset, split)
         out[split] = (rows, preload(LabeledImages(task.dataset, rows.tolist(), task.clip.preprocess_val),
                                     ep.batch_size, ep.num_workers, desc=f"decode {split}"))
-    for t in retention_tasks(read_records(paths.PREPARED_RETENTION), task.clip.tokenizer, task.dataset, task.spec.name):
+    for t in retention_tasks(read_records(paths.PREPARED_RETENTION), task.clip.tokenizer, task.dataset, task.spec.name,
+                               task.images):
         out[f"zs:{t.name}"] = (t, preload(LabeledImages(t.dataset, t.rows.tolist(), task.clip.preprocess_val),
                                           ep.batch_size, ep.num_workers, desc=f"decode {t.name}"))
     return out
@@ -130,6 +133,8 @@ def _run_seed(params, trial, level, seed, method_cls, hp, task, pristine, val_se
     ctx = build_context(params, method_cls, task, copy.deepcopy(pristine), sample["indices"], device, seed)
     m = method_cls(hp, ctx)
     jsonl = ckpt_dir / "train_log.jsonl"
+    if not (ckpt_dir / "last.pt").exists():
+        jsonl.unlink(missing_ok=True)  # a fresh start: no steps of an earlier run
     desc = f"{trial} {level.label} seed={seed}"
     if method_cls.trains:
         train_set = ctx.train_set if method_cls.uses_images else ctx.train_set.without_images()
@@ -138,13 +143,14 @@ def _run_seed(params, trial, level, seed, method_cls, hp, task, pristine, val_se
                      num_workers=tp.num_workers, checkpoint_dir=ckpt_dir,
                      checkpoint_every=tp.checkpoint_every, log=lambda s, r: _append_log(jsonl, r),
                      progress=progress, desc=desc)
-        summary = {"steps": result.steps, "wall_time_s": result.wall_time_s,
-                   "samples_per_s": result.samples_per_s, "resumed_from_step": result.resumed_from,
-                   "trainable_params": result.trainable_params, "total_params": result.total_params}
+        summary = {"steps": result.steps, "trainable_params": result.trainable_params,
+                   "total_params": result.total_params}
+        timing = {"wall_time_s": result.wall_time_s, "samples_per_s": result.samples_per_s,
+                  "resumed_from_step": result.resumed_from}
     else:
         m.setup()
-        summary = {"steps": 0, "wall_time_s": 0.0, "samples_per_s": 0.0, "resumed_from_step": 0,
-                   "trainable_params": 0, "total_params": count_params(m.root.parameters())}
+        summary = {"steps": 0, "trainable_params": 0, "total_params": count_params(m.root.parameters())}
+        timing = {"wall_time_s": 0.0, "samples_per_s": 0.0, "resumed_from_step": 0}
     summary["trainable_share"] = summary["trainable_params"] / max(summary["total_params"], 1)
     summary["n_train"] = sample["n"]
     summary["epochs"] = summary["steps"] * min(tp.batch_size, sample["n"]) / max(sample["n"], 1)
@@ -157,8 +163,13 @@ def _run_seed(params, trial, level, seed, method_cls, hp, task, pristine, val_se
         (out / CONFIG).write_text(json.dumps(config, indent=1))
         (out / SCORES).write_text(json.dumps(scores, indent=1, sort_keys=True))
         _write_log(jsonl, out / TRAIN_LOG)
+        times = paths.run_time_file(trial, level.name, seed)
+        times.parent.mkdir(parents=True, exist_ok=True)
+        times.write_text(json.dumps({**timing, "host": socket.gethostname(),
+                                     "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, indent=1))
         (out / SUMMARY).write_text(json.dumps(summary, indent=1))
         (ckpt_dir / "last.pt").unlink(missing_ok=True)  # finished: the checkpoint is spent
+        jsonl.unlink(missing_ok=True)  # and its step log (now in train_log.csv)
     dist.barrier()
     return summary
 

@@ -132,6 +132,8 @@ def fit(method: Method, train_set: torch.utils.data.Dataset, *, steps: int, batc
     ckpt = checkpoint_dir / "last.pt" if checkpoint_dir is not None else None
     if ckpt is not None and ckpt.exists():
         start = _load_checkpoint(ckpt, method, optimizer)
+        if dist.is_main():
+            print(f"{desc or method.name}: resuming from step {start} of {steps} ({ckpt})", file=sys.stderr, flush=True)
     history: list[dict] = []
 
     def lr_at(step: int) -> None:
