@@ -22,8 +22,13 @@ $(STAMP): pyproject.toml
 repro: setup
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pipeline repro
 
+# Two test processes, one file each at a time (module fixtures stay in one process); one torch
+# thread each, so the two share the cores instead of oversubscribing them. Most of an end-to-end
+# test is single-threaded (a DVC stage's start-up), which is where the second process pays.
+TEST_WORKERS ?= 2
 test: setup
-	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -q $(PYTEST_ARGS)
+	PATH="$(abspath $(VENV))/bin:$$PATH" OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} \
+		$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 ui: setup
 	$(PY) -m pipeline ui

@@ -34,6 +34,7 @@ CHECKPOINTS = Path("checkpoints")
 REPORTS = Path("reports")
 REPORT_METRICS = Path("metrics/report.json")
 REPORT_PLOT_DATA = Path("metrics/levels.csv")
+REPORT_METHODS = Path("metrics/methods")  # <method>.json: what `dvc metrics show` prints, a row per method
 
 
 SELECT = RUNS / "select"

@@ -73,7 +73,38 @@ def ui(host: str = typer.Option("127.0.0.1", help="Interface to bind (default: t
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking_uri(),
            "--host", host, "--port", str(port), "--workers", "1"]
     typer.echo(f"MLflow UI on http://{host}:{port}  (Ctrl-C to stop)")
-    raise typer.Exit(subprocess.call(cmd))
+    raise typer.Exit(_run_group(cmd))
+
+
+def _run_group(cmd: list[str]) -> int:
+    """Run `cmd` in its own process group and stop the whole group (the MLflow server and its
+    workers) when this command ends: Ctrl-C, SIGTERM, or the server exiting."""
+    import os
+    import signal
+
+    proc = subprocess.Popen(cmd, start_new_session=True)
+
+    def stop(*_):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        # the whole group, even when the server itself has exited: its workers may not have
+        for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                proc.wait(timeout=wait)
+                break
+            except subprocess.TimeoutExpired:
+                continue
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -180,10 +180,66 @@ def test_mlflow_one_run_per_level(project):
     assert dive.data.metrics["test/acc_avg"] == pytest.approx(metrics(work, "dive")["test/acc_avg"])
     history = client.get_metric_history(dive.info.run_id, "train/flyp_loss")
     assert [h.step for h in history] == list(range(1, 13))
-    # re-running a stage replaces its run
+    # re-running a stage replaces its run, and the replaced one is gone, not piled up as deleted
     sh([sys.executable, "-m", "dvc", "repro", "-f", "-s", "evaluate@flyp"], work, env)
     keys = sorted(r.data.tags["run_key"] for r in runs())
     assert keys.count("flyp/4/seed0") == 1
+    from mlflow.entities import ViewType
+
+    assert not client.search_runs([exp.experiment_id], run_view_type=ViewType.DELETED_ONLY)
+
+
+def test_the_mlflow_store_shows_the_question(project):
+    """The experiment opens on its training runs; each run carries a few dozen headline
+    metrics (none of an empty group) with the full breakdown as a JSON artifact, the git
+    commit with a dirty flag, and the k-shot sample as its dataset input; the report run draws
+    each method's curve with the training-set size as the step."""
+    from mlflow.tracking import MlflowClient
+
+    work, env = project
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    exp = client.get_experiment_by_name("synthetic")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    runs = {r.data.tags["run_key"]: r for r in client.search_runs([exp.experiment_id])}
+    for key, run in runs.items():
+        m = run.data.metrics
+        assert 5 <= len(m) <= 60 or key == "report", (key, len(m))
+        assert run.data.tags["git_dirty"] in ("true", "false") and run.data.tags["mlflow.source.git.commit"]
+        empty = {k.split("count_", 1)[1] for k, v in m.items() if "count_" in k and v == 0}
+        assert not empty, (key, empty)
+    dive = runs["dive/4/seed0"]
+    full = metrics(work, "dive")
+    assert len(full) > len(dive.data.metrics)  # the full breakdown is the artifact
+    assert not [k for k, v in full.items() if "/count_" in k and v == 0]  # no empty group there either
+    assert "metrics.json" in {a.path for a in client.list_artifacts(dive.info.run_id)}
+    for key in ("test/acc_avg", "id_test/acc_avg", "selected/test/acc_avg", "selected/alpha", "rsa/image",
+                "train/trainable_share", "train/wall_time_s", "train/peak_memory_mb"):
+        assert key in dive.data.metrics, key
+    inputs = dive.inputs.dataset_inputs
+    assert len(inputs) == 1 and inputs[0].dataset.name == "synthetic k=4 seed0"
+    assert {t.key: t.value for t in inputs[0].tags}["mlflow.data.context"] == "training"
+    report = runs["report"]
+    for method in ("lp", "flyp", "dive"):
+        curve = client.get_metric_history(report.info.run_id, f"curve/{method}/ood")
+        steps = [h.step for h in sorted(curve, key=lambda h: h.step)]
+        assert len(steps) == 3 and steps[0] == 0 and steps[1] < steps[2], (method, steps)
+
+
+def test_dvc_views_work_offline(project):
+    """`dvc plots show` draws the report's figures (one line per method) with no external
+    script; `dvc metrics show` prints one short row per method."""
+    import re
+
+    work, env = project
+    sh([sys.executable, "-m", "dvc", "plots", "show", "-o", "plots_html"], work, env)
+    html = (work / "plots_html/index.html").read_text()
+    assert not re.findall(r"(?:src|href)=[\"']?https?://", html) and "cdn." not in html
+    assert "ood_vs_shots.png" in html and "id_vs_shots.png" in html
+    out = sh([sys.executable, "-m", "dvc", "metrics", "show"], work, env).stdout
+    lines = [line for line in out.splitlines() if line.strip()]
+    assert max(len(line) for line in lines) <= 160, out
+    for method in ("lp", "flyp", "dive"):
+        assert any(f"metrics/methods/{method}.json" in line for line in lines), out
 
 
 def changed_after(work: Path, env: dict, edit) -> set[str]:

@@ -126,12 +126,17 @@ def test_the_image_cache_gives_the_metrics_of_the_originals(project):
 
 
 def test_the_same_images_as_a_folder_tree(project):
+    """Read as a folder tree `<folder>/<domain>/<class>/<image>`, the same images make the same
+    WILDS dataset, file for file."""
     work, env, params = project
     params["prepare"]["custom"] = {"folder": "mydata/tree", "id_domains": list(ID_DOMAINS),
                                    "ood_domains": list(OOD_DOMAINS)}
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = sh([sys.executable, "-m", "dvc", "repro"], work, env).stdout
-    assert "Stage 'pretrained' didn't change" in out  # only what depends on the data re-runs
+    # the same images, labels, domains and splits: `prepare` writes the same dataset, so every
+    # method's runs above are this dataset's, and nothing after `prepare` re-runs
+    assert "Running stage 'prepare'" in out and "Stage 'embed' didn't change" in out, out
+    assert "Running stage 'finetune" not in out and "Running stage 'evaluate" not in out, out
     _check_run(work)
     meta = (work / "data/prepared/wilds/custom_v1.0/metadata.csv").read_text()
     assert "mydata/tree/clinic_c/fox/9.png" in meta

@@ -138,5 +138,6 @@ def test_prompt_ce_finetune_on_rxrx1_vit_b32(project, method):
     assert (config["trial"], config["method"], config["level"], config["steps"]) == (method, method, "1", 1)
     scores = json.loads((out / "scores.json").read_text())
     assert "val/acc_avg" in scores and not any("test" in k for k in scores)  # RxRx1 selects on val
-    print(f"{method}: peak RSS {peak / 2**30:.2f} GiB, step {summary['wall_time_s']:.0f} s")
+    times = json.loads((work / artifacts.run_time_file(method, "1", 0)).read_text())
+    print(f"{method}: peak RSS {peak / 2**30:.2f} GiB, step {times['wall_time_s']:.0f} s")
     assert peak < PEAK_RSS_BOUND, f"{method}: peak RSS {peak / 2**30:.2f} GiB"

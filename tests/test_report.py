@@ -475,7 +475,14 @@ def test_mlflow_summary_run(done):
     run = found[0]
     assert run.info.run_name == "report"
     # MLflow names allow no '%': the fraction level is logged as `25pct`
-    assert len(run.data.metrics) == len(done["flat"])
+    curves = {k for k in run.data.metrics if k.startswith("curve/")}
+    assert curves == {f"curve/{m}/{c}" for m in ("ft", "flyp") for c in ("id", "ood", "selected_id", "selected_ood")}
+    assert len(run.data.metrics) == len(done["flat"]) + len(curves)
+    # each curve: the zero-shot model at step 0, then one point per level at its training-set size
+    history = sorted(client.get_metric_history(run.info.run_id, "curve/ft/ood"), key=lambda h: h.step)
+    assert [h.step for h in history][0] == 0 and len(history) == 4
+    assert history[0].value == pytest.approx(done["flat"]["zeroshot/ood"])
+    assert history[-1].value == pytest.approx(done["flat"]["ft/25%/ood"])
     for key, v in done["flat"].items():
         assert run.data.metrics[key.replace("%", "pct")] == pytest.approx(v)
     assert run.data.metrics["ft/25pct/id"] == pytest.approx(done["flat"]["ft/25%/id"])

@@ -462,12 +462,20 @@ _discover()
 
 def split_metrics(dataset, split: str, features: torch.Tensor, head: torch.Tensor,
                   rows: torch.Tensor) -> dict[str, float]:
-    """Official eval of argmax(features · headᵀ) on one split -> flat `split/metric` keys."""
+    """Official eval of argmax(features · headᵀ) on one split -> flat `split/metric` keys,
+    without the groups that have no sample in the split (wilds reports `acc_<group> = 0` with
+    `count_<group> = 0` for them: a number that means nothing)."""
     preds = (features.float() @ head.float().t().cpu()).argmax(1)
     y_true = torch.as_tensor(dataset.y_array)[rows]
     metadata = torch.as_tensor(dataset.metadata_array)[rows]
-    results = official_eval(dataset, preds, y_true, metadata)
+    results = drop_empty_groups(official_eval(dataset, preds, y_true, metadata))
     return {f"{split}/{k}": float(v) for k, v in results.items()}
+
+
+def drop_empty_groups(results: dict) -> dict:
+    """`results` without the keys of groups whose `count_<group>` is 0 (every `<metric>_<group>`)."""
+    empty = {k[len("count_"):] for k, v in results.items() if k.startswith("count_") and float(v) == 0}
+    return {k: v for k, v in results.items() if k.split("_", 1)[-1] not in empty}
 
 
 def split_rows(dataset, split: str) -> torch.Tensor:

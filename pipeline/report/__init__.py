@@ -9,8 +9,11 @@ skipped. Writes under `reports/`:
 - `runs.csv` — one row per run (zero-shot: method `zeroshot`, level 0, blank seed);
 - `summary.csv`, `summary.md` — mean, std and 95 % CI over seeds per method × level;
 - `selection.csv` — per method × level, the trials chosen per seed and any edge of the search;
-- PNG plots (see `PLOTS`), `metrics/levels.csv` (long format against the training examples, for `dvc plots`) and `metrics/report.json`
-  (flat means, for `dvc metrics show`);
+- PNG plots (see `PLOTS`; `dvc plots show` draws them, offline), `metrics/levels.csv` (long
+  format against the training examples), `metrics/report.json` (every flat mean) and
+  `metrics/methods/<method>.json` (a row per method for `dvc metrics show`: ID and OOD per level);
+- the summary MLflow run: the flat means, and each method's curve (`curve/<method>/<value>`)
+  with the training-set size as the step;
 - `summary.json` last: the marker of a finished report (removed first when the stage starts).
 
 The headline metric is the dataset's official one (`DatasetSpec.metric`): ID on the last ID
@@ -30,6 +33,7 @@ single dataset no such plot is written and summary.md says why.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -38,7 +42,7 @@ from pipeline import artifacts as paths
 from pipeline.core import tracking
 from pipeline.data.datasets import get_spec
 from pipeline.evaluation.measures import MEASURES
-from pipeline.report.files import (METRICS_JSON, OUTPUTS, PLOTS, RETENTION_CSV, TRIALS_CSV, RUNS_CSV, SELECTION_CSV, SHOTS_CSV,
+from pipeline.report.files import (METHOD_METRICS, METRICS_JSON, OUTPUTS, PLOTS, RETENTION_CSV, TRIALS_CSV, RUNS_CSV, SELECTION_CSV, SHOTS_CSV,
                                    SUMMARY_CSV, SUMMARY_JSON, SUMMARY_MD, _write_csv, _write_text)
 from pipeline.report.inputs import (COLUMNS, KEYS, REPORT_KEY, VALUES, ZEROSHOT, columns, values, Headline, MissingInputsError,
                                     ReportConfig, RunInput, _ZS_TASK, load_inputs, other_datasets, read_runs,
@@ -46,7 +50,8 @@ from pipeline.report.inputs import (COLUMNS, KEYS, REPORT_KEY, VALUES, ZEROSHOT,
 from pipeline.report.plots import plot_id_vs_ood, plot_iimm, plot_panels, plot_vs_shots
 from pipeline.report.retention import (plot_retention, retention_flat, retention_long, retention_markdown,
                                        retention_summary, task_infos, trial_tradeoff)
-from pipeline.report.tables import _md_table, flat_metrics, selection_table, shots_long, summarize, summary_markdown
+from pipeline.report.tables import (_md_table, flat_metrics, level_curves, method_headlines, selection_table, shots_long,
+                                    summarize, summary_markdown)
 
 __all__ = ["run", "ReportConfig", "read_runs", "load_inputs", "runs_frame", "summarize", "flat_metrics",
            "shots_long", "wise_curves", "summary_markdown", "MissingInputsError", "Headline", "RunInput",
@@ -152,6 +157,10 @@ def run(cfg: ReportConfig) -> dict[str, float]:
     md = summary_markdown(cfg, summary, head, embed, [p for p in plots if p != retention_plot], notes, tasks,
                           selection, section)
     _write_text(METRICS_JSON, json.dumps(flat, indent=1, sort_keys=True) + "\n")
+    if METHOD_METRICS.exists():
+        shutil.rmtree(METHOD_METRICS)  # no row of a method no longer compared
+    for method, table in method_headlines(summary, methods, ZEROSHOT).items():
+        _write_text(METHOD_METRICS / f"{method}.json", json.dumps(table, indent=1) + "\n")
     _write_text(SUMMARY_MD, md)
 
     run_params = {
@@ -168,6 +177,7 @@ def run(cfg: ReportConfig) -> dict[str, float]:
         experiment=spec.name, key=REPORT_KEY, run_name=REPORT_KEY, params=run_params,
         tags={"level": "report", "dataset": spec.name},
         metrics={k.replace("%", "pct"): v for k, v in flat.items()},
+        curves=level_curves(summary, methods, ZEROSHOT),
         artifacts=[SUMMARY_MD, SUMMARY_CSV, SELECTION_CSV, RETENTION_CSV, TRIALS_CSV, RUNS_CSV, *plots])
 
     _write_text(SUMMARY_JSON, json.dumps({

@@ -22,7 +22,8 @@ TRIALS_CSV = paths.REPORTS / "trials.csv"  # every trial: chosen by how many see
 SUMMARY_MD = paths.REPORTS / "summary.md"
 METRICS_JSON = paths.REPORT_METRICS  # `dvc metrics show` (outside reports/: DVC outs may not nest)
 SUMMARY_JSON = paths.REPORTS / "summary.json"  # written last: the report is complete
-SHOTS_CSV = paths.REPORT_PLOT_DATA  # `dvc plots show`: method, level, n_train, metric, value, ci
+SHOTS_CSV = paths.REPORT_PLOT_DATA  # method, level, n_train, metric, value, ci (long format, for your own plots)
+METHOD_METRICS = paths.REPORT_METHODS  # `dvc metrics show`: one small file per method
 PLOTS: dict[str, Path] = {
     name: paths.REPORTS / f"{name}.png" for name in ("id_vs_shots", "ood_vs_shots", "id_vs_ood", "retention", "iimm_vs_change")
 }

@@ -90,6 +90,45 @@ def shots_long(summary: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["method", "level", "n_train", "metric", "value", "ci"])
 
 
+def level_curves(summary: pd.DataFrame, methods: list[str], zeroshot: str) -> dict[str, list[tuple[int, float]]]:
+    """Each method's mean ID / OOD (at α = 1 and at the selected α) against the level's
+    training-set size, the zero-shot model at 0: `curve/<method>/<value>` -> [(n_train, mean)],
+    what the report run logs with the size as the step, so MLflow's own charts draw metric vs
+    level."""
+    zero = summary[(summary["method"] == zeroshot) & (summary["level"] == "0")]
+    out: dict[str, list[tuple[int, float]]] = {}
+    for m in methods:
+        rows = summary[summary["method"] == m]
+        for col in ("id", "ood", "selected_id", "selected_ood"):
+            if f"{col}_mean" not in summary:
+                continue
+            points = [(0, float(zero[f"{col}_mean"].iloc[0]))] if len(zero) else []
+            points += [(int(round(float(r["n_train_mean"]))), float(r[f"{col}_mean"])) for _, r in rows.iterrows()]
+            points = [(n, v) for n, v in points if not math.isnan(v)]
+            if points:
+                out[f"curve/{m}/{col}"] = points
+    return out
+
+
+def method_headlines(summary: pd.DataFrame, methods: list[str], zeroshot: str) -> dict[str, dict[str, float]]:
+    """One small table per method for `dvc metrics show` (a row per method, a column per level
+    and value): the mean ID and OOD at the selected α, over seeds; the zero-shot model as its
+    own row. The full set of means and intervals is `metrics/report.json` and reports/."""
+    out: dict[str, dict[str, float]] = {}
+    for m in [zeroshot, *methods]:
+        rows = summary[summary["method"] == m] if m != zeroshot else summary[
+            (summary["method"] == zeroshot) & (summary["level"] == "0")]
+        table: dict[str, float] = {}
+        for _, r in rows.iterrows():
+            for col, name in (("selected_id", "id"), ("selected_ood", "ood")):
+                v = r.get(f"{col}_mean", math.nan)
+                if v is not None and not pd.isna(v):
+                    table[f"{r['level_label'].replace('zero-shot', 'k=0')}/{name}"] = round(float(v), 4)
+        if table:
+            out[m] = table
+    return out
+
+
 def selection_table(records: list[dict]) -> pd.DataFrame:
     """Per method × level: the protocol, how many trials, which trial each seed chose (with
     counts), the chosen trials' mean validation score, and any edge of the search list."""

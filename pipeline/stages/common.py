@@ -90,3 +90,34 @@ def headline(dataset_name: str, metrics: dict) -> str:
     keys += [k for k in metrics if k.startswith(("zs/", "rsa/", "iimm", "silhouette/"))
              or k == "selected/alpha"]
     return json.dumps({k: round(metrics[k], 4) for k in keys if k in metrics}, indent=1)
+
+
+def mlflow_metrics(dataset_name: str, metrics: dict) -> dict:
+    """What a run's page in MLflow shows: per split the official headline metric and the
+    worst-group one (at α = 1 and at the selected α; the official one at each other α of the
+    WiSE-FT sweep), the
+    selection, the registered measures (retention, RSA, IIMM, ...) and the training figures;
+    a few dozen numbers instead of every group's. The full breakdown is the run's metrics.json
+    artifact."""
+    from pipeline.data.datasets import get_spec
+
+    spec = get_spec(dataset_name)
+
+    def headline_metric(name: str) -> bool:
+        return name == spec.metric or "worst" in name or name.endswith("_wg")
+
+    out = {}
+    for k, v in metrics.items():
+        parts = k.split("/")
+        if parts[0] == "wise":  # the sweep: the official metric per split at each α but 1 (α = 1 is the run itself)
+            if parts[1] != "1" and len(parts) == 4 and parts[2] in (*spec.eval_splits, "fewshot_val") \
+                    and parts[3] == spec.metric:
+                out[k] = v
+            continue
+        if parts[0] == "selected" and len(parts) > 2:
+            parts = parts[1:]
+        split_metric = len(parts) == 2 and parts[0] in (*spec.eval_splits, "fewshot_val")
+        if (split_metric and headline_metric(parts[1])) or parts[0] in ("zs", "rsa", "train", "selection") \
+                or k.startswith(("iimm", "silhouette/", "selected/zs/", "selected/rsa/")) or k == "selected/alpha":
+            out[k] = v
+    return out

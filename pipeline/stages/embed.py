@@ -16,6 +16,7 @@ template per class, `iimm_ensemble` the prompt-ensemble head; silhouette; ...).
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -26,7 +27,7 @@ from pipeline.config import Params, load_params
 from pipeline.stages.common import ParamsOpt, guard, open_task, run_command
 
 
-def run(params: Params) -> dict:
+def run(params: Params, log_mlflow: bool = True) -> dict:
     from safetensors.torch import save_file
 
     from pipeline import models
@@ -86,12 +87,21 @@ def run(params: Params) -> dict:
         "reference_rows": len(files), "dtype": {"split": "float16", "ref": "float32"},
     }, indent=1))
     metrics = {k: metrics[k] for k in sorted(metrics)}
-    paths.EMBED_METRICS.write_text(json.dumps(metrics, indent=1))
+    # staged, logged to MLflow from there, moved into place last: metrics.json (the finished
+    # marker) appears only after everything else succeeded
+    staged = paths.EMBED / ".staging" / paths.EMBED_METRICS.name
+    staged.parent.mkdir(parents=True, exist_ok=True)
+    staged.write_text(json.dumps(metrics, indent=1))
+    if log_mlflow:
+        log_zeroshot(params, metrics, staged)
+    os.replace(staged, paths.EMBED_METRICS)
+    staged.parent.rmdir()
     return metrics
 
 
-def log_zeroshot(params: Params, metrics: dict) -> None:
+def log_zeroshot(params: Params, metrics: dict, metrics_file: Path) -> None:
     from pipeline.core import tracking
+    from pipeline.stages.common import mlflow_metrics
 
     tracking.log_run(
         experiment=params.dataset.name, key="zeroshot/k0/seed0", run_name="zeroshot k=0",
@@ -100,7 +110,7 @@ def log_zeroshot(params: Params, metrics: dict) -> None:
                 "git_commit": tracking.git_commit(), "hparams": {}, "train": {}},
         tags={"method": "zeroshot", "shots": "0", "seed": "0", "dataset": params.dataset.name,
               "arch": params.model.arch, "level": "k=0"},
-        metrics=metrics, artifacts=[paths.EMBED_METRICS],
+        metrics=mlflow_metrics(params.dataset.name, metrics), artifacts=[metrics_file],
     )
 
 
@@ -112,7 +122,6 @@ def command(params_file: Path = ParamsOpt):
 
     params = load_params(params_file)
     metrics = run(params)
-    log_zeroshot(params, metrics)
     typer.echo(headline(params.dataset.name, metrics))
 
 

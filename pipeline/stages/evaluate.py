@@ -42,7 +42,7 @@ from pipeline.data.retention import read_records
 from pipeline.evaluation.zeroshot import retention_tasks
 from pipeline.methods import get_method, parse_hparams
 from pipeline.models.encode import encode_images, preload
-from pipeline.stages.common import ParamsOpt, guard, headline, open_task, run_command
+from pipeline.stages.common import ParamsOpt, guard, headline, mlflow_metrics, open_task, run_command
 
 
 def run(params: Params, method: str, log_mlflow: bool = True) -> dict[tuple[str, int], dict]:
@@ -142,10 +142,12 @@ def run(params: Params, method: str, log_mlflow: bool = True) -> dict[tuple[str,
         metrics["selection/trials"] = len(record["trials"])
         metrics["train/trainable_params"] = summary["trainable_params"]
         metrics["train/trainable_share"] = summary["trainable_share"]
-        # the run's wall time lives outside DVC's outputs (artifacts.run_time_file): NaN when absent
+        # the run's wall time and peak memory live outside DVC's outputs (artifacts.run_time_file):
+        # NaN when absent (outputs restored from a DVC cache on another machine)
         times = paths.run_time_file(trial, level.name, seed)
-        metrics["train/wall_time_s"] = (json.loads(times.read_text())["wall_time_s"] if times.is_file()
-                                        else math.nan)
+        times = json.loads(times.read_text()) if times.is_file() else {}
+        metrics["train/wall_time_s"] = times.get("wall_time_s", math.nan)
+        metrics["train/peak_memory_mb"] = times.get("peak_memory_mb", math.nan)
         metrics["train/steps"] = summary["steps"]
         metrics["train/n_train"] = summary["n_train"]
         metrics = {k_: metrics[k_] for k_ in sorted(metrics)}
@@ -164,7 +166,7 @@ def run(params: Params, method: str, log_mlflow: bool = True) -> dict[tuple[str,
         (staging / METRICS).write_text(json.dumps(metrics, indent=1))
         if log_mlflow:
             log_to_mlflow(params, method, level, seed, config, metrics, selection,
-                          paths.finetune_dir(trial, level.name, seed), staging)
+                          paths.finetune_dir(trial, level.name, seed), staging, (dataset, sample))
         os.replace(staging / EVAL_SELECTION, out / EVAL_SELECTION)
         os.replace(staging / METRICS, out / METRICS)
         staging.rmdir()
@@ -184,8 +186,22 @@ def run_params(params: Params, method: str, level, seed: int, config: dict, sele
     }
 
 
+def sample_frame(dataset, sample: dict):
+    """The k-shot training sample as a table (WILDS row, label, domain metadata): the run's
+    MLflow dataset input."""
+    import pandas as pd
+
+    rows = torch.as_tensor(sample["indices"], dtype=torch.long)
+    frame = {"row": rows.numpy(), "y": torch.as_tensor(dataset.y_array)[rows].numpy()}
+    meta = torch.as_tensor(dataset.metadata_array)[rows]
+    for j, field in enumerate(getattr(dataset, "metadata_fields", [])):
+        if field != "y" and j < meta.shape[1]:
+            frame[field] = meta[:, j].numpy()
+    return pd.DataFrame(frame)
+
+
 def log_to_mlflow(params: Params, method: str, level, seed: int, config: dict, metrics: dict,
-                  selection: dict, train_dir: Path, eval_dir: Path) -> str:
+                  selection: dict, train_dir: Path, eval_dir: Path, data: tuple | None = None) -> str:
     steps = []
     log = train_dir / TRAIN_LOG
     if log.exists():
@@ -197,8 +213,10 @@ def log_to_mlflow(params: Params, method: str, level, seed: int, config: dict, m
     return tracking.log_run(
         experiment=params.dataset.name, key=f"{method}/{level.name}/seed{seed}",
         run_name=f"{method} {level.label} seed={seed}", params=run_params(params, method, level, seed, config, selection),
-        tags=tags, metrics=metrics, step_metrics=steps,
+        tags=tags, metrics=mlflow_metrics(params.dataset.name, metrics), step_metrics=steps,
         artifacts=[eval_dir / METRICS, eval_dir / EVAL_SELECTION, train_dir / "config.json", log],
+        inputs=[tracking.sample_input(f"{params.dataset.name} {level.label} seed{seed}", sample_frame(*data),
+                                      str(paths.sample_file(level.name, seed)))] if data else None,
     )
 
 

@@ -165,7 +165,7 @@ def _run_seed(params, trial, level, seed, method_cls, hp, task, pristine, val_se
         _write_log(jsonl, out / TRAIN_LOG)
         times = paths.run_time_file(trial, level.name, seed)
         times.parent.mkdir(parents=True, exist_ok=True)
-        times.write_text(json.dumps({**timing, "host": socket.gethostname(),
+        times.write_text(json.dumps({**timing, "peak_memory_mb": _peak_memory_mb(device), "host": socket.gethostname(),
                                      "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, indent=1))
         (out / SUMMARY).write_text(json.dumps(summary, indent=1))
         (ckpt_dir / "last.pt").unlink(missing_ok=True)  # finished: the checkpoint is spent
@@ -211,6 +211,16 @@ def _check_resume_fingerprint(ckpt_dir: Path, config: dict) -> None:
         shutil.rmtree(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     stamp.write_text(json.dumps(config, indent=1))
+
+
+def _peak_memory_mb(device) -> float:
+    """Peak memory of this process so far: the accelerator's allocations on CUDA, resident
+    memory (ru_maxrss) on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _append_log(path: Path, record: dict) -> None:

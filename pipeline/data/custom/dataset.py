@@ -38,9 +38,13 @@ def generate_dataset(root: Path, cfg: CustomConfig) -> Path:
                         "label": df["label"], "domain": df["domain"].map({d: i for i, d in enumerate(domains)}),
                         "split": df["split"]})
     out.to_csv(tmp / "metadata.csv", index=False, quoting=csv.QUOTE_MINIMAL)
+    # what the dataset is, not how it was read: the same images, labels, domains and splits from a
+    # CSV or from a folder tree make the same files, so switching between them re-runs nothing
+    how = ("csv", "folder", "path_column", "label_column", "domain_column", "split_column", "check_images")
     (tmp / "attributes.json").write_text(json.dumps({
         "classnames": names, "domains": domains, "id_domains": list(cfg.id_domains),
-        "ood_domains": list(cfg.ood_domains), "config": asdict(cfg)}, indent=1) + "\n")
+        "ood_domains": list(cfg.ood_domains),
+        "config": {k: v for k, v in asdict(cfg).items() if k not in how}}, indent=1) + "\n")
     (tmp / "prompts.json").write_text(json.dumps({"classnames": names, "templates": list(cfg.templates)},
                                                  indent=1) + "\n")
     (tmp / f"RELEASE_v{VERSION}.txt").write_text("A custom dataset written by pipeline.data.custom.\n")
