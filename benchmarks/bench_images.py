@@ -30,6 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import bench_eval as be  # noqa: E402  (the timing loops: the model alone, encode_images)
 import bench_train as bt  # noqa: E402  (imports pipeline first)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -37,7 +38,6 @@ from PIL import Image  # noqa: E402
 
 from pipeline.data.imagecache import ImageCache, build, image_key, resize_step  # noqa: E402
 from pipeline.data.torchdata import LabeledImages  # noqa: E402
-from pipeline.models.encode import encode_images  # noqa: E402
 from pipeline.models.evalmodel import EvalModel  # noqa: E402
 
 
@@ -83,24 +83,6 @@ def per_image(fn, n: int, rounds: int) -> float:
             fn(i)
         best = min(best, time.perf_counter() - t0)
     return n / best
-
-
-def model_only(model, images: torch.Tensor, batch_size: int, device) -> float:
-    with torch.no_grad():
-        bt.sync(device)
-        t0 = time.perf_counter()
-        for i in range(0, len(images), batch_size):
-            model.encode_image(images[i:i + batch_size]).float().cpu()
-        bt.sync(device)
-    return time.perf_counter() - t0
-
-
-def through_encode(model, dataset, batch_size: int, workers: int, device) -> float:
-    bt.sync(device)
-    t0 = time.perf_counter()
-    encode_images(model, dataset, device, batch_size=batch_size, num_workers=workers)
-    bt.sync(device)
-    return time.perf_counter() - t0
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -159,13 +141,13 @@ def main(argv=None) -> dict:
         sets = {"originals": source, **{f"cache {f}": ds for f, ds in caches.items()}}
         datasets = {k: LabeledImages(ds, range(n), preprocess) for k, ds in sets.items()}
         images = torch.stack([datasets["cache raw"][i]["image"] for i in range(n)]).to(device)
-        model_only(model, images[:bs], bs, device)  # warm-up
-        t_model = min(model_only(model, images, bs, device) for _ in range(args.rounds))
+        be.model_only(model, images[:bs], bs, device)  # warm-up
+        t_model = min(be.model_only(model, images, bs, device) for _ in range(args.rounds))
         real = {}
         for name, ds in datasets.items():
-            through_encode(model, ds, bs, workers[0], device)  # warm-up (and the page cache)
+            be.real_path(model, ds, bs, workers[0], device)  # warm-up (and the page cache)
             for w in workers:
-                real[name, w] = min(through_encode(model, ds, bs, w, device) for _ in range(args.rounds))
+                real[name, w] = min(be.real_path(model, ds, bs, w, device) for _ in range(args.rounds))
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 

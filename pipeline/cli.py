@@ -13,8 +13,6 @@ from typing import Optional
 
 import typer
 
-from pipeline.config import ParamsError
-
 from pipeline.stages import check, embed, evaluate, finetune, images, prepare, pretrained, report, sample, selection
 
 app = typer.Typer(
@@ -55,12 +53,9 @@ def repro(ctx: typer.Context):
     DVC's own message, naming nothing useful. Plain `dvc repro` works too: its first stage,
     `check`, runs the same checks before any stage that owns outputs."""
     from pipeline.stages.check import check_params
-    from pipeline.stages.common import fail
+    from pipeline.stages.common import guard
 
-    try:
-        check_params("params.yaml")
-    except (ParamsError, FileNotFoundError, KeyError, ValueError) as err:
-        fail(err)
+    guard(check_params)("params.yaml")  # one line and exit 1 on a mistake, as every stage
     raise typer.Exit(subprocess.call([sys.executable, "-m", "dvc", "repro", *ctx.args]))
 
 
