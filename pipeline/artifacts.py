@@ -69,6 +69,11 @@ def select_file(method: str, level: str) -> Path:
     return SELECT / method / f"{level}.json"
 
 
+def mlflow_record(method: str) -> Path:
+    """The MLflow runs a method's evaluation was logged to (run ids per level and seed)."""
+    return RUNS / "mlflow" / f"{method}.json"
+
+
 def evaluate_dir(method: str, level: str, seed: int) -> Path:
     return RUNS / "evaluate" / method / level / f"seed{seed}"
 

@@ -1,5 +1,5 @@
 """Command line: one subcommand per DVC stage (the same functions `dvc repro` runs through
-`stages/*.py`), plus helpers (repro, methods, ui).
+`stages/*.py`), plus helpers (repro, methods, leaderboard, ui).
 
 Every stage command reads params.yaml; `check` validates all of it against the registries
 (DVC runs it first).
@@ -60,14 +60,44 @@ def repro(ctx: typer.Context):
 
 
 @app.command()
+def leaderboard(value: str = typer.Option("ood", help="Which figure per level: ood or id."),
+                all_commits: bool = typer.Option(False, "--all-commits", "-A",
+                                                 help="Every commit's experiments, not only HEAD's."),
+                width: int = typer.Option(0, help="Cut lines to this width (default: the terminal's).")):
+    """Rank the DVC experiments (`dvc exp run`, the workspace and HEAD): one row per experiment
+    and method, the selected OOD (or ID) figure per level, their mean (the sort key) and the
+    params that differ between experiments. Reads `dvc exp show --json`."""
+    import json
+    import shutil
+
+    from pipeline.report.leaderboard import entries, render
+
+    if value not in ("ood", "id"):
+        raise typer.BadParameter(f"{value!r}: allowed values are ood, id", param_hint="--value")
+    cmd = [sys.executable, "-m", "dvc", "exp", "show", "--json", *(["-A"] if all_commits else [])]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        typer.secho(f"error: `dvc exp show` failed: {proc.stderr.strip().splitlines()[-1:]}", fg=typer.colors.RED,
+                    err=True)
+        raise typer.Exit(1)
+    typer.echo(render(entries(json.loads(proc.stdout or "[]"), value), value,
+                      width or shutil.get_terminal_size((120, 24)).columns))
+
+
+@app.command()
 def ui(host: str = typer.Option("127.0.0.1", help="Interface to bind (default: this machine only)."),
        port: int = typer.Option(5000)):
-    """Open the MLflow UI on the tracking store (sqlite:///mlflow.db unless MLFLOW_TRACKING_URI)."""
-    from pipeline.core.tracking import tracking_uri
+    """Open the MLflow UI on the tracking store (sqlite:///mlflow.db unless MLFLOW_TRACKING_URI)
+    and print each experiment's page in the model-training view (runs grouped by method and
+    level; add columns such as mean/selected/test/acc_avg from "Columns")."""
+    from pipeline.core.tracking import experiment_pages, tracking_uri
 
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking_uri(),
            "--host", host, "--port", str(port), "--workers", "1"]
-    typer.echo(f"MLflow UI on http://{host}:{port}  (Ctrl-C to stop)")
+    base = f"http://{host}:{port}"
+    typer.echo(f"MLflow UI on {base}  (Ctrl-C to stop)")
+    for name, url in experiment_pages(base).items():
+        typer.echo(f"  {name}: {url}")
     raise typer.Exit(_run_group(cmd))
 
 

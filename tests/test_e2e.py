@@ -137,56 +137,101 @@ def test_rerunning_an_unchanged_finetune_reruns_nothing_downstream(project):
     assert metrics(work, "dive")["train/wall_time_s"] > 0  # evaluate read it from logs/
 
 
-def test_a_rejected_edit_deletes_nothing(project):
-    """A bad weights file: `dvc repro` stops in `check` with one line naming the file, and
-    nothing downstream looks changed once the edit is undone."""
+def _outputs(work: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(work)): (p.stat().st_mtime_ns, p.stat().st_size)
+            for top in ("data", "models", "runs", "metrics", "reports") for p in (work / top).rglob("*") if p.is_file()}
+
+
+# the mistakes of the issue, each through the command a user types. Two of them break dvc.yaml's
+# matrix (sample.levels is what it expands), so DVC's parser would speak before any stage can:
+# `python -m pipeline repro` (the README's command) checks params.yaml first, then runs `dvc repro`
+PARSE_TIME = {"levels a string", "typo'd section key"}
+REPRO_CASES = sorted(PARSE_TIME | {"unknown method", "misplaced top-level seeds", "a trial of a method not compared",
+                                   "garbage weights file", "truncated weights file", "missing reference CSV"})
+
+
+@pytest.mark.parametrize("case", REPRO_CASES)
+def test_a_rejected_edit_deletes_nothing(project, tmp_path, case):
+    """Each mistake stops `dvc repro` in its first stage (`check`) with one line naming the key
+    or file, before any stage that owns outputs runs: no output is touched, and once the edit
+    is undone nothing looks changed."""
+    import re
+
+    from tests.test_check import CASES, FILE_CASES, _files, _set
+
     work, env = project
     original = (work / "params.yaml").read_text()
-    (work / "garbage.safetensors").write_bytes(b"\x10" + bytes(7) + b"{not json")
+    edit, message = CASES[case]
+    if case in FILE_CASES:
+        section, key, name = FILE_CASES[case]
+        edit = _set(section, key, str(_files(tmp_path)[name]))
     params = yaml.safe_load(original)
-    params["model"]["pretrained"] = "garbage.safetensors"
+    edit(params)
+    before = _outputs(work)
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     try:
-        out = sh([sys.executable, "-m", "dvc", "repro"], work, env, check=False)
-        assert out.returncode != 0
-        assert "error: model.pretrained: garbage.safetensors is not a readable weights file" in out.stdout + out.stderr
-        assert "Running stage 'prepare'" not in out.stdout
+        cmd = ["-m", "pipeline", "repro"] if case in PARSE_TIME else ["-m", "dvc", "repro"]
+        out = sh([sys.executable, *cmd], work, env, check=False)
     finally:
         (work / "params.yaml").write_text(original)
-        (work / "garbage.safetensors").unlink()
-    assert (work / "data/check.json").is_file()
-    assert json.loads(sh([sys.executable, "-m", "dvc", "status", "--json"], work, env).stdout) == {}
+    text = out.stdout + out.stderr
+    assert out.returncode != 0
+    errors = [line for line in text.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and re.search(message, errors[0]), text[-3000:]
+    assert "Traceback" not in text and "Running stage 'prepare'" not in out.stdout
+    assert _outputs(work) == before  # nothing deleted, nothing rewritten
+    if case == REPRO_CASES[-1]:
+        assert json.loads(sh([sys.executable, "-m", "dvc", "status", "--json"], work, env).stdout) == {}
+
+
+def _runs(env):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    exp = client.get_experiment_by_name("synthetic")
+    return client, exp, {r.data.tags["run_key"]: r for r in client.search_runs([exp.experiment_id])}
 
 
 def test_mlflow_one_run_per_level(project):
-    from mlflow.tracking import MlflowClient
-
-    work, env = project
-    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
-    exp = client.get_experiment_by_name("synthetic")
-
-    def runs():
-        return client.search_runs([exp.experiment_id])
-
-    keys = sorted(r.data.tags["run_key"] for r in runs())
-    assert keys == sorted(f"{m}/{lv}/seed0" for m in ("dive", "flyp", "lp") for lv in ("4", "10%")) + [
-        "report", "zeroshot/k0/seed0"]
-    dive = next(r for r in runs() if r.data.tags["run_key"] == "dive/4/seed0")
-    chosen = json.loads((work / "runs/evaluate/dive/4/seed0/selection.json").read_text())["trial"]
-    assert dive.data.params["method"] == "dive" and dive.data.params["level"] == "4"
-    assert dive.data.tags["trial"] == dive.data.params["trial"] == chosen
-    assert dive.data.params["hparams.lam"] == ("10.0" if chosen == "dive-lam10" else "100.0")
-    assert dive.data.params["selection"] == dive.data.tags["selection"] == "id_val"
-    assert dive.data.metrics["test/acc_avg"] == pytest.approx(metrics(work, "dive")["test/acc_avg"])
-    history = client.get_metric_history(dive.info.run_id, "train/flyp_loss")
-    assert [h.step for h in history] == list(range(1, 13))
-    # re-running a stage replaces its run, and the replaced one is gone, not piled up as deleted
-    sh([sys.executable, "-m", "dvc", "repro", "-f", "-s", "evaluate@flyp"], work, env)
-    keys = sorted(r.data.tags["run_key"] for r in runs())
-    assert keys.count("flyp/4/seed0") == 1
+    """A parent run per method and level, one child per trial and seed (live from training),
+    the evaluation added to the chosen trial's; one run per key, none piled up as deleted."""
     from mlflow.entities import ViewType
 
+    work, env = project
+    client, exp, runs = _runs(env)
+    keys = [r.data.tags["run_key"] for r in client.search_runs([exp.experiment_id])]
+    assert len(keys) == len(set(keys))  # one active run per (method, level, seed, trial)
+    groups = {f"{m}/{lv}" for m in TRIALS for lv in ("4", "10%")}
+    trained = {f"{t}/{lv}/seed0" for ts in TRIALS.values() for t in ts for lv in ("4", "10%")}
+    assert set(keys) == groups | trained | {"report", "zeroshot/k0/seed0"}
+    for key in trained:
+        run = runs[key]
+        method, level = run.data.tags["method"], run.data.tags["level"]
+        assert run.data.tags["mlflow.parentRunId"] == runs[f"{method}/{level}"].info.run_id, key
+        times = json.loads((work / "logs/finetune" / run.data.tags["trial"] / level / "seed0.json").read_text())
+        assert run.info.end_time - run.info.start_time >= 1000 * times["wall_time_s"], key  # real duration
+    chosen = json.loads((work / "runs/evaluate/dive/4/seed0/selection.json").read_text())["trial"]
+    other = next(t for t in TRIALS["dive"] if t != chosen)
+    dive, passed_over = runs[f"{chosen}/4/seed0"], runs[f"{other}/4/seed0"]
+    assert dive.data.tags["selected"] == dive.data.tags["evaluated"] == "true"
+    assert dive.data.tags["selection"] == "id_val" and dive.data.params["method"] == "dive"
+    assert dive.data.params["hparams.lam"] == ("10.0" if chosen == "dive-lam10" else "100.0")
+    assert dive.data.metrics["test/acc_avg"] == pytest.approx(metrics(work, "dive")["test/acc_avg"])
+    # only the chosen trial shows test-split figures; the other shows what selection read
+    assert "selected" not in passed_over.data.tags and "id_val/acc_avg" in passed_over.data.metrics
+    assert not [k for k in passed_over.data.metrics if k.split("/")[0] in ("test", "id_test")]
+    group = runs["dive/4"].data.metrics
+    assert group["mean/test/acc_avg"] == pytest.approx(dive.data.metrics["test/acc_avg"]) and group["seeds"] == 1
+    history = client.get_metric_history(runs["flyp-a/4/seed0"].info.run_id, "train/flyp_loss")
+    assert [h.step for h in history] == list(range(1, 13))
+    # re-running evaluate adds to the same training runs: nothing replaced, nothing deleted
+    sh([sys.executable, "-m", "dvc", "repro", "-f", "-s", "evaluate@flyp"], work, env)
+    _, _, again = _runs(env)
+    assert again["flyp-a/4/seed0"].info.run_id == runs["flyp-a/4/seed0"].info.run_id
+    assert again["flyp-a/4/seed0"].info.end_time > runs["flyp-a/4/seed0"].info.end_time
     assert not client.search_runs([exp.experiment_id], run_view_type=ViewType.DELETED_ONLY)
+    record = json.loads((work / "runs/mlflow/flyp.json").read_text())
+    assert record["runs"]["4/seed0"] == runs["flyp-a/4/seed0"].info.run_id
 
 
 def test_the_mlflow_store_shows_the_question(project):
@@ -194,20 +239,17 @@ def test_the_mlflow_store_shows_the_question(project):
     metrics (none of an empty group) with the full breakdown as a JSON artifact, the git
     commit with a dirty flag, and the k-shot sample as its dataset input; the report run draws
     each method's curve with the training-set size as the step."""
-    from mlflow.tracking import MlflowClient
-
     work, env = project
-    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
-    exp = client.get_experiment_by_name("synthetic")
+    client, exp, runs = _runs(env)
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
-    runs = {r.data.tags["run_key"]: r for r in client.search_runs([exp.experiment_id])}
     for key, run in runs.items():
         m = run.data.metrics
         assert 5 <= len(m) <= 60 or key == "report", (key, len(m))
         assert run.data.tags["git_dirty"] in ("true", "false") and run.data.tags["mlflow.source.git.commit"]
         empty = {k.split("count_", 1)[1] for k, v in m.items() if "count_" in k and v == 0}
         assert not empty, (key, empty)
-    dive = runs["dive/4/seed0"]
+    chosen = json.loads((work / "runs/evaluate/dive/4/seed0/selection.json").read_text())["trial"]
+    dive = runs[f"{chosen}/4/seed0"]
     full = metrics(work, "dive")
     assert len(full) > len(dive.data.metrics)  # the full breakdown is the artifact
     assert not [k for k, v in full.items() if "/count_" in k and v == 0]  # no empty group there either
@@ -351,12 +393,10 @@ def test_code_edits_rerun_the_stages_that_run_that_code(project):
 
 def test_a_kill_while_logging_leaves_nothing_finished_looking(project):
     """SIGKILL evaluate while it logs to MLflow: no metrics.json of the method looks finished,
-    no run is left RUNNING, the earlier runs stay; `dvc repro` then completes cleanly with one
-    finished run per method × level × seed."""
+    no run is left RUNNING and the run being added to says `evaluated: partial`; `dvc repro`
+    then completes cleanly with one finished run per key."""
     import signal
     import time
-
-    from mlflow.tracking import MlflowClient
 
     work, env = project
     marker = work / "logging.started"
@@ -381,24 +421,66 @@ def test_a_kill_while_logging_leaves_nothing_finished_looking(project):
     proc.wait()
     finished = lambda: [p for p in (work / "runs/evaluate/lp").rglob("metrics.json") if ".staging" not in p.parts]  # noqa: E731
     assert not finished()  # (the staged copy MLflow was logging sits in a hidden .staging folder)
-    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
-    exp = client.get_experiment_by_name("synthetic")
-    runs = client.search_runs([exp.experiment_id])
-    assert not [r for r in runs if r.info.status == "RUNNING"]
-    lp = [r for r in runs if r.data.tags.get("method") == "lp"]
-    assert {r.info.status for r in lp} == {"FINISHED", "FAILED"}  # the old ones, and the killed one
+    client, exp, runs = _runs(env)
+    assert not [r for r in runs.values() if r.info.status == "RUNNING"]
+    assert runs["lp-a/4/seed0"].data.tags["evaluated"] == "partial"  # the run says it was cut short
     out = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=work, env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
+    # evaluate runs again (its MLflow record is a persistent output, so DVC's run cache never
+    # restores it behind MLflow's back) and completes the runs
+    assert "Running stage 'evaluate@lp'" in out.stdout
     assert len(finished()) == 2 and not list((work / "runs/evaluate/lp").rglob(".staging"))  # levels 4, 10%
-    # DVC restores the unchanged outputs from its cache; MLflow keeps the finished runs, and
-    # the killed one stays marked FAILED (never RUNNING) until the key is logged again
-    runs = client.search_runs([exp.experiment_id])
-    done = [r.data.tags["run_key"] for r in runs if r.info.status == "FINISHED"]
-    assert len(done) == len(set(done)) and not [r for r in runs if r.info.status == "RUNNING"]
-    assert {"lp/4/seed0", "lp/10%/seed0"} <= set(done)
-    out = subprocess.run([sys.executable, "-m", "dvc", "repro", "-f", "-s", "evaluate@lp"], cwd=work, env=env,
-                         capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr[-3000:]
-    runs = client.search_runs([exp.experiment_id])
-    keys = [r.data.tags["run_key"] for r in runs]
-    assert len(keys) == len(set(keys)) and {r.info.status for r in runs} == {"FINISHED"}
+    keys = [r.data.tags["run_key"] for r in client.search_runs([exp.experiment_id])]
+    _, _, runs = _runs(env)
+    assert len(keys) == len(set(keys)) and {r.info.status for r in runs.values()} == {"FINISHED"}
+    assert runs["lp-a/4/seed0"].data.tags["evaluated"] == runs["lp-a/10%/seed0"].data.tags["evaluated"] == "true"
+
+
+def test_training_is_live_in_mlflow_and_a_killed_run_resumes_into_one_run(project):
+    """A training run shows its losses in MLflow while it trains; SIGKILLed at step 8, it is
+    marked KILLED (never left RUNNING); `dvc repro` resumes from the step-6 checkpoint into one
+    run that keeps the first start time, every step once, and (the weights being bit-identical)
+    the evaluation, with nothing downstream re-run."""
+    import signal
+    import time
+
+    work, env = project
+    marker = work / "training.live"
+    script = (
+        "import pathlib, time\n"
+        "from pipeline.core import tracking\n"
+        "real = tracking.LiveRun.log_step\n"
+        "def slow(self, step, values, prefix='train/'):\n"
+        "    real(self, step, values, prefix)\n"
+        "    if step == 8:\n"
+        "        self.flush()\n"
+        f"        pathlib.Path({str(marker)!r}).write_text(self.run_id)\n"
+        "        time.sleep(300)\n"
+        "tracking.LiveRun.log_step = slow\n"
+        "from pipeline.stages import finetune\n"
+        "finetune.main(['--trial', 'flyp-a', '--level', '4'])\n")
+    _, _, before = _runs(env)
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=work, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not marker.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert marker.exists(), "finetune never reached step 8"
+    client, exp, runs = _runs(env)
+    live = runs["flyp-a/4/seed0"]
+    assert live.info.run_id == marker.read_text() and live.info.status == "RUNNING"
+    assert [h.step for h in client.get_metric_history(live.info.run_id, "train/loss")] == list(range(1, 9))
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    sh([sys.executable, "-c", "from pipeline.core import tracking; tracking.find_run('synthetic', 'x', {})"], work, env)
+    assert client.get_run(live.info.run_id).info.status == "KILLED"
+    out = sh([sys.executable, "-m", "dvc", "repro"], work, env)
+    assert "Running stage 'finetune@flyp-a-4'" in out.stdout and "Running stage 'evaluate@flyp'" not in out.stdout
+    _, _, runs = _runs(env)
+    run = runs["flyp-a/4/seed0"]
+    assert run.info.status == "FINISHED" and run.info.start_time == live.info.start_time
+    assert [h.step for h in client.get_metric_history(run.info.run_id, "train/loss")] == list(range(1, 13))
+    assert run.data.tags["evaluated"] == "true"  # carried over: the same weights as the evaluated run
+    assert run.data.metrics["test/acc_avg"] == before["flyp-a/4/seed0"].data.metrics["test/acc_avg"]
+    assert set(runs) == set(before)
+    assert json.loads(sh([sys.executable, "-m", "dvc", "status", "--json"], work, env).stdout) == {}

@@ -303,7 +303,7 @@ def test_summary_mean_and_std_over_seeds(done):
 def test_confidence_intervals_equal_scipys(done):
     from scipy import stats as sst
 
-    from pipeline.report.stats import mean_ci
+    from pipeline.evaluation.stats import mean_ci
 
     def scipy_half(vals) -> float:
         vals = np.asarray(vals, float)
@@ -649,7 +649,7 @@ def test_zeroshot_method_at_a_level_is_not_the_zero_shot_level(tmp_path, monkeyp
 def test_retention_section_reports_changes_with_intervals(done):
     """Retention is the fine-tuned minus the pre-trained accuracy per task, mean ± Student-t CI
     over seeds; the mean leaves out the task the pre-trained model is at chance on (texture)."""
-    from pipeline.report.stats import mean_ci
+    from pipeline.evaluation.stats import mean_ci
 
     ret = pd.read_csv(done["root"] / "reports" / "retention.csv", dtype={"level": str})
     assert set(ret["task"]) == {*ZS_TASKS, "mean"}
@@ -684,7 +684,7 @@ def test_retention_section_reports_changes_with_intervals(done):
 
 def test_the_trade_off_of_every_trial(done):
     """Per trial: seeds that chose it, mean val score, mean change in retention (informative tasks)."""
-    from pipeline.report.stats import mean_ci
+    from pipeline.evaluation.stats import mean_ci
 
     trials = pd.read_csv(done["root"] / "reports" / "trials.csv", dtype={"level": str})
     assert len(trials) == len(METHODS) * len(LEVELS) * 2

@@ -1,4 +1,4 @@
-"""The report's intervals over seeds (`pipeline.report.stats.mean_ci`) are scipy's Student-t
+"""The report's intervals over seeds (`pipeline.evaluation.stats.mean_ci`) are scipy's Student-t
 confidence intervals of the mean."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from pipeline.report.stats import CONFIDENCE, mean_ci
+from pipeline.evaluation.stats import CONFIDENCE, mean_ci
 
 
 def _scipy(values, confidence):

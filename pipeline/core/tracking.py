@@ -1,14 +1,27 @@
 """MLflow tracking: sqlite in the working directory by default, any URI from the environment.
 
 One experiment per dataset (tagged as a model-training experiment, so the UI opens on its
-runs); one run per method × k × seed (k = 0 is the zero-shot level); re-running a stage
-replaces its run (the old one is deleted for good once the new one is complete) instead of
-piling up copies.
+runs). Runs are keyed (tag `run_key`); re-running a stage replaces the runs of its keys (the
+old ones are deleted for good once the new one is complete) instead of piling up copies.
+
+- `group_run`: a parent run that only groups (one per method and level); it never replaces.
+- `start_run` -> `LiveRun`: a run that exists while its work happens (a training run from its
+  first step: losses as they are logged, real start and end), replacing the key's runs when it
+  finishes. A run whose process died (same host, pid gone) is marked KILLED by the next stage
+  that opens the experiment, never left RUNNING.
+- `add_to_run`: results added to a finished run in one transaction (evaluation of a training
+  run): the metrics land together or not at all.
+- `log_run`: a complete run logged at once (zero-shot, the report).
+
+The sqlite store records absolute artifact paths; `relocate` rewrites them when the project
+folder moved, so a copied project never writes into the old folder.
 """
 
 from __future__ import annotations
 
 import os
+import socket
+import sqlite3
 import subprocess
 import time
 from pathlib import Path
@@ -16,10 +29,32 @@ from typing import Any
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 RUN_KEY = "run_key"
+RUN_KIND = "run_kind"  # group | train | zeroshot | report
+PARENT = "mlflow.parentRunId"
+ROOT_TAG = "project.artifact_root"  # the folder the experiment's artifact paths were made in
 
 
 def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_URI)
+
+
+def display_uri() -> str:
+    """The tracking URI without credentials (user:password@ in a server URI)."""
+    import re
+
+    return re.sub(r"//[^/@]*@", "//", tracking_uri())
+
+
+def experiment_pages(base_url: str) -> dict[str, str]:
+    """name -> UI page of each of this project's experiments, in the UI's model-training view.
+    (MLflow 3's UI opens on its GenAI pages unless the link says `workflowType=machine_learning`
+    or the browser remembers the other choice; the experiment tag alone does not switch it.)"""
+    client = _client()
+    out = {}
+    for exp in client.search_experiments():
+        if exp.tags.get(EXPERIMENT_KIND[0]) == EXPERIMENT_KIND[1]:
+            out[exp.name] = f"{base_url.rstrip('/')}/#/experiments/{exp.experiment_id}?workflowType=machine_learning"
+    return out
 
 
 def git_commit() -> str:
@@ -58,19 +93,101 @@ def _client():
         from mlflow.tracking import MlflowClient
 
         mlflow.set_tracking_uri(uri)
+        relocate(uri)
         _CLIENTS[uri] = MlflowClient(uri)
     return _CLIENTS[uri]
 
 
+def _sqlite_file(uri: str) -> Path | None:
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path(uri[len("sqlite:///"):]).resolve()
+
+
+def relocate(uri: str) -> int:
+    """Point a moved sqlite store's artifact paths at its new folder.
+
+    MLflow stores each experiment's artifact location and each run's artifact URI as absolute
+    paths (`<folder>/mlruns/...`), so a project moved or copied elsewhere would log into (and
+    read from) the old folder. Each experiment records the folder its paths were made in
+    (tag `project.artifact_root`); when the store now sits in another folder, every path under
+    the old one is rewritten to the same place under the new one. Artifact paths elsewhere (a
+    server, a bucket) are left alone. Returns the number of rows rewritten."""
+    db = _sqlite_file(uri)
+    if db is None or not db.is_file():
+        return 0
+    new = str(db.parent)
+    con = sqlite3.connect(db)
+    try:
+        rows = con.execute("SELECT experiment_id, value FROM experiment_tags WHERE key = ?", (ROOT_TAG,)).fetchall()
+    except sqlite3.OperationalError:  # not (yet) an MLflow store
+        con.close()
+        return 0
+    changed = 0
+    with con:
+        for exp_id, old in rows:
+            if old == new:
+                continue
+            for table, column, where in (("experiments", "artifact_location", "experiment_id"),
+                                         ("runs", "artifact_uri", "experiment_id")):
+                for prefix in ("file://", ""):
+                    changed += con.execute(
+                        f"UPDATE {table} SET {column} = ? || substr({column}, ?) "
+                        f"WHERE {where} = ? AND substr({column}, 1, ?) = ?",
+                        (prefix + new, len(prefix + old) + 1, exp_id, len(prefix + old) + 1, prefix + old + "/"),
+                    ).rowcount
+            con.execute("UPDATE experiment_tags SET value = ? WHERE experiment_id = ? AND key = ?",
+                        (new, exp_id, ROOT_TAG))
+    con.close()
+    return changed
+
+
 def _experiment_id(client, name: str) -> str:
     exp = client.get_experiment_by_name(name)
+    db = _sqlite_file(tracking_uri())
+    tags = dict([EXPERIMENT_KIND] + ([(ROOT_TAG, str(db.parent))] if db else []))
     if exp is None:
-        return client.create_experiment(name, tags=dict([EXPERIMENT_KIND]))
-    if exp.lifecycle_stage == "deleted":
-        client.restore_experiment(exp.experiment_id)
-    if exp.tags.get(EXPERIMENT_KIND[0]) != EXPERIMENT_KIND[1]:
-        client.set_experiment_tag(exp.experiment_id, *EXPERIMENT_KIND)
-    return exp.experiment_id
+        exp_id = client.create_experiment(name, tags=tags)
+    else:
+        exp_id = exp.experiment_id
+        if exp.lifecycle_stage == "deleted":
+            client.restore_experiment(exp_id)
+        for k, v in tags.items():
+            if k not in exp.tags or (k == EXPERIMENT_KIND[0] and exp.tags[k] != v):
+                client.set_experiment_tag(exp_id, k, v)
+    _sweep(client, exp_id)
+    return exp_id
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _sweep(client, exp_id: str) -> None:
+    """Mark KILLED the RUNNING runs whose process (on this host) is gone: a killed stage's run
+    never stays RUNNING once another stage opens the experiment."""
+    for run in client.search_runs([exp_id], filter_string="attributes.status = 'RUNNING'"):
+        tags = run.data.tags
+        if tags.get("host") == socket.gethostname() and tags.get("pid", "").isdigit() \
+                and not _alive(int(tags["pid"])):
+            client.set_terminated(run.info.run_id, status="KILLED")
+
+
+def _runs(client, exp_id: str, key: str) -> list:
+    return client.search_runs([exp_id], filter_string=f"tags.{RUN_KEY} = '{key}'")
+
+
+def _base_tags(key: str, kind: str) -> dict[str, str]:
+    from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT
+
+    return {RUN_KEY: key, RUN_KIND: kind, MLFLOW_GIT_COMMIT: git_commit(), "git_dirty": git_dirty(),
+            "host": socket.gethostname(), "pid": str(os.getpid())}
 
 
 def _purge(client, run) -> None:
@@ -108,13 +225,218 @@ def _flatten(prefix: str, value: Any, out: dict[str, str]) -> None:
         out[prefix] = str(value)[:6000]
 
 
+def _params_batches(params: dict):
+    from mlflow.entities import Param
+
+    flat: dict[str, str] = {}
+    _flatten("", params, flat)
+    items = [Param(k, v) for k, v in flat.items()]
+    return [items[i:i + 100] for i in range(0, len(items), 100)]
+
+
+def _metric_list(metrics: dict[str, float], now: int, step: int = 0) -> list:
+    from mlflow.entities import Metric
+
+    return [Metric(k, float(v), now, step) for k, v in metrics.items()]
+
+
+def _log_metrics(client, rid: str, metrics: list) -> None:
+    for i in range(0, len(metrics), 1000):
+        client.log_batch(rid, metrics=metrics[i:i + 1000])
+
+
+def _now() -> int:
+    return int(time.time() * 1000)
+
+
+def group_run(experiment: str, key: str, run_name: str, tags: dict[str, str]) -> str:
+    """The parent run of `key` (created once, FINISHED at once: it holds no work of its own,
+    only what its children's stages add to it); its id."""
+    client = _client()
+    exp_id = _experiment_id(client, experiment)
+    found = [r for r in _runs(client, exp_id, key) if r.data.tags.get(RUN_KIND) == "group"]
+    if found:
+        return found[0].info.run_id
+    run = client.create_run(exp_id, run_name=run_name, tags={**_base_tags(key, "group"), **tags})
+    client.set_terminated(run.info.run_id, status="FINISHED")
+    return run.info.run_id
+
+
+class LiveRun:
+    """A run logged while its work happens. `log_step` buffers per-step values and writes them
+    every `flush_s` seconds (a sqlite write costs milliseconds, a training step may cost less);
+    `finish` logs the results, carries over what `carry` says from the run it replaced, and
+    marks it FINISHED. A process killed before `finish` leaves its run RUNNING until the next
+    stage opens the experiment and marks it KILLED."""
+
+    def __init__(self, client, run_id: str, replaces: list, flush_s: float = 5.0):
+        self.client, self.run_id, self.replaces, self.flush_s = client, run_id, replaces, flush_s
+        self._buffer: list = []
+        self._last = time.monotonic()
+
+    def log_step(self, step: int, values: dict, prefix: str = "train/") -> None:
+        from mlflow.entities import Metric
+
+        now = _now()
+        self._buffer += [Metric(f"{prefix}{k}", float(v), now, int(step)) for k, v in values.items()
+                         if k != "step" and v not in ("", None)]
+        if time.monotonic() - self._last >= self.flush_s:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._buffer:
+            _log_metrics(self.client, self.run_id, self._buffer)
+            self._buffer = []
+        self._last = time.monotonic()
+
+    def finish(self, metrics: dict[str, float], tags: dict[str, str] | None = None,
+               carry: tuple[str, str] | None = None) -> str:
+        """`carry = (tag, marker)`: from the replaced run whose `tag` equals this run's (e.g. the
+        weights digest) and whose `marker` tag is `true`, copy what was added to it later
+        (metrics and tags this run lacks, artifacts): re-training to the same weights keeps
+        their evaluation, since nothing downstream re-runs for unchanged outputs."""
+        from mlflow.entities import RunTag
+
+        self.flush()
+        tags = dict(tags or {})
+        _log_metrics(self.client, self.run_id, _metric_list(metrics, _now()))
+        if carry is not None:
+            tag, marker = carry
+            same = [r for r in self.replaces if tag in tags and r.tags.get(tag) == tags[tag]
+                    and r.tags.get(marker) == "true"]
+            if same:
+                same[0].copy_to(self.client, self.run_id, set(metrics), set(tags))
+        self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+        self.client.set_terminated(self.run_id, status="FINISHED")
+        self._drop_snapshots()
+        return self.run_id
+
+    def fail(self) -> None:
+        self.flush()
+        self.client.set_terminated(self.run_id, status="FAILED")
+        self._drop_snapshots()
+
+    def _drop_snapshots(self) -> None:
+        for snap in self.replaces:
+            snap.close()
+        self.replaces = []
+
+
+# tags every run gets for itself (never carried over from a replaced run)
+_OWN_TAGS = {RUN_KEY, RUN_KIND, PARENT, "git_dirty", "host", "pid"}
+
+
+class _Snapshot:
+    """What a replaced run held (metrics, tags, artifacts in a temporary folder), kept after
+    the run itself is deleted, for `LiveRun.finish` to carry over."""
+
+    def __init__(self, client, run):
+        import tempfile
+
+        self.metrics = dict(run.data.metrics)
+        self.tags = dict(run.data.tags)
+        self._tmp = tempfile.TemporaryDirectory(prefix="mlflow-replaced-")
+        self.artifacts = None
+        try:
+            if client.list_artifacts(run.info.run_id):
+                self.artifacts = client.download_artifacts(run.info.run_id, "", self._tmp.name)
+        except Exception:  # a missing artifact folder: metrics and tags still carry over
+            self.artifacts = None
+
+    def copy_to(self, client, run_id: str, metrics: set, tags: set) -> None:
+        from mlflow.entities import Metric, RunTag
+
+        now = _now()
+        extra = [Metric(k, v, now, 0) for k, v in self.metrics.items()
+                 if k not in metrics and not k.startswith("train/")]
+        extra_tags = [RunTag(k, v) for k, v in self.tags.items()
+                      if k not in tags and k not in _OWN_TAGS and not k.startswith("mlflow.")]
+        if self.artifacts:
+            client.log_artifacts(run_id, self.artifacts)
+        _log_metrics(client, run_id, extra)
+        client.log_batch(run_id, tags=extra_tags)
+
+    def close(self) -> None:
+        self._tmp.cleanup()
+
+
+def start_run(experiment: str, key: str, run_name: str, params: dict, tags: dict[str, str],
+              parent: str | None = None, history: list[dict] | None = None, resumed: bool = False,
+              inputs: list | None = None) -> LiveRun:
+    """Open the run of `key` for work that starts now, replacing the key's runs at once (one run
+    per key at all times): a resumed run takes over the start time of the interrupted one and
+    `history`, the steps logged before the interruption; what a finished one held is kept
+    aside for `LiveRun.finish` to carry over."""
+    client = _client()
+    exp_id = _experiment_id(client, experiment)
+    earlier = _runs(client, exp_id, key)
+    unfinished = [r for r in earlier if r.info.status != "FINISHED"]
+    start = min((r.info.start_time for r in unfinished), default=None) if resumed else None
+    snapshots = [_Snapshot(client, r) for r in earlier if r.info.status == "FINISHED"]
+    for old in earlier:
+        _purge(client, old)
+    run_tags = {**_base_tags(key, tags.pop(RUN_KIND, "train")), **tags}
+    if parent:
+        run_tags[PARENT] = parent
+    run = client.create_run(exp_id, start_time=start, run_name=run_name, tags=run_tags)
+    rid = run.info.run_id
+    for batch in _params_batches(params):
+        client.log_batch(rid, params=batch)
+    if inputs:
+        client.log_inputs(rid, datasets=inputs)
+    live = LiveRun(client, rid, snapshots)
+    for rec in history or []:
+        live.log_step(int(rec["step"]), rec)
+    live.flush()
+    return live
+
+
+def find_run(experiment: str, key: str, tags: dict[str, str]):
+    """The FINISHED run of `key` whose tags include `tags`, or None."""
+    client = _client()
+    exp_id = _experiment_id(client, experiment)
+    for run in _runs(client, exp_id, key):
+        if run.info.status == "FINISHED" and all(run.data.tags.get(k) == v for k, v in tags.items()):
+            return run
+    return None
+
+
+def add_to_run(run_id: str, metrics: dict[str, float], tags: dict[str, str],
+               artifacts: list[Path] | None = None, inputs: list | None = None, marker: str | None = None) -> None:
+    """Add results to a finished run, then move its end time to now. Values of metrics logged
+    before are replaced. With `marker` (a tag key in `tags`), that tag reads `partial` until
+    every metric and artifact landed and gets its value last: a process killed on the way
+    leaves a run that says so (MLflow's SQL store commits metrics and tags separately)."""
+    from mlflow.entities import RunTag
+
+    client = _client()
+    if marker is not None:
+        client.set_tag(run_id, marker, "partial")
+    for path in artifacts or []:
+        if Path(path).exists():
+            client.log_artifact(run_id, str(path))
+    if inputs:
+        client.log_inputs(run_id, datasets=inputs)
+    _log_metrics(client, run_id, _metric_list(metrics, _now()))
+    ordered = sorted(tags.items(), key=lambda kv: kv[0] == marker)  # the marker last
+    client.log_batch(run_id, tags=[RunTag(k, v) for k, v in ordered])
+    client.set_terminated(run_id, status="FINISHED")
+
+
+def replace_run(run) -> None:
+    """Delete a run for good (e.g. a run whose added results no longer apply)."""
+    _purge(_client(), run)
+
+
 def log_run(experiment: str, key: str, run_name: str, params: dict, tags: dict[str, str],
             metrics: dict[str, float], step_metrics: list[dict] | None = None,
             artifacts: list[Path] | None = None, curves: dict[str, list[tuple[int, float]]] | None = None,
-            inputs: list | None = None) -> str:
+            inputs: list | None = None, parent: str | None = None, start_time: int | None = None,
+            end_time: int | None = None) -> str:
     """Create the run for `key`, log everything in batches, then replace the earlier runs of
     the key. `curves`: metric name -> (step, value) points (e.g. a metric against the level's
-    training-set size, drawn by MLflow's own charts); `inputs`: dataset inputs (`sample_input`).
+    training-set size, drawn by MLflow's own charts); `inputs`: dataset inputs (`sample_input`);
+    `start_time`/`end_time` (ms): when the work it records happened, if not now.
     Every run is tagged with the git commit and whether the work tree was dirty.
 
     Nothing half-made ever looks finished: the new run is marked FAILED from the moment it
@@ -122,38 +444,34 @@ def log_run(experiment: str, key: str, run_name: str, params: dict, tags: dict[s
     only after that. A process killed while logging leaves the old run in place and the new one
     FAILED (the next run of the key deletes it), never an empty RUNNING run.
     """
-    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.entities import Metric
 
     client = _client()
     exp_id = _experiment_id(client, experiment)
-    earlier = client.search_runs([exp_id], filter_string=f"tags.{RUN_KEY} = '{key}'")
-    from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT
-
-    run = client.create_run(exp_id, run_name=run_name, tags={
-        RUN_KEY: key, MLFLOW_GIT_COMMIT: git_commit(), "git_dirty": git_dirty(), **tags})
+    earlier = _runs(client, exp_id, key)
+    run_tags = {**_base_tags(key, tags.pop(RUN_KIND, "result")), **tags}
+    if parent:
+        run_tags[PARENT] = parent
+    run = client.create_run(exp_id, run_name=run_name, tags=run_tags, start_time=start_time)
     rid = run.info.run_id
     client.set_terminated(rid, status="FAILED")  # until the last line below
-    now = int(time.time() * 1000)
-    flat: dict[str, str] = {}
-    _flatten("", params, flat)
-    batch_params = [Param(k, v) for k, v in flat.items()]
-    batch_metrics = [Metric(k, float(v), now, 0) for k, v in metrics.items()]
+    now = _now()
+    batch_metrics = _metric_list(metrics, now)
     for rec in step_metrics or []:
         step = int(rec["step"])
         batch_metrics += [Metric(f"train/{k}", float(v), now, step) for k, v in rec.items()
                           if k != "step" and v not in ("", None)]
     for name, points in (curves or {}).items():
         batch_metrics += [Metric(name, float(v), now, int(step)) for step, v in points]
-    for i in range(0, len(batch_params), 100):
-        client.log_batch(rid, params=batch_params[i:i + 100])
-    for i in range(0, len(batch_metrics), 1000):
-        client.log_batch(rid, metrics=batch_metrics[i:i + 1000])
+    for batch in _params_batches(params):
+        client.log_batch(rid, params=batch)
+    _log_metrics(client, rid, batch_metrics)
     if inputs:
         client.log_inputs(rid, datasets=inputs)
     for path in artifacts or []:
         if Path(path).exists():
             client.log_artifact(rid, str(path))
-    client.set_terminated(rid, status="FINISHED")
+    client.set_terminated(rid, status="FINISHED", end_time=end_time)
     for old in earlier:
         _purge(client, old)
     return rid

@@ -175,7 +175,7 @@ def run(cfg: ReportConfig) -> dict[str, float]:
     # MLflow metric names allow no '%': a fraction level is `pct` there (`ft/25pct/id`)
     run_id = tracking.log_run(
         experiment=spec.name, key=REPORT_KEY, run_name=REPORT_KEY, params=run_params,
-        tags={"level": "report", "dataset": spec.name},
+        tags={"run_kind": "report", "level": "report", "dataset": spec.name},
         metrics={k.replace("%", "pct"): v for k, v in flat.items()},
         curves=level_curves(summary, methods, ZEROSHOT),
         artifacts=[SUMMARY_MD, SUMMARY_CSV, SELECTION_CSV, RETENTION_CSV, TRIALS_CSV, RUNS_CSV, *plots])

@@ -19,7 +19,7 @@ import pandas as pd
 
 from pipeline.core.levels import Level, parse_level
 from pipeline.report.inputs import ZEROSHOT, RunInput, level_key
-from pipeline.report.stats import mean_ci
+from pipeline.evaluation.stats import mean_ci
 
 MEAN = "mean"  # the task column of the average over informative tasks
 ALPHA_NOTE = "α*"

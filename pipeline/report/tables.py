@@ -15,7 +15,7 @@ from pipeline.evaluation.measures import MEASURES, report_columns
 from pipeline.report.files import METRICS_JSON, SHOTS_CSV
 from pipeline.report.inputs import ZEROSHOT, Headline, ReportConfig, level_key, shots_metrics, values
 from pipeline.report.plots import _zs_value
-from pipeline.report.stats import mean_ci
+from pipeline.evaluation.stats import mean_ci
 
 
 def summarize(runs: pd.DataFrame, methods: list[str] | None = None,

@@ -121,3 +121,75 @@ def mlflow_metrics(dataset_name: str, metrics: dict) -> dict:
                 or k.startswith(("iimm", "silhouette/", "selected/zs/", "selected/rsa/")) or k == "selected/alpha":
             out[k] = v
     return out
+
+
+# ---- MLflow records of fine-tuning runs (written by finetune, completed by evaluate) ---------
+#
+# Structure: one parent run per method and level (`<method>/<level>`, a group holding the seed
+# mean of the selected results), with one child per trial and seed (`<trial>/<level>/seed<S>`),
+# live from its first training step. Evaluate adds the test-time results to the child of the
+# trial each seed selected (tag `selected`), so every (method, level, seed, trial) has exactly
+# one run, and only a selected run carries test metrics.
+
+
+def group_key(method: str, level: str) -> str:
+    return f"{method}/{level}"
+
+
+def train_key(trial: str, level: str, seed: int) -> str:
+    return f"{trial}/{level}/seed{seed}"
+
+
+def group_info(params: Params, method: str, level) -> tuple[str, str, dict]:
+    """Key, name and tags of the method's parent run at a level (tracking.group_run)."""
+    return (group_key(method, level.name), f"{method} {level.label}",
+            {"method": method, "level": level.name, "level_kind": level.kind, "dataset": params.dataset.name})
+
+
+def sample_frame(dataset, sample: dict):
+    """The k-shot training sample as a table (WILDS row, label, domain metadata): the training
+    run's MLflow dataset input."""
+    import pandas as pd
+    import torch
+
+    rows = torch.as_tensor(sample["indices"], dtype=torch.long)
+    frame = {"row": rows.numpy(), "y": torch.as_tensor(dataset.y_array)[rows].numpy()}
+    meta = torch.as_tensor(dataset.metadata_array)[rows]
+    for j, field in enumerate(getattr(dataset, "metadata_fields", [])):
+        if field != "y" and j < meta.shape[1]:
+            frame[field] = meta[:, j].numpy()
+    return pd.DataFrame(frame)
+
+
+def training_run_info(params: Params, trial: str, level, seed: int, config: dict) -> dict:
+    """The key, name, params and tags of a training run, and its parent's (for
+    tracking.start_run / log_run)."""
+    method = config["method"]
+    tags = {"method": method, "trial": trial, "level": level.name, "level_kind": level.kind, "seed": str(seed),
+            "dataset": params.dataset.name, "arch": params.model.arch}
+    run_params = {"method": method, "trial": trial, "level": level.name, "level_kind": level.kind, "seed": seed,
+                  "dataset": params.dataset.name, "arch": params.model.arch, "pretrained": params.model.pretrained,
+                  "steps": config.get("steps"), "hparams": config["hparams"], "train": config["train"]}
+    return {"key": train_key(trial, level.name, seed), "name": f"{trial} {level.label} seed={seed}",
+            "params": run_params, "tags": tags, "group": group_info(params, method, level)}
+
+
+def training_metrics(dataset_name: str, summary: dict, scores: dict, times: dict) -> dict:
+    """What a training run shows once trained: the validation scores every protocol selects on
+    (headline metrics only), trainable share, steps, wall time and peak memory."""
+    import math
+
+    out = mlflow_metrics(dataset_name, scores)
+    out.update({"train/steps": summary["steps"], "train/n_train": summary["n_train"],
+                "train/trainable_params": summary["trainable_params"],
+                "train/trainable_share": summary["trainable_share"],
+                "train/wall_time_s": times.get("wall_time_s", math.nan),
+                "train/peak_memory_mb": times.get("peak_memory_mb", math.nan)})
+    return out
+
+
+def sample_input(params: Params, level, seed: int, dataset, sample: dict):
+    from pipeline.core import tracking
+
+    return tracking.sample_input(f"{params.dataset.name} {level.label} seed{seed}", sample_frame(dataset, sample),
+                                 str(artifacts.sample_file(level.name, seed)))

@@ -108,7 +108,7 @@ def log_zeroshot(params: Params, metrics: dict, metrics_file: Path) -> None:
         params={"method": "zeroshot", "shots": 0, "seed": 0, "dataset": params.dataset.name,
                 "arch": params.model.arch, "pretrained": params.model.pretrained,
                 "git_commit": tracking.git_commit(), "hparams": {}, "train": {}},
-        tags={"method": "zeroshot", "shots": "0", "seed": "0", "dataset": params.dataset.name,
+        tags={"run_kind": "zeroshot", "method": "zeroshot", "shots": "0", "seed": "0", "dataset": params.dataset.name,
               "arch": params.model.arch, "level": "k=0"},
         metrics=mlflow_metrics(params.dataset.name, metrics), artifacts=[metrics_file],
     )

@@ -9,7 +9,11 @@ on every validation split are in their finetune `scores.json`). Metric keys are 
 (`zs/<task>/acc`, `rsa/image`, `rsa/text`, ...), `wise/<α>/split/metric` for every α of the
 sweep, `selected/...` at the chosen α (measures included), `selection/score` (the chosen trial's validation score) and
 `selection/trials` (how many trials it was chosen from). `selection.json` says which trial,
-on which data, and its hyper-parameters. The same go to MLflow (metrics, params and tags).
+on which data, and its hyper-parameters.
+
+In MLflow the headline metrics and both files are added to the training run of the chosen
+trial (tag `selected`), child of the method's run at the level, which gets the seed mean and
+95 % interval of the headline metrics (see stages/common.py for the run structure).
 
 One process runs every level and seed of a method: the start-up (~6 s of imports) and the
 decoded eval images are paid once, for every level, seed and α.
@@ -30,7 +34,7 @@ import typer
 
 from pipeline import artifacts as paths, models
 from pipeline.artifacts import EVAL_METRICS as METRICS, EVAL_SELECTION, TRAIN_LOG
-from pipeline.config import Params, load_params, to_dict
+from pipeline.config import Params, load_params
 from pipeline.core import tracking
 from pipeline.core.env import resolve_device
 from pipeline.data.datasets import split_metrics, split_rows
@@ -42,7 +46,8 @@ from pipeline.data.retention import read_records
 from pipeline.evaluation.zeroshot import retention_tasks
 from pipeline.methods import get_method, parse_hparams
 from pipeline.models.encode import encode_images, preload
-from pipeline.stages.common import ParamsOpt, guard, headline, mlflow_metrics, open_task, run_command
+from pipeline.stages.common import (ParamsOpt, group_info, guard, headline, mlflow_metrics, open_task, run_command,
+                                    sample_input, train_key, training_metrics, training_run_info)
 
 
 def run(params: Params, method: str, log_mlflow: bool = True) -> dict[tuple[str, int], dict]:
@@ -79,7 +84,7 @@ def run(params: Params, method: str, log_mlflow: bool = True) -> dict[tuple[str,
                   reference_text_pre=cache["ref/text"], reference_tokens=cache["ref/tokens"][:n_ref])
 
     pristine = clip.model  # never changed: each α merges into a copy
-    results = {}
+    results, staged, logged = {}, [], {}
     for level, seed in ((lv, s) for lv in params.sample.parsed_levels for s in params.sample.seeds):
         # nothing of a previous run may look finished while this one works
         (paths.evaluate_dir(method, level.name, seed) / METRICS).unlink(missing_ok=True)
@@ -165,59 +170,106 @@ def run(params: Params, method: str, log_mlflow: bool = True) -> dict[tuple[str,
         (staging / EVAL_SELECTION).write_text(json.dumps(selection, indent=1))
         (staging / METRICS).write_text(json.dumps(metrics, indent=1))
         if log_mlflow:
-            log_to_mlflow(params, method, level, seed, config, metrics, selection,
-                          paths.finetune_dir(trial, level.name, seed), staging, (dataset, sample))
-        os.replace(staging / EVAL_SELECTION, out / EVAL_SELECTION)
-        os.replace(staging / METRICS, out / METRICS)
-        staging.rmdir()
+            logged[f"{level.name}/seed{seed}"] = log_to_mlflow(params, method, level, seed, record["trials"], metrics,
+                                                               selection, staging, dataset, sample)
+        staged.append(out)
         results[(level.name, seed)] = metrics
+    if log_mlflow:
+        for level in params.sample.parsed_levels:
+            logged[level.name] = log_seed_means(params, method, level,
+                                                [results[(level.name, s)] for s in params.sample.seeds])
+    for out in staged:  # the finished markers, once everything (MLflow included) succeeded
+        os.replace(out / ".staging" / EVAL_SELECTION, out / EVAL_SELECTION)
+        os.replace(out / ".staging" / METRICS, out / METRICS)
+        (out / ".staging").rmdir()
+    record_file = paths.mlflow_record(method)
+    record_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = record_file.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"tracking_uri": tracking.display_uri(), "experiment": params.dataset.name,
+                               "runs": logged}, indent=1))
+    tmp.replace(record_file)
     return results
 
 
-def run_params(params: Params, method: str, level, seed: int, config: dict, selection: dict) -> dict:
-    """What MLflow records as the run's params: every setting that shaped the result."""
-    return {
-        "method": method, "level": level.name, "level_kind": level.kind, "seed": seed,
-        "dataset": params.dataset.name, "arch": params.model.arch, "pretrained": params.model.pretrained,
-        "git_commit": tracking.git_commit(), "trial": selection["trial"],
-        "selection": selection["protocol"], "select_split": selection["split"] or "none",
-        "n_train": selection["n_train"], "steps": config.get("steps"),
-        "hparams": config["hparams"], "train": to_dict(params.finetune.train),
-    }
+def log_to_mlflow(params: Params, method: str, level, seed: int, trials: list[str], metrics: dict,
+                  selection: dict, staging: Path, dataset, sample: dict) -> str:
+    """Add the evaluation to the chosen trial's training run. Every trial the selection chose
+    from gets its training run if it has none (outputs restored from DVC's cache were never
+    tracked here) or if it still carries an earlier evaluation (it is no longer chosen: only the
+    chosen run may show test metrics), rebuilt from the finetune outputs."""
+    experiment = params.dataset.name
+    chosen = selection["trial"]
+    run_id = None
+    for trial in trials:
+        out = paths.finetune_dir(trial, level.name, seed)
+        sha = models.file_sha256(out / paths.WEIGHTS) if trial == chosen else None
+        run = tracking.find_run(experiment, train_key(trial, level.name, seed),
+                                {"weights_sha256": sha} if sha else {})
+        if run is None or (trial != chosen and "evaluated" in run.data.tags):
+            rid = rebuild_training_run(params, trial, level, seed, dataset, sample)
+        else:
+            rid = run.info.run_id
+        if trial == chosen:
+            run_id = rid
+    tags = {"selected": "true", "evaluated": "true", "selection": selection["protocol"],
+            "select_split": selection["split"] or "none", "selected_alpha": f"{selection['alpha']:g}",
+            "evaluated_git_commit": tracking.git_commit()}
+    tracking.add_to_run(run_id, mlflow_metrics(experiment, metrics), tags,
+                        artifacts=[staging / METRICS, staging / EVAL_SELECTION], marker="evaluated")
+    return run_id
 
 
-def sample_frame(dataset, sample: dict):
-    """The k-shot training sample as a table (WILDS row, label, domain metadata): the run's
-    MLflow dataset input."""
-    import pandas as pd
-
-    rows = torch.as_tensor(sample["indices"], dtype=torch.long)
-    frame = {"row": rows.numpy(), "y": torch.as_tensor(dataset.y_array)[rows].numpy()}
-    meta = torch.as_tensor(dataset.metadata_array)[rows]
-    for j, field in enumerate(getattr(dataset, "metadata_fields", [])):
-        if field != "y" and j < meta.shape[1]:
-            frame[field] = meta[:, j].numpy()
-    return pd.DataFrame(frame)
-
-
-def log_to_mlflow(params: Params, method: str, level, seed: int, config: dict, metrics: dict,
-                  selection: dict, train_dir: Path, eval_dir: Path, data: tuple | None = None) -> str:
+def rebuild_training_run(params: Params, trial: str, level, seed: int, dataset, sample: dict) -> str:
+    """A training run made from a finished finetune's outputs (what the live run would hold:
+    its params, every logged step, validation scores, times), replacing the key's runs."""
+    out = paths.finetune_dir(trial, level.name, seed)
+    config = json.loads((out / paths.CONFIG).read_text())
+    summary = json.loads((out / paths.SUMMARY).read_text())
+    scores = json.loads((out / paths.SCORES).read_text())
+    times = paths.run_time_file(trial, level.name, seed)
+    times = json.loads(times.read_text()) if times.is_file() else {}
     steps = []
-    log = train_dir / TRAIN_LOG
-    if log.exists():
-        with open(log) as f:
+    if (out / TRAIN_LOG).exists():
+        with open(out / TRAIN_LOG) as f:
             steps = list(csv.DictReader(f))
-    tags = {"method": method, "level": level.name, "level_kind": level.kind, "seed": str(seed),
-            "dataset": params.dataset.name, "arch": params.model.arch, "trial": selection["trial"],
-            "selection": selection["protocol"], "select_split": selection["split"] or "none"}
+    info = training_run_info(params, trial, level, seed, config)
+    parent = tracking.group_run(params.dataset.name, *info["group"])
+    end = start = None
+    if times.get("finished_at"):
+        import datetime
+
+        end = int(datetime.datetime.strptime(times["finished_at"], "%Y-%m-%dT%H:%M:%S%z").timestamp() * 1000)
+        start = end - int(1000 * times.get("wall_time_s", 0.0))
     return tracking.log_run(
-        experiment=params.dataset.name, key=f"{method}/{level.name}/seed{seed}",
-        run_name=f"{method} {level.label} seed={seed}", params=run_params(params, method, level, seed, config, selection),
-        tags=tags, metrics=mlflow_metrics(params.dataset.name, metrics), step_metrics=steps,
-        artifacts=[eval_dir / METRICS, eval_dir / EVAL_SELECTION, train_dir / "config.json", log],
-        inputs=[tracking.sample_input(f"{params.dataset.name} {level.label} seed{seed}", sample_frame(*data),
-                                      str(paths.sample_file(level.name, seed)))] if data else None,
-    )
+        experiment=params.dataset.name, key=info["key"], run_name=info["name"], params=info["params"],
+        tags={**info["tags"], "run_kind": "train", "weights_sha256": models.file_sha256(out / paths.WEIGHTS),
+              "rebuilt_from_outputs": "true"},
+        metrics=training_metrics(params.dataset.name, summary, scores, times), step_metrics=steps,
+        inputs=[sample_input(params, level, seed, dataset, sample)], parent=parent, start_time=start, end_time=end)
+
+
+def log_seed_means(params: Params, method: str, level, per_seed: list[dict]) -> str:
+    """The method's run at the level: mean over seeds (and the 95 % interval's half-width with
+    two seeds or more) of the official metric on every eval split, at α = 1 and at the
+    selected α."""
+    from pipeline.data.datasets import get_spec
+    from pipeline.evaluation.stats import mean_ci
+
+    spec = get_spec(params.dataset.name)
+    keys = [f"{p}{split}/{spec.metric}" for p in ("", "selected/") for split in spec.eval_splits]
+    out = {}
+    for key in keys:
+        values = [m[key] for m in per_seed if key in m]
+        if not values:
+            continue
+        mean, ci = mean_ci(values)
+        out[f"mean/{key}"] = mean
+        if len(values) > 1:
+            out[f"ci95/{key}"] = ci
+    out["seeds"] = len(per_seed)
+    parent = tracking.group_run(params.dataset.name, *group_info(params, method, level))
+    tracking.add_to_run(parent, out, {"seeds": ",".join(map(str, params.sample.seeds))})
+    return parent
 
 
 @guard

@@ -35,7 +35,8 @@ from pipeline.data.torchdata import ImageFiles, LabeledImages, read_caption_csv
 from pipeline.methods import get_method, parse_hparams
 from pipeline.methods.base import ReferenceData, TaskContext, count_params
 from pipeline.models.encode import encode_images, preload
-from pipeline.stages.common import ParamsOpt, guard, open_task, run_command
+from pipeline.stages.common import (ParamsOpt, guard, open_task, run_command, sample_input, training_metrics,
+                                    training_run_info)
 from pipeline.training.train import budget_steps, fit
 
 
@@ -74,8 +75,10 @@ def build_context(params: Params, method_cls, task, model, indices, device, seed
     )
 
 
-def run(params: Params, trial: str, level_name: str, progress: bool = True) -> list[dict]:
-    """Train the trial at the level for every seed; returns the train summaries."""
+def run(params: Params, trial: str, level_name: str, progress: bool = True, log_mlflow: bool = True) -> list[dict]:
+    """Train the trial at the level for every seed; returns the train summaries. With
+    `log_mlflow`, each seed's MLflow run is live from its first step (losses as they are
+    logged) and finished once its outputs are written."""
     tp = params.finetune.train
     level = params.sample.level(level_name)
     method, overrides = params.finetune.trial(trial)
@@ -91,7 +94,7 @@ def run(params: Params, trial: str, level_name: str, progress: bool = True) -> l
     summaries = []
     for seed in params.sample.seeds:
         summaries.append(_run_seed(params, trial, level, seed, method_cls, hp, task, pristine, val_sets,
-                                   device, progress))
+                                   device, progress, log_mlflow))
     dist.cleanup()
     return summaries
 
@@ -115,7 +118,8 @@ def _selection_sets(task, params: Params) -> dict:
     return out
 
 
-def _run_seed(params, trial, level, seed, method_cls, hp, task, pristine, val_sets, device, progress) -> dict:
+def _run_seed(params, trial, level, seed, method_cls, hp, task, pristine, val_sets, device, progress,
+              log_mlflow=True) -> dict:
     tp = params.finetune.train
     sample = read_sample(paths.sample_file(level.name, seed))
     steps = budget_steps(sample["n"], tp.batch_size, tp.epochs, tp.min_steps, tp.max_steps,
@@ -129,19 +133,61 @@ def _run_seed(params, trial, level, seed, method_cls, hp, task, pristine, val_se
         _check_resume_fingerprint(ckpt_dir, config)
     dist.barrier()
 
+    jsonl = ckpt_dir / "train_log.jsonl"
+    resuming = (ckpt_dir / "last.pt").exists()
+    if not resuming:
+        jsonl.unlink(missing_ok=True)  # a fresh start: no steps of an earlier run
+    live = None
+    if log_mlflow and dist.is_main():
+        live = _start_run(params, trial, level, seed, config, task, sample, _read_jsonl(jsonl) if resuming else [],
+                          resuming)
+    try:
+        summary, state, timing = _train(params, trial, level, seed, method_cls, hp, task, pristine, sample, steps,
+                                        device, progress, ckpt_dir, jsonl, live)
+        if dist.is_main():
+            scores = _scores(params, task, method_cls, hp, state, copy.deepcopy(pristine), sample, val_sets, device)
+            _write_outputs(params, trial, level, seed, method_cls, state, config, scores, summary, timing, device,
+                           ckpt_dir, jsonl, live)
+    except BaseException:
+        if live is not None:
+            live.fail()
+        raise
+    dist.barrier()
+    return summary
+
+
+def _start_run(params, trial, level, seed, config, task, sample, history, resuming):
+    """The seed's MLflow training run, child of the method's run at this level; a resumed
+    run continues the interrupted one's start time and logged steps."""
+    from pipeline.core import tracking
+
+    info = training_run_info(params, trial, level, seed, config)
+    parent = tracking.group_run(params.dataset.name, *info["group"])
+    return tracking.start_run(params.dataset.name, info["key"], info["name"], info["params"], info["tags"],
+                              parent=parent, history=history, resumed=resuming,
+                              inputs=[sample_input(params, level, seed, task.dataset, sample)])
+
+
+def _train(params, trial, level, seed, method_cls, hp, task, pristine, sample, steps, device, progress,
+           ckpt_dir, jsonl, live):
+    tp = params.finetune.train
     seed_everything(seed)
     ctx = build_context(params, method_cls, task, copy.deepcopy(pristine), sample["indices"], device, seed)
     m = method_cls(hp, ctx)
-    jsonl = ckpt_dir / "train_log.jsonl"
-    if not (ckpt_dir / "last.pt").exists():
-        jsonl.unlink(missing_ok=True)  # a fresh start: no steps of an earlier run
+    logged = max((int(r["step"]) for r in _read_jsonl(jsonl)), default=0)  # (steps replayed after a resume)
+
+    def log(step: int, record: dict) -> None:
+        _append_log(jsonl, record)
+        if live is not None and step > logged:
+            live.log_step(step, record)
+
     desc = f"{trial} {level.label} seed={seed}"
     if method_cls.trains:
         train_set = ctx.train_set if method_cls.uses_images else ctx.train_set.without_images()
         result = fit(m, train_set, steps=steps, batch_size=tp.batch_size, seed=seed, device=device,
                      grad_accum=tp.grad_accum, grad_clip=tp.grad_clip, precision=tp.precision,
                      num_workers=tp.num_workers, checkpoint_dir=ckpt_dir,
-                     checkpoint_every=tp.checkpoint_every, log=lambda s, r: _append_log(jsonl, r),
+                     checkpoint_every=tp.checkpoint_every, log=log,
                      progress=progress, desc=desc)
         summary = {"steps": result.steps, "trainable_params": result.trainable_params,
                    "total_params": result.total_params}
@@ -157,21 +203,31 @@ def _run_seed(params, trial, level, seed, method_cls, hp, task, pristine, val_se
 
     state = m.trained_state()
     del m, ctx  # free the trained model (and what holds it) before the scoring copy
-    if dist.is_main():
-        scores = _scores(params, task, method_cls, hp, state, copy.deepcopy(pristine), sample, val_sets, device)
-        models.save_state_dict(state, out / WEIGHTS, meta={"method": method_cls.name, "trial": trial})
-        (out / CONFIG).write_text(json.dumps(config, indent=1))
-        (out / SCORES).write_text(json.dumps(scores, indent=1, sort_keys=True))
-        _write_log(jsonl, out / TRAIN_LOG)
-        times = paths.run_time_file(trial, level.name, seed)
-        times.parent.mkdir(parents=True, exist_ok=True)
-        times.write_text(json.dumps({**timing, "peak_memory_mb": _peak_memory_mb(device), "host": socket.gethostname(),
-                                     "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, indent=1))
-        (out / SUMMARY).write_text(json.dumps(summary, indent=1))
-        (ckpt_dir / "last.pt").unlink(missing_ok=True)  # finished: the checkpoint is spent
-        jsonl.unlink(missing_ok=True)  # and its step log (now in train_log.csv)
-    dist.barrier()
-    return summary
+    return summary, state, timing
+
+
+def _write_outputs(params, trial, level, seed, method_cls, state, config, scores, summary, timing, device,
+                   ckpt_dir, jsonl, live) -> None:
+    """Weights, config, scores, train log and run times, then the MLflow run finishes, and
+    the finished marker (train_summary.json) goes last."""
+    out = paths.finetune_dir(trial, level.name, seed)
+    models.save_state_dict(state, out / WEIGHTS, meta={"method": method_cls.name, "trial": trial})
+    (out / CONFIG).write_text(json.dumps(config, indent=1))
+    (out / SCORES).write_text(json.dumps(scores, indent=1, sort_keys=True))
+    _write_log(jsonl, out / TRAIN_LOG)
+    times = {**timing, "peak_memory_mb": _peak_memory_mb(device), "host": socket.gethostname(),
+             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    time_file = paths.run_time_file(trial, level.name, seed)
+    time_file.parent.mkdir(parents=True, exist_ok=True)
+    time_file.write_text(json.dumps(times, indent=1))
+    if live is not None:
+        # re-training to the same weights keeps the evaluation MLflow holds for them (evaluate
+        # does not re-run for an unchanged output)
+        live.finish(training_metrics(params.dataset.name, summary, scores, times),
+                    tags={"weights_sha256": models.file_sha256(out / WEIGHTS)}, carry=("weights_sha256", "evaluated"))
+    (out / SUMMARY).write_text(json.dumps(summary, indent=1))
+    (ckpt_dir / "last.pt").unlink(missing_ok=True)  # finished: the checkpoint is spent
+    jsonl.unlink(missing_ok=True)  # and its step log (now in train_log.csv)
 
 
 @torch.no_grad()
@@ -228,16 +284,17 @@ def _append_log(path: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def _write_log(jsonl: Path, out: Path) -> None:
     """Per-step loss terms as CSV. The JSON-lines log lives beside the checkpoint, so a
     resumed run keeps the steps its first part logged; steps replayed after the last
     checkpoint replace the killed run's (identical) records."""
-    by_step: dict[int, dict] = {}
-    if jsonl.exists():
-        for line in jsonl.read_text().splitlines():
-            if line.strip():
-                rec = json.loads(line)
-                by_step[int(rec["step"])] = rec
+    by_step = {int(rec["step"]): rec for rec in _read_jsonl(jsonl)}
     rows = [by_step[s] for s in sorted(by_step)]
     keys = sorted({k for r in rows for k in r}, key=lambda k: (k != "step", k)) or ["step"]
     with open(out, "w", newline="") as f:
