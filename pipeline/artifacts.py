@@ -70,7 +70,8 @@ def select_file(method: str, level: str) -> Path:
 
 
 def mlflow_record(method: str) -> Path:
-    """The MLflow runs a method's evaluation was logged to (run ids per level and seed)."""
+    """The MLflow runs a method's evaluation went into (run keys per level and seed, and per level
+    the method's parent run)."""
     return RUNS / "mlflow" / f"{method}.json"
 
 

@@ -31,6 +31,17 @@ def setup_offline() -> None:
         sys.modules["outdated"] = stub
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` exists on this machine (signal 0: nothing is sent)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
+
+
 def seed_everything(seed: int) -> None:
     import numpy as np
     import torch

@@ -27,6 +27,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pipeline.core.env import pid_alive
+
 DEFAULT_URI = "sqlite:///mlflow.db"
 RUN_KEY = "run_key"
 RUN_KIND = "run_kind"  # group | train | zeroshot | report
@@ -159,23 +161,13 @@ def _experiment_id(client, name: str) -> str:
     return exp_id
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _sweep(client, exp_id: str) -> None:
     """Mark KILLED the RUNNING runs whose process (on this host) is gone: a killed stage's run
     never stays RUNNING once another stage opens the experiment."""
     for run in client.search_runs([exp_id], filter_string="attributes.status = 'RUNNING'"):
         tags = run.data.tags
         if tags.get("host") == socket.gethostname() and tags.get("pid", "").isdigit() \
-                and not _alive(int(tags["pid"])):
+                and not pid_alive(int(tags["pid"])):
             client.set_terminated(run.info.run_id, status="KILLED")
 
 
@@ -265,9 +257,10 @@ def group_run(experiment: str, key: str, run_name: str, tags: dict[str, str]) ->
 class LiveRun:
     """A run logged while its work happens. `log_step` buffers per-step values and writes them
     every `flush_s` seconds (a sqlite write costs milliseconds, a training step may cost less);
-    `finish` logs the results, carries over what `carry` says from the run it replaced, and
-    marks it FINISHED. A process killed before `finish` leaves its run RUNNING until the next
-    stage opens the experiment and marks it KILLED."""
+    `finish` logs the results, carries over what `carry` says from the finished run it
+    replaces, marks it FINISHED and deletes the replaced run for good. A process killed before
+    `finish` leaves its run RUNNING until the next stage opens the experiment and marks it
+    KILLED."""
 
     def __init__(self, client, run_id: str, replaces: list, flush_s: float = 5.0):
         self.client, self.run_id, self.replaces, self.flush_s = client, run_id, replaces, flush_s
@@ -302,24 +295,24 @@ class LiveRun:
         _log_metrics(self.client, self.run_id, _metric_list(metrics, _now()))
         if carry is not None:
             tag, marker = carry
-            same = [r for r in self.replaces if tag in tags and r.tags.get(tag) == tags[tag]
-                    and r.tags.get(marker) == "true"]
+            same = [r for r in self.replaces if tag in tags and r.data.tags.get(tag) == tags[tag]
+                    and r.data.tags.get(marker) == "true"]
             if same:
-                same[0].copy_to(self.client, self.run_id, set(metrics), set(tags))
+                snapshot = _Snapshot(self.client, same[0])
+                try:
+                    snapshot.copy_to(self.client, self.run_id, set(metrics), set(tags))
+                finally:
+                    snapshot.close()
         self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
         self.client.set_terminated(self.run_id, status="FINISHED")
-        self._drop_snapshots()
+        for old in self.replaces:
+            _purge(self.client, old)
+        self.replaces = []
         return self.run_id
 
     def fail(self) -> None:
         self.flush()
         self.client.set_terminated(self.run_id, status="FAILED")
-        self._drop_snapshots()
-
-    def _drop_snapshots(self) -> None:
-        for snap in self.replaces:
-            snap.close()
-        self.replaces = []
 
 
 # tags every run gets for itself (never carried over from a replaced run)
@@ -327,8 +320,8 @@ _OWN_TAGS = {RUN_KEY, RUN_KIND, PARENT, "git_dirty", "host", "pid"}
 
 
 class _Snapshot:
-    """What a replaced run held (metrics, tags, artifacts in a temporary folder), kept after
-    the run itself is deleted, for `LiveRun.finish` to carry over."""
+    """What a replaced run held (metrics, tags, artifacts in a temporary folder), for
+    `LiveRun.finish` to carry over."""
 
     def __init__(self, client, run):
         import tempfile
@@ -363,17 +356,17 @@ class _Snapshot:
 def start_run(experiment: str, key: str, run_name: str, params: dict, tags: dict[str, str],
               parent: str | None = None, history: list[dict] | None = None, resumed: bool = False,
               inputs: list | None = None) -> LiveRun:
-    """Open the run of `key` for work that starts now, replacing the key's runs at once (one run
-    per key at all times): a resumed run takes over the start time of the interrupted one and
-    `history`, the steps logged before the interruption; what a finished one held is kept
-    aside for `LiveRun.finish` to carry over."""
+    """Open the run of `key` for work that starts now. Runs of the key that never finished are
+    deleted at once (a resumed run takes over the start time of the interrupted one and
+    `history`, the steps logged before the interruption); a finished one stays until the new
+    run finishes and replaces it (`LiveRun.finish`), so a run killed on the way loses nothing
+    the finished one held: one finished run per key, and at most one more while it trains."""
     client = _client()
     exp_id = _experiment_id(client, experiment)
     earlier = _runs(client, exp_id, key)
     unfinished = [r for r in earlier if r.info.status != "FINISHED"]
     start = min((r.info.start_time for r in unfinished), default=None) if resumed else None
-    snapshots = [_Snapshot(client, r) for r in earlier if r.info.status == "FINISHED"]
-    for old in earlier:
+    for old in unfinished:
         _purge(client, old)
     run_tags = {**_base_tags(key, tags.pop(RUN_KIND, "train")), **tags}
     if parent:
@@ -384,7 +377,7 @@ def start_run(experiment: str, key: str, run_name: str, params: dict, tags: dict
         client.log_batch(rid, params=batch)
     if inputs:
         client.log_inputs(rid, datasets=inputs)
-    live = LiveRun(client, rid, snapshots)
+    live = LiveRun(client, rid, [r for r in earlier if r.info.status == "FINISHED"])
     for rec in history or []:
         live.log_step(int(rec["step"]), rec)
     live.flush()

@@ -170,14 +170,14 @@ def run(params: Params, method: str, log_mlflow: bool = True) -> dict[tuple[str,
         (staging / EVAL_SELECTION).write_text(json.dumps(selection, indent=1))
         (staging / METRICS).write_text(json.dumps(metrics, indent=1))
         if log_mlflow:
-            logged[f"{level.name}/seed{seed}"] = log_to_mlflow(params, method, level, seed, record["trials"], metrics,
-                                                               selection, staging, dataset, sample)
+            log_to_mlflow(params, method, level, seed, record["trials"], metrics, selection, staging, dataset, sample)
+            logged[f"{level.name}/seed{seed}"] = train_key(trial, level.name, seed)
         staged.append(out)
         results[(level.name, seed)] = metrics
     if log_mlflow:
         for level in params.sample.parsed_levels:
-            logged[level.name] = log_seed_means(params, method, level,
-                                                [results[(level.name, s)] for s in params.sample.seeds])
+            log_seed_means(params, method, level, [results[(level.name, s)] for s in params.sample.seeds])
+            logged[level.name] = group_info(params, method, level)[0]
     for out in staged:  # the finished markers, once everything (MLflow included) succeeded
         os.replace(out / ".staging" / EVAL_SELECTION, out / EVAL_SELECTION)
         os.replace(out / ".staging" / METRICS, out / METRICS)
@@ -185,6 +185,7 @@ def run(params: Params, method: str, log_mlflow: bool = True) -> dict[tuple[str,
     record_file = paths.mlflow_record(method)
     record_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = record_file.with_suffix(".tmp")
+    # the run keys, not ids: the file is the same as long as the same runs hold the results
     tmp.write_text(json.dumps({"tracking_uri": tracking.display_uri(), "experiment": params.dataset.name,
                                "runs": logged}, indent=1))
     tmp.replace(record_file)

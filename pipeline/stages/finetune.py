@@ -150,7 +150,10 @@ def _run_seed(params, trial, level, seed, method_cls, hp, task, pristine, val_se
                            ckpt_dir, jsonl, live)
     except BaseException:
         if live is not None:
-            live.fail()
+            try:
+                live.fail()
+            except Exception:  # (the store unreachable): the training error is the one to see
+                pass
         raise
     dist.barrier()
     return summary

@@ -19,6 +19,7 @@ import pipeline  # noqa: F401  (installs the `outdated` stub before wilds is imp
 from wilds.common.grouper import CombinatorialGrouper
 from wilds.datasets.wilds_dataset import WILDSDataset
 
+from pipeline.core.env import pid_alive
 from pipeline.data.domain_eval import DomainDataset
 
 from pipeline.data.scatter import install_scatter_fallback
@@ -64,19 +65,9 @@ def _remove_stale_tmp(final: Path) -> None:
             pid = int(path.name.rsplit("-", 1)[1])
         except ValueError:
             continue
-        if pid != os.getpid() and _pid_alive(pid):
+        if pid != os.getpid() and pid_alive(pid):
             continue
         shutil.rmtree(path, ignore_errors=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _publish(tmp: Path, final: Path) -> None:
