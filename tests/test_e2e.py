@@ -394,12 +394,24 @@ def test_code_edits_rerun_the_stages_that_run_that_code(project):
     assert "selection" in changed and not any(n.startswith(("prepare", "pretrained")) for n in changed), changed
 
 
+def _start_until(script: str, marker: Path, work: Path, env: dict, what: str) -> subprocess.Popen:
+    """Start `python -c script` in the project and wait (up to 5 min) until it writes `marker`."""
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=work, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not marker.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert marker.exists(), what
+    return proc
+
+
 def test_a_kill_while_logging_leaves_nothing_finished_looking(project):
     """SIGKILL evaluate while it logs to MLflow: no metrics.json of the method looks finished,
     no run is left RUNNING and the run being added to says `evaluated: partial`; `dvc repro`
     then completes cleanly with one finished run per key."""
     import signal
-    import time
 
     work, env = project
     marker = work / "logging.started"
@@ -414,12 +426,7 @@ def test_a_kill_while_logging_leaves_nothing_finished_looking(project):
         "MlflowClient.log_batch = slow\n"
         "from pipeline.stages import evaluate\n"
         "evaluate.main(['--method', 'lp'])\n")
-    proc = subprocess.Popen([sys.executable, "-c", script], cwd=work, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not marker.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.2)
-    assert marker.exists(), "evaluate never reached MLflow logging"
+    proc = _start_until(script, marker, work, env, "evaluate never reached MLflow logging")
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     finished = lambda: [p for p in (work / "runs/evaluate/lp").rglob("metrics.json") if ".staging" not in p.parts]  # noqa: E731
@@ -445,7 +452,6 @@ def test_training_is_live_in_mlflow_and_a_killed_run_resumes_into_one_run(projec
     resumes from the step-6 checkpoint into one run that keeps the first start time, every step
     once, and (the weights being bit-identical) the evaluation, with nothing downstream re-run."""
     import signal
-    import time
 
     work, env = project
     marker = work / "training.live"
@@ -463,12 +469,7 @@ def test_training_is_live_in_mlflow_and_a_killed_run_resumes_into_one_run(projec
         "from pipeline.stages import finetune\n"
         "finetune.main(['--trial', 'flyp-a', '--level', '4'])\n")
     _, _, before = _runs(env)
-    proc = subprocess.Popen([sys.executable, "-c", script], cwd=work, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not marker.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.2)
-    assert marker.exists(), "finetune never reached step 8"
+    proc = _start_until(script, marker, work, env, "finetune never reached step 8")
     client, exp, _ = _runs(env)
     live = client.get_run(marker.read_text())
     assert live.info.status == "RUNNING" and live.data.tags["run_key"] == "flyp-a/4/seed0"

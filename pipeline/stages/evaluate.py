@@ -170,7 +170,8 @@ def run(params: Params, method: str, log_mlflow: bool = True) -> dict[tuple[str,
         (staging / EVAL_SELECTION).write_text(json.dumps(selection, indent=1))
         (staging / METRICS).write_text(json.dumps(metrics, indent=1))
         if log_mlflow:
-            log_to_mlflow(params, method, level, seed, record["trials"], metrics, selection, staging, dataset, sample)
+            log_to_mlflow(params, method, level, seed, record["trials"], metrics, selection, staging, dataset, sample,
+                          chosen["weights_sha256"])
             logged[f"{level.name}/seed{seed}"] = train_key(trial, level.name, seed)
         staged.append(out)
         results[(level.name, seed)] = metrics
@@ -193,8 +194,9 @@ def run(params: Params, method: str, log_mlflow: bool = True) -> dict[tuple[str,
 
 
 def log_to_mlflow(params: Params, method: str, level, seed: int, trials: list[str], metrics: dict,
-                  selection: dict, staging: Path, dataset, sample: dict) -> str:
-    """Add the evaluation to the chosen trial's training run. Every trial the selection chose
+                  selection: dict, staging: Path, dataset, sample: dict, weights_sha256: str) -> str:
+    """Add the evaluation to the chosen trial's training run (the one whose weights digest is
+    `weights_sha256`). Every trial the selection chose
     from gets its training run if it has none (outputs restored from DVC's cache were never
     tracked here) or if it still carries an earlier evaluation (it is no longer chosen: only the
     chosen run may show test metrics), rebuilt from the finetune outputs."""
@@ -202,10 +204,9 @@ def log_to_mlflow(params: Params, method: str, level, seed: int, trials: list[st
     chosen = selection["trial"]
     run_id = None
     for trial in trials:
-        out = paths.finetune_dir(trial, level.name, seed)
-        sha = models.file_sha256(out / paths.WEIGHTS) if trial == chosen else None
+        # the chosen trial's live run carries the digest of the weights (checked against the file)
         run = tracking.find_run(experiment, train_key(trial, level.name, seed),
-                                {"weights_sha256": sha} if sha else {})
+                                {"weights_sha256": weights_sha256} if trial == chosen else {})
         if run is None or (trial != chosen and "evaluated" in run.data.tags):
             rid = rebuild_training_run(params, trial, level, seed, dataset, sample)
         else:
