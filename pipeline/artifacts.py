@@ -22,6 +22,9 @@ BUILTIN_REFERENCE = PREPARED / "reference"
 PRETRAINED = Path("models/pretrained")
 PRETRAINED_WEIGHTS = PRETRAINED / "model.safetensors"
 PRETRAINED_INFO = PRETRAINED / "info.json"
+VISION = Path("models/vision")  # the vision-only counterpart (the `vision` stage)
+VISION_WEIGHTS = VISION / "model.safetensors"  # absent when no vision-only method is compared
+VISION_INFO = VISION / "info.json"
 
 EMBED = Path("data/embed")
 EMBED_FEATURES = EMBED / "features.safetensors"

@@ -1,5 +1,5 @@
 """Command line: one subcommand per DVC stage (the same functions `dvc repro` runs through
-`stages/*.py`), plus helpers (repro, methods, leaderboard, ui).
+`stages/*.py`), plus helpers (repro, methods, leaderboard, crosstask, ui).
 
 Every stage command reads params.yaml; `check` validates all of it against the registries
 (DVC runs it first).
@@ -9,20 +9,23 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 from typing import Optional
 
 import typer
 
-from pipeline.stages import check, embed, evaluate, finetune, images, prepare, pretrained, report, sample, selection
+from pipeline.stages import (check, embed, evaluate, finetune, images, prepare, pretrained, report, sample, selection,
+                             vision)
 
 app = typer.Typer(
     help="Few-shot robust fine-tuning of CLIP on WILDS. Stages run in this order: check → prepare → "
-         "images → pretrained → embed → sample → finetune → selection → evaluate → report. Normally `dvc repro` runs "
+         "images → pretrained → vision → embed → sample → finetune → selection → evaluate → report. Normally `dvc repro` runs "
          "them; each command here runs one stage by hand (same code, same outputs).",
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
 )
 
-for _name, _module in (("check", check), ("prepare", prepare), ("images", images), ("pretrained", pretrained), ("embed", embed),
+for _name, _module in (("check", check), ("prepare", prepare), ("images", images), ("pretrained", pretrained), ("vision", vision),
+                       ("embed", embed),
                        ("sample", sample), ("finetune", finetune), ("selection", selection), ("evaluate", evaluate),
                        ("report", report)):
     app.command(name=_name)(_module.command)
@@ -82,6 +85,45 @@ def leaderboard(value: str = typer.Option("ood", help="Which figure per level: o
         raise typer.Exit(1)
     typer.echo(render(entries(json.loads(proc.stdout or "[]"), value), value,
                       width or shutil.get_terminal_size((120, 24)).columns))
+
+
+@app.command()
+def crosstask(method: str = typer.Option("ft", help="The fine-tuning method whose change is predicted."),
+              level: Optional[str] = typer.Option(None, help="A level of sample.levels (16, 25%); default: the "
+                                                             "method's largest."),
+              out: Path = typer.Option(Path("benchmarks/out/crosstask"), help="Folder for the plot and tables."),
+              all_commits: bool = typer.Option(False, "--all-commits", "-A",
+                                               help="Every commit's experiments, not only HEAD's.")):
+    """Across tasks (DVC experiments that differ only in the task, e.g. `-S
+    prepare.synthetic.label=shape,colour,texture,size`): fit the change fine-tuning brings
+    (ID and OOD, fine-tuned − zero-shot) on each pre-training score (IIMM, transfer scores) by
+    least squares; writes crosstask.png, .md (slope, intercept, R², n per score) and .json.
+    Reads `dvc exp show --json` and each experiment's metrics/report.json."""
+    import json
+
+    from pipeline.report.crosstask import collect, experiments, level_key, markdown, read_report, write
+
+    key = None
+    if level is not None:
+        try:
+            key = level_key(level)
+        except ValueError as err:
+            raise typer.BadParameter(str(err).removeprefix("--level: "), param_hint="--level") from None
+    cmd = [sys.executable, "-m", "dvc", "exp", "show", "--json", *(["-A"] if all_commits else [])]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        typer.secho(f"error: `dvc exp show` failed: {proc.stderr.strip().splitlines()[-1:]}", fg=typer.colors.RED,
+                    err=True)
+        raise typer.Exit(1)
+    result = collect(experiments(json.loads(proc.stdout or "[]")), read_report, method=method, level=key)
+    if len(result.points) < 2:
+        typer.secho(f"error: {len(result.points)} task(s) with {method} results; a fit needs 2 or more (run the "
+                    "grid of README 'Across tasks').", fg=typer.colors.RED, err=True)
+        typer.echo(markdown(result), err=True)
+        raise typer.Exit(1)
+    for path in write(result, out):
+        typer.echo(f"wrote {path}")
+    typer.echo(markdown(result))
 
 
 @app.command()

@@ -40,6 +40,18 @@ class DatasetParams(Settings):
 class ModelParams(Settings):
     arch: Str = "tiny-clip"
     pretrained: Str = "builtin"  # 'builtin' | open_clip tag | path to a weights file
+    # a saved Hugging Face tokenizer folder, for archs whose open_clip config names a hub
+    # tokenizer (SigLIP's) on a machine that cannot download it; null = the arch's own
+    # (`pipeline.models.load_tokenizer`)
+    tokenizer: Str | None = None
+
+
+@dataclass(frozen=True)
+class VisionParams(Settings):
+    """The vision-only backbone of the vision-only methods (`pipeline.models.vision`)."""
+
+    arch: Str = "tiny-vit"  # 'tiny-vit' (built in) | a timm model name
+    pretrained: Str = "builtin"  # 'builtin' (pre-trained on the corpus labels) | path to a weights file
 
 
 @dataclass(frozen=True)
@@ -209,6 +221,16 @@ class TrainParams(Settings):
     # gradient every step: they go through the text tower in chunks that fit it, recomputed
     # in the backward pass (pipeline.models.zeroshot); the result does not depend on it
     prompt_memory_mb: Int = 1024
+    # SWA (Izmailov et al. 2018; pipeline.training.train.fit): after this fraction of the run,
+    # the trainable parameters of the last step and of every `swa_every`-th step before it are
+    # averaged, and the average is what is saved (evaluation and WiSE-FT see it). 0 = off.
+    # Weight-space methods only, whose saved state is their parameters (`check` refuses others)
+    swa_start: Float = 0.0
+    swa_every: Int = 1
+    # draw each batch uniformly over the dataset's domains (WILDS uniform_over_groups over the
+    # domain grouper, DatasetSpec.domain_fields): sample i with probability ∝ 1 / (samples of
+    # its domain in the training sample), with replacement (pipeline.training.train.balanced_plan)
+    group_balanced: Bool = False
 
     def __post_init__(self):
         check(self.epochs > 0, "finetune.train.epochs", self.epochs, "use a positive number of epochs")
@@ -229,6 +251,9 @@ class TrainParams(Settings):
               "use 1 or more")
         check(self.prompt_memory_mb >= 1, "finetune.train.prompt_memory_mb", self.prompt_memory_mb,
               "use a positive number of MiB (e.g. 1024)")
+        check(0.0 <= self.swa_start < 1.0, "finetune.train.swa_start", self.swa_start,
+              "use 0 (off) or the fraction of the run after which SWA averages, in (0, 1), e.g. 0.75")
+        check(self.swa_every >= 1, "finetune.train.swa_every", self.swa_every, "use a positive number of steps")
 
 
 # The default search space: at least two values of each default method's most sensitive
@@ -242,6 +267,10 @@ DEFAULT_TRIALS: dict[str, dict] = {
     "flyp-lr1e-4": {"method": "flyp", "lr": 1.0e-4},
     "dive-lam10": {"method": "dive", "lam": 10.0},
     "dive-lam100": {"method": "dive", "lam": 100.0},
+    "vision_lp-lr3e-3": {"method": "vision_lp", "lr": 3.0e-3},
+    "vision_lp-lr1e-2": {"method": "vision_lp", "lr": 1.0e-2},
+    "vision_ft-lr1e-4": {"method": "vision_ft", "lr": 1.0e-4},
+    "vision_ft-lr3e-4": {"method": "vision_ft", "lr": 3.0e-4},
 }
 
 TRIAL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -250,7 +279,7 @@ TRIAL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 @dataclass(frozen=True)
 class FinetuneParams(Settings):
     # the methods compared (the report's order); each needs at least one trial
-    methods: tuple[Str, ...] = ("lp", "ft", "flyp", "dive")
+    methods: tuple[Str, ...] = ("lp", "ft", "flyp", "dive", "vision_lp", "vision_ft")
     train: TrainParams = field(default_factory=TrainParams)
     # the search space: trial name -> {method: <name>, <hparam>: <value>, ...}. A trial sets
     # the hyper-parameters it changes from the method's defaults (its Hparams class, the one
@@ -323,6 +352,7 @@ class Params(Settings):
     seed: Int = 0
     dataset: DatasetParams = field(default_factory=DatasetParams)
     model: ModelParams = field(default_factory=ModelParams)
+    vision: VisionParams = field(default_factory=VisionParams)
     reference: ReferenceParams = field(default_factory=ReferenceParams)
     retention: RetentionParams = field(default_factory=RetentionParams)
     # generated dataset name -> overrides of its options (e.g. synthetic: SyntheticConfig)

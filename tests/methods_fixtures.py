@@ -58,6 +58,30 @@ def fresh_model() -> torch.nn.Module:
 
 
 @functools.cache
+def _vision_state() -> dict[str, torch.Tensor]:
+    from pipeline.models import vision
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(4321)
+        model = vision.build("tiny-vit", IMAGE_SIZE)
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def fresh_vision_model() -> torch.nn.Module:
+    """The built-in tiny vision-only backbone (timm ViT) with fixed "pre-trained" weights."""
+    from pipeline.models import vision
+
+    model = vision.build("tiny-vit", IMAGE_SIZE)
+    model.load_state_dict(_vision_state())
+    return model.eval()
+
+
+def fresh_for(method_cls) -> torch.nn.Module:
+    """The pre-trained model a method starts from (its `backbone`)."""
+    return fresh_vision_model() if method_cls.backbone == "vision" else fresh_model()
+
+
+@functools.cache
 def class_tokens() -> torch.Tensor:
     tok = open_clip.get_tokenizer(register_tiny())
     return tokenize_prompts(tok, [[t.format(c) for t in TEMPLATES] for c in CLASSES])
@@ -119,7 +143,8 @@ def context(model: torch.nn.Module | None = None, seed: int = 0, reference: bool
 
     model = model if model is not None else fresh_model()
     return TaskContext(
-        model=model, class_tokens=class_tokens(), zeroshot_head=zeroshot_head(model),
+        model=model, class_tokens=class_tokens(),
+        zeroshot_head=zeroshot_head(model if hasattr(model, "encode_text") else fresh_model()),
         device=torch.device("cpu"), seed=seed, train_set=train_items(),
         train_eval_set=train_items(), reference=reference_data(model) if reference else None,
         fit=fit,

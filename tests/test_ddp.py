@@ -69,6 +69,10 @@ CASES = {
     # the prompt-CE head in chunks of one prompt under activation checkpointing (the budget
     # below fits less than one prompt): every rank encodes every class, chunked alike
     "bitfit_chunked": ("bitfit", {"lr": 3e-4, "warmup_steps": 0}, {"steps": 3, "batch_size": 8}),
+    # both towers and the logit scale against every class prompt (templates drawn per class: shared)
+    "prompt_ce": ("prompt_ce", {"lr": 3e-4, "warmup_steps": 0}, {"steps": 2, "batch_size": 8}),
+    # a new head on the vision-only backbone (created under the same seed on every rank)
+    "vision_ft": ("vision_ft", {"lr": 3e-4, "warmup_steps": 0}, {"steps": 2, "batch_size": 8}),
 }
 SINGLE_BATCH = {"flyp_batch7": 6}
 CONTEXT = {"bitfit_chunked": {"prompt_memory_bytes": 1}}  # TaskContext fields per case
@@ -99,7 +103,7 @@ def run_case(name: str, checkpoint_dir: Path | None = None, batch_size: int | No
     method_name, overrides, settings = CASES[name]
     settings = {**settings, "batch_size": batch_size or settings["batch_size"]}
     cls = METHODS[method_name]
-    model = mf.fresh_model().double()  # built on the CPU; `fit` moves it to `device`
+    model = mf.fresh_for(cls).double()  # built on the CPU; `fit` moves it to `device`
     ctx = mf.context(model, seed=SEED, reference=False)
     ctx.device = device
     ctx.train_set = _double(ctx.train_set)

@@ -21,10 +21,11 @@ TINY = {
     "reference": {"max_samples": 300},
     "embed": {"iimm_samples": 200},
     "sample": {"levels": [4, "10%"], "seeds": [0]},
-    "finetune": {"methods": ["lp", "flyp", "dive"],
+    "finetune": {"methods": ["lp", "flyp", "dive", "vision_lp"],
                  "trials": {"lp-a": {"method": "lp"}, "flyp-a": {"method": "flyp"},
                             "dive-lam10": {"method": "dive", "lam": 10.0},
-                            "dive-lam100": {"method": "dive", "lam": 100.0}},
+                            "dive-lam100": {"method": "dive", "lam": 100.0},
+                            "vision_lp-a": {"method": "vision_lp"}},
                  "train": {"epochs": 1.0, "min_steps": 12, "max_steps": 12, "batch_size": 16,
                            "checkpoint_every": 6}},
     "evaluate": {"wise_alphas": [0.0, 0.5, 1.0], "rsa_samples": 150},
@@ -63,7 +64,8 @@ def metrics(work: Path, method: str, level: str = "4", seed: int = 0) -> dict:
     return json.loads((work / "runs/evaluate" / method / level / f"seed{seed}" / "metrics.json").read_text())
 
 
-TRIALS = {"lp": ["lp-a"], "flyp": ["flyp-a"], "dive": ["dive-lam10", "dive-lam100"]}
+TRIALS = {"lp": ["lp-a"], "flyp": ["flyp-a"], "dive": ["dive-lam10", "dive-lam100"]}  # the CLIP methods
+VISION_TRIALS = {"vision_lp": ["vision_lp-a"]}  # the vision-only baseline (tiny-vit)
 
 
 def test_pipeline_outputs(project):
@@ -107,6 +109,31 @@ def test_pipeline_outputs(project):
     for png in ("id_vs_shots", "ood_vs_shots", "id_vs_ood", "retention", "rsa_vs_shots"):
         data = (work / "reports" / f"{png}.png").read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+def test_the_vision_only_baseline_is_a_row_without_zero_shot(project):
+    """vision_lp trains a new head on the tiny-vit backbone the `vision` stage pre-trained on the
+    corpus's shape labels; it is evaluated like every method but has no zero-shot level, no
+    WiSE-FT, no retention or RSA: the report says n/a and its curve starts at its first level."""
+    work, env = project
+    info = json.loads((work / "models/vision/info.json").read_text())
+    assert info["built"] and info["for"] == ["vision_lp"] and info["classes"] == 12  # 8 task + 4 held-out shapes
+    assert info["final_train_acc"] > 1 / 12  # it learnt the labels beyond chance
+    got = metrics(work, "vision_lp")
+    assert {"id_test/acc_avg", "test/acc_avg", "selected/alpha", "selection/trials"} <= got.keys()
+    assert got["selected/alpha"] == 1.0
+    assert not [k for k in got if k.startswith(("zs/", "rsa/", "wise/", "selected/zs/", "selected/rsa/"))], got
+    scores = json.loads((work / "runs/finetune/vision_lp-a/4/seed0/scores.json").read_text())
+    assert "id_val/acc_avg" in scores and not [k for k in scores if k.startswith("zs/")]
+    config = json.loads((work / "runs/finetune/vision_lp-a/4/seed0/config.json").read_text())
+    assert config["arch"] == "tiny-vit" and config["pretrained"] == "builtin"
+    md = (work / "reports/summary.md").read_text()
+    rows = [line for line in md.splitlines() if line.startswith("| vision_lp |")]
+    assert len(rows) >= 2 and all("n/a" in r for r in rows[:2]), rows
+    assert "**n/a**: vision_lp fine-tunes a vision-only model" in md
+    client, _, runs = _runs(env)
+    steps = [h.step for h in client.get_metric_history(runs["report"].info.run_id, "curve/vision_lp/ood")]
+    assert sorted(steps)[0] > 0 and len(steps) == 2  # no k = 0 point: it has no zero-shot level
 
 
 def test_dive_keeps_geometry_better_than_flyp(project):
@@ -204,8 +231,8 @@ def test_mlflow_one_run_per_level(project):
     client, exp, runs = _runs(env)
     keys = [r.data.tags["run_key"] for r in client.search_runs([exp.experiment_id])]
     assert len(keys) == len(set(keys))  # one active run per (method, level, seed, trial)
-    groups = {f"{m}/{lv}" for m in TRIALS for lv in ("4", "10%")}
-    trained = {f"{t}/{lv}/seed0" for ts in TRIALS.values() for t in ts for lv in ("4", "10%")}
+    groups = {f"{m}/{lv}" for m in {**TRIALS, **VISION_TRIALS} for lv in ("4", "10%")}
+    trained = {f"{t}/{lv}/seed0" for ts in {**TRIALS, **VISION_TRIALS}.values() for t in ts for lv in ("4", "10%")}
     assert set(keys) == groups | trained | {"report", "zeroshot/k0/seed0"}
     for key in trained:
         run = runs[key]

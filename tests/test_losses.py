@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.models.losses import (AverageVector, average_vector_loss, classification_loss, clip_loss,
-                             mpm_nce_loss, pairwise_vector_loss)
+                             contrastive_loss, mpm_nce_loss, pairwise_vector_loss, sigmoid_loss)
 from pipeline.methods import METHODS
 from pipeline.training.train import fit
 from tests import methods_fixtures as mf
@@ -40,6 +40,45 @@ def test_clip_loss_matches_direct_formula():
     f, g = unit(7, 5, 0), unit(7, 5, 1)
     got = clip_loss(f, g, torch.tensor(10.0, dtype=torch.float64))
     assert float(got) == pytest.approx(slow_clip_loss(f, g, 10.0), rel=1e-10)
+
+
+def slow_sigmoid_loss(f, g, s, b):
+    n = f.shape[0]
+    total = 0.0
+    for i in range(n):
+        for j in range(n):
+            z = 1.0 if i == j else -1.0
+            total += math.log(1 + math.exp(-z * (s * float(f[i] @ g[j]) + b)))  # −log σ(z·logit)
+    return total / n
+
+
+@pytest.mark.parametrize("bias", [-10.0, 0.0, 3.0])
+def test_sigmoid_loss_matches_direct_double_loop(bias):
+    f, g = unit(6, 5, 7), unit(6, 5, 8)
+    s = torch.tensor(10.0, dtype=torch.float64)
+    got = sigmoid_loss(f, g, s, torch.tensor(bias, dtype=torch.float64))
+    assert float(got) == pytest.approx(slow_sigmoid_loss(f, g, 10.0, bias), rel=1e-10)
+
+
+def test_sigmoid_loss_runs_in_fp32_under_autocast_and_trains_the_bias():
+    f, g = unit(4, 8, 9).float(), unit(4, 8, 10).float()
+    bias = torch.tensor(-10.0, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = sigmoid_loss(f.bfloat16(), g.bfloat16(), torch.tensor(10.0), bias)
+    assert got.dtype == torch.float32
+    want = slow_sigmoid_loss(f.bfloat16().double(), g.bfloat16().double(), 10.0, -10.0)
+    assert float(got.detach()) == pytest.approx(want, rel=1e-5)
+    got.backward()
+    # at b = −10 every negative pair is already right and the positives are wrong: the
+    # gradient raises the bias
+    assert float(bias.grad) < 0
+
+
+def test_contrastive_loss_picks_the_family_loss():
+    f, g = unit(5, 4, 11), unit(5, 4, 12)
+    s, b = torch.tensor(7.0, dtype=torch.float64), torch.tensor(-2.0, dtype=torch.float64)
+    assert torch.equal(contrastive_loss(f, g, s), clip_loss(f, g, s))
+    assert torch.equal(contrastive_loss(f, g, s, b), sigmoid_loss(f, g, s, b))
 
 
 def test_classification_loss_is_cross_entropy_of_scaled_head():

@@ -143,13 +143,15 @@ def test_corpus_csv(tmp_path):
     cfg = dataclasses.replace(CFG, n_corpus=300)
     csv_path = generate_corpus(tmp_path / "corpus", cfg, workers=1)
     assert csv_path == tmp_path / "corpus" / "corpus.csv"
-    assert csv_path.read_text().splitlines()[0] == "filepath,title"
+    assert csv_path.read_text().splitlines()[0] == "filepath,title,label"
     with open(csv_path, newline="") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == cfg.n_corpus
     for row in rows:
         assert (csv_path.parent / row["filepath"]).is_file()
         assert row["title"].strip()
+        # the label (what a vision-only model pre-trains on) is the shape the caption names
+        assert row["label"] in syn.ALL_SHAPES and row["label"] in row["title"], row
     titles = [r["title"] for r in rows]
     assert sum(any(s in t for s in syn.ALL_SHAPES) for t in titles) > 0.8 * len(titles)
     assert sum(any(s in t for s in syn.HELDOUT_SHAPES) for t in titles) > 0.2 * len(titles)  # 4 of 12 shapes
@@ -232,3 +234,99 @@ def test_config_rejects_bad_values():
         SyntheticConfig(id_domains=("grass",), ood_domains=("grass",))
     with pytest.raises(ValueError, match="spurious"):
         SyntheticConfig(spurious=1.5)
+
+
+# ---------------------------------------------------------------------------------------------
+# the family of tasks (`label`)
+
+# Digests of CFG's files as the generator wrote them before `label` existed: the shape task
+# (the default) must stay byte-identical, images and labels.
+SHAPE_TASK_METADATA_SHA256 = "dc68db714972830399a87ca9abfcde36237e39041aa1697a4c5571d6211ff322"
+SHAPE_TASK_IMAGES_SHA256 = "2521e0cea77d433ea65e32833f8007f3dac2fb23c9498ec682d298260d6277fd"
+
+
+def test_the_shape_task_is_the_historic_dataset(root):
+    import hashlib
+
+    folder = root / syn.FOLDER
+    assert hashlib.sha256((folder / "metadata.csv").read_bytes()).hexdigest() == SHAPE_TASK_METADATA_SHA256
+    images = hashlib.sha256()
+    for path in sorted((folder / "images").glob("*.png")):
+        images.update(path.read_bytes())
+    assert images.hexdigest() == SHAPE_TASK_IMAGES_SHA256
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory) -> dict[str, SyntheticDataset]:
+    """A small dataset per non-default label."""
+    out = {}
+    for label in ("colour", "texture", "size"):
+        root = tmp_path_factory.mktemp(f"synthetic-{label}")
+        cfg = dataclasses.replace(CFG, label=label, n_train=600, n_heldout=4, n_val=50, n_id_val=50)
+        generate_dataset(root, cfg, workers=1)
+        out[label] = SyntheticDataset(root_dir=str(root))
+    return out
+
+
+@pytest.mark.parametrize("label", ["colour", "texture", "size"])
+def test_a_label_is_y_with_its_own_classes_and_prompts(labelled, label):
+    from pipeline.data.datasets import load_prompts
+
+    ds = labelled[label]
+    classes = syn.LABELS[label]
+    assert ds.n_classes == len(classes) and ds.metadata_map["y"] == list(classes)
+    fields = ds.metadata_fields
+    assert {"domain", "colour", "size", "texture", "shape", "y"} <= set(fields)
+    meta = ds.metadata_array
+    assert torch.equal(ds.y_array, meta[:, fields.index(label)])  # y is that attribute
+    assert set(ds.y_array.tolist()) == set(range(len(classes)))
+    assert set(meta[:, fields.index("shape")].tolist()) <= set(range(len(syn.SHAPES)))
+    # the zero-shot head's prompts: the label's class names, in label order
+    prompts = load_prompts("synthetic", n_classes=ds.n_classes, dataset=ds)
+    assert prompts.classnames == classes
+    assert prompts.templates == load_prompts("synthetic", task=label).templates
+    # retention tasks still find their prompts in the task's file (the shape too)
+    assert load_prompts("synthetic", task="heldout", dataset=ds).classnames == syn.HELDOUT_SHAPES
+    assert load_prompts("synthetic", task="shape", dataset=ds).classnames == syn.SHAPES
+
+
+@pytest.mark.parametrize("label", ["colour", "texture", "size"])
+def test_the_shortcut_of_a_label_holds_in_id_only(labelled, label):
+    ds = labelled[label]
+    shortcut = "shape" if label == "colour" else "colour"
+    n = len(syn.LABELS[shortcut])
+    assert ds.attributes["shortcut"] == shortcut
+    fields = ds.metadata_fields
+    meta = ds.metadata_array
+    preferred = meta[:, fields.index(shortcut)] == meta[:, fields.index("y")] % n
+    split = torch.as_tensor(ds.split_array)
+    id_mask = torch.isin(split, torch.tensor([ds.split_dict[s] for s in syn.ID_SPLITS]))
+    expected_id = CFG.spurious + (1 - CFG.spurious) / n
+    assert abs(preferred[id_mask].float().mean().item() - expected_id) < 0.06
+    assert abs(preferred[~id_mask].float().mean().item() - 1 / n) < 0.06
+
+
+def test_the_corpus_is_the_same_for_every_label(tmp_path):
+    cfg = dataclasses.replace(CFG, n_corpus=60)
+    shape = _tree(generate_corpus(tmp_path / "shape", cfg, workers=1).parent)
+    for label in ("colour", "size"):
+        assert _tree(generate_corpus(tmp_path / label, dataclasses.replace(cfg, label=label), workers=1).parent) == shape
+
+
+def test_prompt_file_names_every_label():
+    from pipeline.data.datasets import load_prompts
+
+    for label, classes in syn.LABELS.items():
+        prompts = load_prompts("synthetic", task=None if label == "shape" else label)
+        assert prompts.classnames == classes
+
+
+def test_a_bad_label_names_the_key_and_the_allowed_values():
+    from pipeline.core.validation import ParamsError, parse
+
+    with pytest.raises(ParamsError) as err:
+        parse(SyntheticConfig, {"label": "background"}, "prepare.synthetic")
+    message = str(err.value)
+    assert message.startswith("prepare.synthetic.label: 'background' is not allowed")
+    assert all(label in message for label in ("shape", "colour", "texture", "size"))
+    assert "domain" in message

@@ -101,6 +101,9 @@ class DatasetSpec:
     prompt_file: str  # file name in pipeline/data/prompts/
     retention_tasks: tuple[RetentionTask, ...]
     download_hint: str  # how a user gets the data; "{root}" is filled with the data root
+    # the metadata fields whose combinations are the domains (the WILDS examples' training
+    # `groupby_fields`): what finetune.train.group_balanced balances over (`domain_groups`)
+    domain_fields: tuple[str, ...] = ("domain",)
     # Builds the dataset from (root_dir, download); None means `wilds.get_dataset`.
     loader: Callable[[Path, bool], Any] | None = field(default=None, repr=False, compare=False)
     # Generated datasets: the prepare stage calls generate(root, options) (under
@@ -476,6 +479,21 @@ def drop_empty_groups(results: dict) -> dict:
     """`results` without the keys of groups whose `count_<group>` is 0 (every `<metric>_<group>`)."""
     empty = {k[len("count_"):] for k, v in results.items() if k.startswith("count_") and float(v) == 0}
     return {k: v for k, v in results.items() if k.split("_", 1)[-1] not in empty}
+
+
+def domain_groups(dataset, fields: tuple[str, ...], rows) -> torch.Tensor:
+    """The domain of each of `rows` (WILDS row indices): the group id of wilds'
+    `CombinatorialGrouper` over `fields` (`DatasetSpec.domain_fields`), the grouper WILDS'
+    `uniform_over_groups` sampling weights by."""
+    from wilds.common.grouper import CombinatorialGrouper
+
+    known = list(getattr(dataset, "metadata_fields", []))
+    missing = [f for f in fields if f not in known]
+    if missing:
+        raise ValueError(f"domain fields {missing} are not metadata fields of {type(dataset).__name__} "
+                         f"(fields: {known}); DatasetSpec.domain_fields names the domain grouper's fields")
+    grouper = CombinatorialGrouper(dataset, list(fields))
+    return grouper.metadata_to_group(torch.as_tensor(dataset.metadata_array)[torch.as_tensor(rows, dtype=torch.long)])
 
 
 def split_rows(dataset, split: str) -> torch.Tensor:

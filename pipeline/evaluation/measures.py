@@ -162,7 +162,10 @@ class Measure:
     """A registered measure. `stages`: 'embed' (the pre-trained model, once: task difficulty)
     and/or 'evaluate' (every fine-tuned model at every WiSE-FT α). `compute` returns flat
     `name/...` metrics; `columns` and `plot` are what the report shows; `summary_keys` are the
-    embed-stage keys the report copies into its DVC metrics as `zeroshot/<key>`."""
+    embed-stage keys the report copies into its DVC metrics as `zeroshot/<key>`.
+    `needs_text`: the measure reads the model's text tower (zero-shot heads, text embeddings);
+    it is skipped for a model without one (a vision-only baseline), and the report says it
+    does not apply instead of showing a number."""
 
     name: str
     stages: tuple[str, ...]
@@ -170,6 +173,7 @@ class Measure:
     columns: tuple[Column, ...] = ()
     plot: Plot | None = None
     summary_keys: tuple[str, ...] = ()
+    needs_text: bool = False
 
 
 MEASURES: dict[str, Measure] = {}
@@ -190,10 +194,20 @@ def measures_for(stage: str) -> list[Measure]:
 
 
 def compute_all(stage: str, inputs: MeasureInputs) -> dict[str, float]:
+    """Every measure of `stage` that applies to `inputs.model` (those that need a text tower
+    only where the model has one)."""
+    text = getattr(inputs.model, "has_text", True)
     out: dict[str, float] = {}
     for m in measures_for(stage):
+        if m.needs_text and not text:
+            continue
         out.update(m.compute(inputs))
     return out
+
+
+def text_columns() -> set[str]:
+    """The report columns of measures that need a text tower (`Measure.needs_text`)."""
+    return {c.name for m in MEASURES.values() if m.needs_text for c in m.columns}
 
 
 def report_columns() -> list[Column]:
@@ -233,6 +247,12 @@ def _silhouettes(x: MeasureInputs) -> dict[str, float]:
     return silhouettes(x.train_features, x.train_labels, x.class_text)
 
 
+def _transfer(x: MeasureInputs) -> dict[str, float]:
+    from pipeline.evaluation.transfer import transfer_scores
+
+    return transfer_scores(x.train_features, x.train_labels)
+
+
 def _retention(x: MeasureInputs) -> dict[str, float]:
     from pipeline.evaluation.zeroshot import retention_metrics
 
@@ -258,11 +278,14 @@ register_measure(Measure("iimm", ("embed",), _iimm, summary_keys=(
     "iimm", "iimm/s_intra", "iimm/s_inter", "iimm_ensemble", "iimm_ensemble/s_inter")))
 register_measure(Measure("silhouette", ("embed",), _silhouettes,
                          summary_keys=("silhouette/modality", "silhouette/class")))
+register_measure(Measure("transfer", ("embed",), _transfer, summary_keys=(
+    "transfer/h_score", "transfer/logme", "transfer/gbc", "transfer/transrate")))
 register_measure(Measure(
     "retention", ("embed", "evaluate"), _retention,
     # the report's retention section shows the change per task (pipeline/report/retention.py)
     columns=(Column("zs", "ZS acc.", reduce=_mean_retention,
                     description="mean zero-shot accuracy on the retention tasks (changes per task: the retention section)"),),
+    needs_text=True,
 ))
 register_measure(Measure(
     "rsa", ("evaluate",), _rsa,
@@ -272,4 +295,5 @@ register_measure(Measure(
     plot=Plot("rsa_vs_shots.png", "Representation drift: RSA of the reference-set geometry to the "
               "pre-trained model (1 = unchanged)",
               ("RSA to the pre-trained model (image)", "RSA to the pre-trained model (text)"), reference=1.0),
+    needs_text=True,
 ))

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from pipeline.core.validation import Float, Int
 from pipeline.methods import register
 from pipeline.methods.base import freeze, matches, unfreeze
-from pipeline.methods.bitfit import RESBLOCK, PromptCE, PromptCEHparams
+from pipeline.methods.bitfit import RESBLOCK, RESBLOCK_MODULE, PromptCE, PromptCEHparams, require_block_towers
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,17 @@ class AttentionTuning(PromptCE):
     trains_clip = RESBLOCK + r"attn\.in_proj_weight$"
     Hparams = ACLIPHparams
     weight_space = True
+
+    @classmethod
+    def check_model(cls, model) -> None:
+        require_block_towers(cls.name, model, "trains the fused Q/K/V projections (`attn.in_proj_weight`)")
+        blocks = {n for n, _ in model.named_modules() if RESBLOCK_MODULE.search(n)}
+        fused = {n.rsplit(".attn.", 1)[0] for n, _ in model.named_parameters()
+                 if re.search(RESBLOCK + r"attn\.in_proj_weight$", n)}
+        if blocks - fused:
+            raise ValueError(f"{cls.name} trains the fused Q/K/V projection `attn.in_proj_weight` of every residual "
+                             f"block, and {sorted(blocks - fused)[0]} has none (its attention is not open_clip's). "
+                             f"Allowed: archs built of open_clip's attention blocks (CLIP ViT archs, CoCa)")
 
     def setup(self) -> None:
         freeze(self.root)

@@ -100,6 +100,10 @@ class Method:
     uses_images: ClassVar[bool] = True
     # False: nothing trains (the zero-shot baseline); the finetune stage saves an empty state
     trains: ClassVar[bool] = True
+    # the pre-trained model the method starts from: "clip" (model.*) or "vision", a vision-only
+    # backbone (vision.*, `pipeline.models.vision`) with no text tower: no zero-shot level,
+    # and no measure that needs a text tower (retention, RSA) applies
+    backbone: ClassVar[str] = "clip"
     # The method's test contract (tests/test_methods.py reads it; regexes over parameter names):
     # `trains_clip`, the CLIP parameters that training changes, every other one staying
     # bit-identical ("" = all, None = none); `trains_extra`, the pattern every method-owned
@@ -110,10 +114,19 @@ class Method:
     micro: MicroBatch = MicroBatch()
 
     def __init__(self, hp: Any, ctx: TaskContext):
+        type(self).check_model(ctx.model)  # refuse a model this method cannot adapt, before any work
         self.hp = hp
         self.ctx = ctx
         self.extra = nn.ModuleDict()  # method-owned modules and buffers (head, EMA, ...)
         self.root = nn.ModuleDict({"clip": ctx.model, "extra": self.extra})
+
+    @classmethod
+    def check_model(cls, model: nn.Module) -> None:
+        """Raise ValueError (a sentence naming the method, what the model lacks and which
+        archs have it) when this method cannot adapt `model`, e.g. one that edits open_clip's
+        residual blocks given a timm image tower. Called by the `check` stage on the arch
+        built with random weights, and by `__init__`, so a refusal comes before any work.
+        Default: any open_clip model (image and text towers, a logit scale) is accepted."""
 
     # ---- training -----------------------------------------------------------------------
     def setup(self) -> None:

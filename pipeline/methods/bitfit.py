@@ -6,6 +6,7 @@ text tower (BitFit, A-CLIP, LoRA): cross-entropy on s·f(x)·g(prompt(c))ᵀ aga
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -18,8 +19,35 @@ from pipeline.methods.common import image_features
 from pipeline.models.zeroshot import build_head_with_grad, prompt_chunk_size
 
 # parameters of the residual blocks of both open_clip towers (`visual.transformer.resblocks.N`,
-# `transformer.resblocks.N`; `text.transformer.resblocks.N` in CustomTextCLIP)
+# `transformer.resblocks.N`; `text.transformer.resblocks.N` in CustomTextCLIP and CoCa, whose
+# captioning decoder `text_decoder.resblocks.N` does not match)
 RESBLOCK = r"(^|\.)transformer\.resblocks\.\d+\."
+RESBLOCK_MODULE = re.compile(r"(^|\.)transformer\.resblocks\.\d+$")  # the blocks themselves
+
+
+def require_block_towers(method: str, model: torch.nn.Module, what: str) -> None:
+    """ValueError unless both towers of `model` are open_clip transformers with residual
+    blocks (`transformer.resblocks.N`), which is what the block-level methods (BitFit,
+    A-CLIP, LoRA, R-Adapter) edit. A timm image tower (SigLIP's and EVA-02's open_clip configs,
+    `vision_cfg.timm_model_name`) or a ResNet has none: the method would silently adapt the
+    text tower alone, so it refuses instead."""
+    towers = {"image": [], "text": []}
+    for name, _ in model.named_modules():
+        if RESBLOCK_MODULE.search(name):
+            towers["image" if name.startswith("visual.") else "text"].append(name)
+    lacking = [t for t, blocks in towers.items() if not blocks]
+    if lacking:
+        kinds = {"image": type(getattr(model, "visual", None)).__name__,
+                 "text": type(getattr(model, "text", model)).__name__}
+        trunk = getattr(getattr(model, "visual", None), "trunk", None)
+        if trunk is not None:
+            kinds["image"] += f" (timm {type(trunk).__name__})"
+        raise ValueError(
+            f"{method} {what} in the open_clip residual blocks (`transformer.resblocks.N`) of both towers, and "
+            f"this model's {' and '.join(f'{t} tower ({kinds[t]})' for t in lacking)} has none. Allowed: archs "
+            f"whose towers are open_clip transformers (the CLIP ViT archs, CoCa); the SigLIP and EVA-02 configs "
+            f"build a timm image tower (`vision_cfg.timm_model_name`), ResNet archs a ModifiedResNet (README, "
+            f"'Model families', lists the methods that fit each).")
 
 
 @dataclass(frozen=True)
@@ -60,6 +88,9 @@ class PromptCE(Method):
     gradient every step (the text tower trains), s = the pre-trained logit scale (frozen).
     Evaluation rebuilds the full prompt-ensemble head from the trained text tower (the
     default `eval_model` with `head=None`). Not registered: a base for BitFit, A-CLIP, LoRA.
+
+    Model families: a SigLIP logit bias is a constant shift of every class logit, which the
+    cross-entropy (a softmax over the classes) cancels: the loss is the same for every family.
 
     Precision: the image tower and the class head's text forwards in the trainer's
     precision (bf16 autocast on CUDA); features and head rows normalised in fp32, logits and
@@ -113,6 +144,10 @@ class BitFit(PromptCE):
     trains_clip = RESBLOCK + r".*bias$"
     Hparams = BitFitHparams
     weight_space = True
+
+    @classmethod
+    def check_model(cls, model) -> None:
+        require_block_towers(cls.name, model, "trains the biases")
 
     def setup(self) -> None:
         freeze(self.root)

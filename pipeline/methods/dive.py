@@ -44,6 +44,11 @@ class DiVE(FLYP):
     No contrastive loss on reference data. f_pre and g_pre are read from the embed stage's
     cache (never recomputed per step).
 
+    Model families: the target-batch term is FLYP's, so on SigLIP it is the sigmoid loss with
+    the model's logit scale and bias (see `FLYP`); AVL and PVL are distances between
+    normalised embeddings, in which neither the scale nor the bias appears, so they are the
+    same for every family. On CoCa the captioning decoder stays frozen, as in FLYP.
+
     Precision: the target batch (the FLYP term) runs in the trainer's precision (bf16
     autocast on CUDA by default), its logits in fp32. The reference rows always go through
     both towers in fp32 with autocast off, and u, v, m, AVL and PVL are fp32: f_pre and g_pre

@@ -9,7 +9,7 @@ import torch
 
 from pipeline.core.validation import Float, Int
 from pipeline.core import dist
-from pipeline.models.losses import clip_loss, upcast
+from pipeline.models.losses import contrastive_loss, upcast
 from pipeline.methods import register
 from pipeline.methods.base import BaseHparams, Method, freeze, unfreeze
 from pipeline.methods.common import image_features, sample_class_prompts, text_features
@@ -39,6 +39,18 @@ class FLYP(Method):
     OPEN (ours): the logit scale is clamped to ≤ ln 100 after each step, as in open_clip's
     pre-training; features are gathered across DDP ranks with gradients.
 
+    Model families ("fine-tune like you pre-train": the loss is the family's pre-training
+    loss, `pipeline.models.losses.contrastive_loss`):
+    - SigLIP (a model with `logit_bias`): the pairwise sigmoid loss
+      −(1/B) Σ_ij log σ(z_ij (s·f_i·g_j + b)) over the (gathered) batch with the model's own
+      logit scale s and bias b, both trained (the bias unclamped, as in SigLIP's
+      pre-training), instead of the symmetric InfoNCE; same-class pairs stay negatives;
+    - CoCa: the contrastive term only, not CoCa's captioning loss (OPEN, ours: the class
+      prompts are not captions of the images, and evaluation reads only the towers'
+      embeddings); the captioning decoder (`text_decoder`), which that term cannot reach,
+      stays frozen rather than listed as trained;
+    - EVA-02 and CLIP: the CLIP loss as above.
+
     Precision: both towers in the trainer's precision (bf16 autocast on CUDA); the features
     are normalised, and the logits and loss computed, in fp32 with autocast off
     (`pipeline.models.losses.fp32_loss`): bf16 logits at scale 100 near cos ≈ 1 step by ~0.4.
@@ -53,11 +65,15 @@ class FLYP(Method):
 
     def setup(self) -> None:
         freeze(self.root)
-        unfreeze(self.ctx.model, lambda n, p: True)
+        unfreeze(self.ctx.model, lambda n, p: not n.startswith("text_decoder."))
 
     def contrastive_loss(self, f: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        """The CLIP loss of this rank's image and class-prompt features, gathered over ranks."""
-        return clip_loss(dist.gather(upcast(f)), dist.gather(upcast(g)), upcast(self.ctx.model.logit_scale.exp()))
+        """The family's contrastive loss (CLIP's, or SigLIP's sigmoid loss for a model with a
+        logit bias) of this rank's image and class-prompt features, gathered over ranks."""
+        model = self.ctx.model
+        bias = getattr(model, "logit_bias", None)
+        return contrastive_loss(dist.gather(upcast(f)), dist.gather(upcast(g)), upcast(model.logit_scale.exp()),
+                                None if bias is None else upcast(bias))
 
     def loss(self, batch, step):
         model = self.ctx.model

@@ -12,7 +12,7 @@ from torch import nn
 from pipeline.core.validation import Float, Int
 from pipeline.methods import register
 from pipeline.methods.base import EvalModel, freeze
-from pipeline.methods.bitfit import PromptCE, PromptCEHparams
+from pipeline.methods.bitfit import PromptCE, PromptCEHparams, require_block_towers
 
 ATTN = re.compile(r"(^|\.)transformer\.resblocks\.\d+\.attn$")
 
@@ -122,6 +122,11 @@ class LoRA(PromptCE):
     trains_extra = r"^lora\.[\w]+\.(a|b)_(q|v)$"
     Hparams = LoRAHparams
     weight_space = True
+
+    @classmethod
+    def check_model(cls, model) -> None:
+        require_block_towers(cls.name, model, "adapts the Q and V projections")
+        attention_sites(model)  # every block's attention has the fused [3d, d] weight (its own sentence)
 
     def setup(self) -> None:
         freeze(self.root)

@@ -14,7 +14,7 @@ from pipeline.core import dist
 from pipeline.models.losses import classification_loss, clip_loss, mpm_nce_loss
 from pipeline.methods import register
 from pipeline.methods.base import BaseHparams, EvalModel, Method, freeze
-from pipeline.methods.bitfit import class_head_with_grad
+from pipeline.methods.bitfit import class_head_with_grad, require_block_towers
 from pipeline.methods.common import (image_features, in_rank_rows, per_row, rank_rows, sample_class_prompts,
                                      text_features)
 
@@ -229,6 +229,12 @@ class RAdapter(Method):
       their labels (one template drawn per image), at τ = 0.01 (1/τ = 100), both towers.
     - Ablation switches: `drop: 0`, `ema_momentum: 0`, `rescale: 1`, `loss: clip` or `ce`,
       `smoothing: 0`, `margin: 0`.
+    - Model families: the losses are R-Adapter's own, at its fixed τ (not the model's logit
+      scale), and each is a softmax over a row of logits; a SigLIP logit bias would add the
+      same constant to every logit of a row, which a softmax cancels, so they are unchanged
+      on SigLIP (no sigmoid loss). The adapters need open_clip's residual blocks in both
+      towers (`check_model`): CLIP ViT archs and CoCa (whose captioning decoder gets none),
+      not the timm image towers of the SigLIP and EVA-02 configs.
     - Precision: the adapters run in their block's precision (bf16 under the trainer's
       autocast on CUDA; F and σ are fp32 parameters cast per use); features are normalised
       and MPM-NCE / CLIP / CE computed in fp32 with autocast off; the EMA is fp32 and the
@@ -263,6 +269,15 @@ class RAdapter(Method):
     trains_extra = r"^adapters\.[\w]+\.(weight|up|down|sigma)$"
     Hparams = RAdapterHparams
     weight_space = True  # eval_model honours α (it scales the adapters): sweep it
+
+    @classmethod
+    def check_model(cls, model) -> None:
+        require_block_towers(cls.name, model, "inserts its adapters")
+        try:
+            adapter_sites(model)  # out_proj and c_proj (with biases) in every block
+        except ValueError as err:
+            raise ValueError(f"{cls.name} adapts the attention out_proj and MLP c_proj of every residual block: "
+                             f"{err}. Allowed: archs built of open_clip's residual blocks (CLIP ViT archs, CoCa)") from err
 
     def __init__(self, hp, ctx):
         super().__init__(hp, ctx)

@@ -5,10 +5,28 @@
 - an open_clip pretrained tag (e.g. `openai`), fetched once by the `pretrained` stage;
 - a path to a local `.safetensors` / `.pt` / `.bin` state dict.
 Every stage after `pretrained` loads weights only from that stage's local file.
+
+Model families: every open_clip config builds here, CLIP, SigLIP (`init_logit_bias`: a
+learned `logit_bias` and the sigmoid loss), CoCa (`multimodal_cfg`: a captioning decoder beside
+the contrastive towers) and EVA-02 (a timm EVA image tower). Besides `tiny-clip`, the configs in
+`configs/` ship one tiny member of each other family, each the real open_clip config
+(`ViT-B-16-SigLIP`, `coca_ViT-B-32`, `EVA02-B-16`) with only its sizes shrunk (widths, depths,
+heads, image and context size; tests/test_families.py checks that nothing else differs):
+`tiny-siglip`, `tiny-coca`, `tiny-eva02`. A timm image tower cannot be shrunk through the
+open_clip config (open_clip passes timm only the model name), so the shrunk timm towers are
+registered with timm under their own names (`TIMM_TOWERS`): timm's own entry point of the real
+tower with smaller sizes. One departure: `tiny-siglip` tokenises with open_clip's BPE tokenizer
+(vocab 49,408) instead of SigLIP's Hugging Face SentencePiece tokenizer, which needs the
+`transformers` package and a download; so it runs offline like `tiny-clip`.
+
+`model.tokenizer` (optional): a saved Hugging Face tokenizer folder (`save_pretrained`), for
+archs whose open_clip config names a Hugging Face tokenizer (`hf_tokenizer_name`: SigLIP's)
+on a machine that cannot download it; `load_tokenizer` says how to make one.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -18,6 +36,7 @@ from typing import Any, Callable
 
 import open_clip
 import torch
+from open_clip.tokenizer import DEFAULT_CONTEXT_LENGTH, HFTokenizer
 from safetensors.torch import load_file, save_file
 
 from pipeline.core.hashing import file_sha256
@@ -26,11 +45,44 @@ BUILTIN = "builtin"
 CONFIG_DIR = Path(__file__).parent / "configs"
 _registered = False
 
+# The shrunk timm image towers the shipped configs name (`vision_cfg.timm_model_name`): timm's
+# entry point of the real tower (the one the real open_clip config names) with these sizes.
+# Everything else (EVA-02's SwiGLU MLP, rotary embeddings and sub-LayerNorm; SigLIP's
+# attention-pool head and missing class token) comes from timm's own definition. The image
+# size matches the config's `image_size`; EVA's rotary reference grid is the patch grid
+# (`ref_feat_shape` = image size / patch size), as in the real tower (224 / 14 = 16).
+TIMM_TOWERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "tiny_eva02_clip": ("eva02_base_patch16_clip_224",
+                        dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, ref_feat_shape=(4, 4))),
+    "tiny_vit_siglip": ("vit_base_patch16_siglip_224",
+                        dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2)),
+}
+
+
+def _register_timm_tower(name: str, base: str, sizes: dict[str, Any]) -> None:
+    import timm
+    from timm.models import model_entrypoint, register_model
+
+    real = model_entrypoint(base)
+
+    def entry(pretrained: bool = False, **kwargs):
+        if pretrained:
+            raise ValueError(f"{name}: a shrunk test tower has no pretrained weights")
+        return real(pretrained=False, **{**sizes, **kwargs})
+
+    entry.__name__ = entry.__qualname__ = name
+    entry.__doc__ = f"timm's {base} with {sizes} (pipeline.models.TIMM_TOWERS)"
+    if name not in timm.list_models(name):
+        register_model(entry)
+
 
 def register_builtin_configs() -> None:
-    """Make the architectures shipped in `pipeline/models/configs/` known to open_clip."""
+    """Make the architectures shipped in `pipeline/models/configs/` known to open_clip (and
+    their shrunk timm towers known to timm)."""
     global _registered
     if not _registered:
+        for name, (base, sizes) in TIMM_TOWERS.items():
+            _register_timm_tower(name, base, sizes)
         open_clip.add_model_config(CONFIG_DIR)
         _registered = True
 
@@ -51,13 +103,19 @@ def check_arch(arch: str) -> None:
 
 @dataclass
 class Clip:
-    """A CLIP model with the transforms and tokenizer that belong to it."""
+    """A CLIP model with the transforms and tokenizer that belong to it. The tokenizer is
+    loaded on first use (`load_tokenizer(arch, tokenizer_source)`), so a stage that needs only
+    the transforms (the image cache) never needs a hub tokenizer."""
 
     model: torch.nn.Module
     preprocess_train: Callable
     preprocess_val: Callable
-    tokenizer: Callable
     arch: str
+    tokenizer_source: str | None = None  # params `model.tokenizer`
+
+    @functools.cached_property
+    def tokenizer(self) -> Callable:
+        return load_tokenizer(self.arch, self.tokenizer_source)
 
     @property
     def image_size(self) -> int:
@@ -65,8 +123,15 @@ class Clip:
         return size[0] if isinstance(size, (tuple, list)) else int(size)
 
 
-def create(arch: str, weights: Path | None = None, device: str | torch.device = "cpu") -> Clip:
-    """Build `arch` with open_clip and load `weights` (a local state-dict file) if given."""
+def create(arch: str, weights: Path | None = None, device: str | torch.device = "cpu",
+           tokenizer: str | None = None, pretrained: str | None = None) -> Clip:
+    """Build `arch` with open_clip and load `weights` (a local state-dict file) if given.
+
+    `tokenizer`: params `model.tokenizer` (`load_tokenizer`, on first use of `Clip.tokenizer`).
+    `pretrained`: params `model.pretrained`; where it is an open_clip tag of `arch`, the image
+    transforms are the tag's (mean, std, interpolation, resize mode: SigLIP's webli weights
+    expect mean 0.5 and a squashing resize, not the OpenAI defaults an untagged build gets),
+    as `open_clip.create_model_and_transforms(arch, pretrained=tag)` would give them."""
     register_builtin_configs()
     check_arch(arch)
     # open_clip logs a warning for every model built without weights: we load our own
@@ -75,14 +140,90 @@ def create(arch: str, weights: Path | None = None, device: str | torch.device = 
     logger.setLevel(logging.ERROR)
     try:
         model, pre_train, pre_val = open_clip.create_model_and_transforms(
-            arch, pretrained=None, device=device
+            arch, pretrained=None, device=device, **_tag_transform(arch, pretrained)
         )
     finally:
         logger.setLevel(level)
     if weights is not None:
         _load_checked(model, load_state_dict(Path(weights)), str(weights), arch)
     model.eval()
-    return Clip(model, pre_train, pre_val, open_clip.get_tokenizer(arch), arch)
+    return Clip(model, pre_train, pre_val, arch, tokenizer)
+
+
+def _tag_transform(arch: str, pretrained: str | None) -> dict[str, Any]:
+    """`create_model_and_transforms` keywords for the image transform of an open_clip tag."""
+    if not pretrained or pretrained == BUILTIN or pretrained not in open_clip.list_pretrained_tags_by_model(arch):
+        return {}
+    cfg = open_clip.get_pretrained_cfg(arch, pretrained)
+    keys = {"image_mean": "mean", "image_std": "std", "image_interpolation": "interpolation",
+            "image_resize_mode": "resize_mode"}
+    return {k: cfg[v] for k, v in keys.items() if cfg.get(v) is not None}
+
+
+def load_tokenizer(arch: str, tokenizer: str | None = None) -> Callable:
+    """The tokenizer of `arch`, or ValueError naming `model.tokenizer` with how to provide it.
+
+    - `tokenizer` given: a saved Hugging Face tokenizer folder (a file in it stands for the
+      folder), loaded by open_clip's `HFTokenizer` with the config's context length, mode
+      and `tokenizer_kwargs`, exactly as open_clip loads the hub one (needs `transformers`);
+      its vocabulary must fit the config's `vocab_size`;
+    - none, and the config names no Hugging Face tokenizer: open_clip's BPE tokenizer
+      (`SimpleTokenizer`) with the config's context length and `tokenizer_kwargs`, which is
+      what `open_clip.get_tokenizer` gives such configs, except that it never guesses a SigLIP
+      tokenizer from a name containing "siglip" (its fallback for configs without
+      `hf_tokenizer_name`; every SigLIP config it ships names one, `tiny-siglip` deliberately
+      none);
+    - none, and the config names one (`hf_tokenizer_name`): `open_clip.get_tokenizer(arch)`
+      (a download; the hub is told it is offline when it cannot be reached, so it fails at
+      once), its failure turned into the sentence that says how to save the tokenizer.
+    """
+    register_builtin_configs()
+    check_arch(arch)
+    text_cfg = open_clip.get_model_config(arch).get("text_cfg", {})
+    context = text_cfg.get("context_length", DEFAULT_CONTEXT_LENGTH)
+    kwargs = dict(text_cfg.get("tokenizer_kwargs", {}))
+    hub_name = text_cfg.get("hf_tokenizer_name", "")
+    if tokenizer is not None:
+        return _local_hf_tokenizer(Path(tokenizer).expanduser(), text_cfg, context, kwargs)
+    if not hub_name:
+        return open_clip.SimpleTokenizer(context_length=context, **kwargs)
+    if not _hub_reachable():
+        _set_hub_offline()
+    try:
+        return open_clip.get_tokenizer(arch)
+    except Exception as err:  # ImportError (no transformers), hub and file errors
+        raise ValueError(
+            f"model.tokenizer: {arch!r} tokenises with the Hugging Face tokenizer {hub_name!r}, which could not "
+            f"be loaded ({type(err).__name__}: {_first_line(err)}). Provide it as a local folder: on a machine "
+            f"with internet, `pip install transformers` and run `import open_clip; "
+            f"open_clip.get_tokenizer('{arch}').save_pretrained('tokenizer-folder')`, copy the folder here "
+            f"(with `transformers` installed) and set model.tokenizer to its path."
+        ) from err
+
+
+def _local_hf_tokenizer(path: Path, text_cfg: dict, context: int, kwargs: dict) -> Callable:
+    if not path.exists():
+        raise ValueError(f"model.tokenizer: {path}: not found. Allowed: null (the arch's own tokenizer) or a "
+                         f"folder written by a Hugging Face tokenizer's `save_pretrained`")
+    folder = path.parent if path.is_file() else path
+    try:
+        tok = HFTokenizer(str(folder), context_length=context, tokenizer_mode=text_cfg.get("tokenizer_mode"),
+                          **kwargs)
+    except ImportError as err:
+        raise ValueError(f"model.tokenizer: {path}: a Hugging Face tokenizer needs the `transformers` package "
+                         f"(`pip install transformers`)") from err
+    except Exception as err:  # transformers raises OSError, ValueError, ... for a bad folder
+        raise ValueError(f"model.tokenizer: {path} is not a saved Hugging Face tokenizer ({type(err).__name__}: "
+                         f"{_first_line(err)}); write one with `tokenizer.save_pretrained(folder)`") from err
+    vocab = text_cfg.get("vocab_size")
+    if vocab is not None and len(tok.tokenizer) > vocab:
+        raise ValueError(f"model.tokenizer: {path} has {len(tok.tokenizer)} tokens, more than the "
+                         f"{vocab} of the arch's text tower (text_cfg.vocab_size): use the arch's own tokenizer")
+    return tok
+
+
+def _first_line(err: Exception) -> str:
+    return str(err).splitlines()[0] if str(err) else ""
 
 
 def _load_checked(model: torch.nn.Module, state: dict, origin: str, arch: str) -> None:

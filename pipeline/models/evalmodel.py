@@ -14,6 +14,8 @@ class EvalModel(nn.Module):
     task head (rows carry the logit scale). `head=None` means the zero-shot head of this
     model's own text tower."""
 
+    has_text = True  # (a vision-only model's `VisionEvalModel` has none)
+
     def __init__(self, model: nn.Module, head: torch.Tensor | None = None,
                  image_transform: nn.Module | None = None):
         super().__init__()

@@ -67,6 +67,30 @@ def clip_loss(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor) -> t
 
 
 @fp32_loss
+def sigmoid_loss(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor,
+                 bias: torch.Tensor) -> torch.Tensor:
+    """SigLIP's pairwise sigmoid loss (Zhai et al., ICCV 2023, arXiv 2303.15343):
+
+        L = −(1/B) Σ_i Σ_j log σ(z_ij · (s · f_i·g_j + b)),  z_ij = +1 if i = j else −1,
+
+    every image-text pair of the batch an independent binary problem, with the learned
+    logit scale s = exp(logit_scale) and bias b (`logit_bias`). The sum over all B² pairs is
+    divided by B, as in the paper and open_clip's `SigLipLoss`. Same-class pairs in the batch
+    count as negatives (FLYP's definition, carried over).
+    """
+    logits = scale * image @ text.t() + bias
+    labels = 2 * torch.eye(logits.shape[0], device=logits.device, dtype=logits.dtype) - 1
+    return -F.logsigmoid(labels * logits).sum() / logits.shape[0]
+
+
+def contrastive_loss(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor,
+                     bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The image-text loss the model was pre-trained with: `sigmoid_loss` for a model with a
+    logit bias (SigLIP), the symmetric `clip_loss` otherwise (`bias` None)."""
+    return clip_loss(image, text, scale) if bias is None else sigmoid_loss(image, text, scale, bias)
+
+
+@fp32_loss
 def classification_loss(features: torch.Tensor, head: torch.Tensor, labels: torch.Tensor,
                         label_smoothing: float = 0.0) -> torch.Tensor:
     """Cross-entropy of `features @ headᵀ` (head rows carry the logit scale)."""

@@ -42,7 +42,13 @@ def tokenize_prompts(tokenizer: Callable, texts: Sequence[Sequence[str]]) -> tor
 def build_head(encode_text: Callable[[torch.Tensor], torch.Tensor], class_tokens: torch.Tensor,
                batch_size: int = 1024) -> torch.Tensor:
     """Zero-shot head H [C, D]: per class, the mean of its L2-normalised template embeddings,
-    renormalised. Logits are then s · f(x) · Hᵀ."""
+    renormalised. Logits are then s · f(x) · Hᵀ.
+
+    SigLIP's `logit_bias` b is left out on purpose: s·f·Hᵀ + b shifts every class logit of
+    an image by the same constant, which changes neither the argmax nor a cross-entropy over
+    the classes (softmax is shift-invariant), so every head, loss and metric built on this
+    one is the same with or without it (it would matter only for per-class sigmoid
+    probabilities, which nothing here uses)."""
     c, t, length = class_tokens.shape
     flat = class_tokens.reshape(c * t, length)
     parts = [F.normalize(encode_text(flat[i : i + batch_size]).float(), dim=-1)

@@ -42,6 +42,7 @@ from pipeline import artifacts as paths
 from pipeline.core import tracking
 from pipeline.data.datasets import get_spec
 from pipeline.evaluation.measures import MEASURES
+from pipeline.methods import METHODS
 from pipeline.report.files import (METHOD_METRICS, METRICS_JSON, OUTPUTS, PLOTS, RETENTION_CSV, TRIALS_CSV, RUNS_CSV, SELECTION_CSV, SHOTS_CSV,
                                    SUMMARY_CSV, SUMMARY_JSON, SUMMARY_MD, _write_csv, _write_text)
 from pipeline.report.inputs import (COLUMNS, KEYS, REPORT_KEY, VALUES, ZEROSHOT, columns, values, Headline, MissingInputsError,
@@ -74,6 +75,9 @@ def run(cfg: ReportConfig) -> dict[str, float]:
     paths.REPORTS.mkdir(parents=True, exist_ok=True)
 
     methods = list(cfg.methods)
+    # methods without a text tower (vision-only baselines): no zero-shot level, and the
+    # measures that need a text tower (retention, RSA) do not apply
+    text_free = [m for m in methods if METHODS[m].backbone != "clip"]
     runs = runs_frame(inputs, spec.name, head)
     summary = summarize(runs, methods, list(cfg.levels))
     selection = selection_table(records)
@@ -105,7 +109,8 @@ def run(cfg: ReportConfig) -> dict[str, float]:
                   f"Out-of-distribution ({head.ood}) vs training data", PLOTS["ood_vs_shots"])
     plots.append(PLOTS["ood_vs_shots"])
     if head.id:
-        plot_id_vs_ood(summary, wise, head, PLOTS["id_vs_ood"], next(iter(selection["protocol"]), ""))
+        plot_id_vs_ood(summary, wise, head, PLOTS["id_vs_ood"], next(iter(selection["protocol"]), ""),
+                       no_zero=text_free)
         plots.append(PLOTS["id_vs_ood"])
     retention_plot = None
     if infos and not retention.empty:
@@ -127,7 +132,7 @@ def run(cfg: ReportConfig) -> dict[str, float]:
     others, store_note = other_datasets(cfg)
     if store_note:
         notes.append(store_note)
-    points = task_points(spec.name, flat) + others
+    points = task_points(spec.name, flat, exclude=text_free) + others
     n_tasks = len({p["dataset"] for p in points})
     if n_tasks > 1:
         heads = {spec.name: spec.metric}
@@ -155,7 +160,7 @@ def run(cfg: ReportConfig) -> dict[str, float]:
     section = retention_markdown(retention, infos, no_task_hint(spec.name), retention_plot, _md_table, tradeoff,
                                  next(iter(selection["split"]), "") or "")
     md = summary_markdown(cfg, summary, head, embed, [p for p in plots if p != retention_plot], notes, tasks,
-                          selection, section)
+                          selection, section, text_free=text_free)
     _write_text(METRICS_JSON, json.dumps(flat, indent=1, sort_keys=True) + "\n")
     if METHOD_METRICS.exists():
         shutil.rmtree(METHOD_METRICS)  # no row of a method no longer compared
@@ -177,7 +182,7 @@ def run(cfg: ReportConfig) -> dict[str, float]:
         experiment=spec.name, key=REPORT_KEY, run_name=REPORT_KEY, params=run_params,
         tags={"run_kind": "report", "level": "report", "dataset": spec.name},
         metrics={k.replace("%", "pct"): v for k, v in flat.items()},
-        curves=level_curves(summary, methods, ZEROSHOT),
+        curves=level_curves(summary, methods, ZEROSHOT, no_zero=text_free),
         artifacts=[SUMMARY_MD, SUMMARY_CSV, SELECTION_CSV, RETENTION_CSV, TRIALS_CSV, RUNS_CSV, *plots])
 
     _write_text(SUMMARY_JSON, json.dumps({

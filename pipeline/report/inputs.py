@@ -7,7 +7,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import pandas as pd
@@ -252,16 +252,17 @@ def read_selection(cfg: ReportConfig) -> list[dict]:
     return out
 
 
-def task_points(dataset: str, flat: dict[str, float]) -> list[dict[str, Any]]:
+def task_points(dataset: str, flat: dict[str, float], exclude: Iterable[str] = ()) -> list[dict[str, Any]]:
     """Per method, the change after fine-tuning at its largest level (most training examples,
     mean over seeds) against the pre-trained model's IIMM on this task: dataset, method,
-    level, n_train, iimm, d_id, d_ood, d_zs."""
+    level, n_train, iimm, d_id, d_ood, d_zs. `exclude`: methods that do not start from the
+    CLIP (vision-only baselines: the change from the CLIP's zero-shot is not theirs)."""
     if "zeroshot/iimm" not in flat:
         return []
     best: dict[str, tuple[float, str]] = {}
     for key, v in flat.items():
         hit = _FLAT.match(key)
-        if hit and hit.group("col") == "n_train" and hit.group("method") != ZEROSHOT:
+        if hit and hit.group("col") == "n_train" and hit.group("method") not in (ZEROSHOT, *exclude):
             m, lv = hit.group("method"), hit.group("level")
             if m not in best or v > best[m][0]:
                 best[m] = (v, lv)

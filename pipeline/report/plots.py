@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 import pandas as pd
@@ -183,10 +184,11 @@ def _k_size(n: float, sizes: list[float]) -> float:
 
 
 def plot_id_vs_ood(summary: pd.DataFrame, wise: pd.DataFrame, head: Headline, path: Path,
-                   protocol: str = "") -> None:
+                   protocol: str = "", no_zero: Iterable[str] = ()) -> None:
     """Every method × level (mean ± 95 % CI; bigger marker = more training examples), the
     zero-shot point, and the WiSE-FT α curve (zero-shot at α = 0 to the fine-tuned model at
-    α = 1) of the largest level."""
+    α = 1) of the largest level. Methods in `no_zero` (no text tower: no zero-shot level) have
+    no path from the zero-shot point."""
     from matplotlib.lines import Line2D
 
     fig, (ax,) = _figure(width=9.6, height=5.8)
@@ -204,7 +206,8 @@ def plot_id_vs_ood(summary: pd.DataFrame, wise: pd.DataFrame, head: Headline, pa
         g = fine[fine["method"] == m].sort_values("n_train_mean")
         colour, marker = method_style(m)
         # the path zero-shot -> smallest level -> ... (faint), then the points (size = examples)
-        ax.plot([zid, *g["id_mean"]], [zood, *g["ood_mean"]], color=colour, alpha=0.45,
+        start = ([], []) if m in no_zero else ([zid], [zood])
+        ax.plot([*start[0], *g["id_mean"]], [*start[1], *g["ood_mean"]], color=colour, alpha=0.45,
                 linewidth=1.3, zorder=2)
         for _, r in g.iterrows():
             ax.errorbar([r["id_mean"]], [r["ood_mean"]],

@@ -63,8 +63,8 @@ def retention_long(inputs: list[RunInput], infos: list[TaskInfo], n_train: dict)
     rows = []
     informative = [t.name for t in infos if t.informative]
     for run in inputs:
-        if run.seed is None:
-            continue
+        if run.seed is None or not any(k.startswith("zs/") for k in run.metrics):
+            continue  # the zero-shot level, or a model without text tower (retention does not apply)
         per = []
         for t in infos:
             acc = run.metrics.get(f"zs/{t.name}/acc", math.nan)

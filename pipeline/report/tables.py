@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import pandas as pd
 
 import numpy as np
 
 from pipeline.core.levels import ZERO_SHOT, Level, parse_level
-from pipeline.evaluation.measures import MEASURES, report_columns
+from pipeline.evaluation.measures import MEASURES, report_columns, text_columns
 from pipeline.report.files import METRICS_JSON, SHOTS_CSV
 from pipeline.report.inputs import ZEROSHOT, Headline, ReportConfig, level_key, shots_metrics, values
 from pipeline.report.plots import _zs_value
@@ -90,11 +90,12 @@ def shots_long(summary: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["method", "level", "n_train", "metric", "value", "ci"])
 
 
-def level_curves(summary: pd.DataFrame, methods: list[str], zeroshot: str) -> dict[str, list[tuple[int, float]]]:
+def level_curves(summary: pd.DataFrame, methods: list[str], zeroshot: str,
+                 no_zero: Iterable[str] = ()) -> dict[str, list[tuple[int, float]]]:
     """Each method's mean ID / OOD (at α = 1 and at the selected α) against the level's
     training-set size, the zero-shot model at 0: `curve/<method>/<value>` -> [(n_train, mean)],
     what the report run logs with the size as the step, so MLflow's own charts draw metric vs
-    level."""
+    level. Methods in `no_zero` (no text tower: no zero-shot level) start at their first level."""
     zero = summary[(summary["method"] == zeroshot) & (summary["level"] == "0")]
     out: dict[str, list[tuple[int, float]]] = {}
     for m in methods:
@@ -102,7 +103,7 @@ def level_curves(summary: pd.DataFrame, methods: list[str], zeroshot: str) -> di
         for col in ("id", "ood", "selected_id", "selected_ood"):
             if f"{col}_mean" not in summary:
                 continue
-            points = [(0, float(zero[f"{col}_mean"].iloc[0]))] if len(zero) else []
+            points = [(0, float(zero[f"{col}_mean"].iloc[0]))] if len(zero) and m not in no_zero else []
             points += [(int(round(float(r["n_train_mean"]))), float(r[f"{col}_mean"])) for _, r in rows.iterrows()]
             points = [(n, v) for n, v in points if not math.isnan(v)]
             if points:
@@ -178,7 +179,12 @@ def _md_table(header: list[str], rows: list[list[str]], align: list[str]) -> str
 
 def summary_markdown(cfg: ReportConfig, summary: pd.DataFrame, head: Headline, embed: dict,
                      plots: list[Path], notes: list[str], tasks: list[str],
-                     selection: pd.DataFrame | None = None, retention: list[str] | None = None) -> str:
+                     selection: pd.DataFrame | None = None, retention: list[str] | None = None,
+                     text_free: Iterable[str] = ()) -> str:
+    """summary.md. `text_free`: methods without a text tower (vision-only baselines), whose
+    cells of text-tower measures (retention, RSA) read "n/a" instead of a number."""
+    text_free = set(text_free)
+    no_text_cols = text_columns()
     has_id = head.id is not None
     seeds = list(cfg.seeds)
     n_trials = sum(len(t) for t in cfg.trials.values())
@@ -204,6 +210,10 @@ def summary_markdown(cfg: ReportConfig, summary: pd.DataFrame, head: Headline, e
         desc.append("- One seed: no interval. A result needs several seeds (`sample.seeds`).")
     if "iimm" in embed:
         desc.append(f"- IIMM of the pre-trained model on this task: {embed['iimm']:.3f}.")
+    transfer = [f"`{k}` {embed[k]:.3f}" for k in MEASURES["transfer"].summary_keys if k in embed]
+    if transfer:
+        desc.append("- Transferability scores of the pre-trained features on the same train subsample "
+                    "(higher = easier to transfer; `pipeline/evaluation/transfer.py`): " + ", ".join(transfer) + ".")
     out += desc + [""]
 
     fine = summary[summary["seeds"].notna() & (summary["level"] != "0")]
@@ -236,7 +246,8 @@ def summary_markdown(cfg: ReportConfig, summary: pd.DataFrame, head: Headline, e
         if has_id:
             perf.append(_fmt(r["id_mean"], r["id_ci"], n))
         perf.append(_fmt(r["ood_mean"], r["ood_ci"], n))
-        perf += [_fmt(r[f"{c.name}_mean"], r[f"{c.name}_ci"], n) for c in columns]
+        perf += ["n/a" if r["method"] in text_free and c.name in no_text_cols and not zero
+                 else _fmt(r[f"{c.name}_mean"], r[f"{c.name}_ci"], n) for c in columns]
         rows1.append(perf)
         if not zero:
             sel = [name, r["level_label"], _fmt(r["selected_alpha_mean"], r["selected_alpha_ci"], n, 2)]
@@ -248,6 +259,12 @@ def summary_markdown(cfg: ReportConfig, summary: pd.DataFrame, head: Headline, e
             rows2.append(sel)
     h1 = ["method", "level", "examples", "seeds", *(["ID"] if has_id else []), "OOD", *(c.label for c in columns)]
     out += ["## Results", "", _md_table(h1, rows1, ["l", "l", "r", "r"] + ["r"] * (len(h1) - 4)), ""]
+    if text_free & set(summary["method"]):
+        listed = [m for m in dict.fromkeys(summary["method"]) if m in text_free]
+        verb = "fine-tunes" if len(listed) == 1 else "fine-tune"
+        out += [f"**n/a**: {', '.join(listed)} {verb} a vision-only model (`vision.arch`), which has no text tower: it has "
+                "no zero-shot level (its curves start at its smallest level; the zero-shot row is the CLIP's), and "
+                "zero-shot retention and RSA do not apply to it.", ""]
     out += retention or []
     if selection is not None and len(selection):
         rows3, wide = [], []

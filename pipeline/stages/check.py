@@ -3,8 +3,9 @@ stage that owns outputs runs (so a rejected edit deletes nothing).
 
 Each stage validates the shape of params.yaml itself (`pipeline.config`); this stage adds what
 needs the registries: dataset, method and retention-task names, every trial's hyper-parameters,
-the selection protocol against the dataset's splits and the levels, the generated datasets' and
-the pre-trainer's options. Its output is a constant marker, so passing it again re-runs nothing downstream.
+SWA (finetune.train.swa_start) against the methods, the selection protocol against the dataset's
+splits and the levels, the generated datasets' and the pre-trainer's options.
+Its output is a constant marker, so passing it again re-runs nothing downstream.
 """
 
 from __future__ import annotations
@@ -22,6 +23,11 @@ from pipeline.stages.common import ParamsOpt, guard, run_command
 
 def check_params(path: str | Path = "params.yaml") -> Params:
     """Load params.yaml and check everything the registries know (ParamsError naming the key)."""
+    return _check(path)[0]
+
+
+def _check(path: str | Path):
+    """`check_params`, also returning the model `check_model_fit` built."""
     from pipeline.data.datasets import CORPORA, DATASETS
     from pipeline.evaluation.selection import resolve_protocol
     from pipeline.methods import METHODS, parse_hparams
@@ -45,6 +51,7 @@ def check_params(path: str | Path = "params.yaml") -> Params:
     for name in params.finetune.trials:
         method, overrides = params.finetune.trial(name)
         parse_hparams(method, overrides, f"finetune.trials.{name}")
+    check_swa(params, METHODS)
     resolve_protocol(params.evaluate.selection, DATASETS[params.dataset.name],
                      params.sample.parsed_levels)
     generated = {name: spec for name, spec in DATASETS.items() if spec.generated}
@@ -63,7 +70,57 @@ def check_params(path: str | Path = "params.yaml") -> Params:
         parse(PretrainConfig, params.pretrained.builtin, "pretrained.builtin")
     check_retention(params)
     check_files(params)
-    return params
+    return params, check_model_fit(params)
+
+
+def check_model_fit(params: Params):
+    """`model.arch` built once with random weights, with its tokenizer (`model.tokenizer`:
+    a hub tokenizer that cannot be loaded fails here, saying how to provide it) and the image
+    transform of `model.pretrained`; every CLIP method of finetune.methods (`backbone`
+    "clip") must accept it (`Method.check_model`: a block-level method refuses a timm image
+    tower). Returns it."""
+    from pipeline import models
+    from pipeline.methods import METHODS
+
+    m = params.model
+    clip = models.create(m.arch, tokenizer=m.tokenizer, pretrained=m.pretrained)
+    clip.tokenizer  # noqa: B018  (loaded now: its failure is the check's)
+    for name in params.finetune.methods:
+        if METHODS[name].backbone == "clip":
+            METHODS[name].check_model(clip.model)
+    if any(METHODS[name].backbone == "vision" for name in params.finetune.methods):
+        check_vision(params, clip.image_size)
+    return clip
+
+
+def check_vision(params: Params, image_size: int) -> None:
+    """The vision-only backbone (a vision-only method is compared): `vision.arch` is known and
+    `vision.pretrained` is `builtin` or a readable file whose tensors fit it, built at the CLIP's
+    image size."""
+    from pipeline.models import vision
+
+    v = params.vision
+    vision.check_arch(v.arch)
+    if v.pretrained != vision.BUILTIN:
+        path = Path(v.pretrained).expanduser()
+        if not path.is_file():
+            raise ParamsError(f"vision.pretrained: {path}: weights file not found. Allowed: 'builtin' (pre-trained "
+                              "on the corpus labels) or a path to a state-dict file of vision.arch (timm's keys)")
+        vision.load_checked(vision.build(v.arch, image_size), path)
+
+
+def check_swa(params: Params, methods: dict) -> None:
+    """With finetune.train.swa_start on, every compared method that trains must be one SWA
+    applies to (`pipeline.training.train.swa_refusal`)."""
+    from pipeline.training.train import swa_refusal
+
+    start = params.finetune.train.swa_start
+    if start <= 0:
+        return
+    for m in params.finetune.methods:
+        reason = swa_refusal(methods[m]) if methods[m].trains else None
+        check(reason is None, "finetune.train.swa_start", start,
+              f"{reason}; remove {m} from finetune.methods or set finetune.train.swa_start: 0 (off)")
 
 
 def check_files(params: Params) -> None:
@@ -128,14 +185,13 @@ def check_retention(params: Params) -> None:
 @guard
 def command(params_file: Path = ParamsOpt):
     """Check all of params.yaml (names, every method's settings, generator options) -> data/check.json."""
-    params = check_params(params_file)
+    params, clip = _check(params_file)
     paths.CHECKED.parent.mkdir(parents=True, exist_ok=True)
     # what determines the image cache: the images stage depends on this file, not on `model`,
     # so another architecture with the same resize rebuilds nothing
-    from pipeline import models
     from pipeline.stages.common import image_key
 
-    key = image_key(params, models.create(params.model.arch).preprocess_val)
+    key = image_key(params, clip.preprocess_val)
     paths.IMAGE_KEY.write_text(json.dumps(key, indent=1, sort_keys=True) + "\n")
     paths.CHECKED.write_text(json.dumps({"params": "valid"}) + "\n")
     typer.echo(f"{params_file}: valid")

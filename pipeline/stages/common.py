@@ -73,10 +73,39 @@ def open_task(params: Params, device, weights: Path = artifacts.PRETRAINED_WEIGH
     spec = get_spec(params.dataset.name)
     dataset = load_dataset(spec.name, artifacts.dataset_root(spec.generated, params.dataset.root), download=False)
     prompts = load_prompts(spec.name, n_classes=dataset.n_classes, dataset=dataset)
-    clip = models.create(params.model.arch, weights, device=device)
+    clip = models.create(params.model.arch, weights, device=device, tokenizer=params.model.tokenizer,
+                         pretrained=params.model.pretrained)
     images = ImageCache.open(artifacts.IMAGES, image_key(params, clip.preprocess_val))
     return Task(spec, images.dataset("main", dataset), prompts, clip,
                 tokenize_prompts(clip.tokenizer, prompts.texts()), images)
+
+
+def method_model(params: Params, method_cls, task: Task, device):
+    """The pre-trained model a method starts from, with its transforms: the task's CLIP, or for
+    a vision-only method (`backbone = "vision"`) the `vision` stage's backbone, built at the
+    CLIP's image size with the CLIP's transforms renormalised (`pipeline.models.vision`)."""
+    if method_cls.backbone != "vision":
+        return task.clip
+    from pipeline.models import vision
+
+    if not artifacts.VISION_WEIGHTS.is_file():
+        raise FileNotFoundError(f"{artifacts.VISION_WEIGHTS}: no vision-only backbone; the `vision` stage writes it "
+                                f"when finetune.methods has a vision-only method (`dvc repro vision`)")
+    return vision.create(params.vision.arch, task.clip, artifacts.VISION_WEIGHTS, device)
+
+
+def model_source(params: Params, method_cls) -> dict:
+    """Which pre-trained model a method's runs start from: arch, `pretrained` setting, file."""
+    if method_cls.backbone == "vision":
+        return {"arch": params.vision.arch, "pretrained": params.vision.pretrained,
+                "weights": artifacts.VISION_WEIGHTS}
+    return {"arch": params.model.arch, "pretrained": params.model.pretrained,
+            "weights": artifacts.PRETRAINED_WEIGHTS}
+
+
+def has_text(model) -> bool:
+    """Whether a model (open_clip's, an `EvalModel`, a vision-only backbone) has a text tower."""
+    return bool(getattr(model, "has_text", True))
 
 
 def headline(dataset_name: str, metrics: dict) -> str:
@@ -87,7 +116,7 @@ def headline(dataset_name: str, metrics: dict) -> str:
 
     spec = get_spec(dataset_name)
     keys = [f"{s}/{spec.metric}" for s in (*spec.id_splits, *spec.ood_splits)]
-    keys += [k for k in metrics if k.startswith(("zs/", "rsa/", "iimm", "silhouette/"))
+    keys += [k for k in metrics if k.startswith(("zs/", "rsa/", "iimm", "silhouette/", "transfer/"))
              or k == "selected/alpha"]
     return json.dumps({k: round(metrics[k], 4) for k in keys if k in metrics}, indent=1)
 
@@ -118,7 +147,7 @@ def mlflow_metrics(dataset_name: str, metrics: dict) -> dict:
             parts = parts[1:]
         split_metric = len(parts) == 2 and parts[0] in (*spec.eval_splits, "fewshot_val")
         if (split_metric and headline_metric(parts[1])) or parts[0] in ("zs", "rsa", "train", "selection") \
-                or k.startswith(("iimm", "silhouette/", "selected/zs/", "selected/rsa/")) or k == "selected/alpha":
+                or k.startswith(("iimm", "silhouette/", "transfer/", "selected/zs/", "selected/rsa/")) or k == "selected/alpha":
             out[k] = v
     return out
 
@@ -166,9 +195,9 @@ def training_run_info(params: Params, trial: str, level, seed: int, config: dict
     tracking.start_run / log_run)."""
     method = config["method"]
     tags = {"method": method, "trial": trial, "level": level.name, "level_kind": level.kind, "seed": str(seed),
-            "dataset": params.dataset.name, "arch": params.model.arch}
+            "dataset": params.dataset.name, "arch": config["arch"]}
     run_params = {"method": method, "trial": trial, "level": level.name, "level_kind": level.kind, "seed": seed,
-                  "dataset": params.dataset.name, "arch": params.model.arch, "pretrained": params.model.pretrained,
+                  "dataset": params.dataset.name, "arch": config["arch"], "pretrained": config["pretrained"],
                   "steps": config.get("steps"), "hparams": config["hparams"], "train": config["train"]}
     return {"key": train_key(trial, level.name, seed), "name": f"{trial} {level.label} seed={seed}",
             "params": run_params, "tags": tags, "group": group_info(params, method, level)}

@@ -46,18 +46,20 @@ from pipeline.data.retention import read_records
 from pipeline.evaluation.zeroshot import retention_tasks
 from pipeline.methods import get_method, parse_hparams
 from pipeline.models.encode import encode_images, preload
-from pipeline.stages.common import (ParamsOpt, group_info, guard, headline, mlflow_metrics, open_task, run_command,
-                                    sample_input, train_key, training_metrics, training_run_info)
+from pipeline.stages.common import (ParamsOpt, group_info, guard, has_text, headline, method_model, mlflow_metrics,
+                                    open_task, run_command, sample_input, train_key, training_metrics,
+                                    training_run_info)
 
 
 def run(params: Params, method: str, log_mlflow: bool = True) -> dict[tuple[str, int], dict]:
     """Evaluate the chosen trial of every level and seed; returns {(level, seed): metrics}."""
     device = resolve_device(params.evaluate.device)
     task = open_task(params, device)
-    spec, dataset, clip = task.spec, task.dataset, task.clip
+    spec, dataset = task.spec, task.dataset
     protocol = resolve_protocol(params.evaluate.selection, spec, params.sample.parsed_levels)
     ep = params.evaluate
     method_cls = get_method(method)
+    clip = method_model(params, method_cls, task, device)  # the method's model (a vision-only one: no text tower)
     cache = paths.load_features()
     alphas = sorted(set(ep.wise_alphas)) if method_cls.weight_space else [1.0]
 
@@ -71,7 +73,10 @@ def run(params: Params, method: str, log_mlflow: bool = True) -> dict[tuple[str,
     for split in (s for s in spec.eval_splits if s == protocol.split or s not in spec.val_splits):
         rows = split_rows(dataset, split)
         splits[split] = (rows, preload(LabeledImages(dataset, rows.tolist(), transform), bs, nw, desc=f"decode {split}"))
-    tasks = retention_tasks(read_records(paths.PREPARED_RETENTION), clip.tokenizer, dataset, spec.name, task.images)
+    # a model without text tower has no zero-shot head: no retention task, no RSA (the measures
+    # that need one are skipped, `compute_all`)
+    tasks = (retention_tasks(read_records(paths.PREPARED_RETENTION), clip.tokenizer, dataset, spec.name, task.images)
+             if has_text(clip.model) else [])
     same_rows = {t.name: split for t in tasks for split, (rows, _) in splits.items()
                  if t.dataset is dataset and torch.equal(t.rows, rows)}
     task_images = {t.name: preload(LabeledImages(t.dataset, t.rows.tolist(), transform), bs, nw, desc=f"decode {t.name}")

@@ -29,14 +29,14 @@ from pipeline.config import Params, load_params, to_dict
 from pipeline.core import dist
 from pipeline.core.env import resolve_device, seed_everything
 from pipeline.core.levels import Level
-from pipeline.data.datasets import split_metrics, split_rows
+from pipeline.data.datasets import domain_groups, split_metrics, split_rows
 from pipeline.data.sampling import FEWSHOT_VAL, read_sample
 from pipeline.data.torchdata import ImageFiles, LabeledImages, read_caption_csv
 from pipeline.methods import get_method, parse_hparams
 from pipeline.methods.base import ReferenceData, TaskContext, count_params
 from pipeline.models.encode import encode_images, preload
-from pipeline.stages.common import (ParamsOpt, guard, open_task, run_command, sample_input, training_metrics,
-                                    training_run_info)
+from pipeline.stages.common import (ParamsOpt, guard, has_text, method_model, model_source, open_task, run_command,
+                                    sample_input, training_metrics, training_run_info)
 from pipeline.training.train import budget_steps, fit
 
 
@@ -46,18 +46,21 @@ TRAIN_MEMO_BYTES = 512 << 20
 def run_config(params: Params, trial: str, level: Level, seed: int, steps: int) -> dict:
     """Everything that determines the trained weights (also the resume fingerprint)."""
     method, overrides = params.finetune.trial(trial)
+    source = model_source(params, get_method(method))
     return {
         "trial": trial, "method": method, "level": level.name, "seed": seed,
-        "dataset": params.dataset.name, "arch": params.model.arch, "pretrained": params.model.pretrained,
-        "pretrained_sha256": models.file_sha256(paths.PRETRAINED_WEIGHTS),
+        "dataset": params.dataset.name, "arch": source["arch"], "pretrained": source["pretrained"],
+        "pretrained_sha256": models.file_sha256(source["weights"]),
         "hparams": to_dict(parse_hparams(method, overrides, f"finetune.trials.{trial}")),
         "train": to_dict(params.finetune.train), "steps": steps,
     }
 
 
-def build_context(params: Params, method_cls, task, model, indices, device, seed) -> TaskContext:
+def build_context(params: Params, method_cls, task, backbone, model, indices, device, seed) -> TaskContext:
+    """`backbone`: the method's pre-trained model and transforms (`method_model`); `model`: the
+    copy of its model that trains."""
     cache = paths.load_features()
-    clip = task.clip
+    clip = backbone
     # a training sample is seen every epoch: decode it once (up to TRAIN_MEMO_BYTES)
     train_set = LabeledImages(task.dataset, indices, clip.preprocess_train, memo_bytes=TRAIN_MEMO_BYTES)
     reference = None
@@ -89,19 +92,21 @@ def run(params: Params, trial: str, level_name: str, progress: bool = True, log_
     if device.type == "cuda" and dist.is_distributed():
         device = torch.device("cuda", torch.cuda.current_device())
     task = open_task(params, device)
-    val_sets = _selection_sets(task, params) if dist.is_main() else {}
-    pristine = task.clip.model  # never changed: every seed trains, and is scored, on a copy
+    backbone = method_model(params, method_cls, task, device)
+    val_sets = _selection_sets(task, params, backbone) if dist.is_main() else {}
+    pristine = backbone.model  # never changed: every seed trains, and is scored, on a copy
     summaries = []
     for seed in params.sample.seeds:
-        summaries.append(_run_seed(params, trial, level, seed, method_cls, hp, task, pristine, val_sets,
+        summaries.append(_run_seed(params, trial, level, seed, method_cls, hp, task, backbone, pristine, val_sets,
                                    device, progress, log_mlflow))
     dist.cleanup()
     return summaries
 
 
-def _selection_sets(task, params: Params) -> dict:
+def _selection_sets(task, params: Params, backbone) -> dict:
     """The decoded images of every validation split a protocol may read, and of every retention
-    task (key `zs:<task>`, value (task, images)), shared by the seeds."""
+    task (key `zs:<task>`, value (task, images); none for a model without text tower), shared
+    by the seeds, through the method's model's transform."""
     from pipeline.data.retention import read_records
     from pipeline.evaluation.zeroshot import retention_tasks
 
@@ -109,16 +114,18 @@ def _selection_sets(task, params: Params) -> dict:
     out = {}
     for split in task.spec.val_splits:
         rows = split_rows(task.dataset, split)
-        out[split] = (rows, preload(LabeledImages(task.dataset, rows.tolist(), task.clip.preprocess_val),
+        out[split] = (rows, preload(LabeledImages(task.dataset, rows.tolist(), backbone.preprocess_val),
                                     ep.batch_size, ep.num_workers, desc=f"decode {split}"))
+    if not has_text(backbone.model):
+        return out
     for t in retention_tasks(read_records(paths.PREPARED_RETENTION), task.clip.tokenizer, task.dataset, task.spec.name,
                                task.images):
-        out[f"zs:{t.name}"] = (t, preload(LabeledImages(t.dataset, t.rows.tolist(), task.clip.preprocess_val),
+        out[f"zs:{t.name}"] = (t, preload(LabeledImages(t.dataset, t.rows.tolist(), backbone.preprocess_val),
                                           ep.batch_size, ep.num_workers, desc=f"decode {t.name}"))
     return out
 
 
-def _run_seed(params, trial, level, seed, method_cls, hp, task, pristine, val_sets, device, progress,
+def _run_seed(params, trial, level, seed, method_cls, hp, task, backbone, pristine, val_sets, device, progress,
               log_mlflow=True) -> dict:
     tp = params.finetune.train
     sample = read_sample(paths.sample_file(level.name, seed))
@@ -142,10 +149,11 @@ def _run_seed(params, trial, level, seed, method_cls, hp, task, pristine, val_se
         live = _start_run(params, trial, level, seed, config, task, sample, _read_jsonl(jsonl) if resuming else [],
                           resuming)
     try:
-        summary, state, timing = _train(params, trial, level, seed, method_cls, hp, task, pristine, sample, steps,
-                                        device, progress, ckpt_dir, jsonl, live)
+        summary, state, timing = _train(params, trial, level, seed, method_cls, hp, task, backbone, pristine, sample,
+                                        steps, device, progress, ckpt_dir, jsonl, live)
         if dist.is_main():
-            scores = _scores(params, task, method_cls, hp, state, copy.deepcopy(pristine), sample, val_sets, device)
+            scores = _scores(params, task, backbone, method_cls, hp, state, copy.deepcopy(pristine), sample, val_sets,
+                             device)
             _write_outputs(params, trial, level, seed, method_cls, state, config, scores, summary, timing, device,
                            ckpt_dir, jsonl, live)
     except BaseException:
@@ -171,11 +179,11 @@ def _start_run(params, trial, level, seed, config, task, sample, history, resumi
                               inputs=[sample_input(params, level, seed, task.dataset, sample)])
 
 
-def _train(params, trial, level, seed, method_cls, hp, task, pristine, sample, steps, device, progress,
+def _train(params, trial, level, seed, method_cls, hp, task, backbone, pristine, sample, steps, device, progress,
            ckpt_dir, jsonl, live):
     tp = params.finetune.train
     seed_everything(seed)
-    ctx = build_context(params, method_cls, task, copy.deepcopy(pristine), sample["indices"], device, seed)
+    ctx = build_context(params, method_cls, task, backbone, copy.deepcopy(pristine), sample["indices"], device, seed)
     m = method_cls(hp, ctx)
     logged = max((int(r["step"]) for r in _read_jsonl(jsonl)), default=0)  # (steps replayed after a resume)
 
@@ -187,11 +195,14 @@ def _train(params, trial, level, seed, method_cls, hp, task, pristine, sample, s
     desc = f"{trial} {level.label} seed={seed}"
     if method_cls.trains:
         train_set = ctx.train_set if method_cls.uses_images else ctx.train_set.without_images()
+        # each training sample's domain, for batches uniform over domains (WILDS uniform_over_groups)
+        groups = domain_groups(task.dataset, task.spec.domain_fields, sample["indices"]) if tp.group_balanced else None
         result = fit(m, train_set, steps=steps, batch_size=tp.batch_size, seed=seed, device=device,
                      grad_accum=tp.grad_accum, grad_clip=tp.grad_clip, precision=tp.precision,
                      num_workers=tp.num_workers, checkpoint_dir=ckpt_dir,
                      checkpoint_every=tp.checkpoint_every, log=log,
-                     progress=progress, desc=desc)
+                     progress=progress, desc=desc, groups=groups,
+                     swa_start=tp.swa_start, swa_every=tp.swa_every)
         summary = {"steps": result.steps, "trainable_params": result.trainable_params,
                    "total_params": result.total_params}
         timing = {"wall_time_s": result.wall_time_s, "samples_per_s": result.samples_per_s,
@@ -234,7 +245,7 @@ def _write_outputs(params, trial, level, seed, method_cls, state, config, scores
 
 
 @torch.no_grad()
-def _scores(params, task, method_cls, hp, state, model, sample, val_sets, device) -> dict[str, float]:
+def _scores(params, task, backbone, method_cls, hp, state, model, sample, val_sets, device) -> dict[str, float]:
     """The fine-tuned model (α = 1) on the dataset's validation splits and on the sample's
     few-shot validation rows (`fewshot_val/<metric>`): what every protocol selects on; and its
     zero-shot accuracy on every retention task (`zs/<task>/acc`), so the report can show what
@@ -254,10 +265,11 @@ def _scores(params, task, method_cls, hp, state, model, sample, val_sets, device
             task_feats[rows.name] = feats
         else:
             scores.update(split_metrics(task.dataset, split, feats, head, rows))
-    scores.update(retention_metrics(model, tasks, None, device, ep.batch_size, features=task_feats))
+    if tasks:
+        scores.update(retention_metrics(model, tasks, None, device, ep.batch_size, features=task_feats))
     if sample["n_val"]:
         rows = torch.as_tensor(sample["val_indices"])
-        images = LabeledImages(task.dataset, sample["val_indices"], task.clip.preprocess_val)
+        images = LabeledImages(task.dataset, sample["val_indices"], backbone.preprocess_val)
         feats = encode_images(model, images, device, ep.batch_size, ep.num_workers, desc=f"score {FEWSHOT_VAL}")
         scores.update(split_metrics(task.dataset, FEWSHOT_VAL, feats, head, rows))
     return scores

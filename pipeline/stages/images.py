@@ -65,7 +65,8 @@ def run(params: Params) -> dict:
 
     spec = get_spec(params.dataset.name)
     dataset = load_dataset(spec.name, paths.dataset_root(spec.generated, params.dataset.root), download=False)
-    clip = models.create(params.model.arch)  # random weights: only its transforms are used
+    # random weights: only its transforms are used (those of a `model.pretrained` tag)
+    clip = models.create(params.model.arch, pretrained=params.model.pretrained)
     key = image_key(params, clip.preprocess_val)
     resize = resize_step(clip.preprocess_val) if key["format"] != "none" else None
     return build(paths.IMAGES, key, resize, collections(params, dataset, spec), params.images.num_workers)

@@ -23,7 +23,8 @@ def run(params: Params) -> dict:
 
         cfg = parse(PretrainConfig, params.pretrained.builtin, "pretrained.builtin")
         info = pretrain(params.model.arch, paths.reference_csv(params.reference.csv), cfg,
-                        paths.PRETRAINED_WEIGHTS, device=resolve_device(params.pretrained.device))
+                        paths.PRETRAINED_WEIGHTS, device=resolve_device(params.pretrained.device),
+                        tokenizer=params.model.tokenizer)
     else:
         info = fetch_pretrained(params.model.arch, params.model.pretrained, paths.PRETRAINED_WEIGHTS)
     paths.PRETRAINED_INFO.write_text(json.dumps(info, indent=1, default=str))

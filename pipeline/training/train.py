@@ -6,6 +6,15 @@ It calls only the `Method` interface; it does not know which method it runs.
 Determinism: the data order is a function of (seed, epoch) and the RNG is re-seeded from
 (seed, step) before every step, so a run resumed from a checkpoint replays exactly the
 steps an uninterrupted run would take (bit-identical on CPU with `num_workers: 0`).
+
+Two options, both off by default (`finetune.train` in params.yaml):
+
+- **Group-balanced batches** (`groups=`, `finetune.train.group_balanced`): each batch is drawn
+  as WILDS' `get_train_loader('standard', ..., uniform_over_groups=True)` draws it, seeded
+  from (seed, step) (`balanced_plan`).
+- **SWA** (`swa_start=`, `finetune.train.swa_start`): the trainable parameters are averaged
+  over the late steps of the run and the average replaces them at the end (`swa_steps`,
+  `swa_refusal`).
 """
 
 from __future__ import annotations
@@ -20,6 +29,8 @@ from typing import Callable
 
 import torch
 from torch import nn
+from torch.optim.swa_utils import get_swa_multi_avg_fn
+from torch.utils.data import WeightedRandomSampler
 
 from pipeline.core import dist
 from pipeline.methods.base import Method, MicroBatch, count_params
@@ -39,6 +50,7 @@ class TrainResult:
     total_params: int
     resumed_from: int = 0
     history: list[dict] = field(default_factory=list)
+    swa_count: int = 0  # snapshots in the SWA average that replaced the weights (0: SWA off)
 
 
 def _mix(*xs: int) -> int:
@@ -48,18 +60,27 @@ def _mix(*xs: int) -> int:
     return h
 
 
+def _global_batch(n: int, batch_size: int, multiple: int) -> int:
+    """The global batch of a plan over n samples: min(B, n) rounded down to `multiple`."""
+    b = min(batch_size, n)
+    return b - b % multiple
+
+
+def _check_batch(n: int, b: int, multiple: int) -> None:
+    if n <= 0:
+        raise ValueError("empty training set")
+    if b <= 0:
+        raise ValueError(f"{n} training samples cannot be split over {multiple} processes")
+
+
 def batch_plan(n: int, batch_size: int, steps: int, seed: int, multiple: int = 1) -> list[list[int]]:
     """Indices of every global batch: seeded permutations per epoch, last partial batch
     dropped, so a batch never holds the same sample twice. When the set is smaller than the
     batch, each batch is the whole (shuffled) set. The batch size is rounded down to a
     `multiple` (the DDP world size: every rank must get an equal slice).
     """
-    if n <= 0:
-        raise ValueError("empty training set")
-    b = min(batch_size, n)
-    b -= b % multiple
-    if b <= 0:
-        raise ValueError(f"{n} training samples cannot be split over {multiple} processes")
+    b = _global_batch(n, batch_size, multiple)
+    _check_batch(n, b, multiple)
     plan: list[list[int]] = []
     epoch = 0
     while len(plan) < steps:
@@ -70,11 +91,39 @@ def batch_plan(n: int, batch_size: int, steps: int, seed: int, multiple: int = 1
     return plan[:steps]
 
 
+def balanced_plan(groups: torch.Tensor, batch_size: int, steps: int, seed: int,
+                  multiple: int = 1) -> list[list[int]]:
+    """Group-balanced global batches: WILDS' `get_train_loader('standard', dataset, B,
+    uniform_over_groups=True, grouper=...)` (wilds/common/data_loaders.py): sample i is drawn
+    with probability ∝ 1 / |group(i)|, with replacement (`WeightedRandomSampler`), so every
+    group present is drawn equally often in expectation, 1/G of the draws for G groups, and a
+    sample of a small group appears in a batch more than once.
+
+    `groups`: one group index per sample (any integers; only equality matters). The batch
+    size follows `batch_plan`'s rule (min(B, n), rounded down to `multiple`), so the step
+    budget and the DDP slices are those of the default plan; WILDS' own epoch is n draws in
+    batches of B, which is the same for n ≥ B and one batch of n draws for n < B. OPEN
+    (ours): each step's batch comes from its own generator, seeded from (seed, step), so a
+    step's batch does not depend on the length of the run (draws with replacement have no
+    epochs to seed by).
+    """
+    groups = torch.as_tensor(groups, dtype=torch.long).flatten()
+    n = len(groups)
+    b = _global_batch(n, batch_size, multiple)
+    _check_batch(n, b, multiple)
+    _, group_of, counts = torch.unique(groups, return_inverse=True, return_counts=True)
+    weights = (1.0 / counts.double())[group_of]
+    plan = []
+    for step in range(steps):
+        g = torch.Generator().manual_seed(_mix(seed, step, 0x6B0A))
+        plan.append(list(WeightedRandomSampler(weights, b, replacement=True, generator=g)))
+    return plan
+
+
 def epoch_steps(n: int, batch_size: int, multiple: int = 1) -> int:
     """Optimiser steps in one pass over n samples under `batch_plan`'s rule (batch min(B, n),
     rounded down to `multiple`, last partial batch dropped)."""
-    b = min(batch_size, n)
-    b -= b % multiple
+    b = _global_batch(n, batch_size, multiple)
     return n // b if b > 0 else 0
 
 
@@ -87,6 +136,68 @@ def budget_steps(n: int, batch_size: int, epochs: float, min_steps: int, max_ste
     -> 15 -> min_steps 30; n = 128 -> 4 steps per epoch -> 60; n = 4000 -> 125 per epoch -> 1875
     -> max_steps 300."""
     return int(min(max_steps, max(min_steps, math.ceil(epochs * epoch_steps(n, batch_size, multiple) - 1e-9))))
+
+
+def swa_steps(steps: int, start: float, every: int = 1) -> list[int]:
+    """The optimiser steps (counted from 1) whose weights SWA averages: s = steps,
+    steps − every, steps − 2·every, … while s > ⌊start · steps⌋; none when start is 0 (off).
+    OPEN (ours): anchored at the last step, so the final weights are always in the average and
+    it has at least one snapshot whatever `every` is."""
+    if start <= 0:
+        return []
+    return list(range(steps, math.floor(start * steps), -every))[::-1]
+
+
+def swa_refusal(method_cls: type) -> str | None:
+    """Why SWA cannot apply to a method (None: it can). SWA averages the trainable parameters
+    and saves the average, so it needs a weight-space method (`Method.weight_space`: its
+    trained weights live in the pre-trained weight space, where averaging iterates is
+    meaningful) whose saved state is its trainable parameters (`Method.trained_state` not
+    overridden: R-Adapter saves its own accumulated EMA, which an average of the parameters
+    would never reach). A vision-only method (`backbone` "vision", e.g. `vision_ft`, the MIT LL
+    study's SWA baseline) qualifies too: its iterates share one weight space; what it lacks for
+    WiSE-FT is only the α = 0 end (a new head has no pre-trained value)."""
+    name = method_cls.name
+    if not method_cls.weight_space and method_cls.backbone != "vision":
+        return f"SWA averages weights, and {name} is not a weight-space method (Method.weight_space)"
+    if method_cls.trained_state is not Method.trained_state:
+        return (f"SWA replaces the trainable parameters by their average, and {name} saves something else "
+                "(its own trained_state, e.g. an accumulated average of its own)")
+    return None
+
+
+class _RunningMean:
+    """SWA's equal-weight running mean of `params` (Izmailov et al. 2018, Algorithm 1:
+    w̄ ← (w̄·n + w) / (n + 1)), updated by `torch.optim.swa_utils.get_swa_multi_avg_fn` (one
+    foreach lerp). Kept over the trainable parameters only: `AveragedModel` would deep-copy
+    the whole model, frozen towers included."""
+
+    def __init__(self, params: list[nn.Parameter]):
+        self.params = params
+        self.mean: list[torch.Tensor] = [torch.zeros_like(p) for p in params]
+        self.count = 0
+        self._update = get_swa_multi_avg_fn()
+
+    @torch.no_grad()
+    def add(self) -> None:
+        current = [p.detach() for p in self.params]
+        if self.count == 0:
+            for m, p in zip(self.mean, current):
+                m.copy_(p)
+        else:
+            self._update(self.mean, current, self.count)
+        self.count += 1
+
+    @torch.no_grad()
+    def swap_in(self) -> None:
+        """The parameters become the average."""
+        for p, m in zip(self.params, self.mean):
+            p.copy_(m)
+
+
+def _batchnorm_layers(module: nn.Module) -> list[str]:
+    return [n for n, m in module.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
 
 
 def build_optimizer(method: Method, device: torch.device) -> tuple[torch.optim.Optimizer, list[nn.Parameter]]:
@@ -112,9 +223,46 @@ def fit(method: Method, train_set: torch.utils.data.Dataset, *, steps: int, batc
         seed: int, device: torch.device, grad_accum: int = 1, grad_clip: float = 1.0,
         precision: str = "fp32", num_workers: int = 0, checkpoint_dir: Path | None = None,
         checkpoint_every: int = 50, log: Callable[[int, dict], None] | None = None,
-        progress: bool = True, desc: str | None = None) -> TrainResult:
-    """Train `method` for `steps` optimiser steps of `batch_size` global samples."""
+        progress: bool = True, desc: str | None = None, groups: torch.Tensor | None = None,
+        swa_start: float = 0.0, swa_every: int = 1) -> TrainResult:
+    """Train `method` for `steps` optimiser steps of `batch_size` global samples.
+
+    `groups` (one group index per sample of `train_set`, e.g. its domain): batches are drawn
+    uniformly over the groups (`balanced_plan`); None: `batch_plan`, each sample once per epoch.
+
+    `swa_start` > 0: Stochastic Weight Averaging (Izmailov et al., "Averaging Weights Leads to
+    Wider Optima and Better Generalization", UAI 2018). After the optimiser steps of
+    `swa_steps(steps, swa_start, swa_every)` (the last step, and every `swa_every`-th before it
+    after the first ⌊swa_start · steps⌋) the trainable parameters join an equal-weight running
+    mean (torch.optim.swa_utils' SWA update), and at the end the mean replaces them, so
+    `trained_state()` (hence evaluation and WiSE-FT) sees the SWA weights. The mean and its
+    count are in the checkpoint: a resumed run ends with the same weights. Under DDP every rank
+    holds the same parameters after each step (averaged gradients, same updates), so each rank
+    averages its own copy, with no communication, and all end with the same mean. OPEN
+    (ours): the method's learning-rate schedule is unchanged (warm-up and cosine; no SWALR
+    constant or cyclical phase), so SWA on and off differ only in the averaging; the average
+    is over the late, low-lr iterates. BatchNorm: the shipped architectures (open_clip's
+    towers) normalise with LayerNorm, which has no running statistics, so
+    `torch.optim.swa_utils.update_bn` is not needed. A model with BatchNorm layers (a timm
+    ResNet) is refused: its running statistics belong to the last weights, not the average,
+    and recomputing them (`update_bn` over the training loader) would need the trainer to
+    feed the method's model its inputs, while `trained_state()` does not save them anyway.
+    Methods `swa_refusal` names (not weight-space, or saving other than their parameters)
+    are refused; the `check` stage refuses them first, by their params key.
+    """
+    if swa_start < 0 or swa_start >= 1 or swa_every < 1:
+        raise ValueError(f"SWA: start {swa_start} must lie in [0, 1) (0 = off) and every {swa_every} be >= 1")
+    if swa_start > 0 and (reason := swa_refusal(type(method))):
+        raise ValueError(f"finetune.train.swa_start: {reason}; set finetune.train.swa_start: 0 (off)")
+    if groups is not None and len(groups) != len(train_set):
+        raise ValueError(f"groups: {len(groups)} group indices for {len(train_set)} training samples")
     method.setup()
+    if swa_start > 0 and (bn := _batchnorm_layers(method.root)):
+        raise ValueError(
+            f"finetune.train.swa_start: the model has BatchNorm layers ({bn[0]}, {len(bn)} in all), whose running "
+            "statistics would have to be recomputed for the averaged weights (torch.optim.swa_utils.update_bn); "
+            "the trainer supports SWA only for models without BatchNorm (LayerNorm: the open_clip towers). "
+            "Set finetune.train.swa_start: 0 (off)")
     method.root.to(device)
     optimizer, params = build_optimizer(method, device)
     world, rank = dist.world_size(), dist.rank()
@@ -124,14 +272,19 @@ def fit(method: Method, train_set: torch.utils.data.Dataset, *, steps: int, batc
     # heads) count as trainable but not in the total
     total_n = count_params(method.ctx.model.parameters())
 
-    plan = batch_plan(len(train_set), batch_size, steps, seed, multiple=world)
+    if groups is None:
+        plan = batch_plan(len(train_set), batch_size, steps, seed, multiple=world)
+    else:
+        plan = balanced_plan(groups, batch_size, steps, seed, multiple=world)
+    averaging = set(swa_steps(steps, swa_start, swa_every))
+    swa = _RunningMean(params) if averaging else None
     if len(plan[0]) != min(batch_size, len(train_set)) and dist.is_main():
         print(f"note: global batch {len(plan[0])} instead of {min(batch_size, len(train_set))}, "
               f"a multiple of the {world} processes", file=sys.stderr)
     start = 0
     ckpt = checkpoint_dir / "last.pt" if checkpoint_dir is not None else None
     if ckpt is not None and ckpt.exists():
-        start = _load_checkpoint(ckpt, method, optimizer)
+        start = _load_checkpoint(ckpt, method, optimizer, swa)
         if dist.is_main():
             print(f"{desc or method.name}: resuming from step {start} of {steps} ({ckpt})", file=sys.stderr, flush=True)
     history: list[dict] = []
@@ -204,6 +357,8 @@ def fit(method: Method, train_set: torch.utils.data.Dataset, *, steps: int, batc
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip))
         optimizer.step()
         method.after_step(step)
+        if swa is not None and step + 1 in averaging:
+            swa.add()
         record = {"step": step + 1, **terms_sum, "loss": sum(terms_sum.values()),
                   "lr": optimizer.param_groups[0]["lr"]}
         if grad_norm is not None:
@@ -214,13 +369,16 @@ def fit(method: Method, train_set: torch.utils.data.Dataset, *, steps: int, batc
         bar.update(1)
         bar.set_postfix(loss=f"{record['loss']:.4f}")
         if ckpt is not None and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
-            _save_checkpoint(ckpt, method, optimizer, step + 1)
+            _save_checkpoint(ckpt, method, optimizer, step + 1, swa)
     bar.close()
     method.micro = MicroBatch()  # a later direct `loss` call computes a whole step
+    if swa is not None:
+        swa.swap_in()
     wall = time.perf_counter() - t0
     return TrainResult(
         steps=steps, wall_time_s=wall, samples_per_s=n_samples / wall if wall > 0 else 0.0,
         trainable_params=trainable_n, total_params=total_n, resumed_from=start, history=history,
+        swa_count=swa.count if swa is not None else 0,
     )
 
 
@@ -230,18 +388,26 @@ def _resume_state(method: Method) -> dict[str, torch.Tensor]:
     return state
 
 
-def _save_checkpoint(path: Path, method: Method, optimizer, step: int) -> None:
+def _swa_state(method: Method, swa: _RunningMean) -> dict:
+    names = {id(p): n for n, p in method.root.named_parameters()}
+    return {"count": swa.count, "mean": {names[id(p)]: m for p, m in zip(swa.params, swa.mean)}}
+
+
+def _save_checkpoint(path: Path, method: Method, optimizer, step: int, swa: _RunningMean | None = None) -> None:
     if not dist.is_main():
         dist.barrier()
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    torch.save({"step": step, "state": _resume_state(method), "optimizer": optimizer.state_dict()}, tmp)
+    state = {"step": step, "state": _resume_state(method), "optimizer": optimizer.state_dict()}
+    if swa is not None:
+        state["swa"] = _swa_state(method, swa)
+    torch.save(state, tmp)
     os.replace(tmp, path)
     dist.barrier()
 
 
-def _load_checkpoint(path: Path, method: Method, optimizer) -> int:
+def _load_checkpoint(path: Path, method: Method, optimizer, swa: _RunningMean | None = None) -> int:
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     expected = set(_resume_state(method))
     got = set(ckpt["state"])
@@ -249,6 +415,19 @@ def _load_checkpoint(path: Path, method: Method, optimizer) -> int:
         raise RuntimeError(
             f"{path}: checkpoint does not match this method's trainable state "
             f"(delete it to start over); differing keys: {sorted(expected ^ got)[:5]}")
+    if (swa is None) != ("swa" not in ckpt):
+        raise RuntimeError(f"{path}: checkpoint {'lacks' if swa is not None else 'holds'} an SWA average "
+                           f"while this run has SWA {'on' if swa is not None else 'off'} (delete it to start over)")
     method.root.load_state_dict(ckpt["state"], strict=False)
     optimizer.load_state_dict(ckpt["optimizer"])
+    if swa is not None:
+        saved = ckpt["swa"]["mean"]
+        names = list(_swa_state(method, swa)["mean"])
+        if set(saved) != set(names):
+            raise RuntimeError(f"{path}: the checkpoint's SWA average does not match the trainable parameters "
+                               f"(delete it to start over)")
+        with torch.no_grad():
+            for name, m in zip(names, swa.mean):
+                m.copy_(saved[name])
+        swa.count = int(ckpt["swa"]["count"])
     return int(ckpt["step"])

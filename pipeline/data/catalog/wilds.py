@@ -5,7 +5,9 @@ from __future__ import annotations
 from pipeline.data.datasets import DatasetSpec, register_dataset, wilds_hint
 
 # WILDS selects models on the OOD validation split ("val") where a dataset has one, and so do
-# we; ID validation would reward overfitting to the training domains.
+# we; ID validation would reward overfitting to the training domains. The domain fields are
+# the `groupby_fields` of WILDS' examples/configs/datasets.py (its training groupers); RxRx1,
+# absent there, by its experiment (the batches that are its domains in the WILDS paper).
 register_dataset(DatasetSpec(
     name="iwildcam",
     version="2.0",
@@ -17,6 +19,7 @@ register_dataset(DatasetSpec(
     prompt_file="iwildcam.json",
     retention_tasks=(),
     download_hint=wilds_hint("iwildcam", "about 12 GB"),
+    domain_fields=("location",),
 ))
 register_dataset(DatasetSpec(
     name="fmow",
@@ -29,6 +32,7 @@ register_dataset(DatasetSpec(
     prompt_file="fmow.json",
     retention_tasks=(),
     download_hint=wilds_hint("fmow", "about 54 GB"),
+    domain_fields=("year",),
 ))
 register_dataset(DatasetSpec(
     name="camelyon17",
@@ -41,6 +45,7 @@ register_dataset(DatasetSpec(
     prompt_file="camelyon17.json",
     retention_tasks=(),
     download_hint=wilds_hint("camelyon17", "about 11 GB"),
+    domain_fields=("hospital",),
 ))
 register_dataset(DatasetSpec(
     name="rxrx1",
@@ -53,6 +58,7 @@ register_dataset(DatasetSpec(
     prompt_file="rxrx1.json",
     retention_tasks=(),
     download_hint=wilds_hint("rxrx1", "about 7.4 GB"),
+    domain_fields=("experiment",),
 ))
 register_dataset(DatasetSpec(
     name="waterbirds",
@@ -67,4 +73,5 @@ register_dataset(DatasetSpec(
     prompt_file="waterbirds.json",
     retention_tasks=(),
     download_hint=wilds_hint("waterbirds", "under 1 GB"),
+    domain_fields=("background", "y"),
 ))

@@ -2,7 +2,9 @@
 
 Procedurally drawn objects: the class is the object's **shape**; each object also has a
 **colour**, a **size** and a **texture** (its fill pattern), and sits on a **background** that
-plays the role of a camera location in iWildCam (the domain). Training and the ID splits
+plays the role of a camera location in iWildCam (the domain). ``SyntheticConfig.label`` makes
+any of the four attributes the class instead (a family of tasks on one generator and one
+pre-trained model: the cross-task IIMM study, `pipeline.report.crosstask`). Training and the ID splits
 (train / id_val / id_test) use the ID backgrounds; the OOD splits (val / test) use backgrounds
 never seen in the labelled data. What makes OOD hard, as in the real WILDS shifts:
 
@@ -11,7 +13,8 @@ never seen in the labelled data. What makes OOD hard, as in the real WILDS shift
   the others are busier (more clutter, strong edges);
 - in ID data each shape prefers one colour (``spurious``: the probability that the colour is
   the shape's preferred one rather than uniform) — a shortcut a fine-tuned model can pick up
-  and that does not hold OOD, where colours are uniform.
+  and that does not hold OOD, where colours are uniform. Under another label, each class
+  prefers a colour in the same way (the colour task: a shape).
 
 Images are drawn with numpy at ``supersample`` × the image size and box-filtered down
 (anti-aliasing), so the generator has no dependency beyond numpy and PIL. Every image has
@@ -35,8 +38,8 @@ shape. The dataset writes them on the ID backgrounds as a labelled image folder
 model has and fine-tuning on the task's shapes can overwrite.
 """
 
-from pipeline.data.synthetic.config import (ALL_SHAPES, BACKGROUNDS, COLOURS, FOLDER, HELDOUT_SHAPES, SHAPES, SIZES,
-                                            STUDIO, TEXTURES, VERSION, SyntheticConfig)
+from pipeline.data.synthetic.config import (ALL_SHAPES, BACKGROUNDS, COLOURS, FOLDER, HELDOUT_SHAPES, LABELS, SHAPES,
+                                            SIZES, STUDIO, TEXTURES, VERSION, SyntheticConfig)
 
 def __getattr__(name: str):
     # the writer and the wilds class import wilds (seconds); the config alone does not
@@ -49,4 +52,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = ["VERSION", "FOLDER", "SHAPES", "HELDOUT_SHAPES", "ALL_SHAPES", "COLOURS", "SIZES", "TEXTURES", "BACKGROUNDS", "STUDIO",
+           "LABELS",
            "SyntheticConfig", "generate_dataset", "generate_corpus", "SyntheticDataset"]

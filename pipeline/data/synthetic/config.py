@@ -35,6 +35,10 @@ SIZES = {"small": (0.21, 0.25), "large": (0.31, 0.36)}  # object radius / image 
 TEXTURES = ("solid", "striped", "dotted", "checkered")
 BACKGROUNDS = ("grass", "sand", "water", "snow", "brick", "forest", "night", "rock", "dusk", "tile")
 STUDIO = "studio"  # the plain backdrop of part of the corpus (never a task domain)
+# What a task can be labelled by (`SyntheticConfig.label`): an attribute of the object, with its
+# classes in label order. The background cannot be one: it is the domain.
+LABELS: dict[str, tuple[str, ...]] = {"shape": SHAPES, "colour": tuple(COLOURS), "texture": TEXTURES,
+                                      "size": tuple(SIZES)}
 
 _STREAM = {"train": 1, "id_val": 2, "id_test": 3, "val": 4, "test": 5, "corpus": 6, HELDOUT: 7}
 
@@ -42,7 +46,19 @@ _STREAM = {"train": 1, "id_val": 2, "id_test": 3, "val": 4, "test": 5, "corpus":
 @dataclass(frozen=True)
 class SyntheticConfig(Settings):
     """What the generator draws. Defaults: 7k task images, 800 held-out-shape images and 20k
-    corpus images at 32 px."""
+    corpus images at 32 px.
+
+    ``label`` chooses the task (the attribute that is ``y``; shape by default), so the same
+    generator offers a family of tasks: the cross-task IIMM study fits its predictor over them.
+    The caption corpus does not depend on it (every task shares one pre-trained model).
+
+    ``spurious`` (OPEN, our definition for every label): in the ID splits the **shortcut
+    attribute** takes the label's preferred value with this probability (otherwise it is drawn
+    uniformly, as everywhere in the OOD splits). The shortcut attribute is the colour, or the
+    shape when the label is the colour; class ``v`` of the label prefers value ``v mod n`` of
+    the shortcut's ``n`` values (circle → red, ..., ring → pink, crescent → red again; small → red,
+    large → green; red → circle, ..., pink → ring).
+    """
 
     seed: Int = 0
     image_size: Int = 32
@@ -58,7 +74,8 @@ class SyntheticConfig(Settings):
     caption_rates: tuple[Float, Float, Float, Float, Float] = (1.0, 0.5, 0.3, 0.3, 0.3)
     id_domains: tuple[Str, ...] = ("grass", "sand", "water", "snow", "brick", "forest")
     ood_domains: tuple[Str, ...] = ("night", "rock", "dusk", "tile")
-    spurious: Float = 0.5  # ID only: P(colour is the shape's preferred colour), else uniform
+    label: Str = "shape"  # what the task classifies: shape, colour, texture or size (LABELS)
+    spurious: Float = 0.5  # ID only: P(the shortcut attribute is the label's preferred value), else uniform
     noise: Float = 0.03  # std of pixel noise on ID backgrounds (image in [0, 1])
     ood_noise: Float = 0.06  # std of pixel noise on OOD backgrounds
     clutter: Int = 2  # distractor marks per ID image (OOD backgrounds get twice as many)
@@ -88,6 +105,9 @@ class SyntheticConfig(Settings):
         if len(self.caption_rates) != 5 or not all(0.0 <= float(r) <= 1.0 for r in self.caption_rates):
             raise ValueError(f"caption_rates: {self.caption_rates!r} is not allowed; give 5 probabilities in [0, 1] "
                              "(shape, colour, size, texture, background).")
+        if self.label not in LABELS:
+            raise ValueError(f"label: {self.label!r} is not allowed; allowed: {', '.join(LABELS)} (an attribute of the "
+                             "object; the background is the domain, so it cannot be the label).")
         if not 0.0 <= self.spurious <= 1.0:
             raise ValueError(f"spurious: {self.spurious!r} is not allowed; it is a probability in [0, 1].")
         for name in ("noise", "ood_noise"):
@@ -119,6 +139,16 @@ class SyntheticConfig(Settings):
         """
         return replace(cls.small(seed), id_domains=("snow",), ood_domains=("sand",), clutter=0,
                                    caption_rates=(1.0, 0.1, 0.1, 0.1, 0.1))
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        """The task's class names in label order (the values of `label`)."""
+        return LABELS[self.label]
+
+    @property
+    def shortcut(self) -> str:
+        """The attribute the label is spuriously correlated with in ID data (see `spurious`)."""
+        return "shape" if self.label == "colour" else "colour"
 
     @property
     def domains(self) -> tuple[Str, ...]:

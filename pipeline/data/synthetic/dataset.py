@@ -23,11 +23,13 @@ from pipeline.core.env import pid_alive
 from pipeline.data.domain_eval import DomainDataset
 
 from pipeline.data.scatter import install_scatter_fallback
-from pipeline.data.synthetic.config import (ALL_SHAPES, COLOURS, FOLDER, HELDOUT, HELDOUT_SHAPES, SHAPES, SIZES, SPLITS,
-                                            SyntheticConfig, TEXTURES, VERSION)
+from pipeline.data.synthetic.config import (ALL_SHAPES, COLOURS, FOLDER, HELDOUT, HELDOUT_SHAPES, LABELS, SHAPES, SIZES,
+                                            SPLITS, SyntheticConfig, TEXTURES, VERSION)
 from pipeline.data.synthetic.render import _Item, _caption, _corpus_items, _heldout_items, _render, _rng, _split_items
 
 install_scatter_fallback()  # wilds' group-wise eval imports torch_scatter
+
+PROMPT_FILE = "prompts.json"  # the task's prompts, in the dataset folder
 
 
 # ---------------------------------------------------------------------------------------------
@@ -41,17 +43,48 @@ def _png_bytes(arr: np.ndarray) -> bytes:
 
 
 def _attributes(cfg: SyntheticConfig) -> dict[str, Any]:
+    shortcut = LABELS[cfg.shortcut]
     return {
-        "y": list(SHAPES),
+        "label": cfg.label,
+        "y": list(cfg.classes),
+        "shape": list(SHAPES),
         "colour": list(COLOURS),
         "size": list(SIZES),
         "texture": list(TEXTURES),
         "domain": list(cfg.domains),
         "id_domains": list(cfg.id_domains),
         "ood_domains": list(cfg.ood_domains),
-        "preferred_colour": {s: tuple(COLOURS)[i % len(COLOURS)] for i, s in enumerate(SHAPES)},
+        "shortcut": cfg.shortcut,  # in ID data, each class prefers one value of this attribute
+        "preferred": {c: shortcut[i % len(shortcut)] for i, c in enumerate(cfg.classes)},
         "heldout_shapes": list(HELDOUT_SHAPES),
     }
+
+
+def _metadata_fields(label: str) -> list[str]:
+    """The metadata columns: domain, every attribute (the label's too, so a retention task
+    labelled by it still finds its column), y. The shape is a column only when it is not the
+    label: the shape task keeps the columns it always had."""
+    return ["domain", "colour", "size", "texture", *(["shape"] if label != "shape" else []), "y"]
+
+
+def _prompts(cfg: SyntheticConfig) -> dict[str, Any]:
+    """The task's prompt file, written beside its data (the `prompt_file` that `load_prompts`
+    reads): the shipped prompt file with the label's entry (the top level for the shape, the task
+    of that name otherwise) as the classes, and every entry, the shape included, as a task."""
+    from pipeline.data.datasets import get_spec, read_prompts
+
+    shipped = get_spec(SyntheticDataset._dataset_name).prompt_path
+    names = json.loads(shipped.read_text(encoding="utf-8")).get("tasks", {})
+    entries = {"shape": read_prompts(shipped), **{t: read_prompts(shipped, task=t) for t in names}}
+    if cfg.label not in entries:
+        raise ValueError(f"{shipped}: no prompts for the label {cfg.label!r}; add a task of that name under 'tasks'.")
+    top = entries[cfg.label]
+    if top.classnames != cfg.classes:
+        raise ValueError(f"{shipped}: the class names for {cfg.label!r} must be {list(cfg.classes)} in this order, "
+                         f"got {list(top.classnames)}.")
+    return {"_note": f"Written by pipeline.data.synthetic from {shipped.name} for the label {cfg.label!r}; edit that file.",
+            "classnames": list(top.classnames), "templates": list(top.templates),
+            "tasks": {t: {"classnames": list(p.classnames), "templates": list(p.templates)} for t, p in entries.items()}}
 
 
 def _tmp_sibling(final: Path) -> Path:
@@ -126,9 +159,11 @@ def _draw_all(cfg: SyntheticConfig, jobs: list[tuple[str, list[tuple[int, str, _
 def generate_dataset(root: Path, cfg: SyntheticConfig, *, workers: int | None = None) -> Path:
     """Write the labelled dataset to ``root/synthetic_v1.0/`` and return that folder.
 
-    Contents: ``RELEASE_v1.0.txt``, ``metadata.csv`` (filename, y, split, domain, colour, size,
-    texture, shape), ``attributes.json`` (the names behind the integer columns, the ID / OOD
-    backgrounds and the config), ``images/*.png``, and ``heldout/<shape>/*.png``: the
+    Contents: ``RELEASE_v1.0.txt``, ``metadata.csv`` (filename, y: the index of ``cfg.label``'s
+    value, split, domain, colour, size, texture as indices, shape by name), ``attributes.json``
+    (the label, the names behind the integer columns, the ID / OOD backgrounds, the shortcut
+    and the config), ``prompts.json`` (the task's class names and templates, `_prompts`),
+    ``images/*.png``, and ``heldout/<shape>/*.png``: the
     held-out shapes on ID backgrounds, a labelled image folder (never part of a split) that
     the built-in retention task reads. Deterministic in ``cfg`` (whatever
     ``workers``, which defaults to the available cores); built in a temp folder beside the
@@ -148,7 +183,7 @@ def generate_dataset(root: Path, cfg: SyntheticConfig, *, workers: int | None = 
         for split in SPLITS:
             items = [(i, f"images/{split}_{i:05d}.png", item) for i, item in enumerate(_split_items(cfg, split))]
             jobs.append((split, items))
-            rows += [(path, it.shape, split, it.domain, it.colour, it.size, it.texture, SHAPES[it.shape])
+            rows += [(path, getattr(it, cfg.label), split, it.domain, it.colour, it.size, it.texture, SHAPES[it.shape])
                      for _, path, it in items]
         jobs.append((HELDOUT, [(i, f"{HELDOUT}/{ALL_SHAPES[it.shape]}/{i:05d}.png", it)
                                for i, it in enumerate(_heldout_items(cfg))]))
@@ -159,6 +194,7 @@ def generate_dataset(root: Path, cfg: SyntheticConfig, *, workers: int | None = 
             writer.writerows(rows)
         attributes = {**_attributes(cfg), "config": asdict(cfg)}
         (tmp / "attributes.json").write_text(json.dumps(attributes, indent=1) + "\n", encoding="utf-8")
+        (tmp / PROMPT_FILE).write_text(json.dumps(_prompts(cfg), indent=1) + "\n", encoding="utf-8")
         (tmp / f"RELEASE_v{VERSION}.txt").write_text(
             f"Synthetic WILDS-style dataset v{VERSION}, generated by pipeline.data.synthetic.\n", encoding="utf-8"
         )
@@ -172,8 +208,8 @@ def generate_dataset(root: Path, cfg: SyntheticConfig, *, workers: int | None = 
 def generate_corpus(out_dir: Path, cfg: SyntheticConfig, *, workers: int | None = None) -> Path:
     """Write the captioned corpus to ``out_dir`` and return ``out_dir/corpus.csv``.
 
-    open_clip's CSV convention: header ``filepath,title``, file paths relative to the CSV's
-    folder, images under ``out_dir/images/``. ``out_dir`` belongs to this function: it is
+    open_clip's CSV convention: header ``filepath,title`` (plus ``label``, the object's shape),
+    file paths relative to the CSV's folder, images under ``out_dir/images/``. ``out_dir`` belongs to this function: it is
     built beside itself and swapped in whole when complete. Deterministic in ``cfg``.
     """
     final = Path(out_dir)
@@ -187,8 +223,11 @@ def generate_corpus(out_dir: Path, cfg: SyntheticConfig, *, workers: int | None 
         titles = _draw_all(cfg, [("corpus", items)], tmp, captions=True, workers=workers)
         with open(tmp / "corpus.csv", "w", newline="", encoding="utf-8") as f:
             writer = csv.writer(f, lineterminator="\n")
-            writer.writerow(("filepath", "title"))
-            writer.writerows((path, title) for (_, path, _), title in zip(items, titles))
+            # `label`: the object's shape, the label a vision-only model pre-trains on (the
+            # role ImageNet's classes play; pipeline.training.pretrain.pretrain_vision)
+            writer.writerow(("filepath", "title", "label"))
+            writer.writerows((path, title, ALL_SHAPES[item.shape])
+                             for (_, path, item), title in zip(items, titles))
         _publish(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -208,9 +247,11 @@ class SyntheticDataset(DomainDataset, WILDSDataset):
     Input (x):
         RGB images (32 × 32 by default) of one drawn object on a background.
     Label (y):
-        the object's shape (8 classes).
+        the object's shape (8 classes), or the attribute `SyntheticConfig.label` names
+        (colour: 6, texture: 4, size: 2); its prompts are the folder's `prompts.json`.
     Metadata:
-        domain (background, the 'camera location'), colour, size, texture, y.
+        domain (background, the 'camera location'), colour, size, texture, shape (unless it
+        is the label), y.
     Splits:
         train, id_val, id_test on the ID backgrounds; val, test on unseen OOD backgrounds.
     Official metric:
@@ -263,12 +304,12 @@ class SyntheticDataset(DomainDataset, WILDSDataset):
         self._y_size = 1
         self._n_classes = len(self.attributes["y"])
 
-        self._metadata_fields = ["domain", "colour", "size", "texture", "y"]
-        self._metadata_array = torch.as_tensor(
-            np.stack([df[c].to_numpy() for c in ("domain", "colour", "size", "texture")] + [df["y"].to_numpy()], axis=1),
-            dtype=torch.long,
-        )
-        self._metadata_map = {k: list(self.attributes[k]) for k in ("domain", "colour", "size", "texture", "y")}
+        self.prompt_file = data_dir / PROMPT_FILE
+        self._metadata_fields = _metadata_fields(self.attributes["label"])
+        df["shape"] = df["shape"].map({s: i for i, s in enumerate(self.attributes["shape"])})
+        self._metadata_array = torch.as_tensor(np.stack([df[c].to_numpy() for c in self._metadata_fields], axis=1),
+                                               dtype=torch.long)
+        self._metadata_map = {k: list(self.attributes[k]) for k in self._metadata_fields}
         self._original_resolution = (self.attributes["config"]["image_size"],) * 2
 
         self._eval_grouper = CombinatorialGrouper(dataset=self, groupby_fields=["domain"])

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.data.synthetic.config import (ALL_SHAPES, COLOURS, HELDOUT, HELDOUT_SHAPES, ID_SPLITS, SHAPES, SIZES, STUDIO,
-                                            SyntheticConfig, TEXTURES, _STREAM)
+from pipeline.data.synthetic.config import (ALL_SHAPES, COLOURS, HELDOUT, HELDOUT_SHAPES, ID_SPLITS, LABELS, SHAPES, SIZES,
+                                            STUDIO, SyntheticConfig, TEXTURES, _STREAM)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,21 +244,27 @@ def _rng(cfg: SyntheticConfig, stream: str, *index: int) -> np.random.Generator:
 
 
 def _split_items(cfg: SyntheticConfig, split: str) -> list[_Item]:
-    """Attributes of every image of a split (the label distribution of that split)."""
+    """Attributes of every image of a split (the label distribution of that split).
+
+    Every attribute is uniform; in the ID splits the shortcut attribute (`cfg.shortcut`) then
+    takes the label's preferred value with probability `cfg.spurious` (`SyntheticConfig`). The
+    draws come in the same order for every label, so the shape task's items are those the
+    generator drew before labels other than the shape existed.
+    """
     n = cfg.split_size(split)
     rng = _rng(cfg, split, 0)
-    n_colours = len(COLOURS)
     ood = split not in ID_SPLITS
     domains = np.arange(len(cfg.id_domains), len(cfg.domains)) if ood else np.arange(len(cfg.id_domains))
-    shape = rng.integers(0, len(SHAPES), n)
-    colour = rng.integers(0, n_colours, n)
-    if not ood:  # the shortcut: each shape prefers one colour in the ID backgrounds
-        preferred = shape % n_colours
-        colour = np.where(rng.random(n) < cfg.spurious, preferred, colour)
-    size = rng.integers(0, len(SIZES), n)
-    texture = rng.integers(0, len(TEXTURES), n)
+    values = {"shape": rng.integers(0, len(SHAPES), n), "colour": rng.integers(0, len(COLOURS), n)}
+    shortcut = None if ood else rng.random(n) < cfg.spurious
+    values["size"] = rng.integers(0, len(SIZES), n)
+    values["texture"] = rng.integers(0, len(TEXTURES), n)
     domain = rng.choice(domains, n)
-    return [_Item(*map(int, row)) for row in zip(shape, colour, size, texture, domain)]
+    if shortcut is not None:  # each class of the label prefers one value of the shortcut attribute
+        preferred = values[cfg.label] % len(LABELS[cfg.shortcut])
+        values[cfg.shortcut] = np.where(shortcut, preferred, values[cfg.shortcut])
+    return [_Item(*map(int, row)) for row in zip(values["shape"], values["colour"], values["size"], values["texture"],
+                                                  domain)]
 
 
 def _heldout_items(cfg: SyntheticConfig) -> list[_Item]:
