@@ -70,21 +70,28 @@ def leaderboard(value: str = typer.Option("ood", help="Which figure per level: o
     """Rank the DVC experiments (`dvc exp run`, the workspace and HEAD): one row per experiment
     and method, the selected OOD (or ID) figure per level, their mean (the sort key) and the
     params that differ between experiments. Reads `dvc exp show --json`."""
-    import json
     import shutil
 
     from pipeline.report.leaderboard import entries, render
 
     if value not in ("ood", "id"):
         raise typer.BadParameter(f"{value!r}: allowed values are ood, id", param_hint="--value")
+    typer.echo(render(entries(_exp_show(all_commits), value), value,
+                      width or shutil.get_terminal_size((120, 24)).columns))
+
+
+def _exp_show(all_commits: bool) -> list:
+    """`dvc exp show --json` of HEAD's experiments (every commit's with `all_commits`), or exit 1
+    with DVC's last error line."""
+    import json
+
     cmd = [sys.executable, "-m", "dvc", "exp", "show", "--json", *(["-A"] if all_commits else [])]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         typer.secho(f"error: `dvc exp show` failed: {proc.stderr.strip().splitlines()[-1:]}", fg=typer.colors.RED,
                     err=True)
         raise typer.Exit(1)
-    typer.echo(render(entries(json.loads(proc.stdout or "[]"), value), value,
-                      width or shutil.get_terminal_size((120, 24)).columns))
+    return json.loads(proc.stdout or "[]")
 
 
 @app.command()
@@ -99,8 +106,6 @@ def crosstask(method: str = typer.Option("ft", help="The fine-tuning method whos
     (ID and OOD, fine-tuned − zero-shot) on each pre-training score (IIMM, transfer scores) by
     least squares; writes crosstask.png, .md (slope, intercept, R², n per score) and .json.
     Reads `dvc exp show --json` and each experiment's metrics/report.json."""
-    import json
-
     from pipeline.report.crosstask import collect, experiments, level_key, markdown, read_report, write
 
     key = None
@@ -109,13 +114,7 @@ def crosstask(method: str = typer.Option("ft", help="The fine-tuning method whos
             key = level_key(level)
         except ValueError as err:
             raise typer.BadParameter(str(err).removeprefix("--level: "), param_hint="--level") from None
-    cmd = [sys.executable, "-m", "dvc", "exp", "show", "--json", *(["-A"] if all_commits else [])]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        typer.secho(f"error: `dvc exp show` failed: {proc.stderr.strip().splitlines()[-1:]}", fg=typer.colors.RED,
-                    err=True)
-        raise typer.Exit(1)
-    result = collect(experiments(json.loads(proc.stdout or "[]")), read_report, method=method, level=key)
+    result = collect(experiments(_exp_show(all_commits)), read_report, method=method, level=key)
     if len(result.points) < 2:
         typer.secho(f"error: {len(result.points)} task(s) with {method} results; a fit needs 2 or more (run the "
                     "grid of README 'Across tasks').", fg=typer.colors.RED, err=True)
