@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextvars
+import math
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
@@ -23,6 +24,31 @@ class LinearHead(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return features @ self.weight.t()
+
+
+MAX_LOGIT_SCALE = math.log(100.0)
+
+
+def clamp_logit_scale(model: nn.Module) -> None:
+    """Keep a trained logit scale at ≤ ln 100 (open_clip's pre-training rule), after each step."""
+    with torch.no_grad():
+        model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+
+
+def cached_features(ctx, encoder, desc: str) -> torch.Tensor:
+    """Features of every training image (`ctx.train_eval_set`: no augmentation), computed once
+    at setup in eval mode, on `ctx.device`: what the linear probes train on. `encoder` has
+    `encode_image` (an `EvalModel`, or a vision backbone)."""
+    from pipeline.models.encode import encode_images
+
+    if ctx.train_eval_set is None:
+        raise ValueError(f"{desc} needs the training images (train_eval_set)")
+    ctx.model.to(ctx.device)
+    was_training = ctx.model.training
+    ctx.model.eval()
+    feats = encode_images(encoder, ctx.train_eval_set, ctx.device, desc=desc).to(ctx.device)
+    ctx.model.train(was_training)
+    return feats
 
 
 def image_features(model: nn.Module, images: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -12,9 +11,8 @@ from pipeline.core import dist
 from pipeline.models.losses import contrastive_loss, upcast
 from pipeline.methods import register
 from pipeline.methods.base import BaseHparams, Method, freeze, unfreeze
-from pipeline.methods.common import image_features, sample_class_prompts, text_features
+from pipeline.methods.common import clamp_logit_scale, image_features, sample_class_prompts, text_features
 
-MAX_LOGIT_SCALE = math.log(100.0)
 
 
 @dataclass(frozen=True)
@@ -82,5 +80,4 @@ class FLYP(Method):
         return {"flyp_loss": self.contrastive_loss(f, g)}
 
     def after_step(self, step: int) -> None:
-        with torch.no_grad():
-            self.ctx.model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+        clamp_logit_scale(self.ctx.model)

@@ -9,8 +9,7 @@ from pipeline.core.validation import Float, Int
 from pipeline.models.losses import classification_loss
 from pipeline.methods import register
 from pipeline.methods.base import BaseHparams, EvalModel, Method, freeze
-from pipeline.methods.common import LinearHead
-from pipeline.models.encode import encode_images
+from pipeline.methods.common import LinearHead, cached_features
 
 
 @dataclass(frozen=True)
@@ -43,14 +42,7 @@ class LinearProbe(Method):
     def setup(self) -> None:
         freeze(self.root)
         ctx = self.ctx
-        if ctx.train_eval_set is None:
-            raise ValueError("lp needs the training images (train_eval_set)")
-        ctx.model.to(ctx.device)
-        was_training = ctx.model.training
-        ctx.model.eval()
-        self.features = encode_images(EvalModel(ctx.model), ctx.train_eval_set, ctx.device,
-                                      desc="lp features").to(ctx.device)
-        ctx.model.train(was_training)
+        self.features = cached_features(ctx, EvalModel(ctx.model), "lp features")
         scale = ctx.model.logit_scale.exp().detach().float()
         self.extra["head"] = LinearHead(scale * ctx.zeroshot_head.float()).to(ctx.device)
 

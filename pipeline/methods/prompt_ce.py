@@ -3,19 +3,15 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-
-import torch
 
 from pipeline.core.validation import Float, Int
 from pipeline.methods import register
 from pipeline.methods.base import freeze, unfreeze
 from pipeline.methods.bitfit import PromptCE, PromptCEHparams, class_head_with_grad
-from pipeline.methods.common import image_features
+from pipeline.methods.common import clamp_logit_scale, image_features
 from pipeline.models.losses import classification_loss, upcast
 
-MAX_LOGIT_SCALE = math.log(100.0)
 
 
 @dataclass(frozen=True)
@@ -70,7 +66,8 @@ class PromptCEFinetune(PromptCE):
 
     def setup(self) -> None:
         freeze(self.root)
-        unfreeze(self.ctx.model, lambda n, p: True)
+        # every tower the loss reads (CoCa's captioning decoder, which it does not, stays frozen)
+        unfreeze(self.ctx.model, lambda n, p: not n.startswith("text_decoder."))
 
     def loss(self, batch, step):
         model = self.ctx.model
@@ -81,5 +78,4 @@ class PromptCEFinetune(PromptCE):
         return {"ce_loss": classification_loss(feats, scale * head, batch["y"])}
 
     def after_step(self, step: int) -> None:
-        with torch.no_grad():
-            self.ctx.model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+        clamp_logit_scale(self.ctx.model)

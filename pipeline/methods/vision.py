@@ -12,7 +12,7 @@ from torch import nn
 from pipeline.core.validation import Float, Int
 from pipeline.methods import register
 from pipeline.methods.base import BaseHparams, Method, freeze, unfreeze
-from pipeline.models.encode import encode_images
+from pipeline.methods.common import cached_features
 from pipeline.models.losses import fp32_loss
 from pipeline.models.vision import VisionBackbone, VisionEvalModel
 
@@ -130,14 +130,7 @@ class VisionLinearProbe(_VisionMethod):
 
     def setup(self) -> None:
         freeze(self.root)
-        ctx = self.ctx
-        if ctx.train_eval_set is None:
-            raise ValueError("vision_lp needs the training images (train_eval_set)")
-        ctx.model.to(ctx.device)
-        was_training = ctx.model.training
-        ctx.model.eval()
-        self.features = encode_images(ctx.model, ctx.train_eval_set, ctx.device, desc="vision_lp features").to(ctx.device)
-        ctx.model.train(was_training)
+        self.features = cached_features(self.ctx, self.ctx.model, "vision_lp features")
         self._new_head()
 
     def loss(self, batch, step):
