@@ -21,17 +21,35 @@ import pytest
 
 PARAMS = "scale: 1\nitems: [a, bb]\n"
 
-# each write records when it ran, so the test can see the two experiments overlap
+# Each write runs `write.py`: it leaves a marker naming its experiment in a shared directory and
+# waits (up to WAIT s) for a marker of the other experiment before it writes. Two workers that
+# really run side by side meet at once; one worker running both in turn never meets, and the log
+# says so. The parallelism check is an event, not a race between timestamps.
+WRITE_PY = textwrap.dedent("""\
+    import pathlib, sys, time, yaml
+    name, barrier, log, wait = sys.argv[1], pathlib.Path(sys.argv[2]), sys.argv[3], float(sys.argv[4])
+    p = yaml.safe_load(open("params.yaml"))
+    exp = f"{p['scale']}-{'_'.join(p['items'])}"
+    barrier.mkdir(exist_ok=True)
+    (barrier / exp).touch()
+    t0 = time.time()
+    def met():
+        return any(m.name != exp for m in barrier.iterdir())
+    while not met() and time.time() < t0 + wait:
+        time.sleep(0.2)
+    open(f"out/{name}.txt", "w").write(str(p["scale"] * len(name)))
+    open(log, "a").write(f"{exp} {name} {t0:.3f} {time.time():.3f} {met()}\\n")
+""")
+WAIT = 240
+
 DVC_YAML = textwrap.dedent("""\
     stages:
       write:
         matrix:
           name: ${items}
-        cmd: >-
-          python -c "import time, yaml; t0 = time.time(); time.sleep(2);
-          p = yaml.safe_load(open('params.yaml'));
-          open('out/${item.name}.txt', 'w').write(str(p['scale'] * len('${item.name}')));
-          open(r'LOG', 'a').write(f'{t0} {time.time()}\\n')"
+        cmd: python write.py ${item.name} BARRIER LOG WAIT
+        deps:
+          - write.py
         params:
           - scale
         outs:
@@ -88,7 +106,9 @@ def test_queue_two_experiments_in_parallel(tmp_path):
     _git(repo, "config", "user.name", "test")
     _dvc(repo, "init", "-q")
     (repo / "params.yaml").write_text(PARAMS)
-    (repo / "dvc.yaml").write_text(DVC_YAML.replace("LOG", str(log)))
+    (repo / "write.py").write_text(WRITE_PY)
+    (repo / "dvc.yaml").write_text(DVC_YAML.replace("BARRIER", str(tmp_path / "barrier"))
+                                   .replace("LOG", str(log)).replace("WAIT", str(WAIT)))
     (repo / "out").mkdir()
     (repo / "out" / ".keep").write_text("")
     _git(repo, "add", "-A")
@@ -122,9 +142,10 @@ def test_queue_two_experiments_in_parallel(tmp_path):
     # the workspace is untouched: the experiments ran in their own temporary copies
     assert not (repo / "metrics.json").exists()
 
-    # two workers: some write of one experiment ran while one of the other ran
-    spans = [tuple(map(float, line.split())) for line in log.read_text().splitlines()]
-    assert len(spans) == 4
-    overlapping = sum(a0 < b1 and b0 < a1 for i, (a0, a1) in enumerate(spans)
-                      for (b0, b1) in spans[i + 1:])
-    assert overlapping >= 1, f"the experiments ran one after the other: {spans}"
+    # two workers: each experiment's first write met the other experiment while it waited
+    runs = [line.split() for line in log.read_text().splitlines()]
+    assert sorted((exp, name) for exp, name, *_ in runs) == [
+        ("1-a_ccc", "a"), ("1-a_ccc", "ccc"), ("2-a_bb", "a"), ("2-a_bb", "bb")], runs
+    assert all(met == "True" for *_, met in runs), (
+        f"the experiments ran one after the other (a write waited {WAIT} s for the other "
+        f"experiment and never saw it): {runs}")
