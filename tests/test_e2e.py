@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 TINY = {
     "prepare": {"synthetic": {"n_train": 400, "n_id_val": 100, "n_id_test": 150, "n_val": 100,
                               "n_test": 150, "n_heldout": 200, "n_corpus": 3000}},
-    "pretrained": {"builtin": {"steps": 200, "batch_size": 64, "warmup": 20}},
+    "pretrained": {"builtin": {"steps": 200, "batch_size": 64, "warmup": 20, "num_threads": 1}},  # (one thread per test process)
     "reference": {"max_samples": 300},
     "embed": {"iimm_samples": 200},
     "sample": {"levels": [4, "10%"], "seeds": [0]},

@@ -232,6 +232,28 @@ def test_fit_trains_on_the_plan_of_its_option(balanced):
         assert m.seen != batch_plan(12, 6, 5, seed=2)
 
 
+@pytest.mark.parametrize("balanced", [False, True])
+def test_lpft_probe_phase_draws_the_batches_of_the_option(balanced):
+    """LP-FT's inner LP phase runs through the same trainer with the context's groups
+    (`TaskContext.train_groups`, what finetune.train.group_balanced sets): balanced batches
+    when on, the plain epochs when off."""
+    ctx = context()
+    ctx.train_groups = torch.tensor([0] * 9 + [1] * 2 + [2]) if balanced else None
+    seen = []
+
+    def recording_fit(method, *args, **kwargs):
+        loss = method.loss
+        method.loss = lambda batch, step: (seen.append(batch["index"].tolist()), loss(batch, step))[1]
+        return fit(method, *args, **kwargs)
+
+    ctx.fit = recording_fit
+    hp = METHODS["lpft"].Hparams(lp_steps=4, lp_batch_size=6)
+    METHODS["lpft"](hp, ctx).setup()  # the LP phase runs here
+    want = (balanced_plan(ctx.train_groups, 6, 4, seed=ctx.seed) if balanced
+            else batch_plan(12, 6, 4, seed=ctx.seed))
+    assert seen == want
+
+
 def test_domain_groups_follow_the_wilds_grouper():
     """The dataset's domain grouper (wilds' CombinatorialGrouper over DatasetSpec.domain_fields)
     on a minimal WILDS-like dataset: one group per domain, or per (background, y) pair."""

@@ -77,6 +77,9 @@ class TaskContext:
     train_eval_set: torch.utils.data.Dataset | None = None  # same items, no augmentation
     reference: ReferenceData | None = None
     fit: Callable | None = None  # the trainer's `fit`, for methods with an inner stage (LP-FT)
+    # each training sample's domain (finetune.train.group_balanced; None: off): an inner stage
+    # draws its batches as the outer trainer does (`fit(..., groups=train_groups)`)
+    train_groups: torch.Tensor | None = None
     # activation memory one chunk of class prompts encoded with gradient may use
     # (finetune.train.prompt_memory_mb); None = all prompts in one forward
     prompt_memory_bytes: int | None = None

@@ -29,7 +29,9 @@ class LPFT(FullFinetune):
     deterministic, so a resumed run recomputes it identically); the step budget
     counts the FT phase only. The LP phase's trainer iterates the image-free view of the
     training set (labels and indices; LP reads its features cached once at its setup), so
-    no image is decoded or transformed per LP step.
+    no image is decoded or transformed per LP step. With group-balanced batches
+    (finetune.train.group_balanced) the LP phase draws its batches uniformly over domains too,
+    as the FT phase does.
 
     Precision: the LP phase (feature caching and head training) runs in fp32; the FT phase
     as FT (the trainer's precision for the image tower, the loss in fp32).
@@ -44,6 +46,6 @@ class LPFT(FullFinetune):
             lp = LinearProbe(lp_hp, self.ctx)
             self.ctx.fit(lp, image_free(self.ctx.train_eval_set), steps=self.hp.lp_steps,
                          batch_size=self.hp.lp_batch_size, seed=self.ctx.seed, device=self.ctx.device,
-                         progress=False, desc="lpft/lp")
+                         progress=False, desc="lpft/lp", groups=self.ctx.train_groups)
             self.extra["head"] = LinearHead(lp.extra["head"].weight.detach())
         super().setup()

@@ -70,8 +70,11 @@ def build_context(params: Params, method_cls, task, backbone, model, indices, de
         reference = ReferenceData(images=ImageFiles(files, clip.preprocess_val, task.images.store("reference")),
                                   tokens=cache["ref/tokens"], image_pre=cache["ref/image"].float(),
                                   text_pre=cache["ref/text"].float())
+    # each training sample's domain, for batches uniform over domains (WILDS uniform_over_groups)
+    groups = (domain_groups(task.dataset, task.spec.domain_fields, indices)
+              if params.finetune.train.group_balanced else None)
     return TaskContext(
-        model=model, class_tokens=task.class_tokens,
+        model=model, class_tokens=task.class_tokens, train_groups=groups,
         zeroshot_head=cache["head"].float(), device=device, seed=seed, train_set=train_set,
         train_eval_set=train_set.with_transform(clip.preprocess_val), reference=reference, fit=fit,
         prompt_memory_bytes=params.finetune.train.prompt_memory_mb * 2**20,
@@ -195,13 +198,11 @@ def _train(params, trial, level, seed, method_cls, hp, task, backbone, pristine,
     desc = f"{trial} {level.label} seed={seed}"
     if method_cls.trains:
         train_set = ctx.train_set if method_cls.uses_images else ctx.train_set.without_images()
-        # each training sample's domain, for batches uniform over domains (WILDS uniform_over_groups)
-        groups = domain_groups(task.dataset, task.spec.domain_fields, sample["indices"]) if tp.group_balanced else None
         result = fit(m, train_set, steps=steps, batch_size=tp.batch_size, seed=seed, device=device,
                      grad_accum=tp.grad_accum, grad_clip=tp.grad_clip, precision=tp.precision,
                      num_workers=tp.num_workers, checkpoint_dir=ckpt_dir,
                      checkpoint_every=tp.checkpoint_every, log=log,
-                     progress=progress, desc=desc, groups=groups,
+                     progress=progress, desc=desc, groups=ctx.train_groups,
                      swa_start=tp.swa_start, swa_every=tp.swa_every)
         summary = {"steps": result.steps, "trainable_params": result.trainable_params,
                    "total_params": result.total_params}
