@@ -360,7 +360,9 @@ def test_summary_markdown(done):
             tables += 1
             assert len({ln.count("|") for ln in lines}) == 1, block
             assert set(lines[1].replace("|", "").strip()) <= set("-: ")
-    assert tables == 6  # results, retention tasks, changes and trials, selection, WiSE-FT selection and cost
+    # results, the paired tests (OOD, ID) and the ranks over levels (OOD, ID), retention tasks,
+    # changes and trials, selection, WiSE-FT selection and cost
+    assert tables == 10
 
 
 def _check_png(path: Path) -> None:
@@ -492,7 +494,41 @@ def test_mlflow_summary_run(done):
     assert p["trials"] == "4"
     names = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"summary.md", "summary.csv", "selection.csv", "runs.csv", "id_vs_ood.png",
-            "rsa_vs_shots.png"} <= names
+            "rsa_vs_shots.png", "significance.csv", "cd_ood.png", "cd_id.png"} <= names
+
+
+def test_significance_section_tests_the_selected_figures_paired_over_seeds(done):
+    """The report's answer: per level, each method against the best and against zero-shot,
+    paired over seeds, on the figures at the selected trial and α (runs.csv's selected_*)."""
+    from scipy import stats
+
+    root = done["root"]
+    md = (root / report.SUMMARY_MD).read_text()
+    section = md[md.index("## Which differences are real"):]
+    assert "paired t-test" in section and "Holm" in section and "With 3 seeds" in section
+    tests = pd.read_csv(root / "reports" / "significance.csv", dtype={"level": str})
+    runs = read_csv(root / report.RUNS_CSV)
+    assert set(tests["level"]) == {"1", "4", "25%"} and set(tests["value"]) == {"id", "ood"}
+    # 2 methods × 3 levels × 2 figures × 2 references
+    assert len(tests) == 2 * 3 * 2 * 2
+    at = runs[(runs["level"] == "4") & runs["seed"].notna()]
+    ft = at[at["method"] == "ft"].sort_values("seed")["selected_ood"].to_numpy()
+    flyp = at[at["method"] == "flyp"].sort_values("seed")["selected_ood"].to_numpy()
+    zs = runs[runs["level"] == "0"]["selected_ood"].iloc[0]
+    row = tests[(tests["level"] == "4") & (tests["value"] == "ood") & (tests["reference"] == "zero-shot")
+                & (tests["method"] == "ft")].iloc[0]
+    assert row["diff"] == pytest.approx((ft - zs).mean())
+    assert row["p"] == pytest.approx(stats.ttest_1samp(ft - zs, 0.0).pvalue)
+    best = "ft" if ft.mean() >= flyp.mean() else "flyp"
+    vs_best = tests[(tests["level"] == "4") & (tests["value"] == "ood") & (tests["reference"] == "best")]
+    assert set(vs_best["ref_method"]) == {best}
+    # one line per level in plain language
+    for label in ("**k=1**", "**k=4**", "**25%**"):
+        assert f"- {label} (3 seeds) — OOD: best " in section
+    assert "beat zero-shot" in section
+    for name in ("cd_ood", "cd_id"):
+        _check_png(root / report.PLOTS[name])
+        assert f"({name}.png)" in section
 
 
 def test_selection_reports_chosen_trials_and_edges(tmp_path, monkeypatch):

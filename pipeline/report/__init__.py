@@ -43,8 +43,9 @@ from pipeline.core import tracking
 from pipeline.data.datasets import get_spec
 from pipeline.evaluation.measures import MEASURES
 from pipeline.methods import METHODS
+from pipeline.report.compare import report_section
 from pipeline.report.files import (METHOD_METRICS, METRICS_JSON, OUTPUTS, PLOTS, RETENTION_CSV, TRIALS_CSV, RUNS_CSV, SELECTION_CSV, SHOTS_CSV,
-                                   SUMMARY_CSV, SUMMARY_JSON, SUMMARY_MD, _write_csv, _write_text)
+                                   SIGNIFICANCE_CSV, SUMMARY_CSV, SUMMARY_JSON, SUMMARY_MD, _write_csv, _write_text)
 from pipeline.report.inputs import (COLUMNS, KEYS, REPORT_KEY, VALUES, ZEROSHOT, columns, values, Headline, MissingInputsError,
                                     ReportConfig, RunInput, _ZS_TASK, load_inputs, other_datasets, read_runs,
                                     read_selection, runs_frame, task_points, wise_curves)
@@ -159,8 +160,11 @@ def run(cfg: ReportConfig) -> dict[str, float]:
     _write_csv(TRIALS_CSV, tradeoff)
     section = retention_markdown(retention, infos, no_task_hint(spec.name), retention_plot, _md_table, tradeoff,
                                  next(iter(selection["split"]), "") or "")
+    # which differences are real: paired tests per level, ranks over the levels (diagrams)
+    significance, rank_plots, tests = report_section(runs, methods, paths.REPORTS)
+    _write_csv(SIGNIFICANCE_CSV, tests)
     md = summary_markdown(cfg, summary, head, embed, [p for p in plots if p != retention_plot], notes, tasks,
-                          selection, section, text_free=text_free)
+                          selection, section, text_free=text_free, significance=significance)
     _write_text(METRICS_JSON, json.dumps(flat, indent=1, sort_keys=True) + "\n")
     if METHOD_METRICS.exists():
         shutil.rmtree(METHOD_METRICS)  # no row of a method no longer compared
@@ -183,14 +187,14 @@ def run(cfg: ReportConfig) -> dict[str, float]:
         tags={"run_kind": "report", "level": "report", "dataset": spec.name},
         metrics={k.replace("%", "pct"): v for k, v in flat.items()},
         curves=level_curves(summary, methods, ZEROSHOT, no_zero=text_free),
-        artifacts=[SUMMARY_MD, SUMMARY_CSV, SELECTION_CSV, RETENTION_CSV, TRIALS_CSV, RUNS_CSV, *plots])
+        artifacts=[SUMMARY_MD, SIGNIFICANCE_CSV, *rank_plots, SUMMARY_CSV, SELECTION_CSV, RETENTION_CSV, TRIALS_CSV,
+                   RUNS_CSV, *plots])
 
     _write_text(SUMMARY_JSON, json.dumps({
         "dataset": spec.name, "runs": len(runs), "headline": {"metric": head.metric, "id": head.id,
                                                              "ood": head.ood},
-        "files": [str(p) for p in (RUNS_CSV, SUMMARY_CSV, SELECTION_CSV, RETENTION_CSV, TRIALS_CSV, SUMMARY_MD, METRICS_JSON,
-                                   SHOTS_CSV,
-                                   *plots)],
+        "files": [str(p) for p in (RUNS_CSV, SUMMARY_CSV, SELECTION_CSV, RETENTION_CSV, TRIALS_CSV, SIGNIFICANCE_CSV,
+                                   SUMMARY_MD, METRICS_JSON, SHOTS_CSV, *plots, *rank_plots)],
         "notes": notes, "mlflow_run_id": run_id,
     }, indent=1) + "\n")
     return flat

@@ -44,6 +44,7 @@ datasets at one level (`--level`) are the strict reading. The zero-shot model ta
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -113,11 +114,13 @@ def paired_p(a, b, test: str = "t") -> float:
     d = a - b
     if np.all(d == 0):
         return 1.0  # no difference at all: nothing to reject
-    if test == "wilcoxon":
-        return float(stats.wilcoxon(a, b, alternative="two-sided").pvalue)
-    if np.ptp(d) == 0:
-        return 0.0  # the same non-zero difference at every seed (t = ±∞)
-    return float(stats.ttest_rel(a, b).pvalue)
+    if np.ptp(d) == 0 and test == "t":
+        return 0.0  # the same non-zero difference at every seed: t = ±∞ (scipy's answer too)
+    with warnings.catch_warnings():  # nearly equal pairs: scipy warns of precision loss, the p stands
+        warnings.simplefilter("ignore", RuntimeWarning)
+        if test == "wilcoxon":
+            return float(stats.wilcoxon(a, b, alternative="two-sided").pvalue)
+        return float(stats.ttest_rel(a, b).pvalue)
 
 
 def holm(pvalues) -> list[float]:
@@ -209,6 +212,11 @@ def summary_lines(tests: pd.DataFrame) -> list[str]:
     for level in sorted(tests["level"].unique(), key=_level_order) if not tests.empty else []:
         at = tests[tests["level"] == level]
         parts = []
+        if at["p"].isna().all():  # one seed (or none shared): nothing was tested
+            seeds = int(at["seeds"].max()) if not at.empty else 0
+            lines.append(f"**{at['level_label'].iloc[0]}** ({seeds} seed{'s' if seeds != 1 else ''}) — no paired "
+                         "test: it needs 2 or more seeds per method (sample.seeds).")
+            continue
         for value in ("ood", "id"):
             v = at[at["value"] == value]
             if v.empty:
@@ -326,7 +334,7 @@ def cd_diagram(result: RankResult, path: Path, title: str | None = None) -> None
             f"{NAMES[result.value]}: average rank over {result.n_tasks} tasks (1 = best), Friedman p = "
             f"{_p(result.friedman_p)}\nbars join methods the Nemenyi test cannot tell apart (α = {result.alpha})"),
             fontsize=9.5, x=0.02, ha="left")
-    _save(fig, path)
+        _save(fig, path)
 
 
 def _p(p: float) -> str:

@@ -20,17 +20,19 @@ SELECTION_CSV = paths.REPORTS / "selection.csv"
 RETENTION_CSV = paths.REPORTS / "retention.csv"
 TRIALS_CSV = paths.REPORTS / "trials.csv"  # every trial: chosen by how many seeds, val score, retention change
 SUMMARY_MD = paths.REPORTS / "summary.md"
+SIGNIFICANCE_CSV = paths.REPORTS / "significance.csv"  # the paired tests per level (pipeline.report.compare)
 METRICS_JSON = paths.REPORT_METRICS  # `dvc metrics show` (outside reports/: DVC outs may not nest)
 SUMMARY_JSON = paths.REPORTS / "summary.json"  # written last: the report is complete
 SHOTS_CSV = paths.REPORT_PLOT_DATA  # method, level, n_train, metric, value, ci (long format, for your own plots)
 METHOD_METRICS = paths.REPORT_METHODS  # `dvc metrics show`: one small file per method
 PLOTS: dict[str, Path] = {
-    name: paths.REPORTS / f"{name}.png" for name in ("id_vs_shots", "ood_vs_shots", "id_vs_ood", "retention", "iimm_vs_change")
+    name: paths.REPORTS / f"{name}.png" for name in ("id_vs_shots", "ood_vs_shots", "id_vs_ood", "retention", "iimm_vs_change",
+                                                     "cd_ood", "cd_id")  # cd_*: the rank diagrams (compare)
 }
 # and one per registered measure that draws one
 PLOTS.update({Path(m.plot.file).stem: paths.REPORTS / m.plot.file for m in MEASURES.values() if m.plot})
-OUTPUTS: tuple[Path, ...] = (RUNS_CSV, SUMMARY_CSV, SELECTION_CSV, RETENTION_CSV, TRIALS_CSV, SUMMARY_MD, METRICS_JSON, SHOTS_CSV,
-                             *PLOTS.values())
+OUTPUTS: tuple[Path, ...] = (RUNS_CSV, SUMMARY_CSV, SELECTION_CSV, RETENTION_CSV, TRIALS_CSV, SIGNIFICANCE_CSV, SUMMARY_MD,
+                             METRICS_JSON, SHOTS_CSV, *PLOTS.values())
 
 
 

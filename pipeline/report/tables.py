@@ -180,9 +180,10 @@ def _md_table(header: list[str], rows: list[list[str]], align: list[str]) -> str
 def summary_markdown(cfg: ReportConfig, summary: pd.DataFrame, head: Headline, embed: dict,
                      plots: list[Path], notes: list[str], tasks: list[str],
                      selection: pd.DataFrame | None = None, retention: list[str] | None = None,
-                     text_free: Iterable[str] = ()) -> str:
+                     text_free: Iterable[str] = (), significance: list[str] | None = None) -> str:
     """summary.md. `text_free`: methods without a text tower (vision-only baselines), whose
-    cells of text-tower measures (retention, RSA) read "n/a" instead of a number."""
+    cells of text-tower measures (retention, RSA) read "n/a" instead of a number;
+    `significance`: the section of `compare.report_section`, right after the results table."""
     text_free = set(text_free)
     no_text_cols = text_columns()
     has_id = head.id is not None
@@ -265,6 +266,7 @@ def summary_markdown(cfg: ReportConfig, summary: pd.DataFrame, head: Headline, e
         out += [f"**n/a**: {', '.join(listed)} {verb} a vision-only model (`vision.arch`), which has no text tower: it has "
                 "no zero-shot level (its curves start at its smallest level; the zero-shot row is the CLIP's), and "
                 "zero-shot retention and RSA do not apply to it.", ""]
+    out += significance or []
     out += retention or []
     if selection is not None and len(selection):
         rows3, wide = [], []
