@@ -1,5 +1,5 @@
 """Command line: one subcommand per DVC stage (the same functions `dvc repro` runs through
-`stages/*.py`), plus helpers (repro, methods, leaderboard, crosstask, ui).
+`stages/*.py`), plus helpers (repro, methods, leaderboard, compare, crosstask, ui).
 
 Every stage command reads params.yaml; `check` validates all of it against the registries
 (DVC runs it first).
@@ -126,17 +126,83 @@ def crosstask(method: str = typer.Option("ft", help="The fine-tuning method whos
 
 
 @app.command()
+def compare(level: Optional[str] = typer.Option(None, help="Rank over the experiments at this level of sample.levels "
+                                                          "(16, 25%): one task per experiment. Default: every "
+                                                          "level, one task per experiment × level."),
+            methods: Optional[str] = typer.Option(None, help="Comma-separated methods to compare (default: every "
+                                                              "method of the experiments)."),
+            test: str = typer.Option("t", help="The paired test over seeds: t (paired t-test) or wilcoxon "
+                                               "(signed-rank; needs 6+ seeds to ever reject at 0.05)."),
+            zero_shot: bool = typer.Option(True, "--zero-shot/--no-zero-shot",
+                                           help="Rank the zero-shot model (k = 0) as a contender."),
+            out: Path = typer.Option(Path("benchmarks/out/compare"), help="Folder for the tables and diagrams."),
+            log: bool = typer.Option(True, "--log/--no-log", help="Log the answer as an MLflow run (experiment "
+                                                                   "`compare`; `python -m pipeline ui` lists it first)."),
+            all_commits: bool = typer.Option(False, "--all-commits", "-A",
+                                             help="Every commit's experiments, not only HEAD's.")):
+    """Which method, at which level: the answer with significance, across DVC experiments
+    (datasets, or the tasks of the synthetic family) and within each.
+
+    Across tasks (a task = one experiment at one level): each method's average rank (1 = best)
+    on the headline OOD and ID figures, the Friedman test, the Nemenyi post-hoc test and a
+    critical-difference diagram (cd_ood.png, cd_id.png; scikit-posthocs). Within each experiment,
+    per level: each method against the level's best and against zero-shot, paired over seeds
+    (a seed draws the same sample for every method), Holm-corrected; a plain line per level.
+    Figures: the test figures of the trial and α each selection protocol chose on validation
+    data (reports/runs.csv), never a choice made on a test split. Reads `dvc exp show --json`
+    and each experiment's reports/runs.csv; one experiment per task (the first listed)."""
+    from pipeline.core.levels import parse_level
+    from pipeline.report import compare as cmp
+    from pipeline.report.crosstask import experiments
+
+    if test not in cmp.TESTS:
+        raise typer.BadParameter(f"{test!r}: allowed values are {', '.join(cmp.TESTS)}", param_hint="--test")
+    name = None
+    if level is not None:
+        try:
+            name = parse_level(level, "--level").name
+        except ValueError as err:
+            raise typer.BadParameter(str(err).removeprefix("--level: "), param_hint="--level") from None
+    chosen = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
+    result = cmp.compare(experiments(_exp_show(all_commits)), cmp.read_runs_csv, chosen, name, test, zero_shot)
+    if not result.tasks:
+        typer.secho("error: no experiment with reports/runs.csv: run `dvc repro` (or `dvc exp run`) first.",
+                    fg=typer.colors.RED, err=True)
+        for exp, why in result.skipped:
+            typer.echo(f"  - {exp}: {why}", err=True)
+        raise typer.Exit(1)
+    files = cmp.write(result, out)
+    for path in files:
+        typer.echo(f"wrote {path}")
+    if log:
+        from pipeline.core import tracking
+
+        run_id = cmp.log(result, files, level=name, test=test)
+        typer.echo(f"logged MLflow run {run_id} (experiment `compare`, store {tracking.display_uri()})")
+    typer.echo(cmp.comparison_markdown(result, tables=False))  # the tables: compare.md, paired.csv
+
+
+@app.command()
 def ui(host: str = typer.Option("127.0.0.1", help="Interface to bind (default: this machine only)."),
        port: int = typer.Option(5000)):
     """Open the MLflow UI on the tracking store (sqlite:///mlflow.db unless MLFLOW_TRACKING_URI)
-    and print each experiment's page in the model-training view (runs grouped by method and
-    level; add columns such as mean/selected/test/acc_avg from "Columns")."""
-    from pipeline.core.tracking import experiment_pages, tracking_uri
+    and print, first, the pages that answer: the latest `compare` run (ranks over experiments,
+    the critical-difference diagrams) and each experiment's report run (summary.md with its
+    significance section), each opened on its artifacts; then each experiment's page in the
+    model-training view (runs grouped by method and level; add columns such as
+    mean/selected/test/acc_avg from "Columns")."""
+    from pipeline.core.tracking import answer_pages, experiment_pages, tracking_uri
 
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking_uri(),
            "--host", host, "--port", str(port), "--workers", "1"]
     base = f"http://{host}:{port}"
     typer.echo(f"MLflow UI on {base}  (Ctrl-C to stop)")
+    answers = answer_pages(base)
+    if answers:
+        typer.echo("The answer:")
+        for name, url in answers.items():
+            typer.echo(f"  {name}: {url}")
+        typer.echo("Experiments:")
     for name, url in experiment_pages(base).items():
         typer.echo(f"  {name}: {url}")
     raise typer.Exit(_run_group(cmd))

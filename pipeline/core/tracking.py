@@ -59,6 +59,31 @@ def experiment_pages(base_url: str) -> dict[str, str]:
     return out
 
 
+def answer_pages(base_url: str) -> dict[str, str]:
+    """label -> UI page of each answer, newest first by kind: the latest cross-experiment
+    comparison (`python -m pipeline compare`), then each experiment's latest report run, opened
+    on its artifacts tab at the file that answers (`compare.md`, `summary.md`)."""
+    client = _client()
+    base = base_url.rstrip("/")
+    exps = {e.experiment_id: e.name for e in client.search_experiments()
+            if e.tags.get(EXPERIMENT_KIND[0]) == EXPERIMENT_KIND[1]}
+    out: dict[str, str] = {}
+    if not exps:
+        return out
+    for kind, label, first in (("compare", "across experiments: ranks, CD diagrams", "compare.md"),
+                               ("report", "report: tests per level", "summary.md")):
+        runs = client.search_runs(list(exps), filter_string=f"tags.{RUN_KIND} = '{kind}' and attributes.status = "
+                                                            "'FINISHED'", order_by=["attributes.start_time DESC"])
+        seen = set()
+        for run in runs:
+            eid = run.info.experiment_id
+            if eid in seen:
+                continue
+            seen.add(eid)
+            out[label if kind == "compare" else f"{exps[eid]} {label}"] = f"{base}/#/experiments/{eid}/runs/{run.info.run_id}/artifacts/{first}"
+    return out
+
+
 def git_commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,

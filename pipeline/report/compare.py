@@ -485,16 +485,20 @@ def compare(exps, read, methods: list[str] | None = None, level: str | None = No
     return Comparison(tasks, tests, ranks, notes, skipped, test)
 
 
-def comparison_markdown(c: Comparison) -> str:
+def comparison_markdown(c: Comparison, tables: bool = True) -> str:
+    """compare.md: the ranks over tasks, then per task its paired tests (`tables=False`: the
+    plain-language line per level only, as the command prints it)."""
     lines = ["# Which method, at which level: the answer with significance", ""]
-    lines += [f"Tasks: {', '.join(c.tasks) or 'none'}.", ""]
+    lines += [f"Experiments, one per task: {', '.join(c.tasks) or 'none'}. Figures: the test figures of the trial and "
+              "α the selection protocol chose on validation data. A rank task is one experiment at one level.", ""]
     lines += ["## Across tasks: average ranks, Friedman, Nemenyi", ""]
     for v, r in c.ranks.items():
         lines += [f"![{NAMES[v]}](cd_{v}.png)", "", *rank_markdown(r), ""]
     lines += [*c.notes, ""] if c.notes else []
     for task in c.tasks:
         t = c.tests[c.tests["task"] == task] if not c.tests.empty else c.tests
-        lines += [f"## {task}: per level, paired over seeds", "", *within_markdown(t, c.test), ""]
+        body = within_markdown(t, c.test) if tables else [f"- {line}" for line in summary_lines(t)]
+        lines += [f"## {task}: per level, paired over seeds", "", *body, ""]
     if c.skipped:
         lines += ["Skipped:", *[f"- {n}: {w}" for n, w in c.skipped], ""]
     return "\n".join(lines).rstrip() + "\n"
@@ -545,3 +549,26 @@ def read_runs_csv(experiment, repo: str | Path = ".") -> pd.DataFrame | None:
     runs["seed"] = runs["seed"].astype("Int64")
     return runs
 
+
+
+COMPARE_EXPERIMENT = "compare"  # the MLflow experiment of `python -m pipeline compare` runs
+
+
+def log(c: Comparison, files: list[Path], level: str | None = None, test: str = "t") -> str:
+    """One MLflow run (experiment `compare`, replacing the previous one) with the answer: the
+    average ranks (`rank/<ood|id>/<method>`), the Friedman p and CD per figure, and every file
+    written as an artifact. Returns its run id."""
+    from pipeline.core import tracking
+
+    metrics: dict[str, float] = {}
+    for v, r in c.ranks.items():
+        metrics.update({f"rank/{v}/{m}": float(x) for m, x in r.ranks.items()})
+        metrics.update({f"friedman_p/{v}": r.friedman_p, f"cd/{v}": r.cd, f"tasks/{v}": float(r.n_tasks)})
+    params = {"tasks": ",".join(c.tasks), "level": level or "every level", "test": test,
+              "correction": "holm", "post_hoc": "nemenyi", "alpha": ALPHA,
+              "methods": ",".join(next(iter(c.ranks.values())).ranks.index) if c.ranks else "",
+              "git_commit": tracking.git_commit()}
+    md = [f for f in files if f.name == "compare.md"]
+    return tracking.log_run(experiment=COMPARE_EXPERIMENT, key=COMPARE_EXPERIMENT, run_name="compare", params=params,
+                            tags={tracking.RUN_KIND: "compare", "level": "compare"}, metrics=metrics,
+                            artifacts=[*md, *[f for f in files if f not in md]])
