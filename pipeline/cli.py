@@ -171,6 +171,12 @@ def compare(level: Optional[str] = typer.Option(None, help="Rank over the experi
         for exp, why in result.skipped:
             typer.echo(f"  - {exp}: {why}", err=True)
         raise typer.Exit(1)
+    if chosen:
+        known = {str(m) for runs in result.tasks.values() for m in runs["method"]}
+        unknown = [m for m in chosen if m not in known]
+        if unknown:
+            raise typer.BadParameter(f"{', '.join(unknown)}: in no experiment's runs; the experiments have "
+                                     f"{', '.join(sorted(known))}", param_hint="--methods")
     files = cmp.write(result, out)
     for path in files:
         typer.echo(f"wrote {path}")

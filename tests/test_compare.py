@@ -299,6 +299,8 @@ def test_bad_options_and_no_experiments(command, monkeypatch):
     assert bad.exit_code != 0 and "allowed values are t, wilcoxon" in bad.output
     bad = runner.invoke(cli.app, ["compare", "--level", "0"])
     assert bad.exit_code != 0 and "--level" in bad.output
+    bad = runner.invoke(cli.app, ["compare", "--methods", "ft,lora", "--out", str(command["root"] / "none")])
+    assert bad.exit_code != 0 and "lora: in no experiment's runs" in bad.output
     monkeypatch.setattr(cmp, "read_runs_csv", lambda e: None)
     none = runner.invoke(cli.app, ["compare", "--out", str(command["root"] / "none")])
     assert none.exit_code == 1 and "no experiment with reports/runs.csv" in none.output
