@@ -130,9 +130,16 @@ def ui(host: str = typer.Option("127.0.0.1", help="Interface to bind (default: t
        port: int = typer.Option(5000)):
     """Open the MLflow UI on the tracking store (sqlite:///mlflow.db unless MLFLOW_TRACKING_URI)
     and print each experiment's page in the model-training view (runs grouped by method and
-    level; add columns such as mean/selected/test/acc_avg from "Columns")."""
-    from pipeline.core.tracking import experiment_pages, tracking_uri
+    level; add columns such as mean/selected/test/acc_avg from "Columns"). When
+    MLFLOW_TRACKING_URI is a tracking server (http/https), that server is the UI: this prints
+    its pages and starts nothing."""
+    from pipeline.core.tracking import display_uri, experiment_pages, is_server, tracking_uri
 
+    if is_server():
+        typer.echo(f"MLflow UI on {display_uri()}  (the tracking server in MLFLOW_TRACKING_URI)")
+        for name, url in experiment_pages(display_uri()).items():
+            typer.echo(f"  {name}: {url}")
+        raise typer.Exit(0)
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking_uri(),
            "--host", host, "--port", str(port), "--workers", "1"]
     base = f"http://{host}:{port}"
