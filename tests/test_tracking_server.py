@@ -215,18 +215,22 @@ def test_an_http_uri_is_passed_on_and_nothing_started(monkeypatch):
 
 
 def test_the_store_reads_the_same_without_the_server_and_a_dead_server_is_an_error(tmp_path, monkeypatch):
-    """What jobs logged through the server is in the project's sqlite store with paths a local
-    stage reads; the runs they replaced are gone for good once the server stops; a server that
-    died is an error, not a silent loss of runs."""
-    project = tmp_path / "project"
-    project.mkdir()
+    """A moved project's store is relocated before the server opens it; what jobs logged
+    through the server is in the project's sqlite store with paths a local stage reads; the
+    runs they replaced are gone for good once the server stops; a server that died is an
+    error, not a silent loss of runs."""
+    old, project = tmp_path / "old", tmp_path / "project"
+    old.mkdir()
+    monkeypatch.chdir(old)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{old}/mlflow.db")
+    monkeypatch.setattr(tracking, "_CLIENTS", {})
+    (old / "summary.json").write_text("{}")
+    before = tracking.log_run("exp", "local", "local", {}, {}, {"m": 1.0}, artifacts=[old / "summary.json"])
+    old.rename(project)
     monkeypatch.chdir(project)
     local_uri = f"sqlite:///{project}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", local_uri)
-    monkeypatch.setattr(tracking, "_CLIENTS", {})
     artifact = project / "summary.json"
-    artifact.write_text("{}")
-    before = tracking.log_run("exp", "local", "local", {}, {}, {"m": 1.0}, artifacts=[artifact])
     with pytest.raises(TrackingServerError, match="exited"):
         with tracking_server(project) as srv:
             monkeypatch.setenv("MLFLOW_TRACKING_URI", srv.uri)
@@ -245,5 +249,7 @@ def test_the_store_reads_the_same_without_the_server_and_a_dead_server_is_an_err
     runs = {r.info.run_id: r for r in client().search_runs([exp_id], run_view_type=ViewType.ALL)}
     assert set(runs) == {before, served[1]}  # the replaced one deleted for good
     for rid in (before, served[1]):
+        assert runs[rid].info.artifact_uri.removeprefix("file://").startswith(f"{project}/mlruns/")
         assert [a.path for a in client().list_artifacts(rid)] == ["summary.json"]
+    assert not old.exists()
     assert runs[served[1]].data.metrics["m"] == 1.0
