@@ -65,7 +65,8 @@ def test_the_stages_log_to_the_server_and_the_store_reads_the_same_without_it(tm
     runs = {r.data.tags["run_key"]: r for r in client.search_runs([exp.experiment_id])}
     assert set(runs) == {"lp/4", "lp-a/4/seed0", "zeroshot/k0/seed0", "report"}, sorted(runs)
     trained = runs["lp-a/4/seed0"]
-    assert trained.info.status == "FINISHED" and trained.data.tags["selected"] == trained.data.tags["evaluated"] == "true"
+    assert trained.info.status == "FINISHED"
+    assert trained.data.tags["selected"] == trained.data.tags["evaluated"] == "true"
     assert trained.info.artifact_uri.removeprefix("file://").startswith(f"{work}/mlruns/")
     local_metrics = json.loads((work / "runs/evaluate/lp/4/seed0/metrics.json").read_text())
     assert trained.data.metrics["test/acc_avg"] == pytest.approx(local_metrics["test/acc_avg"])

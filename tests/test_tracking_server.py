@@ -215,9 +215,10 @@ def test_an_http_uri_is_passed_on_and_nothing_started(monkeypatch):
 
 
 def test_the_store_reads_the_same_without_the_server_and_a_dead_server_is_an_error(tmp_path, monkeypatch):
-    """A moved project's store is relocated before the server opens it; what jobs logged
-    through the server is in the project's sqlite store with paths a local stage reads; the
-    runs they replaced are gone for good once the server stops; a server that died is an
+    """A moved project's store is relocated before the server opens it; a second controller on
+    the same store attaches to the running server (keep: the first one leaves it running);
+    what jobs logged through it is in the project's sqlite store with paths a local stage
+    reads; the runs they replaced are gone for good once it stops; a server that died is an
     error, not a silent loss of runs."""
     old, project = tmp_path / "old", tmp_path / "project"
     old.mkdir()
@@ -231,16 +232,21 @@ def test_the_store_reads_the_same_without_the_server_and_a_dead_server_is_an_err
     local_uri = f"sqlite:///{project}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", local_uri)
     artifact = project / "summary.json"
-    with pytest.raises(TrackingServerError, match="exited"):
-        with tracking_server(project) as srv:
+    with tracking_server(project) as first:
+        first.keep = True  # a controller leaving with jobs still out
+    assert first.check() is None and (project / "logs/mlflow-server.json").is_file()
+    with pytest.raises(TrackingServerError, match="no longer answers"):
+        with tracking_server(project) as srv:  # the next controller
+            assert srv.uri == first.uri and srv.process is None and srv.pid == first.pid
             monkeypatch.setenv("MLFLOW_TRACKING_URI", srv.uri)
             monkeypatch.setattr(tracking, "_CLIENTS", {})
             served = [tracking.log_run("exp", "job", "job", {}, {}, {"m": float(i)}, artifacts=[artifact])
                       for i in range(2)]  # the second replaces the first
-            os.killpg(srv.process.pid, signal.SIGKILL)
-            srv.process.wait(timeout=30)
+            os.killpg(srv.pid, signal.SIGKILL)
+            first.process.wait(timeout=30)
             with pytest.raises(TrackingServerError, match="exited with code"):
-                srv.check()
+                first.check()
+    assert not (project / "logs/mlflow-server.json").exists()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", local_uri)
     monkeypatch.setattr(tracking, "_CLIENTS", {})
     from mlflow.entities import ViewType

@@ -13,6 +13,13 @@ When `MLFLOW_TRACKING_URI` is already an http(s) URI (a team's server), nothing 
 that URI is passed on. Otherwise the server runs on the store the stages use locally
 (`pipeline.core.tracking.tracking_uri()`, `sqlite:///mlflow.db` in the project by default).
 
+The server outlives a controller that dies (it runs in its own session), so submitted jobs
+keep logging; it records itself in `logs/mlflow-server.json`, and the next `start_server` on
+the same store (a controller re-attaching to its jobs) uses that server instead of starting
+another. A controller leaving with jobs still out sets `server.keep = True`; the one that
+finishes the bookkeeping stops it. `python -m pipeline.cluster.mlflow_server` runs one in the
+foreground (for a long-lived server outside the controller: a tmux window, a service node).
+
 Artifacts are written by the jobs themselves, straight into the project's `mlruns/` on the
 shared filesystem: the server gets `--default-artifact-root <project>/mlruns` (the root a local
 stage gives new experiments, so experiments made through the server have the same paths as
@@ -25,6 +32,8 @@ with or without the server, before and after the cluster run.
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import signal
 import socket
@@ -39,6 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.core import tracking
+from pipeline.core.env import pid_alive
 
 
 class TrackingServerError(RuntimeError):
@@ -94,15 +104,25 @@ def _tail(path: Path | None, lines: int = 20) -> str:
     return "\n".join("    " + line for line in text)
 
 
+def _state_file(project: Path) -> Path:
+    return project / "logs" / "mlflow-server.json"
+
+
 @dataclass
 class TrackingServer:
     """What jobs need to log to the tracking store: `uri`, and `env` to add to their environment.
-    `process` is None when the URI is a server this code did not start."""
+    `pid` is None for a server this code did not start (an http URI from the environment);
+    `process` is None as well for a server started by an earlier controller and attached to.
+    `keep`: leave it running at the end of `tracking_server` (jobs still out)."""
 
     uri: str
     process: subprocess.Popen | None = None
     log: Path | None = None
     store: str | None = None  # the backend store URI the server runs on
+    pid: int | None = None  # its process group
+    host: str | None = None  # the machine it runs on
+    state: Path | None = None  # the file that records it, for the next controller
+    keep: bool = False
     _stopped: bool = field(default=False, repr=False)
 
     @property
@@ -110,31 +130,76 @@ class TrackingServer:
         return {"MLFLOW_TRACKING_URI": self.uri}
 
     def check(self) -> None:
-        """Raise TrackingServerError when the server started here is no longer running."""
-        if self.process is not None and not self._stopped and self.process.poll() is not None:
-            raise TrackingServerError(
-                f"the MLflow tracking server ({self.uri}, store {self.store}) exited with code "
-                f"{self.process.returncode}; jobs can no longer log their runs. Its log, {self.log}:\n"
-                f"{_tail(self.log)}")
+        """Raise TrackingServerError when the server this code started or attached to is no
+        longer running."""
+        if self.pid is None or self._stopped:
+            return
+        if self.process is not None:
+            if self.process.poll() is None:
+                return
+            how = f"exited with code {self.process.returncode}"
+        elif _answers(self.uri, timeout=10):
+            return
+        else:
+            how = "no longer answers"
+        raise TrackingServerError(
+            f"the MLflow tracking server ({self.uri}, store {self.store}) {how}; jobs can no longer "
+            f"log their runs. Its log, {self.log}:\n{_tail(self.log)}")
 
     def stop(self) -> None:
         """Stop the server and the workers it started (its whole process group), then delete for
         good the runs the jobs replaced (a server only soft-deletes them)."""
-        if self.process is None or self._stopped:
+        if self.pid is None or self._stopped:
             return
+        if self.host != socket.gethostname():
+            raise TrackingServerError(
+                f"the MLflow tracking server {self.uri} runs on {self.host}, not here: stop it there "
+                f"(kill -TERM -{self.pid}).")
         self._stopped = True
         for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
             try:
-                os.killpg(self.process.pid, sig)
+                os.killpg(self.pid, sig)
             except ProcessLookupError:
                 break
-            try:
-                self.process.wait(timeout=wait)
+            if self._wait(wait):
                 break
-            except subprocess.TimeoutExpired:
-                continue
+        if self.state is not None:
+            self.state.unlink(missing_ok=True)
         if self.store:
             tracking.purge_replaced(self.store)
+
+    def _wait(self, seconds: float) -> bool:
+        if self.process is not None:
+            try:
+                self.process.wait(timeout=seconds)
+                return True
+            except subprocess.TimeoutExpired:
+                return False
+        deadline = time.monotonic() + seconds
+        while pid_alive(self.pid):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.2)
+        return True
+
+
+def _attach(project: Path, store: str) -> TrackingServer | None:
+    """The server an earlier `start_server` left running on `store` (recorded in the state
+    file), when it still answers; None otherwise."""
+    state = _state_file(project)
+    try:
+        info = json.loads(state.read_text())
+    except (OSError, ValueError):
+        return None
+    pid = info.get("pid")
+    if info.get("store") != store or not isinstance(pid, int) or pid <= 0:
+        return None
+    if info.get("host") == socket.gethostname() and not pid_alive(pid):
+        return None
+    if not _answers(info["uri"], timeout=10):
+        return None
+    log = Path(info["log"]) if info.get("log") else None
+    return TrackingServer(info["uri"], None, log, store, pid, info.get("host"), state)
 
 
 def start_server(project: Path | None = None, host: str = "127.0.0.1", port: int | None = None,
@@ -152,6 +217,9 @@ def start_server(project: Path | None = None, host: str = "127.0.0.1", port: int
     if _is_http(uri):
         return TrackingServer(uri)
     project = Path(project or Path.cwd()).resolve()
+    running = _attach(project, uri)
+    if running is not None:
+        return running
     if tracking._sqlite_file(uri) is not None:
         tracking.relocate(uri)  # a moved project: fix its paths before the server owns the store
         tracking.purge_replaced(uri)
@@ -178,7 +246,8 @@ def start_server(project: Path | None = None, host: str = "127.0.0.1", port: int
         env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ}
         proc = subprocess.Popen(cmd, cwd=project, env=env, stdout=out, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
-    server = TrackingServer(f"http://{_url_host(advertise)}:{port}", proc, log, uri)
+    server = TrackingServer(f"http://{_url_host(advertise)}:{port}", proc, log, uri, proc.pid,
+                            socket.gethostname(), _state_file(project))
     local = f"http://{_url_host(_connect_host(host))}:{port}"
     deadline = time.monotonic() + timeout_s
     try:
@@ -200,6 +269,8 @@ def start_server(project: Path | None = None, host: str = "127.0.0.1", port: int
     except BaseException:
         server.stop()
         raise
+    server.state.write_text(json.dumps({"uri": server.uri, "store": uri, "pid": proc.pid, "host": server.host,
+                                        "log": str(log)}, indent=1) + "\n")
     return server
 
 
@@ -207,7 +278,8 @@ def start_server(project: Path | None = None, host: str = "127.0.0.1", port: int
 def tracking_server(project: Path | None = None, host: str = "127.0.0.1", port: int | None = None,
                     advertise: str | None = None, workers: int = 1, log: Path | None = None,
                     timeout_s: float = 120.0) -> Iterator[TrackingServer]:
-    """`start_server` for the length of a `with` block; stopped on the way out, whatever happens.
+    """`start_server` for the length of a `with` block; stopped on the way out, whatever happens,
+    unless `server.keep` was set (jobs still out: the next controller attaches to it).
     Leaving the block normally after the server died raises TrackingServerError (runs the jobs
     logged meanwhile are missing)."""
     server = start_server(project, host, port, advertise, workers, log, timeout_s)
@@ -215,4 +287,50 @@ def tracking_server(project: Path | None = None, host: str = "127.0.0.1", port: 
         yield server
         server.check()
     finally:
+        if not server.keep:
+            server.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.cluster.mlflow_server",
+        description="Run an MLflow tracking server on this project's store (MLFLOW_TRACKING_URI, else "
+                    "sqlite:///mlflow.db) until Ctrl-C or SIGTERM, for jobs on other nodes: they log to the "
+                    "URI it prints. Artifacts go to the project's mlruns/ (a shared filesystem).")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="interface to bind: 127.0.0.1 (this machine only, the default), the address the "
+                             "compute nodes reach, or 0.0.0.0 (all)")
+    parser.add_argument("--port", type=int, default=None, help="port (default: a free one)")
+    parser.add_argument("--advertise", default=None,
+                        help="the name jobs reach this machine by (default: --host, or this machine's fully "
+                             "qualified name for 0.0.0.0)")
+    args = parser.parse_args(argv)
+    try:
+        server = start_server(Path.cwd(), args.host, args.port, args.advertise)
+    except TrackingServerError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if server.process is None:
+        print(f"already running: export MLFLOW_TRACKING_URI={server.uri}", flush=True)
+        return 0
+    print(f"export MLFLOW_TRACKING_URI={server.uri}", flush=True)
+
+    def stop(*_):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        while True:
+            server.check()
+            time.sleep(5)
+    except KeyboardInterrupt:
+        return 0
+    except TrackingServerError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
         server.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
