@@ -11,6 +11,7 @@ import socket
 import stat
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
@@ -186,6 +187,44 @@ def test_a_run_on_another_node_is_judged_by_its_slurm_job(http, tmp_path, monkey
     # a job SLURM forgot (squeue: "Invalid job id specified") ended too
     client().set_tag(plain.run_id, "slurm.job_id", "4243")
     assert sweep("", "slurm_load_jobs error: Invalid job id specified\n")["t/4/seed1"] == "KILLED"
+
+
+def _slurm_answers() -> bool:
+    import shutil
+
+    if shutil.which("sinfo") is None:
+        return False
+    try:
+        return subprocess.run(["sinfo"], capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+@pytest.mark.skipif(not _slurm_answers(), reason="no SLURM cluster answers sinfo (.ci/slurm-up starts one)")
+def test_a_run_of_a_real_slurm_job_on_another_node_is_killed_once_the_job_ends(http, tmp_path, monkeypatch):
+    """The same rule against a real SLURM: a run whose job is pending or running stays
+    RUNNING, and is KILLED once `scancel` ended the job."""
+    _, _, exp = http
+    job = subprocess.run(["sbatch", "--parsable", "--wrap", "sleep 300", "-o", str(tmp_path / "job.out")],
+                         capture_output=True, text=True, check=True, timeout=60).stdout.strip().split(";")[0]
+    try:
+        monkeypatch.setenv("SLURM_JOB_ID", job)
+        live = tracking.start_run(exp, "t/4/seed0", "name", {}, {})
+        monkeypatch.delenv("SLURM_JOB_ID")
+        client().set_tag(live.run_id, "host", "node-b")  # as a job on another node would have logged it
+
+        def status() -> str:
+            monkeypatch.setattr(tracking, "_slurm_swept", {})
+            tracking.find_run(exp, "another/key", {})
+            return client().get_run(live.run_id).info.status
+
+        assert tracking.slurm_active([job]) == {job} and status() == "RUNNING"
+    finally:
+        subprocess.run(["scancel", job], timeout=60)
+    deadline = time.monotonic() + 60
+    while tracking.slurm_active([job]) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert status() == "KILLED"
 
 
 def test_pipeline_ui_prints_the_servers_pages_and_starts_nothing(http):
