@@ -216,7 +216,7 @@ def slurm_active(job_ids: list[str]) -> set[str] | None:
     active = set()
     for line in proc.stdout.splitlines():
         job, _, state = line.strip().partition("|")
-        if job and state.split()[0] not in _SLURM_ENDED:
+        if job and (state.split() or ["?"])[0] not in _SLURM_ENDED:
             active.add(job)
     return active
 
@@ -228,13 +228,18 @@ def _sweep(client, exp_id: str) -> None:
     lists the job as ended or no more (a requeued job is still active: its next attempt takes
     the run over). A run of another host without a SLURM job, or while SLURM cannot be asked,
     is left alone: its process may well be running."""
+    def killed(run) -> None:
+        # read again once the process is known gone: it may have finished its run just before
+        if client.get_run(run.info.run_id).info.status == "RUNNING":
+            client.set_terminated(run.info.run_id, status="KILLED")
+
     here = socket.gethostname()
     remote: dict[str, list] = {}
     for run in client.search_runs([exp_id], filter_string="attributes.status = 'RUNNING'"):
         tags = run.data.tags
         if tags.get("host") == here and tags.get("pid", "").isdigit():
             if not pid_alive(int(tags["pid"])):
-                client.set_terminated(run.info.run_id, status="KILLED")
+                killed(run)
         elif tags.get("slurm.job_id", "").isdigit():
             remote.setdefault(tags["slurm.job_id"], []).append(run)
     key = (tracking_uri(), exp_id)
@@ -247,7 +252,7 @@ def _sweep(client, exp_id: str) -> None:
     for job, runs in remote.items():
         if job not in active:
             for run in runs:
-                client.set_terminated(run.info.run_id, status="KILLED")
+                killed(run)
 
 
 def _runs(client, exp_id: str, key: str) -> list:
