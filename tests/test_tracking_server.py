@@ -97,10 +97,13 @@ def test_a_live_run_shows_its_steps_before_it_finishes(http):
 def test_a_dead_local_process_is_marked_killed_through_the_server(http):
     project, srv, exp = http
     code = ("import os, sys\nfrom pipeline.core import tracking\n"
+            "tracking.log_run(sys.argv[1], 'done', 'done', {}, {}, {'m': 1.0})\n"
             "live = tracking.start_run(sys.argv[1], 't/4/seed0', 'name', {}, {})\n"
-            "live.log_step(1, {'loss': 1.0}); live.flush()\nos._exit(0)\n")
-    subprocess.run([sys.executable, "-c", code, exp], cwd=project, check=True,
-                   env={**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": srv.uri})
+            "live.log_step(1, {'loss': 1.0}); live.flush()\nsys.stdout.flush()\nos._exit(0)\n")
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"}
+    proc = subprocess.run([sys.executable, "-c", code, exp], cwd=project, check=True, capture_output=True,
+                          text=True, env={**env, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": srv.uri})
+    assert "View run" not in proc.stdout  # no MLflow link per status change in a stage's output
     assert [r.info.status for r in runs_of(exp, "t/4/seed0")] == ["RUNNING"]
     tracking.find_run(exp, "another/key", {})  # any stage opening the experiment sweeps it
     (killed,) = runs_of(exp, "t/4/seed0")

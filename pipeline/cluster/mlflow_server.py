@@ -217,10 +217,13 @@ def start_server(project: Path | None = None, host: str = "127.0.0.1", port: int
     if _is_http(uri):
         return TrackingServer(uri)
     project = Path(project or Path.cwd()).resolve()
+    db = tracking._sqlite_file(uri)
+    if db is not None:
+        uri = f"sqlite:///{db}"  # the file a stage here opens, whatever the server's working directory
     running = _attach(project, uri)
     if running is not None:
         return running
-    if tracking._sqlite_file(uri) is not None:
+    if db is not None:
         tracking.relocate(uri)  # a moved project: fix its paths before the server owns the store
         tracking.purge_replaced(uri)
     if port is None:

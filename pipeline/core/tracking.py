@@ -111,6 +111,10 @@ def _client():
         import mlflow
         from mlflow.tracking import MlflowClient
 
+        # through a server, MLflow prints two "View run" lines (and reads the run once more)
+        # at every status change: two per run in `log_run`, noise in the stages' output
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+
         mlflow.set_tracking_uri(uri)
         relocate(uri)
         _CLIENTS[uri] = MlflowClient(uri)
