@@ -196,21 +196,30 @@ def ui(host: str = typer.Option("127.0.0.1", help="Interface to bind (default: t
     the critical-difference diagrams) and each experiment's report run (summary.md with its
     significance section), each opened on its artifacts; then each experiment's page in the
     model-training view (runs grouped by method and level; add columns such as
-    mean/selected/test/acc_avg from "Columns")."""
-    from pipeline.core.tracking import answer_pages, experiment_pages, tracking_uri
+    mean/selected/test/acc_avg from "Columns"). When MLFLOW_TRACKING_URI is a tracking server
+    (http/https), that server is the UI: this prints its pages and starts nothing."""
+    from pipeline.core.tracking import (answer_pages, display_uri, experiment_pages, is_server,
+                                        tracking_uri)
 
+    def pages(base: str) -> None:
+        answers = answer_pages(base)
+        if answers:
+            typer.echo("The answer:")
+            for name, url in answers.items():
+                typer.echo(f"  {name}: {url}")
+            typer.echo("Experiments:")
+        for name, url in experiment_pages(base).items():
+            typer.echo(f"  {name}: {url}")
+
+    if is_server():
+        typer.echo(f"MLflow UI on {display_uri()}  (the tracking server in MLFLOW_TRACKING_URI)")
+        pages(display_uri())
+        raise typer.Exit(0)
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking_uri(),
            "--host", host, "--port", str(port), "--workers", "1"]
     base = f"http://{host}:{port}"
     typer.echo(f"MLflow UI on {base}  (Ctrl-C to stop)")
-    answers = answer_pages(base)
-    if answers:
-        typer.echo("The answer:")
-        for name, url in answers.items():
-            typer.echo(f"  {name}: {url}")
-        typer.echo("Experiments:")
-    for name, url in experiment_pages(base).items():
-        typer.echo(f"  {name}: {url}")
+    pages(base)
     raise typer.Exit(_run_group(cmd))
 
 

@@ -31,7 +31,10 @@ LAYERS: dict[str, set[str]] = {
     "config": {"core"},
     "stages": {"core", "data", "models", "methods", "training", "evaluation", "report", "artifacts", "config"},
     "cli": {"core", "data", "models", "methods", "training", "evaluation", "report", "artifacts", "config",
-            "stages"},
+            "stages", "cluster"},
+    # cluster execution: orchestration around DVC, beside the CLI, above the stages
+    "cluster": {"core", "data", "models", "methods", "training", "evaluation", "report", "artifacts", "config",
+                "stages"},
 }
 
 
@@ -179,7 +182,8 @@ def test_library_layers():
 
 def test_the_library_never_imports_a_stage_or_the_cli():
     for path in PKG.rglob("*.py"):
-        if layer_of(path) in ("stages", "cli") or path.name == "__main__.py":
+        if layer_of(path) in ("stages", "cli", "cluster") or path.name == "__main__.py":
             continue
         for name in imports_of(path):
-            assert not name.startswith(("pipeline.stages", "pipeline.cli")), f"{path} imports {name}"
+            assert not name.startswith(("pipeline.stages", "pipeline.cli", "pipeline.cluster")), \
+                f"{path} imports {name}"

@@ -7,14 +7,22 @@ old ones are deleted for good once the new one is complete) instead of piling up
 - `group_run`: a parent run that only groups (one per method and level); it never replaces.
 - `start_run` -> `LiveRun`: a run that exists while its work happens (a training run from its
   first step: losses as they are logged, real start and end), replacing the key's runs when it
-  finishes. A run whose process died (same host, pid gone) is marked KILLED by the next stage
-  that opens the experiment, never left RUNNING.
+  finishes. A run whose process died is marked KILLED by the next stage that opens the
+  experiment, never left RUNNING (`_sweep`: a run of this host whose pid is gone, or a run
+  of a SLURM job that SLURM no longer lists as active; a run on another host without a SLURM
+  job is left alone: nothing here can see its process).
 - `add_to_run`: results added to a finished run in one transaction (evaluation of a training
   run): the metrics land together or not at all.
 - `log_run`: a complete run logged at once (zero-shot, the report).
 
 The sqlite store records absolute artifact paths; `relocate` rewrites them when the project
 folder moved, so a copied project never writes into the old folder.
+
+The same code works against a tracking server (an http(s) URI; `pipeline.cluster.mlflow_server`
+starts one on the project's store for jobs on many nodes): artifacts then go straight to the
+artifact paths the server hands out (the project's `mlruns/` on a shared filesystem), and the
+runs a job replaces are soft-deleted through the server and tagged `project.replaced`;
+`purge_replaced` deletes them for good from the sqlite store once no server holds it.
 """
 
 from __future__ import annotations
@@ -34,10 +42,19 @@ RUN_KEY = "run_key"
 RUN_KIND = "run_kind"  # group | train | zeroshot | report
 PARENT = "mlflow.parentRunId"
 ROOT_TAG = "project.artifact_root"  # the folder the experiment's artifact paths were made in
+REPLACED = "project.replaced"  # a run deleted because another replaced it (for `purge_replaced`)
+# run tag -> environment variable of a SLURM job (each element of a job array has its own job id)
+SLURM_TAGS = {"slurm.job_id": "SLURM_JOB_ID", "slurm.array_job_id": "SLURM_ARRAY_JOB_ID",
+              "slurm.array_task_id": "SLURM_ARRAY_TASK_ID", "slurm.cluster": "SLURM_CLUSTER_NAME"}
 
 
 def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_URI)
+
+
+def is_server(uri: str | None = None) -> bool:
+    """Whether the tracking URI is a tracking server (http or https)."""
+    return (uri or tracking_uri()).startswith(("http://", "https://"))
 
 
 def display_uri() -> str:
@@ -119,6 +136,10 @@ def _client():
         import mlflow
         from mlflow.tracking import MlflowClient
 
+        # through a server, MLflow prints two "View run" lines (and reads the run once more)
+        # at every status change: two per run in `log_run`, noise in the stages' output
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+
         mlflow.set_tracking_uri(uri)
         relocate(uri)
         _CLIENTS[uri] = MlflowClient(uri)
@@ -169,31 +190,98 @@ def relocate(uri: str) -> int:
     return changed
 
 
+def _artifact_root(exp) -> str | None:
+    """The folder an experiment's artifact paths were made in: the sqlite store's folder, or,
+    through a server, this project's folder when the server puts the experiment's artifacts in
+    its `mlruns/` (as `pipeline.cluster.mlflow_server` does); None otherwise (a server's own
+    storage: nothing `relocate` may rewrite)."""
+    db = _sqlite_file(tracking_uri())
+    if db is not None:
+        return str(db.parent)
+    location = exp.artifact_location.removeprefix("file://")
+    project = Path.cwd().resolve()
+    return str(project) if location.startswith(f"{project / 'mlruns'}/") else None
+
+
 def _experiment_id(client, name: str) -> str:
     exp = client.get_experiment_by_name(name)
-    db = _sqlite_file(tracking_uri())
-    tags = dict([EXPERIMENT_KIND] + ([(ROOT_TAG, str(db.parent))] if db else []))
     if exp is None:
-        exp_id = client.create_experiment(name, tags=tags)
-    else:
-        exp_id = exp.experiment_id
-        if exp.lifecycle_stage == "deleted":
-            client.restore_experiment(exp_id)
-        for k, v in tags.items():
-            if k not in exp.tags or (k == EXPERIMENT_KIND[0] and exp.tags[k] != v):
-                client.set_experiment_tag(exp_id, k, v)
+        exp = client.get_experiment(client.create_experiment(name, tags=dict([EXPERIMENT_KIND])))
+    exp_id = exp.experiment_id
+    if exp.lifecycle_stage == "deleted":
+        client.restore_experiment(exp_id)
+    root = _artifact_root(exp)
+    tags = dict([EXPERIMENT_KIND] + ([(ROOT_TAG, root)] if root else []))
+    for k, v in tags.items():
+        if k not in exp.tags or (k == EXPERIMENT_KIND[0] and exp.tags[k] != v):
+            client.set_experiment_tag(exp_id, k, v)
     _sweep(client, exp_id)
     return exp_id
 
 
+# SLURM job states after which none of the job's processes runs (squeue lists them a while)
+_SLURM_ENDED = {"BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL", "OUT_OF_MEMORY",
+                "PREEMPTED", "TIMEOUT"}
+_SLURM_SWEEP_S = 60.0  # ask SLURM about an experiment's runs at most this often per process
+_slurm_swept: dict[tuple[str, str], float] = {}
+
+
+def slurm_active(job_ids: list[str]) -> set[str] | None:
+    """The job ids among `job_ids` that SLURM lists as not yet ended (pending, running,
+    requeued, completing...), or None when SLURM cannot be asked (no `squeue`, no controller)."""
+    import shutil
+
+    squeue = shutil.which("squeue")
+    if squeue is None or not job_ids:
+        return None
+    try:
+        proc = subprocess.run([squeue, "--noheader", "--format=%A|%T", f"--jobs={','.join(job_ids)}"],
+                              capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if proc.returncode != 0:
+        # one job id that SLURM forgot: an error, not an empty list
+        return set() if "invalid job id" in proc.stderr.lower() else None
+    active = set()
+    for line in proc.stdout.splitlines():
+        job, _, state = line.strip().partition("|")
+        if job and (state.split() or ["?"])[0] not in _SLURM_ENDED:
+            active.add(job)
+    return active
+
+
 def _sweep(client, exp_id: str) -> None:
-    """Mark KILLED the RUNNING runs whose process (on this host) is gone: a killed stage's run
-    never stays RUNNING once another stage opens the experiment."""
+    """Mark KILLED the RUNNING runs whose process is gone: a killed stage's run never stays
+    RUNNING once another stage opens the experiment. A run of this host is judged by its pid;
+    a run of another host only by its SLURM job (tag `slurm.job_id`): it was killed when SLURM
+    lists the job as ended or no more (a requeued job is still active: its next attempt takes
+    the run over). A run of another host without a SLURM job, or while SLURM cannot be asked,
+    is left alone: its process may well be running."""
+    def killed(run) -> None:
+        # read again once the process is known gone: it may have finished its run just before
+        if client.get_run(run.info.run_id).info.status == "RUNNING":
+            client.set_terminated(run.info.run_id, status="KILLED")
+
+    here = socket.gethostname()
+    remote: dict[str, list] = {}
     for run in client.search_runs([exp_id], filter_string="attributes.status = 'RUNNING'"):
         tags = run.data.tags
-        if tags.get("host") == socket.gethostname() and tags.get("pid", "").isdigit() \
-                and not pid_alive(int(tags["pid"])):
-            client.set_terminated(run.info.run_id, status="KILLED")
+        if tags.get("host") == here and tags.get("pid", "").isdigit():
+            if not pid_alive(int(tags["pid"])):
+                killed(run)
+        elif tags.get("slurm.job_id", "").isdigit():
+            remote.setdefault(tags["slurm.job_id"], []).append(run)
+    key = (tracking_uri(), exp_id)
+    if not remote or time.monotonic() - _slurm_swept.get(key, -_SLURM_SWEEP_S) < _SLURM_SWEEP_S:
+        return
+    _slurm_swept[key] = time.monotonic()
+    active = slurm_active(sorted(remote))
+    if active is None:
+        return
+    for job, runs in remote.items():
+        if job not in active:
+            for run in runs:
+                killed(run)
 
 
 def _runs(client, exp_id: str, key: str) -> list:
@@ -203,25 +291,57 @@ def _runs(client, exp_id: str, key: str) -> list:
 def _base_tags(key: str, kind: str) -> dict[str, str]:
     from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT
 
+    slurm = {tag: os.environ[var] for tag, var in SLURM_TAGS.items() if os.environ.get(var)}
     return {RUN_KEY: key, RUN_KIND: kind, MLFLOW_GIT_COMMIT: git_commit(), "git_dirty": git_dirty(),
-            "host": socket.gethostname(), "pid": str(os.getpid())}
+            "host": socket.gethostname(), "pid": str(os.getpid()), **slurm}
 
 
 def _purge(client, run) -> None:
     """Delete a replaced run for good, artifacts included. MLflow's public API only
     soft-deletes (the run stays in the store, listed under "deleted"); permanent deletion is
-    what `mlflow gc` does, with these two calls, for stores that support it."""
+    what `mlflow gc` does, with these two calls, for stores that support it. Through a
+    server (no permanent deletion over REST) the run is tagged `project.replaced` and
+    soft-deleted, its artifacts deleted where they are; `purge_replaced` finishes the job."""
     from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
-    client.delete_run(run.info.run_id)
     store = client._tracking_client.store
-    if not hasattr(store, "_hard_delete_run"):
-        return
+    permanent = hasattr(store, "_hard_delete_run")
+    if not permanent:
+        client.set_tag(run.info.run_id, REPLACED, "true")
+    client.delete_run(run.info.run_id)
     try:
         get_artifact_repository(run.info.artifact_uri).delete_artifacts()
     except Exception:  # a moved or missing artifact folder: the record goes all the same
         pass
-    store._hard_delete_run(run.info.run_id)
+    if permanent:
+        store._hard_delete_run(run.info.run_id)
+
+
+def purge_replaced(uri: str) -> int:
+    """Delete for good the runs a server soft-deleted as replaced (tag `project.replaced`) from
+    the store at `uri` (a database URI, not a server: run it when the server is stopped or
+    before it starts). Returns how many."""
+    from mlflow.entities import ViewType
+    from mlflow.tracking import MlflowClient
+
+    db = _sqlite_file(uri)
+    if is_server(uri) or (db is not None and not db.is_file()):
+        return 0
+    client = MlflowClient(uri)
+    store = client._tracking_client.store
+    if not hasattr(store, "_hard_delete_run"):
+        return 0
+    exp_ids = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ALL)]
+    count = 0
+    while exp_ids:
+        gone = client.search_runs(exp_ids, filter_string=f"tags.`{REPLACED}` = 'true'",
+                                  run_view_type=ViewType.DELETED_ONLY)
+        if not gone:
+            break
+        for run in gone:
+            store._hard_delete_run(run.info.run_id)
+        count += len(gone)
+    return count
 
 
 def sample_input(name: str, frame, source: str):
@@ -341,7 +461,7 @@ class LiveRun:
 
 
 # tags every run gets for itself (never carried over from a replaced run)
-_OWN_TAGS = {RUN_KEY, RUN_KIND, PARENT, "git_dirty", "host", "pid"}
+_OWN_TAGS = {RUN_KEY, RUN_KIND, PARENT, "git_dirty", "host", "pid", REPLACED, *SLURM_TAGS}
 
 
 class _Snapshot:
