@@ -198,7 +198,8 @@ def training_run_info(params: Params, trial: str, level, seed: int, config: dict
             "dataset": params.dataset.name, "arch": config["arch"]}
     run_params = {"method": method, "trial": trial, "level": level.name, "level_kind": level.kind, "seed": seed,
                   "dataset": params.dataset.name, "arch": config["arch"], "pretrained": config["pretrained"],
-                  "steps": config.get("steps"), "hparams": config["hparams"], "train": config["train"]}
+                  "steps": config.get("steps"), "hparams": config["hparams"], "train": config["train"],
+                  "threads": config.get("threads")}
     return {"key": train_key(trial, level.name, seed), "name": f"{trial} {level.label} seed={seed}",
             "params": run_params, "tags": tags, "group": group_info(params, method, level)}
 

@@ -36,7 +36,7 @@ from pipeline import artifacts as paths, models
 from pipeline.artifacts import EVAL_METRICS as METRICS, EVAL_SELECTION, TRAIN_LOG
 from pipeline.config import Params, load_params
 from pipeline.core import tracking
-from pipeline.core.env import resolve_device
+from pipeline.core.env import resolve_device, set_threads
 from pipeline.data.datasets import split_metrics, split_rows
 from pipeline.data.sampling import FEWSHOT_VAL, read_sample
 from pipeline.data.torchdata import ImageFiles, LabeledImages, read_caption_csv
@@ -53,6 +53,7 @@ from pipeline.stages.common import (ParamsOpt, group_info, guard, has_text, head
 
 def run(params: Params, method: str, log_mlflow: bool = True) -> dict[tuple[str, int], dict]:
     """Evaluate the chosen trial of every level and seed; returns {(level, seed): metrics}."""
+    set_threads(params.threads)
     device = resolve_device(params.evaluate.device)
     task = open_task(params, device)
     spec, dataset = task.spec, task.dataset

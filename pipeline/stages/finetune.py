@@ -27,7 +27,7 @@ from pipeline import artifacts as paths, models
 from pipeline.artifacts import CONFIG, SCORES, SUMMARY, TRAIN_LOG, WEIGHTS
 from pipeline.config import Params, load_params, to_dict
 from pipeline.core import dist
-from pipeline.core.env import resolve_device, seed_everything
+from pipeline.core.env import resolve_device, seed_everything, set_threads
 from pipeline.core.levels import Level
 from pipeline.data.datasets import domain_groups, split_metrics, split_rows
 from pipeline.data.sampling import FEWSHOT_VAL, read_sample
@@ -52,7 +52,7 @@ def run_config(params: Params, trial: str, level: Level, seed: int, steps: int) 
         "dataset": params.dataset.name, "arch": source["arch"], "pretrained": source["pretrained"],
         "pretrained_sha256": models.file_sha256(source["weights"]),
         "hparams": to_dict(parse_hparams(method, overrides, f"finetune.trials.{trial}")),
-        "train": to_dict(params.finetune.train), "steps": steps,
+        "train": to_dict(params.finetune.train), "threads": params.threads, "steps": steps,
     }
 
 
@@ -85,6 +85,7 @@ def run(params: Params, trial: str, level_name: str, progress: bool = True, log_
     """Train the trial at the level for every seed; returns the train summaries. With
     `log_mlflow`, each seed's MLflow run is live from its first step (losses as they are
     logged) and finished once its outputs are written."""
+    set_threads(params.threads)
     tp = params.finetune.train
     level = params.sample.level(level_name)
     method, overrides = params.finetune.trial(trial)

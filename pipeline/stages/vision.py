@@ -15,11 +15,12 @@ from pipeline.stages.common import ParamsOpt, guard, run_command
 
 def run(params: Params) -> dict:
     from pipeline import models
-    from pipeline.core.env import resolve_device
+    from pipeline.core.env import resolve_device, set_threads
     from pipeline.core.validation import parse
     from pipeline.methods import get_method
     from pipeline.models import vision
 
+    set_threads(params.threads)
     paths.VISION_INFO.unlink(missing_ok=True)
     paths.VISION_WEIGHTS.unlink(missing_ok=True)
     paths.VISION.mkdir(parents=True, exist_ok=True)
@@ -43,7 +44,7 @@ def run(params: Params) -> dict:
             digest = models.save_state_dict(model.state_dict(), paths.VISION_WEIGHTS,
                                             meta={"arch": params.vision.arch, "origin": str(source)})
             info = {"arch": params.vision.arch, "origin": str(source), "sha256": digest}
-        info = {"built": True, "for": wanted, **info}
+        info = {"built": True, "for": wanted, **info, "threads": params.threads}
     # deterministic (finetune and evaluate depend on it): the wall time goes to the terminal
     wall = info.pop("wall_time_s", None)
     if wall is not None:
