@@ -1,15 +1,19 @@
 """End to end, through real DVC, on a tiny project with two seeds per entry: the results do not
-depend on the machine's thread count (params' `threads` sets it)."""
+depend on the machine's thread count (params' `threads` sets it), and a finetune entry killed
+during its second seed re-runs only that seed, to the bits of an uninterrupted run."""
 
 import hashlib
 import json
+import os
+import shutil
+import signal
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.e2e_project import ROOT, copy_pipeline, init_and_repro, sh
+from tests.e2e_project import ROOT, copy_pipeline, init_and_repro, sh, start_until
 
 pytestmark = pytest.mark.slow
 
@@ -79,9 +83,56 @@ def test_the_weights_do_not_depend_on_the_machines_thread_count(project):
     assert _runs(env)["flyp-a/4/seed1"].data.params["threads"] == "1"
 
 
+def test_a_kill_during_the_second_seed_retrains_only_that_seed(project):
+    """The entry trains afresh and is SIGKILLed at step 8 of seed 1 (seed 0 finished); `dvc
+    repro` (which deletes the entry's output folder first) restores seed 0 from its kept copy
+    without training it (its log line, its run-time record untouched), resumes seed 1 from its
+    step-6 checkpoint, and ends with every file bit-identical to the uninterrupted run."""
+    work, env = project
+    uninterrupted = _digests(work)
+    # as if the entry had never run: no outputs, no checkpoints
+    shutil.rmtree(work / "runs/finetune/flyp-a/4")
+    shutil.rmtree(work / "checkpoints/flyp-a/4", ignore_errors=True)
+    marker = work / "seed1.step8"
+    script = (
+        "import pathlib, time\n"
+        "from pipeline.core import tracking\n"
+        "real = tracking.LiveRun.log_step\n"
+        "seen = []\n"
+        "def slow(self, step, values, prefix='train/'):\n"
+        "    real(self, step, values, prefix)\n"
+        "    if step == 8:\n"
+        "        seen.append(step)\n"
+        "        if len(seen) == 2:  # the second seed\n"
+        f"            pathlib.Path({str(marker)!r}).write_text('x')\n"
+        "            time.sleep(300)\n"
+        "tracking.LiveRun.log_step = slow\n"
+        "from pipeline.stages import finetune\n"
+        "finetune.main(['--trial', 'flyp-a', '--level', '4'])\n")
+    proc = start_until(script, marker, work, env, "finetune never reached step 8 of seed 1")
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    ckpt = work / "checkpoints/flyp-a/4"
+    assert (ckpt / "seed0/finished/manifest.json").is_file() and (ckpt / "seed1/last.pt").is_file()
+    assert not (work / "runs/finetune/flyp-a/4/seed1/train_summary.json").exists()
+    seed0_time = (work / "logs/finetune/flyp-a/4/seed0.json").read_text()  # written when seed 0 trained
+
+    out = sh([sys.executable, "-m", "dvc", "repro"], work, env)
+    log = out.stdout + out.stderr
+    assert f"Running stage '{ENTRY}'" in log
+    assert "seed 0: finished earlier, restored" in log and "seed 1: finished earlier" not in log, log[-3000:]
+    assert (work / "logs/finetune/flyp-a/4/seed0.json").read_text() == seed0_time  # seed 0 did not train
+    assert _digests(work) == uninterrupted
+    assert not list(ckpt.rglob("finished")) and not list(ckpt.rglob("last.pt"))  # spent once the entry is done
+    runs = _runs(env)
+    assert {runs[f"flyp-a/4/seed{s}"].info.status for s in (0, 1)} == {"FINISHED"}
+    assert _status(work, env) == {}
+
+
 def _runs(env) -> dict:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
     exp = client.get_experiment_by_name("synthetic")
     return {r.data.tags["run_key"]: r for r in client.search_runs([exp.experiment_id])}
+
