@@ -410,9 +410,10 @@ def changed_after_code_edit(work: Path, env: dict, rel: str) -> set[str]:
 def test_code_edits_rerun_the_stages_that_run_that_code(project):
     work, env = project
     assert changed_after_code_edit(work, env, "pipeline/report/plots.py") == {"report"}
+    # a method's code: the check stage re-runs (its records of dive's trials and of dive
+    # change), then exactly dive's entries (tests/test_e2e_seeds.py: the full set after check)
     changed = changed_after_code_edit(work, env, "pipeline/methods/dive.py")
-    assert {"check", "finetune@dive-lam10-4", "finetune@dive-lam100-4", "evaluate@dive", "report"} <= changed, changed
-    assert not {"prepare", "pretrained", "embed", "sample", "selection"} & changed, changed
+    assert changed == {"check", "report"}, changed
     # the WiSE-FT merge: every evaluate entry notices (it was missing from evaluate's deps once)
     changed = changed_after_code_edit(work, env, "pipeline/models/weights.py")
     assert {"evaluate@flyp", "evaluate@lp"} <= changed, changed

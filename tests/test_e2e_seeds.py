@@ -136,3 +136,33 @@ def _runs(env) -> dict:
     exp = client.get_experiment_by_name("synthetic")
     return {r.data.tags["run_key"]: r for r in client.search_runs([exp.experiment_id])}
 
+
+def _changed_after_edit(work: Path, env: dict, rel: str) -> set[str]:
+    """What `dvc status` lists once the check stage has rewritten its records (the first thing
+    `dvc repro` does) after a comment is appended to `rel`; the edit is undone after."""
+    path = work / rel
+    original = path.read_text()
+    path.write_text(original + "\n# an edit\n")
+    try:
+        sh([sys.executable, "-m", "dvc", "repro", "check"], work, env)
+        return set(_status(work, env))
+    finally:
+        path.write_text(original)
+        sh([sys.executable, "-m", "dvc", "repro", "check"], work, env)
+
+
+def test_an_edit_of_one_method_reruns_only_that_method(project):
+    """Appending a comment to a method's file changes only its records: `dvc status` lists
+    its finetune entries, its evaluate entry and the report (which draws every method), not
+    the other method's entries, nor `vision` (it reads only which methods are vision-only)."""
+    work, env = project
+    assert _changed_after_edit(work, env, "pipeline/methods/flyp.py") == {"finetune@flyp-a-4", "evaluate@flyp",
+                                                                          "report"}
+    assert _changed_after_edit(work, env, "pipeline/methods/lp.py") == {"finetune@lp-a-4", "evaluate@lp", "report"}
+    # the methods' shared code: every method that imports it
+    assert _changed_after_edit(work, env, "pipeline/methods/common.py") == {
+        "finetune@flyp-a-4", "finetune@lp-a-4", "evaluate@flyp", "evaluate@lp", "report"}
+    record = json.loads((work / "data/trials/flyp-a.json").read_text())
+    assert record["method"] == "flyp" and "pipeline/methods/flyp.py" in record["code"]
+    assert "pipeline/methods/lp.py" not in record["code"]
+    assert _status(work, env) == {}  # each edit undone: the records are as before

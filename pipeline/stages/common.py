@@ -55,6 +55,18 @@ class Task:
     images: object = None
 
 
+def expect_record(path: Path, record: dict) -> None:
+    """The check stage's record at `path` must be `record` (what the code and params say now):
+    a DVC entry depends on the record, so one out of date would pair results with other code."""
+    import json
+
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found; the check stage writes it (`dvc repro check`, or `dvc repro`)")
+    if json.loads(path.read_text()) != json.loads(json.dumps(record)):
+        raise ValueError(f"{path}: out of date with the code or params.yaml; run `dvc repro` (the check stage "
+                         "rewrites it first) rather than this stage alone")
+
+
 def image_key(params: Params, eval_transform) -> dict:
     """The image cache's key for these params and this model's evaluation transform."""
     from pipeline.data.imagecache import image_key as key

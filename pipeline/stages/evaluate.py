@@ -44,10 +44,10 @@ from pipeline.evaluation.measures import MeasureInputs, compute_all
 from pipeline.evaluation.selection import alpha_key, resolve_protocol, select_alpha
 from pipeline.data.retention import read_records
 from pipeline.evaluation.zeroshot import retention_tasks
-from pipeline.methods import get_method, parse_hparams
+from pipeline.methods import code_record, get_method, parse_hparams
 from pipeline.models.encode import encode_images, preload
-from pipeline.stages.common import (ParamsOpt, group_info, guard, has_text, headline, method_model, mlflow_metrics,
-                                    open_task, run_command, sample_input, train_key, training_metrics,
+from pipeline.stages.common import (ParamsOpt, expect_record, group_info, guard, has_text, headline, method_model,
+                                    mlflow_metrics, open_task, run_command, sample_input, train_key, training_metrics,
                                     training_run_info)
 
 
@@ -60,6 +60,7 @@ def run(params: Params, method: str, log_mlflow: bool = True) -> dict[tuple[str,
     protocol = resolve_protocol(params.evaluate.selection, spec, params.sample.parsed_levels)
     ep = params.evaluate
     method_cls = get_method(method)
+    expect_record(paths.method_record(method), code_record(method))
     clip = method_model(params, method_cls, task, device)  # the method's model (a vision-only one: no text tower)
     cache = paths.load_features()
     alphas = sorted(set(ep.wise_alphas)) if method_cls.weight_space else [1.0]

@@ -33,11 +33,11 @@ from pipeline.core.levels import Level
 from pipeline.data.datasets import domain_groups, split_metrics, split_rows
 from pipeline.data.sampling import FEWSHOT_VAL, read_sample
 from pipeline.data.torchdata import ImageFiles, LabeledImages, read_caption_csv
-from pipeline.methods import get_method, parse_hparams
+from pipeline.methods import get_method, parse_hparams, trial_record
 from pipeline.methods.base import ReferenceData, TaskContext, count_params
 from pipeline.models.encode import encode_images, preload
-from pipeline.stages.common import (ParamsOpt, guard, has_text, method_model, model_source, open_task, run_command,
-                                    sample_input, training_metrics, training_run_info)
+from pipeline.stages.common import (ParamsOpt, expect_record, guard, has_text, method_model, model_source, open_task,
+                                    run_command, sample_input, training_metrics, training_run_info)
 from pipeline.training.train import budget_steps, fit
 
 
@@ -123,6 +123,7 @@ def run(params: Params, trial: str, level_name: str, progress: bool = True, log_
     tp = params.finetune.train
     level = params.sample.level(level_name)
     method, overrides = params.finetune.trial(trial)
+    expect_record(paths.trial_record(trial), trial_record(trial, method, overrides))
     method_cls = get_method(method)
     hp = parse_hparams(method, overrides, f"finetune.trials.{trial}")
     device = resolve_device(tp.device)

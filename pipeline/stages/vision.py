@@ -17,14 +17,20 @@ def run(params: Params) -> dict:
     from pipeline import models
     from pipeline.core.env import resolve_device, set_threads
     from pipeline.core.validation import parse
-    from pipeline.methods import get_method
     from pipeline.models import vision
 
     set_threads(params.threads)
+    # which compared methods are vision-only: the check stage's record (reading it, not the
+    # methods' code, keeps an edit of a method from re-running this stage)
+    if not paths.BACKBONES.is_file():
+        raise FileNotFoundError(f"{paths.BACKBONES}: not found; the check stage writes it (`dvc repro check`)")
+    backbones = json.loads(paths.BACKBONES.read_text())
+    if sorted(backbones) != sorted(params.finetune.methods):
+        raise ValueError(f"{paths.BACKBONES}: out of date with finetune.methods; run `dvc repro`")
+    wanted = [m for m in params.finetune.methods if backbones[m] == "vision"]
     paths.VISION_INFO.unlink(missing_ok=True)
     paths.VISION_WEIGHTS.unlink(missing_ok=True)
     paths.VISION.mkdir(parents=True, exist_ok=True)
-    wanted = [m for m in params.finetune.methods if get_method(m).backbone == "vision"]
     if not wanted:
         info = {"built": False, "why": "no vision-only method in finetune.methods"}
     else:
