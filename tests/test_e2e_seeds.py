@@ -1,6 +1,7 @@
 """End to end, through real DVC, on a tiny project with two seeds per entry: the results do not
 depend on the machine's thread count (params' `threads` sets it), and a finetune entry killed
-during its second seed re-runs only that seed, to the bits of an uninterrupted run."""
+during its second seed re-runs only that seed, to the bits of an uninterrupted run; an edit of
+one method's file re-runs only that method's entries."""
 
 import hashlib
 import json
