@@ -10,6 +10,11 @@ from pathlib import Path
 CHECKED = Path("data/check.json")  # the check stage's marker: params.yaml passed
 IMAGE_KEY = Path("data/image_key.json")  # written by check: what determines the image cache
 IMAGES = Path("data/images")  # the image cache (the images stage; pipeline.data.imagecache)
+# written by check: what a method's code is (the digests of its module's import closure), so each
+# DVC entry depends on the code it runs, not on every method's (pipeline.stages.common.code_records)
+TRIAL_RECORDS = Path("data/trials")  # <trial>.json: method, hyper-parameters, code (finetune entries)
+METHOD_RECORDS = Path("data/methods")  # <method>.json: backbone, code (evaluate entries)
+BACKBONES = Path("data/backbones.json")  # which backbone each compared method starts from (vision)
 PREPARED = Path("data/prepared")
 PREPARED_INFO = PREPARED / "dataset.json"
 PREPARED_MANIFEST = PREPARED / "manifest.json"  # digest of everything prepared: what stages depend on
@@ -58,6 +63,14 @@ def checkpoint_dir(trial: str, level: str, seed: int) -> Path:
 
 
 LOGS = Path("logs")  # what changes from run to run (wall time, host): never a DVC output
+
+
+def trial_record(trial: str) -> Path:
+    return TRIAL_RECORDS / f"{trial}.json"
+
+
+def method_record(method: str) -> Path:
+    return METHOD_RECORDS / f"{method}.json"
 
 
 def run_time_file(trial: str, level: str, seed: int) -> Path:

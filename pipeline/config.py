@@ -350,6 +350,11 @@ class ReportParams(Settings):
 @dataclass(frozen=True)
 class Params(Settings):
     seed: Int = 0
+    # torch's CPU threads (and the BLAS libraries') in every stage that computes results
+    # (pretrained, vision, embed, finetune, evaluate): the count changes the order of the sums,
+    # so the same params give the same bits on any machine only if params set it
+    # (`pipeline.core.env.set_threads`). Data loading (num_workers) is not part of it.
+    threads: Int = 1
     dataset: DatasetParams = field(default_factory=DatasetParams)
     model: ModelParams = field(default_factory=ModelParams)
     vision: VisionParams = field(default_factory=VisionParams)
@@ -364,6 +369,10 @@ class Params(Settings):
     finetune: FinetuneParams = field(default_factory=FinetuneParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
     report: ReportParams = field(default_factory=ReportParams)
+
+    def __post_init__(self):
+        check(self.threads >= 1, "threads", self.threads,
+              "use 1 or more (the results depend on it, so it never comes from the machine)")
 
 
 def read_raw(path: str | Path = "params.yaml") -> dict:

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,3 +44,14 @@ def init_and_repro(work: Path, env: dict, ignore: str = "mlflow.db\nmlruns/\n") 
     sh(["git", "add", "-A"], work, env)
     sh(["git", "commit", "-qm", "init"], work, env)
     sh([sys.executable, "-m", "dvc", "repro"], work, env)
+
+
+def start_until(script: str, marker: Path, work: Path, env: dict, what: str) -> subprocess.Popen:
+    """Start `python -c script` in the project and wait (up to 5 min) until it writes `marker`."""
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=work, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not marker.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert marker.exists(), what
+    return proc

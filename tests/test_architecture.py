@@ -3,13 +3,17 @@
 Imports are read from the source (every `import pipeline...` / `from pipeline... import`,
 including the lazy ones inside functions: they run too), so the checks see what would run.
 A package whose `__init__` imports its modules by discovery (`pkgutil.iter_modules`, the
-method registry and the dataset catalog) counts as importing all of them.
+method registry and the dataset catalog) counts as importing all of them; except, for the
+stages that run one method (RECORDS), the method registry: it imports the one method asked for,
+by name, and those stages depend on that method's record instead (the check stage writes the
+digests of the method's import closure into it; test_records_cover_each_methods_import_closure).
 """
 
 from __future__ import annotations
 
 import ast
 import copy
+import re
 from pathlib import Path
 
 import pytest
@@ -52,8 +56,14 @@ def module_name(path: Path) -> str:
     return ".".join(parts)
 
 
-def imports_of(path: Path) -> set[str]:
-    """The pipeline modules `path` imports (resolved to modules that exist)."""
+REGISTRY = PKG / "methods" / "__init__.py"
+# stages whose method code is a record written by check, not a folder dep (one method per entry)
+RECORDS = {"finetune": "data/trials/${item.trial}.json", "evaluate": "data/methods/${item.method}.json"}
+
+
+def imports_of(path: Path, lazy: bool = False) -> set[str]:
+    """The pipeline modules `path` imports (resolved to modules that exist). `lazy`: the method
+    registry imports no method by itself (each is its record's)."""
     tree = ast.parse(path.read_text(), str(path))
     found: set[str] = set()
     for node in ast.walk(tree):
@@ -70,14 +80,14 @@ def imports_of(path: Path) -> set[str]:
                     if module_file(".".join(parts[:i])):
                         found.add(".".join(parts[:i]))
     source = path.read_text()
-    if path.name == "__init__.py" and "pkgutil.iter_modules" in source:
+    if path.name == "__init__.py" and "pkgutil.iter_modules" in source and not (lazy and path == REGISTRY):
         pkg = module_name(path)
         found |= {module_name(p) for p in path.parent.glob("*.py") if p.name != "__init__.py"}
         found |= {f"{pkg}.{p.parent.name}" for p in path.parent.glob("*/__init__.py")}
     return found
 
 
-def closure(path: Path) -> set[Path]:
+def closure(path: Path, lazy: bool = False) -> set[Path]:
     seen: set[Path] = set()
     todo = [path]
     while todo:
@@ -85,7 +95,7 @@ def closure(path: Path) -> set[Path]:
         if p in seen:
             continue
         seen.add(p)
-        for name in imports_of(p):
+        for name in imports_of(p, lazy):
             f = module_file(name)
             if f is not None and f not in seen:
                 todo.append(f)
@@ -97,11 +107,11 @@ def layer_of(path: Path) -> str:
     return rel.parts[0] if len(rel.parts) > 1 else rel.stem
 
 
-def uncovered(stage: dict, entry: Path) -> list[str]:
+def uncovered(stage: dict, entry: Path, lazy: bool = False) -> list[str]:
     """Files in the entry point's import closure that none of the stage's deps covers."""
     deps = [ROOT / d for d in stage.get("deps", [])]
     missing = []
-    for f in sorted(closure(entry) | {entry}):
+    for f in sorted(closure(entry, lazy) | {entry}):
         if not any(f == d or d in f.parents for d in deps):
             missing.append(str(f.relative_to(ROOT)))
     return missing
@@ -119,8 +129,43 @@ def entry_point(stage: dict) -> Path:
 @pytest.mark.parametrize("name", sorted(dvc_stages()))
 def test_dvc_deps_cover_the_stage_import_closure(name):
     stage = dvc_stages()[name]
-    missing = uncovered(stage, entry_point(stage))
+    missing = uncovered(stage, entry_point(stage), lazy=name in RECORDS)
     assert not missing, f"dvc.yaml stage {name!r} imports files its deps do not list: {missing}"
+    if name in RECORDS:
+        assert RECORDS[name] in stage["deps"], f"{name} runs one method: it depends on the method's record"
+        # a module of the closure that walked the registry (METHODS) would import every method
+        users = [str(f.relative_to(ROOT)) for f in closure(entry_point(stage), lazy=True)
+                 if f != REGISTRY and re.search(r"\bMETHODS\b", f.read_text())]
+        assert not users, f"{name} reaches every method through METHODS in {users}; use get_method(name)"
+
+
+def test_records_cover_each_methods_import_closure():
+    """The record of every registered method (what its finetune and evaluate entries depend
+    on) holds the digest of every file its module imports, directly or not."""
+    from pipeline.methods import METHODS, code_record, module_of
+
+    for name in METHODS:
+        record = code_record(name)
+        own = closure(module_file(module_of(name)), lazy=True)
+        missing = sorted(str(f.relative_to(ROOT)) for f in own if str(f.relative_to(ROOT)) not in record["code"])
+        assert not missing, f"{name}'s record lacks {missing}"
+        assert f"pipeline/methods/{module_of(name).rsplit('.', 1)[1]}.py" in record["code"]
+
+
+def test_a_stage_that_runs_one_method_imports_only_that_method():
+    """At run time too: the finetune stage's imports plus get_method('dive') load dive's
+    closure (dive uses FLYP's loss) and no other method."""
+    import subprocess
+    import sys
+
+    code = ("import sys, pipeline.stages.finetune, pipeline.stages.evaluate\n"
+            "from pipeline.methods import get_method\n"
+            "get_method('dive')\n"
+            "print(sorted(m for m in sys.modules if m.startswith('pipeline.methods.')))\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
+                         env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    assert eval(out.stdout.strip().splitlines()[-1]) == [
+        "pipeline.methods.base", "pipeline.methods.common", "pipeline.methods.dive", "pipeline.methods.flyp"]
 
 
 def test_a_removed_dep_is_caught():
@@ -133,7 +178,7 @@ def test_a_removed_dep_is_caught():
                 continue
             cut = copy.deepcopy(stage)
             cut["deps"].remove(dep)
-            missing = uncovered(cut, entry_point(stage))
+            missing = uncovered(cut, entry_point(stage), lazy=name in RECORDS)
             assert missing and all(m.startswith(dep) for m in missing), (name, dep, missing)
             tried += 1
     assert tried > 10

@@ -102,7 +102,7 @@ def test_pretraining_on_the_corpus_labels_learns_and_is_deterministic(tmp_path):
 
     corpus = _corpus(tmp_path)
     clip = models.create("tiny-clip")
-    cfg = PretrainConfig(steps=30, batch_size=16, lr=1e-3, warmup=3, num_threads=1)
+    cfg = PretrainConfig(steps=30, batch_size=16, lr=1e-3, warmup=3)
     a = pretrain_vision("tiny-vit", clip, corpus, cfg, tmp_path / "a.safetensors", progress=False)
     b = pretrain_vision("tiny-vit", clip, corpus, cfg, tmp_path / "b.safetensors", progress=False)
     assert a["sha256"] == b["sha256"]  # same config, same bits

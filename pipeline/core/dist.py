@@ -100,6 +100,15 @@ def average_gradients(params: list[torch.nn.Parameter]) -> None:
     flush()
 
 
+def from_main(value):
+    """The main rank's `value` on every rank (a picklable object: a decision taken once)."""
+    if not is_distributed():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def barrier() -> None:
     if is_distributed():
         dist.barrier()

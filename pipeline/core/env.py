@@ -42,6 +42,28 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+# the variables thread pools read when they start: libraries loaded later (scipy's own BLAS)
+# and child processes (torchrun's ranks) start with the count params set
+_THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+def set_threads(n: int) -> None:
+    """Run this process's arithmetic on `n` threads (params.yaml `threads`), whatever the
+    machine or OMP_NUM_THREADS say: torch's intra-op pool, the BLAS/OpenMP pools already
+    loaded (threadpoolctl) and, through the environment, those loaded later. A CPU result
+    depends on the count (it splits the sums), so a stage calls this before computing.
+
+    Inter-op threads are left alone: they only run independent ops side by side (TorchScript
+    forks), never split one op's arithmetic, and torch refuses to change them once used."""
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    for var in _THREAD_VARS:
+        os.environ[var] = str(n)
+    torch.set_num_threads(n)
+    threadpool_limits(limits=n)
+
+
 def seed_everything(seed: int) -> None:
     import numpy as np
     import torch

@@ -73,6 +73,34 @@ def _check(path: str | Path):
     return params, check_model_fit(params)
 
 
+def code_records(params: Params) -> dict[Path, dict]:
+    """The records the model stages depend on instead of every method's code: per trial its
+    method, hyper-parameters and code digests (finetune entries), per compared method its code
+    digests (evaluate entries), and which backbone each compared method starts from (vision)."""
+    from pipeline.methods import METHODS, code_record, trial_record
+
+    out = {paths.trial_record(t): trial_record(t, *params.finetune.trial(t)) for t in params.finetune.trials}
+    out.update({paths.method_record(m): code_record(m) for m in params.finetune.methods})
+    out[paths.BACKBONES] = {m: METHODS[m].backbone for m in params.finetune.methods}
+    return out
+
+
+def write_code_records(params: Params) -> None:
+    """Write `code_records` (a file only when its content changes) and remove the records of
+    trials and methods no longer in params.yaml."""
+    records = code_records(params)
+    for folder in (paths.TRIAL_RECORDS, paths.METHOD_RECORDS):
+        folder.mkdir(parents=True, exist_ok=True)
+        for stale in set(folder.glob("*.json")) - set(records):
+            stale.unlink()
+    for path, record in records.items():
+        text = json.dumps(record, indent=1, sort_keys=True) + "\n"
+        if not path.is_file() or path.read_text() != text:
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(text)
+            tmp.replace(path)
+
+
 def check_model_fit(params: Params):
     """`model.arch` built once with random weights, with its tokenizer (`model.tokenizer`:
     a hub tokenizer that cannot be loaded fails here, saying how to provide it) and the image
@@ -193,6 +221,7 @@ def command(params_file: Path = ParamsOpt):
 
     key = image_key(params, clip.preprocess_val)
     paths.IMAGE_KEY.write_text(json.dumps(key, indent=1, sort_keys=True) + "\n")
+    write_code_records(params)
     paths.CHECKED.write_text(json.dumps({"params": "valid"}) + "\n")
     typer.echo(f"{params_file}: valid")
 

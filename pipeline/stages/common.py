@@ -55,6 +55,18 @@ class Task:
     images: object = None
 
 
+def expect_record(path: Path, record: dict) -> None:
+    """The check stage's record at `path` must be `record` (what the code and params say now):
+    a DVC entry depends on the record, so one out of date would pair results with other code."""
+    import json
+
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found; the check stage writes it (`dvc repro check`, or `dvc repro`)")
+    if json.loads(path.read_text()) != json.loads(json.dumps(record)):
+        raise ValueError(f"{path}: out of date with the code or params.yaml; run `dvc repro` (the check stage "
+                         "rewrites it first) rather than this stage alone")
+
+
 def image_key(params: Params, eval_transform) -> dict:
     """The image cache's key for these params and this model's evaluation transform."""
     from pipeline.data.imagecache import image_key as key
@@ -198,7 +210,8 @@ def training_run_info(params: Params, trial: str, level, seed: int, config: dict
             "dataset": params.dataset.name, "arch": config["arch"]}
     run_params = {"method": method, "trial": trial, "level": level.name, "level_kind": level.kind, "seed": seed,
                   "dataset": params.dataset.name, "arch": config["arch"], "pretrained": config["pretrained"],
-                  "steps": config.get("steps"), "hparams": config["hparams"], "train": config["train"]}
+                  "steps": config.get("steps"), "hparams": config["hparams"], "train": config["train"],
+                  "threads": config.get("threads")}
     return {"key": train_key(trial, level.name, seed), "name": f"{trial} {level.label} seed={seed}",
             "params": run_params, "tags": tags, "group": group_info(params, method, level)}
 

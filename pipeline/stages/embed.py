@@ -31,7 +31,7 @@ def run(params: Params, log_mlflow: bool = True) -> dict:
     from safetensors.torch import save_file
 
     from pipeline import models
-    from pipeline.core.env import resolve_device
+    from pipeline.core.env import resolve_device, set_threads
     from pipeline.data.datasets import split_metrics, split_rows
     from pipeline.data.torchdata import ImageFiles, LabeledImages, read_caption_csv
     from pipeline.evaluation.measures import MeasureInputs, compute_all
@@ -40,6 +40,7 @@ def run(params: Params, log_mlflow: bool = True) -> dict:
     from pipeline.models.evalmodel import EvalModel
     from pipeline.models.encode import encode_images, encode_texts
 
+    set_threads(params.threads)
     device = resolve_device(params.embed.device)
     torch.manual_seed(params.seed)
     paths.EMBED_METRICS.unlink(missing_ok=True)
@@ -84,7 +85,7 @@ def run(params: Params, log_mlflow: bool = True) -> dict:
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(paths.EMBED_FEATURES))
     paths.EMBED_INFO.write_text(json.dumps({
         "arch": params.model.arch, "weights_sha256": models.file_sha256(paths.PRETRAINED_WEIGHTS),
-        "reference_rows": len(files), "dtype": {"split": "float16", "ref": "float32"},
+        "reference_rows": len(files), "dtype": {"split": "float16", "ref": "float32"}, "threads": params.threads,
     }, indent=1))
     metrics = {k: metrics[k] for k in sorted(metrics)}
     # staged, logged to MLflow from there, moved into place last: metrics.json (the finished
@@ -106,7 +107,7 @@ def log_zeroshot(params: Params, metrics: dict, metrics_file: Path) -> None:
     tracking.log_run(
         experiment=params.dataset.name, key="zeroshot/k0/seed0", run_name="zeroshot k=0",
         params={"method": "zeroshot", "shots": 0, "seed": 0, "dataset": params.dataset.name,
-                "arch": params.model.arch, "pretrained": params.model.pretrained,
+                "arch": params.model.arch, "pretrained": params.model.pretrained, "threads": params.threads,
                 "git_commit": tracking.git_commit(), "hparams": {}, "train": {}},
         tags={"run_kind": "zeroshot", "method": "zeroshot", "shots": "0", "seed": "0", "dataset": params.dataset.name,
               "arch": params.model.arch, "level": "k=0"},

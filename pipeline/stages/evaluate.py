@@ -36,7 +36,7 @@ from pipeline import artifacts as paths, models
 from pipeline.artifacts import EVAL_METRICS as METRICS, EVAL_SELECTION, TRAIN_LOG
 from pipeline.config import Params, load_params
 from pipeline.core import tracking
-from pipeline.core.env import resolve_device
+from pipeline.core.env import resolve_device, set_threads
 from pipeline.data.datasets import split_metrics, split_rows
 from pipeline.data.sampling import FEWSHOT_VAL, read_sample
 from pipeline.data.torchdata import ImageFiles, LabeledImages, read_caption_csv
@@ -44,21 +44,23 @@ from pipeline.evaluation.measures import MeasureInputs, compute_all
 from pipeline.evaluation.selection import alpha_key, resolve_protocol, select_alpha
 from pipeline.data.retention import read_records
 from pipeline.evaluation.zeroshot import retention_tasks
-from pipeline.methods import get_method, parse_hparams
+from pipeline.methods import code_record, get_method, parse_hparams
 from pipeline.models.encode import encode_images, preload
-from pipeline.stages.common import (ParamsOpt, group_info, guard, has_text, headline, method_model, mlflow_metrics,
-                                    open_task, run_command, sample_input, train_key, training_metrics,
+from pipeline.stages.common import (ParamsOpt, expect_record, group_info, guard, has_text, headline, method_model,
+                                    mlflow_metrics, open_task, run_command, sample_input, train_key, training_metrics,
                                     training_run_info)
 
 
 def run(params: Params, method: str, log_mlflow: bool = True) -> dict[tuple[str, int], dict]:
     """Evaluate the chosen trial of every level and seed; returns {(level, seed): metrics}."""
+    set_threads(params.threads)
     device = resolve_device(params.evaluate.device)
     task = open_task(params, device)
     spec, dataset = task.spec, task.dataset
     protocol = resolve_protocol(params.evaluate.selection, spec, params.sample.parsed_levels)
     ep = params.evaluate
     method_cls = get_method(method)
+    expect_record(paths.method_record(method), code_record(method))
     clip = method_model(params, method_cls, task, device)  # the method's model (a vision-only one: no text tower)
     cache = paths.load_features()
     alphas = sorted(set(ep.wise_alphas)) if method_cls.weight_space else [1.0]

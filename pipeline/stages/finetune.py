@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import hashlib
 import json
 import socket
 import time
@@ -27,20 +28,27 @@ from pipeline import artifacts as paths, models
 from pipeline.artifacts import CONFIG, SCORES, SUMMARY, TRAIN_LOG, WEIGHTS
 from pipeline.config import Params, load_params, to_dict
 from pipeline.core import dist
-from pipeline.core.env import resolve_device, seed_everything
+from pipeline.core.env import resolve_device, seed_everything, set_threads
 from pipeline.core.levels import Level
 from pipeline.data.datasets import domain_groups, split_metrics, split_rows
 from pipeline.data.sampling import FEWSHOT_VAL, read_sample
 from pipeline.data.torchdata import ImageFiles, LabeledImages, read_caption_csv
-from pipeline.methods import get_method, parse_hparams
+from pipeline.methods import get_method, parse_hparams, trial_record
 from pipeline.methods.base import ReferenceData, TaskContext, count_params
 from pipeline.models.encode import encode_images, preload
-from pipeline.stages.common import (ParamsOpt, guard, has_text, method_model, model_source, open_task, run_command,
-                                    sample_input, training_metrics, training_run_info)
+from pipeline.stages.common import (ParamsOpt, expect_record, guard, has_text, method_model, model_source, open_task,
+                                    run_command, sample_input, training_metrics, training_run_info)
 from pipeline.training.train import budget_steps, fit
 
 
 TRAIN_MEMO_BYTES = 512 << 20
+
+# checkpoints/<trial>/<level>/seed<S>/finished/: a finished seed's complete outputs, kept beside its
+# checkpoint until every seed of the entry is done. DVC deletes the entry's output folder before it
+# re-runs an interrupted entry; the re-run restores these instead of training the seed again.
+FINISHED = "finished"
+KEPT_FILES = (WEIGHTS, CONFIG, SCORES, TRAIN_LOG, SUMMARY)  # SUMMARY (the finished marker) last
+KEPT_MANIFEST = "manifest.json"
 
 
 def run_config(params: Params, trial: str, level: Level, seed: int, steps: int) -> dict:
@@ -52,8 +60,34 @@ def run_config(params: Params, trial: str, level: Level, seed: int, steps: int) 
         "dataset": params.dataset.name, "arch": source["arch"], "pretrained": source["pretrained"],
         "pretrained_sha256": models.file_sha256(source["weights"]),
         "hparams": to_dict(parse_hparams(method, overrides, f"finetune.trials.{trial}")),
-        "train": to_dict(params.finetune.train), "steps": steps,
+        "train": to_dict(params.finetune.train), "threads": params.threads, "steps": steps,
     }
+
+
+def result_key(params: Params, config: dict, level: Level, seed: int) -> str:
+    """SHA-256 of everything that determines a seed's outputs: its run config (trial, method,
+    hyper-parameters, training settings, threads, steps, the pre-trained weights' digest), the
+    other params the entry reads (its params in dvc.yaml), the digests of the files it reads
+    (the prepared data, the image cache's index, the embeddings, the vision backbone's record,
+    the seed's sample, the check stage's record) and of the code (every file of the `pipeline`
+    package: broader than the entry's import closure, so never stale). A kept result, or a
+    checkpoint, is used only under the same key."""
+    import pipeline
+
+    h = hashlib.sha256()
+    ep = params.evaluate
+    h.update(json.dumps({"config": config, "model": to_dict(params.model), "vision": to_dict(params.vision),
+                         "reference": to_dict(params.reference),
+                         "evaluate": {"batch_size": ep.batch_size, "num_workers": ep.num_workers}},
+                        sort_keys=True, default=str).encode())
+    for path in (paths.CHECKED, paths.PREPARED_MANIFEST, paths.IMAGES / "index.json", paths.VISION_INFO,
+                 paths.EMBED_FEATURES, paths.sample_file(level.name, seed)):
+        h.update(f"\0{path}\0{models.file_sha256(path) if path.is_file() else '-'}".encode())
+    root = Path(pipeline.__file__).resolve().parent
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
+        h.update(f"\0{path.relative_to(root).as_posix()}\0".encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()
 
 
 def build_context(params: Params, method_cls, task, backbone, model, indices, device, seed) -> TaskContext:
@@ -85,9 +119,11 @@ def run(params: Params, trial: str, level_name: str, progress: bool = True, log_
     """Train the trial at the level for every seed; returns the train summaries. With
     `log_mlflow`, each seed's MLflow run is live from its first step (losses as they are
     logged) and finished once its outputs are written."""
+    set_threads(params.threads)
     tp = params.finetune.train
     level = params.sample.level(level_name)
     method, overrides = params.finetune.trial(trial)
+    expect_record(paths.trial_record(trial), trial_record(trial, method, overrides))
     method_cls = get_method(method)
     hp = parse_hparams(method, overrides, f"finetune.trials.{trial}")
     device = resolve_device(tp.device)
@@ -102,6 +138,10 @@ def run(params: Params, trial: str, level_name: str, progress: bool = True, log_
     for seed in params.sample.seeds:
         summaries.append(_run_seed(params, trial, level, seed, method_cls, hp, task, backbone, pristine, val_sets,
                                    device, progress, log_mlflow))
+    dist.barrier()
+    if dist.is_main():  # every seed is in the entry's output: the kept copies are spent
+        for seed in params.sample.seeds:
+            shutil.rmtree(paths.checkpoint_dir(trial, level.name, seed) / FINISHED, ignore_errors=True)
     dist.cleanup()
     return summaries
 
@@ -137,11 +177,20 @@ def _run_seed(params, trial, level, seed, method_cls, hp, task, backbone, pristi
     out = paths.finetune_dir(trial, level.name, seed)
     ckpt_dir = paths.checkpoint_dir(trial, level.name, seed)
     config = run_config(params, trial, level, seed, steps)
+    key = result_key(params, config, level, seed) if dist.is_main() else None
+    restored = None
     if dist.is_main():
         (out / SUMMARY).unlink(missing_ok=True)  # the "finished" marker goes last
         out.mkdir(parents=True, exist_ok=True)
-        _check_resume_fingerprint(ckpt_dir, config)
+        _check_resume_fingerprint(ckpt_dir, {**config, "result_key": key})
+        restored = _restore(ckpt_dir / FINISHED, key, out)
+        if restored is not None:
+            typer.echo(f"seed {seed}: finished earlier, restored ({trial} {level.label}, "
+                       f"{ckpt_dir / FINISHED})", err=True)
+    restored = dist.from_main(restored)
     dist.barrier()
+    if restored is not None:
+        return restored
 
     jsonl = ckpt_dir / "train_log.jsonl"
     resuming = (ckpt_dir / "last.pt").exists()
@@ -241,6 +290,7 @@ def _write_outputs(params, trial, level, seed, method_cls, state, config, scores
         live.finish(training_metrics(params.dataset.name, summary, scores, times),
                     tags={"weights_sha256": models.file_sha256(out / WEIGHTS)}, carry=("weights_sha256", "evaluated"))
     (out / SUMMARY).write_text(json.dumps(summary, indent=1))
+    _keep(out, ckpt_dir / FINISHED, json.loads((ckpt_dir / CONFIG).read_text())["result_key"])
     (ckpt_dir / "last.pt").unlink(missing_ok=True)  # finished: the checkpoint is spent
     jsonl.unlink(missing_ok=True)  # and its step log (now in train_log.csv)
 
@@ -276,8 +326,46 @@ def _scores(params, task, backbone, method_cls, hp, state, model, sample, val_se
     return scores
 
 
+def _keep(out: Path, kept: Path, key: str) -> None:
+    """Copy a finished seed's outputs to `kept`, with their digests and the result key; the
+    manifest goes last (and the folder is renamed into place), so a kill leaves no kept copy
+    that looks complete."""
+    staging = kept.with_name(kept.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.rmtree(kept, ignore_errors=True)
+    staging.mkdir(parents=True)
+    digests = {}
+    for name in KEPT_FILES:
+        shutil.copyfile(out / name, staging / name)
+        digests[name] = models.file_sha256(staging / name)
+    (staging / KEPT_MANIFEST).write_text(json.dumps({"result_key": key, "files": digests}, indent=1))
+    os.replace(staging, kept)
+
+
+def _restore(kept: Path, key: str, out: Path) -> dict | None:
+    """A finished seed's outputs kept under the same result key, copied into `out` (each file
+    checked against its digest, the finished marker last); its summary, or None (nothing kept,
+    kept for other inputs, or damaged: the seed trains)."""
+    manifest = kept / KEPT_MANIFEST
+    if not manifest.is_file():
+        return None
+    try:
+        record = json.loads(manifest.read_text())
+        ok = record["result_key"] == key and all(
+            (kept / name).is_file() and models.file_sha256(kept / name) == record["files"][name] for name in KEPT_FILES)
+    except (ValueError, KeyError, TypeError):
+        ok = False
+    if not ok:
+        shutil.rmtree(kept)
+        return None
+    for name in KEPT_FILES:
+        shutil.copyfile(kept / name, out / name)
+    return json.loads((out / SUMMARY).read_text())
+
+
 def _check_resume_fingerprint(ckpt_dir: Path, config: dict) -> None:
-    """A checkpoint from different settings must never be resumed: drop it."""
+    """A checkpoint from different settings (a different result key) must never be resumed:
+    drop it, and a finished seed kept beside it."""
     stamp = ckpt_dir / CONFIG
     if ckpt_dir.exists() and (not stamp.exists() or json.loads(stamp.read_text()) != config):
         shutil.rmtree(ckpt_dir)

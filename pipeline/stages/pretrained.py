@@ -13,10 +13,11 @@ from pipeline.stages.common import ParamsOpt, guard, run_command
 
 
 def run(params: Params) -> dict:
-    from pipeline.core.env import resolve_device
+    from pipeline.core.env import resolve_device, set_threads
     from pipeline.core.validation import parse
     from pipeline.models import BUILTIN, fetch_pretrained
 
+    set_threads(params.threads)
     paths.PRETRAINED_INFO.unlink(missing_ok=True)
     if params.model.pretrained == BUILTIN:
         from pipeline.training.pretrain import PretrainConfig, pretrain
@@ -27,6 +28,7 @@ def run(params: Params) -> dict:
                         tokenizer=params.model.tokenizer)
     else:
         info = fetch_pretrained(params.model.arch, params.model.pretrained, paths.PRETRAINED_WEIGHTS)
+    info["threads"] = params.threads
     paths.PRETRAINED_INFO.write_text(json.dumps(info, indent=1, default=str))
     return info
 

@@ -15,15 +15,22 @@ from pipeline.stages.common import ParamsOpt, guard, run_command
 
 def run(params: Params) -> dict:
     from pipeline import models
-    from pipeline.core.env import resolve_device
+    from pipeline.core.env import resolve_device, set_threads
     from pipeline.core.validation import parse
-    from pipeline.methods import get_method
     from pipeline.models import vision
 
+    set_threads(params.threads)
+    # which compared methods are vision-only: the check stage's record (reading it, not the
+    # methods' code, keeps an edit of a method from re-running this stage)
+    if not paths.BACKBONES.is_file():
+        raise FileNotFoundError(f"{paths.BACKBONES}: not found; the check stage writes it (`dvc repro check`)")
+    backbones = json.loads(paths.BACKBONES.read_text())
+    if sorted(backbones) != sorted(params.finetune.methods):
+        raise ValueError(f"{paths.BACKBONES}: out of date with finetune.methods; run `dvc repro`")
+    wanted = [m for m in params.finetune.methods if backbones[m] == "vision"]
     paths.VISION_INFO.unlink(missing_ok=True)
     paths.VISION_WEIGHTS.unlink(missing_ok=True)
     paths.VISION.mkdir(parents=True, exist_ok=True)
-    wanted = [m for m in params.finetune.methods if get_method(m).backbone == "vision"]
     if not wanted:
         info = {"built": False, "why": "no vision-only method in finetune.methods"}
     else:
@@ -43,7 +50,7 @@ def run(params: Params) -> dict:
             digest = models.save_state_dict(model.state_dict(), paths.VISION_WEIGHTS,
                                             meta={"arch": params.vision.arch, "origin": str(source)})
             info = {"arch": params.vision.arch, "origin": str(source), "sha256": digest}
-        info = {"built": True, "for": wanted, **info}
+        info = {"built": True, "for": wanted, **info, "threads": params.threads}
     # deterministic (finetune and evaluate depend on it): the wall time goes to the terminal
     wall = info.pop("wall_time_s", None)
     if wall is not None:

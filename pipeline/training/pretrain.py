@@ -45,7 +45,8 @@ _CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 @dataclass(frozen=True)
 class PretrainConfig(Settings):
-    """Pre-training recipe. The defaults take about 3 minutes on 2 CPU cores."""
+    """Pre-training recipe. The defaults take about 3 minutes on 2 CPU cores (2 threads).
+    The thread count is params' shared `threads`, set by the stage, not part of the recipe."""
 
     steps: Int = 1000
     batch_size: Int = 128
@@ -54,7 +55,6 @@ class PretrainConfig(Settings):
     warmup: Int = 100
     seed: Int = 0
     shift: Int = 2  # random translation, in pixels (0 turns it off)
-    num_threads: Int = 2  # torch CPU threads; 0 leaves torch's default
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size"):
@@ -68,8 +68,6 @@ class PretrainConfig(Settings):
             raise ValueError(f"warmup: {self.warmup!r} is not allowed; use 0 to steps - 1 ({self.steps - 1}).")
         if self.shift < 0:
             raise ValueError(f"shift: {self.shift!r} is not allowed; it must be ≥ 0 pixels.")
-        if self.num_threads < 0:
-            raise ValueError(f"num_threads: {self.num_threads!r} is not allowed; use 0 (torch's default) or more.")
 
     @classmethod
     def small(cls, seed: int = 0) -> "PretrainConfig":
@@ -131,14 +129,13 @@ def pretrain(arch: str, corpus_csv: Path, cfg: PretrainConfig, out: Path, device
              progress: bool = True, tokenizer: str | None = None) -> dict[str, Any]:
     """Train `arch` from random weights on the corpus; write its state dict to `out` (safetensors).
 
-    Deterministic on CPU for a fixed `cfg` (seeded initialisation, data order and augmentation).
+    Deterministic on CPU for a fixed `cfg` (seeded initialisation, data order and augmentation)
+    and torch thread count (the stage sets params' `threads`: `pipeline.core.env.set_threads`).
     Returns steps, wall time, final loss (mean of the last 20 steps), sha256 and sizes.
     """
     from tqdm.auto import tqdm
 
     device = torch.device(device)
-    if cfg.num_threads > 0:
-        torch.set_num_threads(cfg.num_threads)
     torch.manual_seed(cfg.seed)
     clip = models.create(arch, device=device, tokenizer=tokenizer)
     model, tokenizer = clip.model, clip.tokenizer
@@ -245,15 +242,13 @@ def pretrain_vision(arch: str, like, corpus_csv: Path, cfg: PretrainConfig, out:
     decay, flips and shifts, seeded order), cross-entropy through a linear head on the pooled
     features (discarded afterwards: only the backbone is saved, as `visual.*`), AdamW with
     the same decay rule, ImageNet normalisation. `like` is the CLIP (`models.Clip`) whose image
-    size the backbone is built at. Deterministic on CPU for a fixed `cfg`.
+    size the backbone is built at. Deterministic on CPU for a fixed `cfg` and thread count.
     """
     from tqdm.auto import tqdm
 
     from pipeline.models import vision
 
     device = torch.device(device)
-    if cfg.num_threads > 0:
-        torch.set_num_threads(cfg.num_threads)
     torch.manual_seed(cfg.seed)
     backbone = vision.build(arch, like.image_size)
     labels, classes = corpus_labels(Path(corpus_csv))
