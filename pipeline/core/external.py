@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 from pathlib import Path
 
 from pipeline.core.hashing import file_sha256
@@ -47,19 +48,21 @@ class DigestCache:
             except (OSError, ValueError):
                 self.entries = {}
 
-    def sha256(self, path: Path) -> str:
-        st = os.stat(path)
+    def sha256(self, path: str | Path, st: os.stat_result | None = None) -> str:
+        """The file's digest; `st` its `os.stat` when the caller has it already."""
+        st = os.stat(path) if st is None else st
         key = [st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev, st.st_ctime_ns]
         entry = self.entries.get(str(path))
         if entry is not None and entry[:5] == key:
             return entry[5]
-        digest = file_sha256(path)
+        digest = file_sha256(Path(path))
         self.hashed += 1
         self.entries[str(path)] = [*key, digest]
         return digest
 
     def save(self) -> None:
-        if self.path is None:
+        """Write the entries back (only when a file was hashed: an unchanged set costs no write)."""
+        if self.path is None or not self.hashed:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(self.path.name + ".tmp")
@@ -67,25 +70,23 @@ class DigestCache:
         tmp.replace(self.path)
 
 
-def files_under(target: Path) -> list[Path]:
-    """`target` itself (a file) or every file under it (a folder, links followed), sorted."""
-    if not target.is_dir():
-        return [target]
-    out = []
-    for top, dirs, files in os.walk(target, followlinks=True):
-        dirs.sort()
-        out.extend(Path(top) / f for f in sorted(files))
-    return out
-
-
 def digest(links: dict[str, Path], cache: DigestCache) -> str:
-    """One SHA-256 over the link names and the bytes of every file they reach."""
+    """One SHA-256 over the link names and the bytes of every file they reach (a folder's
+    files in sorted order, links followed). Plain `os` calls: this runs over every image of a
+    reference set at each check."""
     h = hashlib.sha256()
     for name in sorted(links):
-        target = links[name]
-        for f in files_under(target):
-            rel = name if f == target else f"{name}/{f.relative_to(target)}"
-            h.update(rel.encode() + b"\0" + bytes.fromhex(cache.sha256(f)))
+        target = str(links[name])
+        st = os.stat(target)
+        if not stat.S_ISDIR(st.st_mode):
+            h.update(name.encode() + b"\0" + bytes.fromhex(cache.sha256(target, st)))
+            continue
+        for top, dirs, files in os.walk(target, followlinks=True):
+            dirs.sort()
+            for f in sorted(files):
+                full = os.path.join(top, f)
+                rel = f"{name}/{os.path.relpath(full, target)}"
+                h.update(rel.encode() + b"\0" + bytes.fromhex(cache.sha256(full)))
     return h.hexdigest()
 
 
@@ -94,24 +95,32 @@ def sync(folder: Path, links: dict[str, Path], cache: DigestCache) -> dict:
     folder) as symbolic links, plus `digest.json`; links already right are left alone (their
     inode and times stay, so DVC's state still knows them). Returns the digest record."""
     folder.mkdir(parents=True, exist_ok=True)
-    wanted = {Path(name): Path(target) for name, target in links.items()}
-    for top, dirs, files in os.walk(folder, topdown=False):  # stale links and empty folders
+    root = str(folder)
+    wanted = {os.path.normpath(name): str(target) for name, target in links.items()}
+    for top, dirs, files in os.walk(root, topdown=False):  # stale links and empty folders
         for name in files + dirs:
-            p = Path(top) / name
-            rel = p.relative_to(folder)
-            if p.is_symlink():
-                if rel not in wanted:
-                    p.unlink()
-            elif p.is_dir() and not any(p.iterdir()):
-                p.rmdir()
+            full = os.path.join(top, name)
+            if os.path.islink(full):
+                if os.path.relpath(full, root) not in wanted:
+                    os.unlink(full)
+            elif name in dirs and not os.listdir(full):
+                os.rmdir(full)
+    made = set()
     for rel, target in wanted.items():
-        p = folder / rel
-        if p.is_symlink() and os.readlink(p) == str(target):
-            continue
-        p.parent.mkdir(parents=True, exist_ok=True)
-        if p.is_symlink() or p.exists():
-            p.unlink()
-        p.symlink_to(target, target_is_directory=target.is_dir())
+        full = os.path.join(root, rel)
+        try:
+            if os.readlink(full) == target:
+                continue
+            os.unlink(full)
+        except FileNotFoundError:
+            pass
+        except OSError:  # there, but not a link
+            os.unlink(full)
+        parent = os.path.dirname(full)
+        if parent not in made:
+            os.makedirs(parent, exist_ok=True)
+            made.add(parent)
+        os.symlink(target, full, target_is_directory=os.path.isdir(target))
     record = {"sha256": digest(links, cache), "files": len(links),
               "sources": {name: str(target) for name, target in sorted(links.items())}}
     text = json.dumps(record, indent=1) + "\n"
