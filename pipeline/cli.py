@@ -91,6 +91,8 @@ def orphans(outs: set[str], root: Path = Path(".")) -> list[Path]:
     for folder, depth, mirror in _OWNED:
         base = root / folder
         for p in sorted(base.glob("/".join(["*"] * depth))) if base.is_dir() else ():
+            if any(part.startswith(".") for part in p.relative_to(base).parts):
+                continue  # DVC's .gitignore files beside its outputs
             owner = (Path(mirror) / p.relative_to(base)).as_posix()
             if owner not in outs:
                 found.append(p)
