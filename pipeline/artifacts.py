@@ -9,6 +9,12 @@ from pathlib import Path
 
 CHECKED = Path("data/check.json")  # the check stage's marker: params.yaml passed
 IMAGE_KEY = Path("data/image_key.json")  # written by check: what determines the image cache
+# written by check: links to every file params.yaml names outside the project, one folder per
+# role (pipeline.core.external), which the stages that read those files depend on
+EXTERNAL = Path("data/external")
+EXTERNAL_ROLES = ("model", "vision", "reference", "dataset", "retention")
+# the external files' SHA-256 by (size, times, inode): beside DVC's own state, never an output
+DIGEST_CACHE = Path(".dvc/tmp/external-digests.json")
 IMAGES = Path("data/images")  # the image cache (the images stage; pipeline.data.imagecache)
 # written by check: what a method's code is (the digests of its module's import closure), so each
 # DVC entry depends on the code it runs, not on every method's (pipeline.stages.common.code_records)

@@ -7,6 +7,8 @@ Every stage command reads params.yaml; `check` validates all of it against the r
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -31,6 +33,12 @@ for _name, _module in (("check", check), ("prepare", prepare), ("images", images
     app.command(name=_name)(_module.command)
 
 
+def summary(doc: str) -> str:
+    """The first paragraph of a docstring as one line: whole sentences, never cut mid-way."""
+    para = doc.strip().split("\n\n")[0]
+    return " ".join(line.strip() for line in para.splitlines())
+
+
 @app.command()
 def methods():
     """List the registered fine-tuning methods (the names finetune.methods accepts) with every
@@ -39,9 +47,15 @@ def methods():
 
     from pipeline.methods import METHODS
 
+    import textwrap
+
+    width = max(60, min(shutil.get_terminal_size((100, 24)).columns, 100)) - 15
     for name, cls in sorted(METHODS.items()):
-        doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
-        typer.echo(f"{name:14s} {doc}")
+        doc = summary(cls.__doc__ or "")
+        lines = textwrap.wrap(doc, width) or [""]
+        typer.echo(f"{name:14s} {lines[0]}")
+        for line in lines[1:]:
+            typer.echo(f"{'':14s} {line}")
         defaults = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(cls.Hparams))
         typer.echo(f"{'':14s} defaults: {defaults}")
 
@@ -60,6 +74,54 @@ def repro(ctx: typer.Context):
 
     guard(check_params)("params.yaml")  # one line and exit 1 on a mistake, as every stage
     raise typer.Exit(subprocess.call([sys.executable, "-m", "dvc", "repro", *ctx.args]))
+
+
+# the folders whose entries DVC matrix stages own one by one (a trial x level, a method): an entry
+# no stage owns any more was left by a removed trial, level or method. logs/finetune mirrors
+# runs/finetune (written beside the output, never by DVC)
+_OWNED = (("runs/finetune", 2, "runs/finetune"), ("checkpoints", 2, "checkpoints"),
+          ("logs/finetune", 2, "runs/finetune"), ("runs/evaluate", 1, "runs/evaluate"),
+          ("runs/mlflow", 1, "runs/mlflow"))
+
+
+def orphans(outs: set[str], root: Path = Path(".")) -> list[Path]:
+    """Entries under the matrix stages' folders that no DVC stage output in `outs` (paths
+    relative to the project) owns."""
+    found = []
+    for folder, depth, mirror in _OWNED:
+        base = root / folder
+        for p in sorted(base.glob("/".join(["*"] * depth))) if base.is_dir() else ():
+            if any(part.startswith(".") for part in p.relative_to(base).parts):
+                continue  # DVC's .gitignore files beside its outputs
+            owner = (Path(mirror) / p.relative_to(base)).as_posix()
+            if owner not in outs:
+                found.append(p)
+    return found
+
+
+@app.command()
+def clean(dry_run: bool = typer.Option(False, "--dry-run", "-n", help="List what would be removed; remove nothing.")):
+    """Remove the outputs no DVC stage owns any more: the runs, checkpoints and logs of a trial,
+    level or method removed from params.yaml (DVC stops tracking them but leaves them on disk).
+    Reads dvc.yaml through DVC; touches nothing any stage owns. Their MLflow runs stay in the
+    store (delete them in the UI if you want them gone)."""
+    from dvc.repo import Repo
+
+    with Repo(".") as repo:
+        root = Path(repo.root_dir)
+        outs = {Path(os.path.relpath(out.fs_path, root)).as_posix() for stage in repo.index.stages
+                for out in stage.outs}
+    found = orphans(outs, root)
+    for p in found:
+        typer.echo(f"{'would remove' if dry_run else 'removing'} {p.relative_to(root)}")
+        if not dry_run:
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+            parent = p.parent
+            while parent != root and parent.is_dir() and not any(parent.iterdir()):
+                parent.rmdir()
+                parent = parent.parent
+    if not found:
+        typer.echo("nothing to clean: every output belongs to a stage of dvc.yaml")
 
 
 @app.command()
@@ -254,8 +316,15 @@ def _run_group(cmd: list[str]) -> int:
                 continue
 
 
+def prog_name(argv0: str | None = None) -> str:
+    """The command as typed: `wfp` (the installed script, pyproject's [project.scripts]) or
+    `python -m pipeline` (the README's form, which needs no install)."""
+    name = Path(argv0 if argv0 is not None else sys.argv[0]).name
+    return "wfp" if name in ("wfp", "wfp.exe") else "python -m pipeline"
+
+
 def main(argv: Optional[list[str]] = None) -> None:
-    app(args=argv, prog_name="wfp")
+    app(args=argv, prog_name=prog_name())
 
 
 if __name__ == "__main__":

@@ -380,13 +380,33 @@ def read_raw(path: str | Path = "params.yaml") -> dict:
     path = Path(path)
     if not path.exists():
         raise ParamsError(f"{path}: params file not found (run from the project root)")
+    text = path.read_text()
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        _refuse_duplicate_keys(yaml.compose(text), path)
+        raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as err:
         raise ParamsError(f"{path}: not valid YAML ({err})") from err
     if not isinstance(raw, dict):
         raise ParamsError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
     return raw
+
+
+def _refuse_duplicate_keys(node, path: Path, key: str = "") -> None:
+    """PyYAML keeps the last of two equal keys; DVC refuses the file. Refuse it here, naming
+    the dotted key and both lines."""
+    if isinstance(node, yaml.MappingNode):
+        seen: dict = {}
+        for k, v in node.value:
+            name = k.value if isinstance(k, yaml.ScalarNode) else str(k.value)
+            dotted = f"{key}.{name}" if key else name
+            if name in seen:
+                raise ParamsError(f"{dotted}: duplicate key in {path} (lines {seen[name] + 1} and "
+                                  f"{k.start_mark.line + 1}); keep one (DVC refuses a file with duplicate keys)")
+            seen[name] = k.start_mark.line
+            _refuse_duplicate_keys(v, path, dotted)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, v in enumerate(node.value):
+            _refuse_duplicate_keys(v, path, f"{key}[{i}]")
 
 
 def load_params(path: str | Path = "params.yaml", overrides: dict | None = None) -> Params:

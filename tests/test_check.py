@@ -66,7 +66,26 @@ CASES = {
     "dataset not under root": (_set("dataset", "name", "camelyon17"),
                                r"dataset\.root: camelyon17 is not under data/wilds .*RELEASE.*missing\)\. Download it"),
     "unknown image format": (_set("images", "format", "webp"), r"images\.format: 'webp' is not allowed; allowed: raw, jpeg, none"),
+    "cuda without CUDA": (lambda p: p["finetune"]["train"].__setitem__("device", "cuda"),
+                          r"finetune\.train\.device: 'cuda' is not available on this machine \(torch .* sees 0 CUDA "
+                          r"device\(s\)\); allowed here: auto, cpu"),
+    "not a device": (_set("evaluate", "device", "gpu"), r"evaluate\.device: 'gpu' is not a device; allowed: auto"),
+    "more DDP processes than cores": (
+        lambda p: p["finetune"]["train"].update(device="cpu", nproc_per_node=4096),
+        r"finetune\.train\.nproc_per_node: 4096 is not allowed; DDP on cpu runs one process per core and \d+ are "
+        r"available here: use 1 to \d+"),
+    "more workers than cores": (_set("embed", "num_workers", 4096),
+                                r"embed\.num_workers: 4096 is not allowed; \d+ CPU cores are available here"),
+    "a trial of an unregistered method": (
+        lambda p: p["finetune"]["trials"].__setitem__("x", {"method": "flypp"}),
+        r"finetune\.trials\.x\.method: 'flypp' is not a registered method \(did you mean flyp\?\); registered: "),
+    "an open_clip tag for an arch without tags": (
+        _set("model", "pretrained", "openai"),
+        r"model\.pretrained: 'openai' is neither a file nor an open_clip tag: open_clip has no pretrained weights "
+        r"for 'tiny-clip'\. Allowed: 'builtin' \(pre-trained here\) or a path"),
 }
+if torch.cuda.is_available():  # the device cases are about a machine without one
+    del CASES["cuda without CUDA"]
 FILE_CASES = {"garbage weights file": ("model", "pretrained", "garbage"),
               "truncated weights file": ("model", "pretrained", "truncated"),
               "weights of another architecture": ("model", "pretrained", "other"),
@@ -114,3 +133,47 @@ def test_the_repro_command_checks_before_dvc_reads_anything(tmp_path, monkeypatc
     with pytest.raises(SystemExit) as done:
         main(["repro", "-s", "report"])
     assert done.value.code == 0 and called[0][0][-4:] == ["dvc", "repro", "-s", "report"]
+
+
+def test_a_duplicate_key_is_refused_naming_both_lines(tmp_path, monkeypatch, capsys):
+    """PyYAML keeps the second of two equal keys; DVC refuses the file. `check` names both."""
+    from pipeline.cli import main
+
+    text = (ROOT / "params.yaml").read_text()
+    lines = text.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("  seeds:"))
+    lines.insert(at + 1, lines[at])
+    (tmp_path / "params.yaml").write_text("\n".join(lines) + "\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as done:
+        main(["check"])
+    assert done.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: sample.seeds: duplicate key in params.yaml (lines {at + 1} and {at + 2}); keep one "
+                   "(DVC refuses a file with duplicate keys)"), err
+
+
+def test_the_check_command_writes_nothing_and_the_stage_writes_its_outputs(tmp_path, monkeypatch, capsys):
+    """`python -m pipeline check` only validates; `--write` (the DVC stage's command) writes
+    the marker, the image cache's key and the links to external files."""
+    from pipeline.cli import main
+
+    weights = tmp_path / "outside" / "w.safetensors"
+    weights.parent.mkdir()
+    models.save_state_dict(models.create("tiny-clip").model.state_dict(), weights)
+    _write(tmp_path, _set("model", "pretrained", str(weights)))
+    monkeypatch.chdir(tmp_path)
+    main_ok = lambda *args: main(["check", *args])  # noqa: E731
+    with pytest.raises(SystemExit) as done:
+        main_ok()
+    assert done.value.code == 0 and not (tmp_path / "data").exists()
+    with pytest.raises(SystemExit) as done:
+        main_ok("--write")
+    assert done.value.code == 0
+    link = tmp_path / "data/external/model/weights.safetensors"
+    assert link.is_symlink() and link.resolve() == weights.resolve()
+    assert (tmp_path / "data/check.json").is_file() and (tmp_path / "data/image_key.json").is_file()
+    import json
+
+    record = json.loads((tmp_path / "data/external/model/digest.json").read_text())
+    assert record["sources"] == {"weights.safetensors": str(weights)}

@@ -93,7 +93,7 @@ def _only_trials(d: dict, trials: dict) -> None:
      "finetune.trials.dive-lam10.momentum", "[0, 1)"),
     # a trial of a method that is no method at all, and one of a method not compared
     (lambda d: d["finetune"]["trials"].update({"sgd-a": {"method": "sgd", "lr": 1.0}}),
-     "finetune.trials.sgd-a.method", "finetune.methods"),
+     "finetune.trials.sgd-a.method", "is not a registered method"),
     (lambda d: d["finetune"]["trials"].update({"lora-r4": {"method": "lora", "rank": 4}}),
      "finetune.trials.lora-r4.method", "must be in finetune.methods"),
     (lambda d: d["finetune"]["trials"].update({"x": {"lr": 1.0e-3}}), "finetune.trials.x.method",

@@ -137,7 +137,7 @@ def test_a_dataset_from_one_module_runs_through_prepare_and_official_eval(plugin
     from pipeline import artifacts
     from pipeline.data.datasets import load_dataset, load_prompts, official_eval
     from pipeline.stages import prepare
-    from pipeline.stages.check import check_params
+    from pipeline.stages.check import check_params, write_external
 
     small = {"n_train": 40, "n_id_val": 16, "n_id_test": 16, "n_val": 16, "n_test": 16, "n_corpus": 40}
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
@@ -153,6 +153,7 @@ def test_a_dataset_from_one_module_runs_through_prepare_and_official_eval(plugin
     spec = ds_registry.get_spec("tinyshapes")
     assert (spec.id_val, spec.ood_val) == ("id_val", "val")
     assert resolve_protocol(params.evaluate.selection, spec, params.sample.parsed_levels).split == "id_val"
+    write_external(params)  # the check stage's links and digests, which prepare records
     info = prepare.run(params)
     assert info["dataset"] == "tinyshapes" and info["n_classes"] == 8
     assert info["splits"]["train"] == 40

@@ -313,10 +313,15 @@ def _weights_source(arch: str, pretrained: str) -> Path | None:
         raise ValueError(f"model.pretrained: {pretrained}: weights file not found")
     tags = open_clip.list_pretrained_tags_by_model(arch)
     if pretrained not in tags:
+        if not tags:
+            raise ValueError(
+                f"model.pretrained: {pretrained!r} is neither a file nor an open_clip tag: open_clip has no "
+                f"pretrained weights for {arch!r}. Allowed: {BUILTIN!r} (pre-trained here) or a path to a "
+                ".safetensors/.pt file of this architecture")
         raise ValueError(
             f"model.pretrained: {pretrained!r} is neither a file nor an open_clip tag for "
             f"{arch!r}. Allowed: {BUILTIN!r}, a path to a .safetensors/.pt file, or one of "
-            f"{tags or '(no tags for this arch)'}."
+            f"{', '.join(tags)}."
         )
     return None
 

@@ -21,6 +21,14 @@ from pipeline.core.validation import parse
 from pipeline.stages.common import ParamsOpt, guard, run_command
 
 
+def _closest(name: str, names) -> str:
+    """' (did you mean X?)' for the closest of `names`, or ''."""
+    import difflib
+
+    close = difflib.get_close_matches(name, list(names), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
 def check_params(path: str | Path = "params.yaml") -> Params:
     """Load params.yaml and check everything the registries know (ParamsError naming the key)."""
     return _check(path)[0]
@@ -38,10 +46,18 @@ def _check(path: str | Path):
     # in finetune.methods" from the shape checks
     from pipeline.config import read_raw
 
-    raw_methods = (read_raw(path).get("finetune") or {}).get("methods")
+    raw_finetune = read_raw(path).get("finetune") or {}
+    raw_methods = raw_finetune.get("methods") if isinstance(raw_finetune, dict) else None
     if isinstance(raw_methods, list):
         for m in raw_methods:
             check(m in METHODS, "finetune.methods", m, f"allowed: {', '.join(sorted(METHODS))}")
+    raw_trials = raw_finetune.get("trials") if isinstance(raw_finetune, dict) else None
+    for name, spec in (raw_trials or {}).items() if isinstance(raw_trials, dict) else ():
+        method = spec.get("method") if isinstance(spec, dict) else None
+        if isinstance(method, str) and method not in METHODS:
+            raise ParamsError(f"finetune.trials.{name}.method: {method!r} is not a registered method"
+                              f"{_closest(method, METHODS)}; registered: {', '.join(sorted(METHODS))} "
+                              "(`python -m pipeline methods` describes them)")
     params = load_params(path)
     check(params.seed >= 0, "seed", params.seed, "use a non-negative integer")
     check(params.dataset.name in DATASETS, "dataset.name", params.dataset.name,
@@ -70,6 +86,7 @@ def _check(path: str | Path):
         parse(PretrainConfig, params.pretrained.builtin, "pretrained.builtin")
     check_retention(params)
     check_files(params)
+    check_resources(params)
     return params, check_model_fit(params)
 
 
@@ -99,6 +116,73 @@ def write_code_records(params: Params) -> None:
             tmp = path.with_suffix(".tmp")
             tmp.write_text(text)
             tmp.replace(path)
+
+
+def available_cores() -> int:
+    """The CPU cores this process may run on (its affinity: a SLURM job's allocation, not the
+    node's count)."""
+    import os
+
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def check_device(key: str, name: str) -> None:
+    """A `device` param names a device this machine has: auto, cpu, cuda, cuda:N, mps."""
+    import torch
+
+    allowed_here = ["auto", "cpu"]
+    n_cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if n_cuda:
+        allowed_here += ["cuda"] + [f"cuda:{i}" for i in range(n_cuda)]
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        allowed_here.append("mps")
+    if name in allowed_here:
+        return
+    try:
+        kind = torch.device(name).type
+    except (RuntimeError, ValueError):
+        kind = None
+    if kind not in ("cpu", "cuda", "mps"):
+        raise ParamsError(f"{key}: {name!r} is not a device; allowed: auto (CUDA when present, else CPU), cpu, "
+                          "cuda, cuda:N, mps")
+    what = {"cuda": f"torch {torch.__version__} sees {n_cuda} CUDA device(s)",
+            "mps": "torch sees no Apple MPS device", "cpu": "the CPU takes no index"}[kind]
+    raise ParamsError(f"{key}: {name!r} is not available on this machine ({what}); allowed here: "
+                      f"{', '.join(allowed_here)}")
+
+
+def check_resources(params: Params) -> None:
+    """What params.yaml asks of the machine, before DVC deletes any output for a run that could
+    not start: every `device` exists here, DDP's `nproc_per_node` fits the devices (one
+    process per GPU) or the cores (CPU), and data-loading workers fit the cores."""
+    import torch
+
+    from pipeline.core.env import resolve_device
+
+    devices = {"pretrained.device": params.pretrained.device, "embed.device": params.embed.device,
+               "finetune.train.device": params.finetune.train.device, "evaluate.device": params.evaluate.device}
+    for key, name in devices.items():
+        check_device(key, name)
+    cores = available_cores()
+    nproc = params.finetune.train.nproc_per_node
+    if nproc > 1:
+        device = resolve_device(params.finetune.train.device)
+        if device.type == "cuda":
+            n = torch.cuda.device_count()
+            check(nproc <= n, "finetune.train.nproc_per_node", nproc,
+                  f"DDP runs one process per GPU and this machine has {n}: use 1 to {n}")
+        else:
+            check(nproc <= cores, "finetune.train.nproc_per_node", nproc,
+                  f"DDP on {device.type} runs one process per core and {cores} are available here: use 1 to {cores}")
+    workers = {"images.num_workers": params.images.num_workers, "embed.num_workers": params.embed.num_workers,
+               "finetune.train.num_workers": params.finetune.train.num_workers,
+               "evaluate.num_workers": params.evaluate.num_workers}
+    for key, n in workers.items():
+        check(n <= cores, key, n, f"{cores} CPU cores are available here: use 0 (load in the main process) to {cores}")
 
 
 def check_model_fit(params: Params):
@@ -210,20 +294,113 @@ def check_retention(params: Params) -> None:
                       f"{spec.name}'s splits: {', '.join((spec.train_split, *spec.eval_splits))}")
 
 
-@guard
-def command(params_file: Path = ParamsOpt):
-    """Check all of params.yaml (names, every method's settings, generator options) -> data/check.json."""
-    params, clip = _check(params_file)
-    paths.CHECKED.parent.mkdir(parents=True, exist_ok=True)
-    # what determines the image cache: the images stage depends on this file, not on `model`,
-    # so another architecture with the same resize rebuilds nothing
-    from pipeline.stages.common import image_key
+def external_links(params: Params) -> dict[str, dict[str, Path]]:
+    """Every file params.yaml names outside the project, by role (`artifacts.EXTERNAL_ROLES`):
+    link name -> absolute path (`pipeline.core.external`). `model`: model.pretrained when a
+    file; `vision`: vision.pretrained when a file; `reference`: reference.csv and each image it
+    lists (the rows the stages read); `dataset`: a real dataset's release files under
+    `dataset.root` (the top level of its folder: metadata, splits, the RELEASE marker; not its
+    image tree, which a WILDS release never rewrites), the custom dataset's CSV or folder, its
+    class-name file and every image; `retention`: each folder task's folder and class-name
+    file, and the release files of each other dataset a task reads."""
+    from dataclasses import replace
 
-    key = image_key(params, clip.preprocess_val)
-    paths.IMAGE_KEY.write_text(json.dumps(key, indent=1, sort_keys=True) + "\n")
-    write_code_records(params)
-    paths.CHECKED.write_text(json.dumps({"params": "valid"}) + "\n")
+    from pipeline import models
+    from pipeline.core.external import absolute
+    from pipeline.data.datasets import CORPORA, DATASETS, get_spec
+    from pipeline.data.retention import resolve_tasks
+    from pipeline.data.torchdata import read_caption_csv
+    from pipeline.models import vision
+
+    out: dict[str, dict[str, Path]] = {role: {} for role in paths.EXTERNAL_ROLES}
+    if params.model.pretrained != models.BUILTIN and Path(params.model.pretrained).expanduser().is_file():
+        out["model"]["weights" + Path(params.model.pretrained).suffix] = absolute(params.model.pretrained)
+    if params.vision.pretrained != vision.BUILTIN and Path(params.vision.pretrained).expanduser().is_file():
+        out["vision"]["weights" + Path(params.vision.pretrained).suffix] = absolute(params.vision.pretrained)
+    if params.reference.csv not in CORPORA:
+        csv = absolute(params.reference.csv)
+        out["reference"]["captions.csv"] = csv
+        files, _ = read_caption_csv(csv, params.reference.separator, limit=params.reference.max_samples)
+        width = len(str(len(files)))
+        for i, f in enumerate(files):
+            out["reference"][f"images/{i:0{width}d}-{f.name}"] = absolute(f)
+
+    def release(spec, key: str, into: dict) -> None:
+        folder = spec.folder(Path(params.dataset.root))
+        if folder.is_dir():
+            for f in sorted(folder.iterdir()):
+                if f.is_file():
+                    into[f"{key}/{f.name}"] = absolute(f)
+
+    spec = DATASETS[params.dataset.name]
+    if spec.name == "custom":
+        from pipeline.data.custom import CustomConfig, build_table
+
+        cfg = parse(CustomConfig, params.prepare.get("custom"), "prepare.custom")
+        source = out["dataset"]
+        if cfg.csv is not None:
+            source["custom/source.csv"] = absolute(cfg.csv)
+            table, _ = build_table(replace(cfg, check_images=False))
+            width = len(str(len(table)))
+            for i, f in enumerate(table["path"]):
+                source[f"custom/images/{i:0{width}d}-{Path(f).name}"] = absolute(f)
+        else:
+            source["custom/folder"] = absolute(cfg.folder)
+        if isinstance(cfg.classnames, str):
+            source["custom/classnames.txt"] = absolute(cfg.classnames)
+    elif not spec.generated:
+        release(spec, spec.name, out["dataset"])
+    for t in resolve_tasks(params.retention, params.dataset.name, Path(params.dataset.root)):
+        key = t.name.replace("/", "_")
+        if t.kind == "folder" and t.dataset is None:
+            out["retention"][key] = absolute(t.folder)
+            if isinstance(t.classnames, str):
+                out["retention"][f"{key}.classnames.txt"] = absolute(t.classnames)
+        elif t.kind != "folder" and t.dataset != params.dataset.name:
+            other = get_spec(t.dataset)
+            if not other.generated:
+                release(other, other.name, out["retention"])
+    return out
+
+
+def write_external(params: Params) -> dict[str, dict]:
+    """Mirror `external_links` under data/external (`pipeline.core.external.sync`); returns
+    each role's digest record. The check stage's output, never the check command's."""
+    from pipeline.core.external import DigestCache, sync
+
+    cache = DigestCache(paths.DIGEST_CACHE if paths.DIGEST_CACHE.parent.parent.is_dir() else None)
+    try:
+        return {role: sync(paths.EXTERNAL / role, links, cache) for role, links in external_links(params).items()}
+    finally:
+        cache.save()
+
+
+@guard
+def command(params_file: Path = ParamsOpt,
+            write: bool = typer.Option(False, "--write", help="Also write the stage's outputs: data/check.json, "
+                                       "data/image_key.json and data/external/ (links to the files params.yaml names "
+                                       "outside the project). `dvc repro` runs it so; by hand, leave it out.")):
+    """Check all of params.yaml: names, every method's settings, generator options, the files it
+    names and the resources it asks for (devices, processes, workers). Changes nothing on disk
+    unless --write."""
+    params, clip = _check(params_file)
+    if write:
+        # what determines the image cache: the images stage depends on this file, not on `model`,
+        # so another architecture with the same resize rebuilds nothing
+        from pipeline.stages.common import image_key
+
+        key = image_key(params, clip.preprocess_val)
+        paths.CHECKED.parent.mkdir(parents=True, exist_ok=True)
+        write_external(params)
+        write_code_records(params)
+        _write_if_changed(paths.IMAGE_KEY, json.dumps(key, indent=1, sort_keys=True) + "\n")
+        _write_if_changed(paths.CHECKED, json.dumps({"params": "valid"}) + "\n")
     typer.echo(f"{params_file}: valid")
+
+
+def _write_if_changed(path: Path, text: str) -> None:
+    if not path.is_file() or path.read_text() != text:
+        path.write_text(text)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -12,6 +12,7 @@ import typer
 
 from pipeline import artifacts as paths
 from pipeline.config import Params, load_params
+from pipeline.core.external import read_digest
 from pipeline.core.validation import parse
 from pipeline.data.datasets import CORPORA, get_spec, load_dataset, load_prompts
 from pipeline.data.torchdata import read_caption_csv
@@ -45,9 +46,11 @@ def run(params: Params) -> dict:
         options = parse(corpus.options, params.prepare.get(corpus.options_key), f"prepare.{corpus.options_key}")
         corpus.generate(paths.BUILTIN_REFERENCE, options)
     paths.BUILTIN_REFERENCE.mkdir(parents=True, exist_ok=True)
-    # what the reference set is, for the stages that depend on this folder
+    # what the reference set is, for the stages that depend on this folder; with the digest of
+    # an external CSV and its images (written by check), so rewriting one re-runs them too
+    external = {role: read_digest(paths.EXTERNAL / role)["sha256"] for role in ("reference", "dataset", "retention")}
     (paths.BUILTIN_REFERENCE / "source.json").write_text(json.dumps({
-        "csv": str(reference), "separator": params.reference.separator}))
+        "csv": str(reference), "separator": params.reference.separator, "sha256": external["reference"]}))
 
     dataset = load_dataset(spec.name, root, download=params.dataset.download)
     load_prompts(spec.name, n_classes=dataset.n_classes, dataset=dataset)  # validated now, not mid-training
@@ -76,6 +79,9 @@ def run(params: Params) -> dict:
         "splits": counts,
         "reference_csv": str(reference),
         "reference_rows": len(ref_files),
+        # the files outside the project this was made from (data/external): every stage that
+        # depends on the manifest re-runs when one of them is rewritten
+        "external_sha256": external,
     }
     from pipeline.data.retention import prepare_tasks, write_records
 

@@ -175,3 +175,10 @@ def test_the_check_stage_accepts_a_good_custom_dataset(images):
     params = check_params(_params(tmp, {"csv": str(table), "id_domains": list(ID_DOMAINS),
                                         "ood_domains": list(OOD_DOMAINS)}))
     assert params.dataset.name == "custom"
+    # its source and every image reach DVC through data/external/dataset (links it follows)
+    from pipeline.stages.check import external_links
+
+    links = external_links(params)["dataset"]
+    assert links["custom/source.csv"] == table
+    images = [target for name, target in links.items() if name.startswith("custom/images/")]
+    assert len(images) == len(rows) and all(p.is_absolute() and p.is_file() for p in images)

@@ -207,3 +207,9 @@ def test_the_check_stage_accepts_good_tasks(tmp_path):
     assert [t.name for t in resolve_tasks(params.retention, "synthetic", tmp_path / "wilds")] == [
         "synthetic/heldout-shapes", "synthetic/colour", "waterbirds", "pets"]
     assert get_spec("waterbirds").marker(tmp_path / "wilds").is_file()
+    # the folder task's folder and the other dataset's release files reach DVC (data/external)
+    from pipeline.stages.check import external_links
+
+    links = external_links(params)["retention"]
+    assert links["pets"] == folder.absolute()
+    assert links["waterbirds/RELEASE_v1.0.txt"] == get_spec("waterbirds").marker(tmp_path / "wilds").absolute()
