@@ -194,9 +194,10 @@ def _check_evaluates_the_pretrained_zero_shot_head(arch, cls, method, ctx, befor
     pre-trained image tower with the prompt-ensemble head, computed here without
     `build_head`: per class the mean of the normalised template embeddings, renormalised,
     times the logit scale."""
-    assert not any(p.requires_grad for p in method.root.parameters())
+    trainable = [n for n, p in method.root.named_parameters() if p.requires_grad]
+    assert not trainable, f"{cls.name} leaves parameters trainable: {trainable[:5]}"
     state = method.trained_state()
-    assert state == {}  # the finetune stage saves an empty state
+    assert state == {}, sorted(state)[:5]  # the finetune stage saves an empty state
     after = mf.snapshot(ctx.model)
     assert all(torch.equal(before[n], after[n]) for n in before)
     pre = fresh(arch)

@@ -135,7 +135,7 @@ TORCH_SCATTER_TABLE = [
 ]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.int64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.int64], ids=["float32", "int64"])
 @pytest.mark.parametrize("reduce", ["sum", "add", "mean", "mul", "max", "min"])
 @pytest.mark.parametrize("case", range(len(TORCH_SCATTER_TABLE)))
 def test_fallback_gives_the_real_torch_scatters_outputs(case, reduce, dtype):
