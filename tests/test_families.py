@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import copy
 import functools
-import importlib.util
 import json
 import math
+import sys
 import tempfile
 from pathlib import Path
 
@@ -172,6 +172,7 @@ def test_every_method_trains_or_refuses(arch, name):
     method = cls(cls.Hparams(**OVERRIDES.get(name, {})), ctx)
     if not cls.trains:
         method.setup()
+        _check_evaluates_the_pretrained_zero_shot_head(arch, cls, method, ctx, before)
         return
     train_set = ctx.train_set if cls.uses_images else mf.train_items(with_images=False)
     result = fit(method, train_set, steps=STEPS, batch_size=6, seed=0, device=torch.device("cpu"), progress=False)
@@ -185,6 +186,36 @@ def test_every_method_trains_or_refuses(arch, name):
         assert not {n for n in changed if n.startswith("text_decoder.")}  # CoCa's decoder stays frozen
         if arch == "tiny-siglip":
             assert "logit_bias" in changed
+
+
+def _check_evaluates_the_pretrained_zero_shot_head(arch, cls, method, ctx, before) -> None:
+    """A method that does not train (zero-shot): nothing trainable, nothing saved, the model
+    untouched; its eval model, in memory and rebuilt from the (empty) saved state, is the
+    pre-trained image tower with the prompt-ensemble head, computed here without
+    `build_head`: per class the mean of the normalised template embeddings, renormalised,
+    times the logit scale."""
+    trainable = [n for n, p in method.root.named_parameters() if p.requires_grad]
+    assert not trainable, f"{cls.name} leaves parameters trainable: {trainable[:5]}"
+    state = method.trained_state()
+    assert state == {}, sorted(state)[:5]  # the finetune stage saves an empty state
+    after = mf.snapshot(ctx.model)
+    assert all(torch.equal(before[n], after[n]) for n in before)
+    pre = fresh(arch)
+    tokens = ctx.class_tokens
+    x = mf.images(4, seed=11)
+    with torch.no_grad():
+        c, t, length = tokens.shape
+        g = torch.nn.functional.normalize(pre.encode_text(tokens.reshape(c * t, length)).float(), dim=-1)
+        head = torch.nn.functional.normalize(g.view(c, t, -1).mean(1), dim=-1)
+        want_head = pre.logit_scale.exp().float() * head
+        want_image = torch.nn.functional.normalize(pre.encode_image(x).float(), dim=-1)
+        for where, ev in (("live", method.live_eval_model()),
+                          ("saved", cls.eval_model(fresh(arch), state, method.hp, ctx.zeroshot_head))):
+            ev = ev.eval()
+            torch.testing.assert_close(ev.task_head(tokens), want_head, rtol=1e-5, atol=1e-5,
+                                       msg=lambda m, w=where: f"{w} eval model: {m}")
+            torch.testing.assert_close(ev.encode_image(x), want_image, rtol=1e-5, atol=1e-6,
+                                       msg=lambda m, w=where: f"{w} eval model: {m}")
 
 
 def test_flyp_on_siglip_is_the_sigmoid_loss_with_the_model_bias():
@@ -288,6 +319,10 @@ def test_hub_tokenizer_offline_says_how_to_provide_it(monkeypatch, tmp_path):
         models.create(arch, tokenizer=str(tmp_path / "nope")).tokenizer
 
 
+NEEDS_TRANSFORMERS = ("a local Hugging Face tokenizer needs `transformers`, not installed: "
+                      "`pip install transformers` to run this test")
+
+
 def _save_word_tokenizer(folder: Path, words: list[str]) -> None:
     from tokenizers import Tokenizer, models as tmodels, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -299,31 +334,52 @@ def _save_word_tokenizer(folder: Path, words: list[str]) -> None:
                             eos_token="</s>").save_pretrained(str(folder))
 
 
-def test_a_local_tokenizer_folder(tmp_path):
-    """With `transformers` installed: a saved Hugging Face tokenizer folder tokenises for the
-    model, and one whose vocabulary exceeds the text tower's is refused. Without it (the
-    project's own dependencies): the folder is refused with the package to install."""
-    arch = hub_siglip()
+def test_a_local_tokenizer_folder_tokenises_for_the_model(tmp_path):
+    """A saved Hugging Face tokenizer folder tokenises for the model. Needs `transformers`,
+    which is not a dependency (installed, open_clip imports it in every process that imports
+    open_clip, which would slow every stage of the end-to-end tests): without it the test is
+    reported as skipped (`-ra`), with the command that runs it."""
+    pytest.importorskip("transformers", reason=NEEDS_TRANSFORMERS)
     folder = tmp_path / "tokenizer"
-    if importlib.util.find_spec("transformers") is None:
-        folder.mkdir()
-        with pytest.raises(ValueError, match=r"^model\.tokenizer: .*needs the `transformers` package"):
-            models.create(arch, tokenizer=str(folder)).tokenizer
-        return
     _save_word_tokenizer(folder, ["a", "photo", "drawing", "of", *mf.CLASSES])
-    clip = models.create(arch, tokenizer=str(folder))
+    clip = models.create(hub_siglip(), tokenizer=str(folder))
     tokens = clip.tokenizer(["a photo of a circle.", "a drawing of a square."])
     assert tokens.shape == (2, 16)
     # "a photo of a circle", then padding: SigLIP's `tokenizer_kwargs` (clean: canonicalize)
     # apply to the local tokenizer too, and drop the "."
     assert tokens[0, :6].tolist() == [3, 4, 6, 3, 7, 0]
+    assert tokens[1, :6].tolist() == [3, 5, 6, 3, 8, 0]
     with torch.no_grad():
         assert clip.model.encode_text(tokens).shape == (2, 64)
+    # a file in the folder stands for the folder
+    assert torch.equal(models.create(hub_siglip(), tokenizer=str(folder / "tokenizer.json")).tokenizer(
+        ["a photo of a circle."]), tokens[:1])
+
+
+def test_a_local_tokenizer_larger_than_the_text_tower_is_refused(tmp_path):
+    pytest.importorskip("transformers", reason=NEEDS_TRANSFORMERS)
+    folder = tmp_path / "tokenizer"
+    _save_word_tokenizer(folder, ["a", "photo", "drawing", "of", *mf.CLASSES])  # 10 tokens
     cfg = json.loads((models.CONFIG_DIR / "tiny-siglip.json").read_text())
     cfg["text_cfg"].update(vocab_size=8, hf_tokenizer_name="nowhere/none")
     small = _register("families-test-siglip-vocab8", json.dumps(cfg))
-    with pytest.raises(ValueError, match=r"^model\.tokenizer: .* has 10 tokens, more than the 8"):
+    with pytest.raises(ValueError, match=r"^model\.tokenizer: .* has 10 tokens, more than the 8 .*vocab_size"):
         models.create(small, tokenizer=str(folder)).tokenizer
+    cfg["text_cfg"].update(vocab_size=10)  # exactly the tokenizer's size fits
+    fits = _register("families-test-siglip-vocab10", json.dumps(cfg))
+    assert models.create(fits, tokenizer=str(folder)).tokenizer(["a circle"]).shape == (1, 16)
+
+
+def test_a_local_tokenizer_folder_without_transformers_names_the_package(tmp_path, monkeypatch):
+    """Without `transformers` (hidden here: `import transformers` fails as when it is not
+    installed) a folder is refused with the package to install."""
+    folder = tmp_path / "tokenizer"
+    folder.mkdir()
+    for name in [m for m in sys.modules if m == "transformers" or m.startswith("transformers.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    with pytest.raises(ValueError, match=r"^model\.tokenizer: .*needs the `transformers` package"):
+        models.create(hub_siglip(), tokenizer=str(folder)).tokenizer
 
 
 def test_a_tag_brings_its_image_transform():

@@ -75,11 +75,44 @@ def test_official_eval_reports_the_spec_metrics(loaded, name):
     for split in spec.eval_splits:
         idx = dataset.get_subset(split).indices
         y = dataset.y_array[idx]
-        results = official_eval(dataset, _half_right(y, dataset.n_classes), y, dataset.metadata_array[idx])
+        pred = _half_right(y, dataset.n_classes)
+        results = official_eval(dataset, pred, y, dataset.metadata_array[idx])
         for key in (spec.metric, *spec.extra_metrics):
             assert key in results, (split, key, sorted(results))
             assert isinstance(results[key], float) and 0.0 <= results[key] <= 1.0
         assert all(isinstance(v, float) and not math.isnan(v) for v in results.values())
+        if name in DIRECT:  # (fmow, camelyon17 and iwildcam: their own tests below)
+            want = DIRECT[name](dataset, pred, y, dataset.metadata_array[idx])
+            assert {k: results[k] for k in want} == pytest.approx(want), (name, split)
+
+
+def _group_accuracies(dataset, pred, y, metadata, fields) -> dict[tuple, float]:
+    """Accuracy per combination of the metadata `fields` present in the split, counted here."""
+    cols = metadata[:, [dataset.metadata_fields.index(f) for f in fields]]
+    groups = {tuple(int(v) for v in row) for row in cols}
+    return {g: (pred[mask] == y[mask]).float().mean().item()
+            for g in groups for mask in [(cols == torch.tensor(g)).all(1)]}
+
+
+def _waterbirds(dataset, pred, y, metadata) -> dict[str, float]:
+    """Worst (background, bird) group, and the groups' accuracies weighted by the official
+    training split's group sizes (Sagawa et al. 2020: 3498 landbirds on land, 184 on water,
+    56 waterbirds on land, 1057 on water); a group absent from the split counts 0."""
+    acc = _group_accuracies(dataset, pred, y, metadata, ("background", "y"))
+    assert len(acc) >= 2
+    train_sizes = {(0, 0): 3498, (1, 0): 184, (0, 1): 56, (1, 1): 1057}  # (background, y): 0 land, 1 water
+    adj = sum(acc.get(g, 0.0) * n for g, n in train_sizes.items()) / sum(train_sizes.values())
+    return {"acc_wg": min(acc.values()), "adj_acc_avg": adj}
+
+
+def _rxrx1(dataset, pred, y, metadata) -> dict[str, float]:
+    """Plain accuracy, and the worst cell type's."""
+    acc = _group_accuracies(dataset, pred, y, metadata, ("cell_type",))
+    assert len(acc) >= 2
+    return {"acc_avg": (pred == y).float().mean().item(), "acc_wg": min(acc.values())}
+
+
+DIRECT = {"waterbirds": _waterbirds, "rxrx1": _rxrx1}
 
 
 def test_official_eval_accepts_scores(loaded):
