@@ -47,6 +47,9 @@ class ClusterSettings(Settings):
     sbatch: dict[Str, Str | Int | Bool] = dataclasses.field(default_factory=dict)  # extra options: account, qos, constraint
     folder: Str = ".cluster"        # submission record and job logs, under the project
     poll_s: Float = 5.0             # how often the attached controller looks at the jobs
+    # the interface the MLflow tracking server binds while jobs run (the compute nodes must
+    # reach it: 0.0.0.0 or this host's cluster address on a real cluster)
+    mlflow_host: Str = "127.0.0.1"
     local: LocalSettings = LocalSettings()
 
     def __post_init__(self):

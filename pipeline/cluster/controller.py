@@ -185,7 +185,7 @@ class Controller:
                 if detach:
                     self._submit(entries, detach)
                     return 0
-                with tracking_server_hook(self.root, self.echo):
+                with tracking_server_hook(self.root, self.settings.mlflow_host, self.echo):
                     self._submit(entries, detach)
                     rc = self._wait(final=False)
                 return self._conclude() if rc is None else rc
@@ -272,6 +272,12 @@ class Controller:
                 bar.set_postfix_str(f"{len(running)} running, {len(queue)} waiting")
                 if running:
                     time.sleep(self.settings.poll_s if self.backend != "debug" else 0)
+        except KeyboardInterrupt:
+            self.record.save()
+            if self.backend == "slurm":
+                self.echo("\ncluster: controller stopped; the jobs keep running. Later: `python -m pipeline cluster "
+                          "collect` records what finished and waits for the rest")
+            raise
         finally:
             bar.close()
         return self._conclude() if final else None
@@ -365,7 +371,7 @@ class Controller:
 
 
 @contextlib.contextmanager
-def tracking_server_hook(root: Path, echo: Callable[[str], None]):
+def tracking_server_hook(root: Path, host: str, echo: Callable[[str], None]):
     """While the grid's jobs run, they log to one MLflow tracking server (an sqlite store on a
     shared filesystem breaks under writers on several hosts): `mlflow_server.tracking_server`
     (branch i25m) starts one on the project's store unless MLFLOW_TRACKING_URI is already http,
@@ -379,7 +385,7 @@ def tracking_server_hook(root: Path, echo: Callable[[str], None]):
         yield
         return
     before = os.environ.get("MLFLOW_TRACKING_URI")
-    with tracking_server(project=root) as server:
+    with tracking_server(project=root, host=host) as server:
         os.environ["MLFLOW_TRACKING_URI"] = server.uri
         try:
             yield
