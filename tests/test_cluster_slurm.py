@@ -68,6 +68,9 @@ def test_a_requeued_element_resumes_and_is_recorded(tmp_path):
     job = _wait_for("the job id", lambda: (_record(work).get("entries", {}).get("finetune@a") or {}).get("job_id"))
     _wait_for("the element to run", lambda: _state(job) == "RUNNING" and (work / "ck/a/started").exists())
     subprocess.run(["scontrol", "requeue", job], check=True)  # what preemption does
+    # SLURM holds a requeued job back for two minutes (its begin time); start it now
+    _wait_for("the requeue", lambda: _state(job) == "PENDING")
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out
     assert (work / "out/a/log").read_text() == "started\nresumed\n"  # the rerun resumed from its checkpoint
