@@ -37,6 +37,7 @@ def test_the_cluster_file_defaults_and_a_named_file(tmp_path):
     assert got.partition == "gpu" and got.gpus_per_job == 1 and got.sbatch == {"account": "lab", "exclusive": True}
 
 
+@pytest.mark.slow
 def test_the_cli_rejects_a_bad_cluster_file_before_anything_runs(tmp_path):
     work = cp.make(tmp_path / "p")
     (work / "cluster.yaml").write_text("partiton: gpu\n")
@@ -46,6 +47,7 @@ def test_the_cli_rejects_a_bad_cluster_file_before_anything_runs(tmp_path):
     assert not (work / "dvc.lock").exists() and not (work / ".cluster").exists()
 
 
+@pytest.mark.slow
 def test_debug_executor_records_every_entry_and_dvc_is_clean(tmp_path):
     work = cp.make(tmp_path / "p")
     rc, out = cp.run_controller(work, backend="debug")
@@ -61,6 +63,7 @@ def test_debug_executor_records_every_entry_and_dvc_is_clean(tmp_path):
     assert rc == 0 and "every grid entry is up to date" in out, out
 
 
+@pytest.mark.slow
 def test_one_failing_entry_is_reported_and_the_other_recorded(tmp_path):
     work = cp.make(tmp_path / "p")
     (work / "FAIL_b").write_text("")
@@ -77,6 +80,7 @@ def test_one_failing_entry_is_reported_and_the_other_recorded(tmp_path):
     assert (work / "out/b/log").read_text() == "started\nresumed\n"  # resumed from its checkpoint folder
 
 
+@pytest.mark.slow
 def test_an_entry_whose_dep_changed_while_it_ran_is_not_recorded(tmp_path):
     work = cp.make(tmp_path / "p", xs=("a",))
     (work / "EDIT_a").write_text("")  # the job edits code.txt (a dep) while it runs
@@ -86,6 +90,7 @@ def test_an_entry_whose_dep_changed_while_it_ran_is_not_recorded(tmp_path):
     assert "finetune@a" not in (work / "dvc.lock").read_text()
 
 
+@pytest.mark.slow
 def test_local_backend_two_jobs_equals_dvc_repro(tmp_path):
     work = cp.make(tmp_path / "p", xs=("a", "b", "c"))
     plain = cp.copy(work, tmp_path / "plain")
