@@ -61,19 +61,70 @@ def methods():
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def repro(ctx: typer.Context):
+def repro(ctx: typer.Context,
+          cluster: Optional[str] = typer.Option(
+              None, "--cluster", metavar="slurm|local",
+              help="Run the grid's stale finetune@… entries as jobs: `slurm` (a SLURM job array through submitit) or "
+                   "`local` (--jobs at a time on this machine, each on its own GPU or share of the cores). The stages "
+                   "above the grid and after it run through DVC here; each finished entry is recorded in dvc.lock only "
+                   "if its inputs still match what was submitted."),
+          jobs: int = typer.Option(1, "--jobs", "-j", min=1, help="--cluster local: entries at a time."),
+          cluster_file: Optional[Path] = typer.Option(
+              None, "--cluster-file", help="Resources of the jobs (default: cluster.yaml if present; see docs/scaling.md)."),
+          detach: bool = typer.Option(False, "--detach", help="--cluster slurm: submit the grid and a collecting job "
+                                                              "that depends on it, then exit.")):
     """Check all of params.yaml and the files it names, then run `dvc repro` (any further
     arguments go to it, e.g. `repro -s report`, `repro finetune@ft-lr1e-4-16`).
 
     DVC reads params.yaml to expand dvc.yaml's matrices before any stage runs, so a wrong
     shape there (a level list that is a string, a misspelt section) would otherwise end in
     DVC's own message, naming nothing useful. Plain `dvc repro` works too: its first stage,
-    `check`, runs the same checks before any stage that owns outputs."""
+    `check`, runs the same checks before any stage that owns outputs.
+
+    With --cluster: the grid runs as jobs (`python -m pipeline cluster status` shows them; after
+    a crash or --detach, `python -m pipeline cluster collect` finishes the bookkeeping)."""
     from pipeline.stages.check import check_params
     from pipeline.stages.common import guard
 
     guard(check_params)("params.yaml")  # one line and exit 1 on a mistake, as every stage
-    raise typer.Exit(subprocess.call([sys.executable, "-m", "dvc", "repro", *ctx.args]))
+    if cluster is None:
+        raise typer.Exit(subprocess.call([sys.executable, "-m", "dvc", "repro", *ctx.args]))
+    if ctx.args:
+        raise typer.BadParameter(f"{' '.join(ctx.args)}: dvc repro arguments are not taken with --cluster")
+    raise typer.Exit(_cluster(lambda c: c.repro(detach=detach), cluster, jobs, cluster_file))
+
+
+cluster_app = typer.Typer(help="The grid's jobs on a cluster (`repro --cluster`): status, and collect after the "
+                               "controller died or --detach.", no_args_is_help=True)
+app.add_typer(cluster_app, name="cluster")
+
+
+@cluster_app.command("collect")
+def cluster_collect(cluster_file: Optional[Path] = typer.Option(None, "--cluster-file", help="As given to repro.")):
+    """Re-attach to the jobs of the last submission: record each finished entry in dvc.lock (if its
+    inputs are unchanged), wait for the rest, then run the stages after the grid. Submits and
+    deletes nothing a job owns."""
+    raise typer.Exit(_cluster(lambda c: c.collect(), "slurm", 1, cluster_file))
+
+
+@cluster_app.command("status")
+def cluster_status(cluster_file: Optional[Path] = typer.Option(None, "--cluster-file", help="As given to repro.")):
+    """One line per entry of the current (or last) submission: entry, job id, state, elapsed, log."""
+    raise typer.Exit(_cluster(lambda c: [typer.echo(line) for line in c.status_lines()] and 0, "slurm", 1, cluster_file))
+
+
+def _cluster(action, backend: str, jobs: int, cluster_file: Optional[Path]) -> int:
+    from pipeline.cluster import config
+    from pipeline.cluster.controller import ClusterError, Controller
+    from pipeline.core.validation import ParamsError
+
+    root = Path.cwd()
+    try:
+        settings = config.load(cluster_file, root)
+        return action(Controller(root, settings, backend, jobs, echo=typer.echo))
+    except (ParamsError, ClusterError) as err:
+        typer.echo(f"error: {err}", err=True)
+        return 1
 
 
 # the folders whose entries DVC matrix stages own one by one (a trial x level, a method): an entry

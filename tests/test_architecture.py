@@ -34,11 +34,11 @@ LAYERS: dict[str, set[str]] = {
     "report": {"core", "data", "models", "methods", "evaluation", "artifacts"},
     "config": {"core"},
     "stages": {"core", "data", "models", "methods", "training", "evaluation", "report", "artifacts", "config"},
+    # orchestration around DVC, beside the CLI: it knows stages by their DVC names and commands,
+    # never imports one, and nothing below the CLI imports it
+    "cluster": {"core"},
     "cli": {"core", "data", "models", "methods", "training", "evaluation", "report", "artifacts", "config",
             "stages", "cluster"},
-    # cluster execution: orchestration around DVC, beside the CLI, above the stages
-    "cluster": {"core", "data", "models", "methods", "training", "evaluation", "report", "artifacts", "config",
-                "stages"},
 }
 
 
