@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 TINY = {
     "prepare": {"synthetic": {"n_train": 300, "n_id_val": 60, "n_id_test": 60, "n_val": 60,
                               "n_test": 60, "n_heldout": 100, "n_corpus": 1000}},
-    "pretrained": {"builtin": {"steps": 30, "batch_size": 32, "warmup": 5, "num_threads": 1}},
+    "pretrained": {"builtin": {"steps": 30, "batch_size": 32, "warmup": 5}},
     "reference": {"max_samples": 100},
     "embed": {"iimm_samples": 100},
     "sample": {"levels": [4], "seeds": [0]},

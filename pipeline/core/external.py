@@ -70,6 +70,12 @@ class DigestCache:
         tmp.replace(self.path)
 
 
+# links named `source/...` describe where the content is listed (a CSV, a folder tree): their
+# change re-runs the stage that reads them, but `content_sha256` leaves them out, so the same
+# files listed another way give the same content digest
+SOURCE = "source/"
+
+
 def digest(links: dict[str, Path], cache: DigestCache) -> str:
     """One SHA-256 over the link names and the bytes of every file they reach (a folder's
     files in sorted order, links followed). Plain `os` calls: this runs over every image of a
@@ -121,7 +127,8 @@ def sync(folder: Path, links: dict[str, Path], cache: DigestCache) -> dict:
             os.makedirs(parent, exist_ok=True)
             made.add(parent)
         os.symlink(target, full, target_is_directory=os.path.isdir(target))
-    record = {"sha256": digest(links, cache), "files": len(links),
+    content = {name: target for name, target in links.items() if not name.startswith(SOURCE)}
+    record = {"sha256": digest(links, cache), "content_sha256": digest(content, cache), "files": len(links),
               "sources": {name: str(target) for name, target in sorted(links.items())}}
     text = json.dumps(record, indent=1) + "\n"
     marker = folder / DIGEST

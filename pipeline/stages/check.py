@@ -338,16 +338,19 @@ def external_links(params: Params) -> dict[str, dict[str, Path]]:
 
         cfg = parse(CustomConfig, params.prepare.get("custom"), "prepare.custom")
         source = out["dataset"]
+        # the description (CSV or folder tree, class names) under `source/`: what it says is in
+        # prepare's split table; the images' bytes are the content (`content_sha256`), the same
+        # whichever form lists them
         if cfg.csv is not None:
-            source["custom/source.csv"] = absolute(cfg.csv)
-            table, _ = build_table(replace(cfg, check_images=False))
-            width = len(str(len(table)))
-            for i, f in enumerate(table["path"]):
-                source[f"custom/images/{i:0{width}d}-{Path(f).name}"] = absolute(f)
+            source["source/custom.csv"] = absolute(cfg.csv)
         else:
-            source["custom/folder"] = absolute(cfg.folder)
+            source["source/custom-folder"] = absolute(cfg.folder)
+        table, _ = build_table(replace(cfg, check_images=False))
+        width = len(str(len(table)))
+        for i, f in enumerate(table["path"]):
+            source[f"custom/images/{i:0{width}d}-{Path(f).name}"] = absolute(f)
         if isinstance(cfg.classnames, str):
-            source["custom/classnames.txt"] = absolute(cfg.classnames)
+            source["source/classnames.txt"] = absolute(cfg.classnames)
     elif not spec.generated:
         release(spec, spec.name, out["dataset"])
     for t in resolve_tasks(params.retention, params.dataset.name, Path(params.dataset.root)):

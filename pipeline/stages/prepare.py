@@ -48,7 +48,7 @@ def run(params: Params) -> dict:
     paths.BUILTIN_REFERENCE.mkdir(parents=True, exist_ok=True)
     # what the reference set is, for the stages that depend on this folder; with the digest of
     # an external CSV and its images (written by check), so rewriting one re-runs them too
-    external = {role: read_digest(paths.EXTERNAL / role)["sha256"] for role in ("reference", "dataset", "retention")}
+    external = {role: read_digest(paths.EXTERNAL / role)["content_sha256"] for role in ("reference", "dataset", "retention")}
     (paths.BUILTIN_REFERENCE / "source.json").write_text(json.dumps({
         "csv": str(reference), "separator": params.reference.separator, "sha256": external["reference"]}))
 

@@ -179,6 +179,6 @@ def test_the_check_stage_accepts_a_good_custom_dataset(images):
     from pipeline.stages.check import external_links
 
     links = external_links(params)["dataset"]
-    assert links["custom/source.csv"] == table
+    assert links["source/custom.csv"] == table
     images = [target for name, target in links.items() if name.startswith("custom/images/")]
     assert len(images) == len(rows) and all(p.is_absolute() and p.is_file() for p in images)
