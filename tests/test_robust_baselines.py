@@ -1,0 +1,176 @@
+"""The robust fine-tuning baselines of issue 28 (reference/baselines.md): each loss against an
+independent implementation of its formula written here (loops over rows, plain math, several
+shapes, 1e-5), and the properties the issue names (SnD's single-task coefficient, the shared
+reference sampler, ...). The method contract (a few trainer steps, what trains, the checkpoint
+round trip) is tests/test_methods.py's, for every registered method."""
+
+from __future__ import annotations
+
+import math
+
+import pipeline  # noqa: F401
+import pytest
+import torch
+
+from pipeline.methods.dive import DiVE, DiVEHparams
+from tests import methods_fixtures as mf
+from tests.methods_fixtures import single_thread  # noqa: F401  (autouse)
+
+SHAPES = [(1, 4), (5, 8), (16, 32)]
+
+
+def unit_rows(n: int, d: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64)
+    return x / x.norm(dim=1, keepdim=True)
+
+
+def clip_loss_by_rows(f: torch.Tensor, g: torch.Tensor, s: float) -> float:
+    """Symmetric InfoNCE written out per row: ½ mean_i[−log softmax_j(s f_i·g_j)_i] + the same
+    for texts."""
+    n = f.shape[0]
+    total = 0.0
+    for i in range(n):
+        img = [s * float(f[i] @ g[j]) for j in range(n)]
+        txt = [s * float(g[i] @ f[j]) for j in range(n)]
+        total += -(img[i] - math.log(sum(math.exp(v) for v in img)))
+        total += -(txt[i] - math.log(sum(math.exp(v) for v in txt)))
+    return total / (2 * n)
+
+
+# ---- FLYP+replay ---------------------------------------------------------------------------
+
+
+def replay_method(seed: int = 0, **hp):
+    from pipeline.methods.flyp_replay import FLYPReplay
+
+    model = mf.fresh_model()
+    ctx = mf.context(model, seed=seed, reference=True)
+    method = FLYPReplay(FLYPReplay.Hparams(**hp), ctx)
+    method.setup()
+    return method
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_replay_draws_dives_reference_rows(seed):
+    """Same seed, same step: FLYP+replay, SnD and DiVE embed the same reference rows."""
+    from pipeline.methods.snd import SnD
+
+    replay = replay_method(seed, ref_batch_size=4)
+    dive = DiVE(DiVEHparams(ref_batch_size=4), mf.context(mf.fresh_model(), seed=seed, reference=True))
+    snd = SnD(SnD.Hparams(ref_batch_size=4), mf.context(mf.fresh_model(), seed=seed, reference=True))
+    for step in range(5):
+        rows, size = replay.reference_rows(step)
+        assert size == 4
+        assert torch.equal(rows, dive.reference_rows(step)[0])
+        assert torch.equal(rows, snd.reference_rows(step)[0])
+    assert not all(torch.equal(replay.reference_rows(0)[0], replay.reference_rows(s)[0]) for s in range(1, 5))
+
+
+@pytest.mark.parametrize("lam_r,ref", [(1.0, 4), (0.3, 6), (2.0, 1)])
+def test_replay_loss_is_flyp_plus_lambda_clip_on_the_reference_batch(lam_r, ref):
+    """The loss terms against an independent computation: FLYP's InfoNCE over the target rows
+    with the sampled templates, and λ_r times a separate InfoNCE over the step's reference
+    pairs (the model's own scale), by rows."""
+    method = replay_method(lam_r=lam_r, ref_batch_size=ref)
+    ctx = method.ctx
+    model = ctx.model
+    batch = {"image": mf.images(5, seed=2), "y": torch.tensor([0, 1, 2, 0, 1])}
+    step = 3
+    torch.manual_seed(11)
+    terms = method.loss(batch, step)
+    assert set(terms) == {"flyp_loss", "replay_loss"}
+
+    s = float(model.logit_scale.exp().detach())
+    with torch.no_grad():
+        torch.manual_seed(11)  # the same template draw as the method's
+        pick = torch.randint(ctx.class_tokens.shape[1], (5,))
+        tokens = ctx.class_tokens[batch["y"], pick]
+        norm = lambda x: x / x.norm(dim=1, keepdim=True)  # noqa: E731
+        f = norm(model.encode_image(batch["image"]).double())
+        g = norm(model.encode_text(tokens).double())
+        rows = DiVE.reference_rows(method, step)[0]
+        x_ref = torch.stack([ctx.reference.images[int(j)] for j in rows])
+        f_ref = norm(model.encode_image(x_ref).double())
+        g_ref = norm(model.encode_text(ctx.reference.tokens[rows]).double())
+    assert float(terms["flyp_loss"]) == pytest.approx(clip_loss_by_rows(f, g, s), abs=1e-5)
+    assert float(terms["replay_loss"]) == pytest.approx(lam_r * clip_loss_by_rows(f_ref, g_ref, s), abs=1e-5)
+
+
+def test_replay_reference_term_once_per_step_under_grad_accum():
+    """A later micro-batch of a step carries no reference term; the first carries it times
+    the micro-batch count (the trainer divides each micro-batch's loss by the count)."""
+    from pipeline.methods.base import MicroBatch
+
+    method = replay_method(ref_batch_size=4)
+    batch = {"image": mf.images(3, seed=2), "y": torch.tensor([0, 1, 2])}
+    one = float(method.loss(batch, 1)["replay_loss"])
+    method.micro = MicroBatch(0, 3)
+    assert float(method.loss(batch, 1)["replay_loss"]) == pytest.approx(3 * one, rel=1e-6)
+    method.micro = MicroBatch(2, 3)
+    assert float(method.loss(batch, 1)["replay_loss"]) == 0.0
+
+
+# ---- SnD -----------------------------------------------------------------------------------
+
+
+def snd_by_rows(f, f0, fp, r_prev, r_pre, kappa, tau) -> float:
+    n = f.shape[0]
+    prev = pre = 0.0
+    for i in range(n):
+        w = 1 / (1 + math.exp(-kappa * (math.sqrt(float(((f0[i] - fp[i]) ** 2).sum())) - tau)))
+        prev += w * float(((f[i] - fp[i]) ** 2).sum())
+        pre += (1 - w) * float(((f[i] - f0[i]) ** 2).sum())
+    return r_prev * prev / n + r_pre * pre / n
+
+
+@pytest.mark.parametrize("n,d", SHAPES)
+@pytest.mark.parametrize("hp", [(9.0, 0.5, 6.0, 0.2), (1.0, 2.0, 3.0, 0.7)])
+def test_snd_distill_loss_matches_its_formula(n, d, hp):
+    """General form, distinct teachers (per-sample weights, not their batch mean)."""
+    from pipeline.methods.snd import snd_distill_loss
+
+    f, f0, fp = unit_rows(n, d, 1), unit_rows(n, d, 2), unit_rows(n, d, 3)
+    got = float(snd_distill_loss(f, f0, fp, *hp))
+    assert got == pytest.approx(snd_by_rows(f, f0, fp, *hp), abs=1e-5)
+
+
+def test_snd_single_task_coefficient_is_2_468():
+    """With f_prev = f_0 every w_i = σ(−κτ) and the regulariser is 2.468 · mean ‖f − f_0‖²:
+    the coefficient computed from the defaults, and the general loss with equal teachers."""
+    from pipeline.methods.snd import SnDHparams, single_task_coefficient, snd_distill_loss
+
+    hp = SnDHparams()
+    c = single_task_coefficient(hp)
+    assert c == pytest.approx(2.468, abs=5e-4)
+    f, f0 = unit_rows(7, 16, 4), unit_rows(7, 16, 5)
+    got = float(snd_distill_loss(f, f0, f0, hp.r_prev, hp.r_pre, hp.kappa, hp.tau))
+    assert got == pytest.approx(2.468 * float(((f - f0) ** 2).sum(1).mean()), rel=2e-4)
+
+
+def test_snd_loss_terms():
+    """CE over the frozen scaled zero-shot head plus the distillation to the cached f_0 on the
+    step's reference rows (f_prev = f_0), computed independently."""
+    from pipeline.methods.snd import SnD, single_task_coefficient
+
+    model = mf.fresh_model()
+    ctx = mf.context(model, reference=True)
+    g = torch.Generator().manual_seed(9)
+    with torch.no_grad():  # away from θ_0, so that the distillation is not ~0
+        for p in model.visual.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    method = SnD(SnD.Hparams(ref_batch_size=4), ctx)
+    method.setup()
+    batch = {"image": mf.images(5, seed=2), "y": torch.tensor([0, 1, 2, 0, 1])}
+    terms = method.loss(batch, 2)
+    with torch.no_grad():
+        norm = lambda x: x / x.norm(dim=1, keepdim=True)  # noqa: E731
+        f = norm(model.encode_image(batch["image"]).double())
+        logits = float(model.logit_scale.exp()) * f @ ctx.zeroshot_head.double().t()
+        ce = sum(-(logits[i, y] - torch.logsumexp(logits[i], 0)) for i, y in enumerate(batch["y"].tolist())) / 5
+        rows = DiVE.reference_rows(method, 2)[0]
+        f_ref = norm(model.encode_image(torch.stack([ctx.reference.images[int(j)] for j in rows])).double())
+        d0 = ((f_ref - ctx.reference.image_pre[rows].double()) ** 2).sum(1).mean()
+    assert float(terms["ce_loss"]) == pytest.approx(float(ce), abs=1e-5)
+    assert float(d0) > 1e-3
+    assert float(terms["distill_loss"]) == pytest.approx(single_task_coefficient(method.hp) * float(d0), abs=1e-5)
