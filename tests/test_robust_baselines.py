@@ -174,3 +174,85 @@ def test_snd_loss_terms():
     assert float(terms["ce_loss"]) == pytest.approx(float(ce), abs=1e-5)
     assert float(d0) > 1e-3
     assert float(terms["distill_loss"]) == pytest.approx(single_task_coefficient(method.hp) * float(d0), abs=1e-5)
+
+
+# ---- Lipsum-FT -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n,k,d", [(1, 1, 4), (5, 8, 8), (16, 80, 32)])
+def test_lipsum_regulariser_matches_its_formula(n, k, d):
+    from pipeline.methods.lipsum_ft import lipsum_regulariser
+
+    f, f0, z = unit_rows(n, d, 1), unit_rows(n, d, 2), unit_rows(k, d, 3)
+    s = 37.5
+    want = 0.0
+    for i in range(n):
+        want += sum((s * float(f[i] @ z[j]) - s * float(f0[i] @ z[j])) ** 2 for j in range(k)) / (2 * k)
+    got = float(lipsum_regulariser(f, f0, z, torch.tensor(s, dtype=torch.float64)))
+    assert got == pytest.approx(want / n, abs=1e-5 * max(1.0, want / n))
+
+
+def test_lipsum_random_texts_are_sot_random_eot():
+    from pipeline.methods.lipsum_ft import EOT, SOT, random_texts
+
+    t = random_texts(80, 8, 16, torch.Generator().manual_seed(0))
+    assert t.shape == (80, 16)
+    assert (t[:, 0] == SOT).all() and (t[:, 9] == EOT).all() and (t[:, 10:] == 0).all()
+    body = t[:, 1:9]
+    assert int(body.min()) >= 0 and int(body.max()) < SOT
+    assert len(body.unique()) > 500  # uniform over ~49k ids: 640 draws are nearly all distinct
+
+
+def lipsum_method(seed: int = 0, **hp):
+    from pipeline.methods.lipsum_ft import LipsumFT
+
+    model = mf.fresh_model()
+    method = LipsumFT(LipsumFT.Hparams(**hp), mf.context(model, seed=seed))
+    method.setup()
+    return method
+
+
+def test_lipsum_loss_terms_and_draws():
+    """At θ_0 the regulariser is 0 up to rounding (f_0 is the same weights on the same pixels); after perturbing the
+    image tower it equals the formula with an independent f_0 (a fresh pre-trained model) and
+    z (the step's texts through the pre-trained text tower); the texts depend on (seed, step)
+    only: the same for every micro-batch of a step, new at the next step."""
+    from pipeline.methods.base import MicroBatch
+    from pipeline.methods.lipsum_ft import lipsum_regulariser
+
+    method = lipsum_method(n_texts=5, text_length=4, lam=0.7)
+    model = method.ctx.model
+    batch = {"image": mf.images(4, seed=2), "y": torch.tensor([0, 1, 2, 0])}
+    assert float(method.loss(batch, 0)["lipsum_loss"].detach()) < 1e-10  # rounding: eval vs train kernels
+    z0 = method.text_anchors(0, torch.device("cpu"))
+    method.micro = MicroBatch(1, 2)
+    torch.manual_seed(123)  # other RNG use does not change the texts
+    assert torch.equal(method.text_anchors(0, torch.device("cpu")), z0)
+    assert not torch.equal(method.text_anchors(1, torch.device("cpu")), z0)
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for p in model.visual.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    terms = method.loss(batch, 3)
+    pre = mf.fresh_model().eval()
+    with torch.no_grad():
+        norm = lambda x: x / x.norm(dim=1, keepdim=True)  # noqa: E731
+        f = norm(model.encode_image(batch["image"]).double())
+        f0 = norm(pre.encode_image(batch["image"]).double())
+        from pipeline.methods.lipsum_ft import random_texts
+        gen = torch.Generator().manual_seed((0 * 0x9E3779B97F4A7C15 + 3 * 0xBF58476D1CE4E5B9 + 0x11F5) % 2**63)
+        z = norm(pre.encode_text(random_texts(5, 4, 16, gen)).double())
+        s = float(pre.logit_scale.exp())
+    want = 0.7 * float(lipsum_regulariser(f, f0, z, torch.tensor(s, dtype=torch.float64)))
+    assert want > 1e-4
+    assert float(terms["lipsum_loss"]) == pytest.approx(want, abs=1e-5)
+
+
+def test_lipsum_refuses_a_non_clip_text_tower():
+    from pipeline.methods.lipsum_ft import LipsumFT
+
+    model = mf.fresh_model()
+    model.text_pool_type = "first"
+    with pytest.raises(ValueError, match="lipsum_ft draws random texts from CLIP's BPE vocabulary"):
+        LipsumFT.check_model(model)
+    LipsumFT.check_model(mf.fresh_model())
