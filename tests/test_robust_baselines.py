@@ -256,3 +256,85 @@ def test_lipsum_refuses_a_non_clip_text_tower():
     with pytest.raises(ValueError, match="lipsum_ft draws random texts from CLIP's BPE vocabulary"):
         LipsumFT.check_model(model)
     LipsumFT.check_model(mf.fresh_model())
+
+
+# ---- CLIPood -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n,c,d", [(1, 2, 4), (6, 3, 8), (16, 10, 32)])
+@pytest.mark.parametrize("lam", [0.0, 0.3])
+def test_clipood_margin_loss_matches_its_formula(n, c, d, lam):
+    """CE with a margin s·λ·(1 − t_y·t_j) added to every wrong class's logit s·f·t_j (the
+    margin form, written independently of the method's subtracted-feature form)."""
+    from pipeline.methods.clipood import margin_metric_loss
+
+    f, t = unit_rows(n, d, 1), unit_rows(c, d, 2)
+    y = torch.arange(n) % c
+    s = 50.0
+    want = 0.0
+    for i in range(n):
+        yi = int(y[i])
+        logits = []
+        for j in range(c):
+            margin = 0.0 if j == yi else s * lam * (1 - float(t[yi] @ t[j]))
+            logits.append(s * float(f[i] @ t[j]) + margin)
+        # the true class's logit s·(f·t_y − λ) shifts every logit by the same −s·λ: CE unchanged
+        want += -(logits[yi] - math.log(sum(math.exp(v) for v in logits)))
+    got = float(margin_metric_loss(f, t, y, torch.tensor(s, dtype=torch.float64), lam))
+    assert got == pytest.approx(want / n, abs=1e-5)
+
+
+@pytest.mark.parametrize("total,beta", [(1, 0.5), (7, 0.5), (60, 0.1), (5, 2.0)])
+def test_clipood_beta_weights_sum_to_one_with_the_pretrained_start(total, beta):
+    """The online average over iterates 0…T (0 = the pre-trained start) equals the explicit
+    mean Σ w_i θ_i / Σ w_i, whose normalised weights sum to one and give θ_0 its Beta weight."""
+    from scipy import stats
+
+    from pipeline.methods.clipood import BetaAverage, beta_weight
+
+    w = [stats.beta(beta, beta).pdf((i + 0.5) / (total + 1)) for i in range(total + 1)]
+    assert [beta_weight(i, total, beta) for i in range(total + 1)] == pytest.approx(w, rel=1e-12)
+    norm = [x / sum(w) for x in w]
+    assert sum(norm) == pytest.approx(1.0, abs=1e-12)
+    g = torch.Generator().manual_seed(0)
+    thetas = [torch.randn(3, 4, generator=g, dtype=torch.float64) for _ in range(total + 1)]
+    bma = BetaAverage([("p", thetas[0])], beta_weight(0, total, beta))
+    for i in range(1, total + 1):
+        bma.add([thetas[i]], beta_weight(i, total, beta))
+    want = sum(wi * th for wi, th in zip(norm, thetas))
+    torch.testing.assert_close(bma.average("p").double(), want, rtol=0, atol=1e-6)
+    assert int(bma.count) == total
+    assert bma.average("p").dtype == torch.float32
+
+
+def test_clipood_saves_the_beta_average_of_its_iterates():
+    """After a real training run the saved state is the Beta-weighted mean of θ_0 and every
+    optimiser step's weights (recorded independently), not the last iterate."""
+    from scipy import stats
+
+    from pipeline.methods.clipood import CLIPood
+    from pipeline.training.train import fit
+
+    iterates = []
+
+    class Recording(CLIPood):
+        def after_step(self, step):
+            iterates.append({n: p.detach().clone() for n, p in self._visual()})
+            super().after_step(step)
+
+    model = mf.fresh_model()
+    ctx = mf.context(model)
+    start = {n: p.detach().clone() for n, p in model.named_parameters() if n.startswith("visual.")}
+    method = Recording(CLIPood.Hparams(lr=1e-3), ctx)
+    steps = 4
+    fit(method, ctx.train_set, steps=steps, batch_size=6, seed=0, device=torch.device("cpu"), progress=False)
+    state = method.trained_state()
+    w = [stats.beta(0.5, 0.5).pdf((i + 0.5) / (steps + 1)) for i in range(steps + 1)]
+    w = [x / sum(w) for x in w]
+    seq = [start] + iterates
+    moved = 0.0
+    for n in start:
+        want = sum(w[i] * seq[i][n].double() for i in range(steps + 1))
+        torch.testing.assert_close(state[f"clip.{n}"].double(), want, rtol=0, atol=1e-6)
+        moved = max(moved, float((state[f"clip.{n}"] - iterates[-1][n]).abs().max()))
+    assert moved > 1e-4  # the average is not the last iterate
