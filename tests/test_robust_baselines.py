@@ -338,3 +338,74 @@ def test_clipood_saves_the_beta_average_of_its_iterates():
         torch.testing.assert_close(state[f"clip.{n}"].double(), want, rtol=0, atol=1e-6)
         moved = max(moved, float((state[f"clip.{n}"] - iterates[-1][n]).abs().max()))
     assert moved > 1e-4  # the average is not the last iterate
+
+
+# ---- Model Stock's merge (pipeline.models.weights; the method entry is not wired yet) -------
+
+
+def _t(values):
+    return torch.tensor(values, dtype=torch.float32)
+
+
+def test_model_stock_ratio_on_hand_made_tensors():
+    from pipeline.models.weights import model_stock_ratio
+
+    w0 = _t([[1.0, 2.0]])
+    same = model_stock_ratio(w0, w0 + _t([[1.0, 0.0]]), w0 + _t([[3.0, 0.0]]))  # cos = 1 → t = 1
+    assert float(same) == pytest.approx(1.0, abs=1e-6)
+    c = 1 / math.sqrt(2)  # 45°: t = 2c/(1 + c)
+    assert float(model_stock_ratio(w0, w0 + _t([[1.0, 0.0]]), w0 + _t([[1.0, 1.0]]))) == pytest.approx(
+        2 * c / (1 + c), abs=1e-6)
+    assert float(model_stock_ratio(w0, w0 + _t([[1.0, 0.0]]), w0 + _t([[0.0, 2.0]]))) == 0.0  # orthogonal
+    # cos < 0: the notebook's t = 2cos/(cos + 1) is negative (−2.1 seen); clamped to 0
+    d1, d2 = _t([[1.0, 0.0]]), _t([[-1.0, 0.4]])
+    cos = float((d1 * d2).sum() / (d1.norm() * d2.norm()))
+    assert cos < 0 and 2 * cos / (cos + 1) < -1
+    assert float(model_stock_ratio(w0, w0 + d1, w0 + d2)) == 0.0
+    t = model_stock_ratio(w0, w0 + d1, w0 - d1)  # cos = −1: no division by zero
+    assert float(t) == 0.0 and torch.isfinite(t)
+    assert float(model_stock_ratio(w0, w0, w0)) == 0.0  # no movement: the pre-trained tensor
+
+
+def test_model_stock_merge_on_hand_made_state_dicts():
+    """Per tensor t·(w1 + w2)/2 + (1 − t)·w0 (values worked out by hand), the plain average on
+    the ignored keys even where the merge would give w0, `visual.positional_embedding`
+    merged, the plain average for a key missing from w0 or of another shape, w1's dtype."""
+    from pipeline.models.weights import model_stock_merge
+
+    c = 1 / math.sqrt(2)
+    t45 = 2 * c / (1 + c)
+    opposite = (_t([[1.0, 0.0]]), _t([[-1.0, 0.4]]))  # cos < 0
+    w0 = {"visual.proj": _t([[0.0, 0.0]]), "visual.positional_embedding": _t([[1.0, 1.0]]),
+          "positional_embedding": _t([[0.0, 0.0]]), "text_projection": _t([[0.0, 0.0]]),
+          "logit_scale": _t([[0.0, 0.0]]), "token_embedding.weight": _t([[0.0, 0.0]]),
+          "ln_final.weight": _t([[0.0, 0.0]]), "ln_final.bias": _t([[0.0, 0.0]]),
+          "head": _t([1.0, 1.0, 1.0])}
+    w1 = {k: v.clone() for k, v in w0.items()}
+    w2 = {k: v.clone() for k, v in w0.items()}
+    w1["visual.proj"], w2["visual.proj"] = _t([[1.0, 0.0]]), _t([[1.0, 1.0]])  # 45°
+    w1["visual.positional_embedding"] = w0["visual.positional_embedding"] + opposite[0]
+    w2["visual.positional_embedding"] = w0["visual.positional_embedding"] + opposite[1]
+    for k in ("positional_embedding", "text_projection", "logit_scale", "token_embedding.weight",
+              "ln_final.weight", "ln_final.bias"):
+        w1[k], w2[k] = opposite[0].clone(), opposite[1].clone()
+    w1["head"], w2["head"] = _t([2.0, 1.0, 1.0]), _t([3.0, 1.0, 1.0])  # cos = 1: t = 1
+    w1["extra.only_fine_tuned"], w2["extra.only_fine_tuned"] = _t([1.0]), _t([3.0])
+    w0_other_shape = dict(w0, **{"visual.proj": _t([0.0, 0.0, 0.0])})
+
+    merged = model_stock_merge(w0, w1, w2)
+    torch.testing.assert_close(merged["visual.proj"], _t([[t45 * 1.0, t45 * 0.5]]), rtol=0, atol=1e-6)
+    torch.testing.assert_close(merged["visual.positional_embedding"], w0["visual.positional_embedding"])
+    for k in ("positional_embedding", "text_projection", "logit_scale", "token_embedding.weight",
+              "ln_final.weight", "ln_final.bias"):
+        torch.testing.assert_close(merged[k], (opposite[0] + opposite[1]) / 2, rtol=0, atol=1e-7)
+    torch.testing.assert_close(merged["head"], _t([2.5, 1.0, 1.0]), rtol=0, atol=1e-6)
+    torch.testing.assert_close(merged["extra.only_fine_tuned"], _t([2.0]))
+    assert set(merged) == set(w1)
+    other = model_stock_merge(w0_other_shape, w1, w2)
+    torch.testing.assert_close(other["visual.proj"], _t([[1.0, 0.5]]))
+    half = model_stock_merge({k: v.half() for k, v in w0.items()}, {k: v.half() for k, v in w1.items()},
+                             {k: v.half() for k, v in w2.items()})
+    assert half["visual.proj"].dtype == torch.float16
+    with pytest.raises(KeyError, match="differ"):
+        model_stock_merge(w0, w1, {k: v for k, v in w2.items() if k != "head"})
