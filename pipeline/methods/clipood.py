@@ -35,15 +35,17 @@ def beta_weight(i: int, total: int, beta: float) -> float:
 class BetaAverage(nn.Module):
     """The Beta moving average of a set of parameters, kept in fp32 buffers (saved in the
     trainer's checkpoints with the method's other buffers): starts at the parameters' current
-    values (iterate 0, weight w(0)); `add(params, w)` folds in the next iterate with weight w:
+    values (iterate 0, weight w(0), given here or at the first `add` when the run's length is
+    known only then); `add(params, w)` folds in the next iterate with weight w:
     avg ← (avg + r·θ)/(1 + r), r = w / Σ_{j<i} w(j)."""
 
-    def __init__(self, named: list[tuple[str, torch.Tensor]], weight0: float):
+    def __init__(self, named: list[tuple[str, torch.Tensor]], weight0: float | None = None):
         super().__init__()
         self.names = [n for n, _ in named]
         for n, p in named:
             self.register_buffer(self._key(n), p.detach().float().clone())
-        self.register_buffer("weight_sum", torch.tensor(weight0, dtype=torch.float64))
+        # 0: w(0) not known yet (a Beta density is positive, so 0 is never a real sum)
+        self.register_buffer("weight_sum", torch.tensor(weight0 or 0.0, dtype=torch.float64))
         self.register_buffer("count", torch.zeros((), dtype=torch.long))
 
     @staticmethod
@@ -54,7 +56,11 @@ class BetaAverage(nn.Module):
         return getattr(self, self._key(name))
 
     @torch.no_grad()
-    def add(self, params: list[torch.Tensor], weight: float) -> None:
+    def add(self, params: list[torch.Tensor], weight: float, weight0: float | None = None) -> None:
+        if float(self.weight_sum) == 0:
+            if weight0 is None:
+                raise ValueError("BetaAverage: the start's weight w(0) was never given")
+            self.weight_sum.fill_(weight0)
         r = weight / float(self.weight_sum)
         for n, p in zip(self.names, params):
             avg = self.average(n)
@@ -81,8 +87,10 @@ class CLIPoodHparams(BaseHparams):
 
 @register
 class CLIPood(Method):
-    """CLIPood (Shu et al., "CLIPood: Generalizing CLIP to Out-of-Distributions", ICML 2023;
-    code thuml/CLIPood, `main.py`, `engine.py`): the image encoder fine-tuned with the margin
+    """CLIPood (Shu et al., ICML 2023): margin metric softmax, Beta moving average evaluated.
+
+    "CLIPood: Generalizing CLIP to Out-of-Distributions", code thuml/CLIPood (`main.py`,
+    `engine.py`): the image encoder fine-tuned with the margin
     metric softmax against fixed class text features, logit_j = s·(f·t_j − λ·t_y·t_j), CE;
     and a Beta moving average (BMA) of the image encoder's weights over the run, the
     pre-trained start included: iterate i of 0…T weighs Beta(β, β).pdf((i + 0.5)/(T + 1)),
@@ -132,24 +140,24 @@ class CLIPood(Method):
     def setup(self) -> None:
         freeze(self.root)
         unfreeze(self.ctx.model, lambda n, p: n.startswith("visual."))
-        if "bma" not in self.extra:
-            if not self.total_steps:
-                raise ValueError("clipood: the run's number of steps (Method.total_steps) is not set; "
-                                 "train it through pipeline.training.train.fit")
-            self.extra["bma"] = BetaAverage(self._visual(), beta_weight(0, self.total_steps, self.hp.beta))
+        if "bma" not in self.extra:  # θ_0; its weight w(0) needs the run's length, given at the first step
+            self.extra["bma"] = BetaAverage(self._visual())
 
     def loss(self, batch, step):
         model = self.ctx.model
         model.visual.eval()  # norm layers frozen, as in their training loop
         f = image_features(model, batch["image"])
-        text = self.ctx.zeroshot_head.to(f.device)
+        text = self.ctx.zeroshot_head.to(f.device, f.dtype)
         scale = model.logit_scale.exp().detach()
         return {"ce_loss": margin_metric_loss(f, text, batch["y"], scale, self.hp.lam)}
 
     def after_step(self, step: int) -> None:
-        bma = self.extra["bma"]
-        weight = beta_weight(int(bma.count) + 1, self.total_steps, self.hp.beta)
-        bma.add([p for _, p in self._visual()], weight)
+        if not self.total_steps:
+            raise ValueError("clipood: the run's number of steps (Method.total_steps) is not set; "
+                             "train it through pipeline.training.train.fit")
+        bma, total, beta = self.extra["bma"], self.total_steps, self.hp.beta
+        bma.add([p for _, p in self._visual()], beta_weight(int(bma.count) + 1, total, beta),
+                weight0=beta_weight(0, total, beta))
 
     def trained_state(self) -> dict[str, torch.Tensor]:
         bma = self.extra["bma"]

@@ -29,8 +29,9 @@ class FLYPReplayHparams(FLYPHparams):
 
 @register
 class FLYPReplay(DiVE):
-    """FLYP+replay (DiVE's baseline for ARF, Suzuki et al. AAAI 2026; no official code):
-    L = L_FLYP(target batch) + λ_r · L_CLIP(reference batch of image-caption pairs), both
+    """FLYP+replay (DiVE's ARF stand-in, Suzuki et al. AAAI 2026): FLYP + λ_r·CLIP loss on references.
+
+    No official code. L = L_FLYP(target batch) + λ_r · L_CLIP(reference batch of image-caption pairs), both
     towers and the logit scale trained, as FLYP.
 
     It is DiVE with the reference loss swapped: the same reference set (the embed stage's

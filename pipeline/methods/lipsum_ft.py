@@ -12,7 +12,7 @@ from pipeline.core.validation import Float, Int
 from pipeline.methods import register
 from pipeline.methods.base import BaseHparams, Method, freeze, unfreeze
 from pipeline.methods.common import LinearHead, image_features, text_features
-from pipeline.models.losses import classification_loss, fp32_loss
+from pipeline.models.losses import classification_loss, fp32_loss, upcast
 
 # CLIP's BPE vocabulary (open_clip's SimpleTokenizer): the two special ids are its last two
 CLIP_VOCAB, SOT, EOT = 49408, 49406, 49407
@@ -59,8 +59,9 @@ class LipsumFTHparams(BaseHparams):
 
 @register
 class LipsumFT(Method):
-    """Lipsum-FT (Nam et al., "Lipsum-FT: Robust Fine-Tuning of Zero-Shot Models Using Random
-    Text Guidance", ICLR 2024; code cs-giung/lipsum-ft, JAX, `scripts/Lipsum-FT.py`): the image
+    """Lipsum-FT (Nam et al., ICLR 2024): FT + random-text energy gap to the pre-trained encoder.
+
+    "Lipsum-FT: Robust Fine-Tuning of Zero-Shot Models Using Random Text Guidance"; code cs-giung/lipsum-ft, JAX, `scripts/Lipsum-FT.py`): the image
     encoder and a linear head trained with
       L = CE(s·f_θ(x)·Wᵀ, y) + λ · mean_i (1/(2K)) Σ_k (s·f_θ(x_i)·z_k − s·f_0(x_i)·z_k)²,
     z_k the frozen pre-trained text tower's normalised embeddings of K random texts, f_0 the
@@ -94,8 +95,8 @@ class LipsumFT(Method):
       of a second image tower.
 
     Model families: the random texts are drawn from CLIP's BPE vocabulary (49408 ids, SOT
-    49406, EOT 49407, EOT pooling); other text towers (SigLIP's, HF tokenisers) are refused
-    in `check_model`.
+    49406, EOT 49407, EOT pooling), which CLIP, EVA-02 and CoCa share; SigLIP (its own
+    tokenizer, last-token pooling) and HF text towers are refused in `check_model`.
 
     Precision: f_θ and f_0 run in the trainer's precision (bf16 autocast on CUDA) on the same
     pixels, so at θ = θ_0 the regulariser is 0 up to the rounding between training-mode and
@@ -113,14 +114,18 @@ class LipsumFT(Method):
 
     @classmethod
     def check_model(cls, model: nn.Module) -> None:
-        emb = getattr(model, "token_embedding", None)
-        pool = getattr(model, "text_pool_type", None)
+        text = getattr(model, "text", None)  # open_clip's CustomTextCLIP / CoCa keep the tower here
+        if text is not None:
+            emb, pool = getattr(text, "token_embedding", None), getattr(text, "pool_type", None)
+        else:
+            emb, pool = getattr(model, "token_embedding", None), getattr(model, "text_pool_type", None)
         if emb is None or emb.num_embeddings != CLIP_VOCAB or pool != "argmax":
+            have = "no token_embedding" if emb is None else f"{emb.num_embeddings} token ids"
             raise ValueError(
                 f"lipsum_ft draws random texts from CLIP's BPE vocabulary ({CLIP_VOCAB} token ids, [SOT] {SOT}, "
-                f"[EOT] {EOT}, EOT pooling); this model's text tower has "
-                f"{'no token_embedding' if emb is None else f'{emb.num_embeddings} token ids'} and pooling "
-                f"{pool!r}. Use a CLIP arch with open_clip's own text tower (ViT-B-32, ViT-B-16, ViT-L-14, RN50, ...)")
+                f"[EOT] {EOT}, EOT (argmax) pooling); this model's text tower has {have} and pooling {pool!r} "
+                "(SigLIP's tokenizer and last-token pooling, or an HF text tower). Allowed: archs with open_clip's "
+                "CLIP text tower (ViT-B-32, ViT-B-16, ViT-L-14, RN50, EVA02-B-16, coca_ViT-B-32, ...)")
 
     def setup(self) -> None:
         freeze(self.root)
@@ -151,7 +156,8 @@ class LipsumFT(Method):
         images = batch["image"]
         f = image_features(model, images)
         with torch.no_grad():
-            f0 = nn.functional.normalize(self.visual0(images).float(), dim=-1)
+            out = self.visual0(images)  # CoCa's tower returns (pooled, tokens), as its encode_image reads
+            f0 = nn.functional.normalize(upcast(out[0] if isinstance(out, tuple) else out), dim=-1)
         z = self.text_anchors(step, images.device)
         scale = model.logit_scale.exp().detach()
         return {"ce_loss": classification_loss(f, self.extra["head"].weight, batch["y"]),

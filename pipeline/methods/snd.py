@@ -64,9 +64,10 @@ def single_task_coefficient(hp: SnDHparams) -> float:
 
 @register
 class SnD(Method):
-    """SnD, Select and Distill (Yu et al., "Select and Distill: Selective Dual-Teacher Knowledge
-    Transfer for Continual Learning on Vision-Language Models", ECCV 2024; code
-    chu0802/SnD, `snd_trainer.py`):
+    """SnD (Yu et al., ECCV 2024): CE + selective dual-teacher feature distillation on references.
+
+    "Select and Distill: Selective Dual-Teacher Knowledge Transfer for Continual Learning on
+    Vision-Language Models", code chu0802/SnD, `snd_trainer.py`:
       L = CE(s·f_θ(x)·Hᵀ, y) + r_prev · mean_i(w_i d_prev,i) + r_pre · mean_i((1 − w_i) d_0,i)
     on a reference batch of images x_i, d_·,i = ‖f_θ(x_i) − f_·(x_i)‖² (normalised features),
     w_i = σ(κ(‖f_0(x_i) − f_prev(x_i)‖ − τ)). Only the image tower trains.
@@ -133,7 +134,7 @@ class SnD(Method):
         model = self.ctx.model
         device = batch["y"].device
         f = image_features(model, batch["image"])
-        terms = {"ce_loss": classification_loss(f, self.head(device), batch["y"])}
+        terms = {"ce_loss": classification_loss(f, self.head(device).to(f.dtype), batch["y"])}
         if self.micro.index > 0:
             terms["distill_loss"] = torch.zeros((), device=device)
             return terms
@@ -141,7 +142,7 @@ class SnD(Method):
         local, size = self.reference_rows(step)
         x_ref = torch.stack([torch.as_tensor(ref.images[int(j)]) for j in local]).to(device)
         with autocast_off(device.type):
-            f_ref = image_features(model, x_ref.float())
+            f_ref = image_features(model, x_ref.to(batch["image"].dtype))
         f0 = ref.image_pre[local].to(device)
         share = len(local) * dist.world_size() / size
         hp = self.hp
