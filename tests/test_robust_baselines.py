@@ -409,3 +409,34 @@ def test_model_stock_merge_on_hand_made_state_dicts():
     assert half["visual.proj"].dtype == torch.float16
     with pytest.raises(KeyError, match="differ"):
         model_stock_merge(w0, w1, {k: v for k, v in w2.items() if k != "head"})
+
+
+# ---- resume -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["clipood", "lipsum_ft", "snd", "flyp_replay"])
+def test_resumed_run_ends_with_the_same_saved_state(name, tmp_path):
+    """A run resumed from its step-2 checkpoint saves what the uninterrupted run saves:
+    CLIPood's Beta average (its buffers are in the checkpoint), Lipsum-FT's f_0 (rebuilt from
+    the pre-trained weights before the checkpoint loads), the reference draws of SnD and
+    FLYP+replay (seeded by seed and step)."""
+    from pipeline.methods import METHODS
+    from pipeline.training.train import fit
+
+    cls = METHODS[name]
+
+    def run(ckpt):
+        model = mf.fresh_model()
+        ctx = mf.context(model, reference=cls.needs_reference)
+        method = cls(cls.Hparams(lr=1e-3, warmup_steps=0), ctx)
+        fit(method, ctx.train_set, steps=4, batch_size=6, seed=1, device=torch.device("cpu"), progress=False,
+            checkpoint_dir=ckpt, checkpoint_every=2)
+        return method.trained_state()
+
+    full = run(tmp_path / "a")
+    assert (tmp_path / "a" / "last.pt").exists()  # the step-2 checkpoint
+    resumed = run(tmp_path / "a")  # resumes from step 2
+    fresh = mf.fresh_model().state_dict()
+    assert max(float((full[k].float() - fresh[k[5:]].float()).abs().max()) for k in full if k.startswith("clip.")) > 1e-4
+    for k in full:
+        torch.testing.assert_close(resumed[k], full[k], rtol=0, atol=1e-6)
