@@ -97,18 +97,29 @@ def test_replay_loss_is_flyp_plus_lambda_clip_on_the_reference_batch(lam_r, ref)
     assert float(terms["replay_loss"]) == pytest.approx(lam_r * clip_loss_by_rows(f_ref, g_ref, s), abs=1e-5)
 
 
-def test_replay_reference_term_once_per_step_under_grad_accum():
+@pytest.mark.parametrize("name,term", [("flyp_replay", "replay_loss"), ("snd", "distill_loss")])
+def test_reference_term_once_per_step_under_grad_accum(name, term):
     """A later micro-batch of a step carries no reference term; the first carries it times
     the micro-batch count (the trainer divides each micro-batch's loss by the count)."""
+    from pipeline.methods import METHODS
     from pipeline.methods.base import MicroBatch
 
-    method = replay_method(ref_batch_size=4)
+    cls = METHODS[name]
+    model = mf.fresh_model()
+    ctx = mf.context(model, reference=True)  # the cached f_0 of the pre-trained weights
+    g = torch.Generator().manual_seed(9)
+    with torch.no_grad():  # away from θ_0, so that SnD's distillation is not ~0
+        for p in model.visual.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    method = cls(cls.Hparams(ref_batch_size=4), ctx)
+    method.setup()
     batch = {"image": mf.images(3, seed=2), "y": torch.tensor([0, 1, 2])}
-    one = float(method.loss(batch, 1)["replay_loss"])
+    one = float(method.loss(batch, 1)[term])
+    assert one > 1e-6
     method.micro = MicroBatch(0, 3)
-    assert float(method.loss(batch, 1)["replay_loss"]) == pytest.approx(3 * one, rel=1e-6)
+    assert float(method.loss(batch, 1)[term]) == pytest.approx(3 * one, rel=1e-6)
     method.micro = MicroBatch(2, 3)
-    assert float(method.loss(batch, 1)["replay_loss"]) == 0.0
+    assert float(method.loss(batch, 1)[term]) == 0.0
 
 
 # ---- SnD -----------------------------------------------------------------------------------
