@@ -71,6 +71,17 @@ CASES = {
     "bitfit_chunked": ("bitfit", {"lr": 3e-4, "warmup_steps": 0}, {"steps": 3, "batch_size": 8}),
     # both towers and the logit scale against every class prompt (templates drawn per class: shared)
     "prompt_ce": ("prompt_ce", {"lr": 3e-4, "warmup_steps": 0}, {"steps": 2, "batch_size": 8}),
+    # issue 28's baselines: DiVE's reference sampler (FLYP+replay gathers its reference rows: an
+    # even split; SnD weights uneven slices), Lipsum-FT's random texts (seeded by seed and step),
+    # CLIPood's Beta average (kept by every rank), each also under grad_accum where it has a rule
+    "flyp_replay": ("flyp_replay", {"lr": 3e-4, "warmup_steps": 0, "ref_batch_size": 4, "lam_r": 2.0},
+                    {"steps": 3, "batch_size": 8}),
+    "flyp_replay_accum": ("flyp_replay", {"lr": 3e-4, "warmup_steps": 0, "ref_batch_size": 4},
+                          {"steps": 2, "batch_size": 8, "grad_accum": 2}),
+    "snd_uneven_ref": ("snd", {"lr": 3e-4, "ref_batch_size": 5, "r_pre": 50.0}, {"steps": 3, "batch_size": 8}),
+    "lipsum_ft": ("lipsum_ft", {"lr": 3e-4, "warmup_steps": 0, "n_texts": 7, "lam": 10.0},
+                  {"steps": 3, "batch_size": 8}),
+    "clipood": ("clipood", {"lr": 3e-4}, {"steps": 3, "batch_size": 8}),
     # a new head on the vision-only backbone (created under the same seed on every rank)
     "vision_ft": ("vision_ft", {"lr": 3e-4, "warmup_steps": 0}, {"steps": 2, "batch_size": 8}),
 }

@@ -115,6 +115,9 @@ class Method:
     trains_extra: ClassVar[str | None] = None
     # set by the trainer before every `loss` call
     micro: MicroBatch = MicroBatch()
+    # set by the trainer before `setup`: the run's number of optimiser steps (for a method
+    # whose per-step weights depend on the run's length, e.g. a Beta-weighted average)
+    total_steps: int | None = None
 
     def __init__(self, hp: Any, ctx: TaskContext):
         type(self).check_model(ctx.model)  # refuse a model this method cannot adapt, before any work

@@ -256,6 +256,7 @@ def fit(method: Method, train_set: torch.utils.data.Dataset, *, steps: int, batc
         raise ValueError(f"finetune.train.swa_start: {reason}; set finetune.train.swa_start: 0 (off)")
     if groups is not None and len(groups) != len(train_set):
         raise ValueError(f"groups: {len(groups)} group indices for {len(train_set)} training samples")
+    method.total_steps = steps
     method.setup()
     if swa_start > 0 and (bn := _batchnorm_layers(method.root)):
         raise ValueError(
