@@ -145,3 +145,119 @@ def test_clip_lora_dropout_only_in_training_and_single_template():
         cl.class_head_with_grad = real
     (seen, n_templates), = calls
     assert n_templates == 0 and torch.equal(seen, tokens[:, :1])
+
+
+# ---- LP++ ---------------------------------------------------------------------------------
+
+from pipeline.methods.lp_pp import (BlockSGD, LPPlusPlus, LPPPHparams, blended_logits,  # noqa: E402
+                                    class_sums, init_alpha, lp_pp_loss, step_alpha, step_w)
+
+SHAPES = [(6, 3, 4), (20, 5, 16), (33, 7, 32)]  # (N, C, D)
+
+
+def _support(n, c, d, seed):
+    g = torch.Generator().manual_seed(seed)
+    f = F.normalize(torch.randn(n, d, generator=g), dim=-1)
+    y = torch.arange(n) % c  # every class present
+    y = y[torch.randperm(n, generator=g)]
+    text = F.normalize(torch.randn(c, d, generator=g), dim=-1)
+    return f, y, text, g
+
+
+@pytest.mark.parametrize("n,c,d", SHAPES)
+def test_lp_pp_logits_init_and_step_sizes(n, c, d):
+    f, y, text, g = _support(n, c, d, n + c + d)
+    w, b, alpha = torch.randn(c, d, generator=g), torch.randn(c, generator=g), torch.rand(c, generator=g) * 5
+    expected = torch.empty(n, c)
+    for i in range(n):
+        for k in range(c):
+            expected[i, k] = float((w[k] * f[i]).sum() + b[k] + alpha[k] * (f[i] * text[k]).sum())
+    torch.testing.assert_close(blended_logits(f, w, b, alpha, text), expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(blended_logits(f, w, None, alpha, text), expected - b, rtol=0, atol=1e-5)
+    torch.testing.assert_close(lp_pp_loss(f, w, b, alpha, text, y), F.cross_entropy(expected, y), rtol=0, atol=1e-5)
+    # W init: per-class sums (shots × centroid), not means
+    sums = torch.stack([f[y == k].sum(0) for k in range(c)])
+    torch.testing.assert_close(class_sums(f, y, c), sums, rtol=0, atol=1e-5)
+    # α init: 250 · mean over classes of (mean over the class's own samples of f·t_c)
+    per_class = [float((f[y == k] @ text[k]).mean()) for k in range(c)]
+    assert float(init_alpha(f, y, text, 250.0)) == pytest.approx(250 * sum(per_class) / c, abs=1e-5)
+    # step sizes: 4N/λ_max(FᵀF) (numpy's eigh, independent) and N/(4·max_c Σ_i (f_i·t_c)²)
+    import numpy as np
+
+    fn = f.double().numpy()
+    lam = np.linalg.eigh(fn.T @ fn)[0].max()
+    assert step_w(f) == pytest.approx(4 * n / lam, rel=1e-9)
+    col = [sum(float(f[i].double() @ text[k].double()) ** 2 for i in range(n)) for k in range(c)]
+    assert step_alpha(f, text) == pytest.approx(n / (4 * max(col)), rel=1e-9)
+
+
+def test_lp_pp_alpha_init_skips_absent_classes():
+    f, y, text, _ = _support(12, 4, 8, 3)
+    y = torch.where(y == 3, 0, y)  # class 3 has no support sample
+    per_class = [float((f[y == k] @ text[k]).mean()) for k in range(3)]
+    assert float(init_alpha(f, y, text, 1.0)) == pytest.approx(sum(per_class) / 3, abs=1e-6)
+
+
+@pytest.mark.parametrize("every", [1, 3])
+def test_block_sgd_matches_torch_sgd(every):
+    """Momentum groups step as torch.optim.SGD; an `every` = k group steps on every k-th call
+    only, with that call's gradient."""
+    g = torch.Generator().manual_seed(every)
+    p0, q0 = torch.randn(4, 3, generator=g), torch.randn(5, generator=g)
+    p, q = nn.Parameter(p0.clone()), nn.Parameter(q0.clone())
+    p_ref, q_ref = nn.Parameter(p0.clone()), q0.clone()
+    ours = BlockSGD([{"params": [p], "lr": 0.1, "momentum": 0.9}, {"params": [q], "lr": 0.05, "every": every}])
+    ref = torch.optim.SGD([p_ref], lr=0.1, momentum=0.9)
+    for call in range(1, 8):
+        gp, gq = torch.randn(4, 3, generator=g), torch.randn(5, generator=g)
+        p.grad, q.grad, p_ref.grad = gp.clone(), gq.clone(), gp.clone()
+        ours.step()
+        ref.step()
+        if call % every == 0:
+            q_ref = q_ref - 0.05 * gq
+        torch.testing.assert_close(p.detach(), p_ref.detach(), rtol=0, atol=1e-6)
+        torch.testing.assert_close(q.detach(), q_ref, rtol=0, atol=1e-6)
+    state = ours.state_dict()  # resumable: step counts and momentum in the state
+    assert {"calls", "momentum_buffer"} <= set(state["state"][0])
+
+
+def test_lp_pp_trains_as_the_written_out_full_batch_loop():
+    """fit() on LP++ = the official procedure written out: full batch every step, W by SGD
+    (momentum 0.9) at 4N/λ_max, α by a plain step every 10 epochs, no clipping, no schedule;
+    the evaluated head is W + diag(α)·T."""
+    from pipeline.training.train import fit
+
+    ctx = mf.context()
+    method = LPPlusPlus(LPPPHparams(), ctx)
+    steps = 23
+    fit(method, mf.train_items(with_images=False), steps=steps, batch_size=4, seed=0,
+        device=torch.device("cpu"), progress=False)
+
+    model = mf.fresh_model().eval()
+    with torch.no_grad():
+        feats = F.normalize(model.encode_image(torch.stack([it["image"] for it in mf.train_items()])), dim=-1)
+    y = torch.stack([it["y"] for it in mf.train_items()])
+    text = ctx.zeroshot_head.float()
+    c = text.shape[0]
+    w = nn.Parameter(torch.stack([feats[y == k].sum(0) for k in range(c)]))
+    a0 = 250 * torch.stack([(feats[y == k] @ text[k]).mean() for k in range(c)]).mean()
+    alpha = nn.Parameter(a0 * torch.ones(c))
+    lr_w = 4 * len(y) / float(torch.linalg.eigvalsh(feats.double().t() @ feats.double()).max())
+    lr_a = len(y) / float(4 * ((feats.double() @ text.double().t()) ** 2).sum(0).max())
+    opt = torch.optim.SGD([w], lr=lr_w, momentum=0.9)
+    for epoch in range(steps):
+        opt.zero_grad()
+        alpha.grad = None
+        loss = F.cross_entropy(feats @ w.t() + alpha * (feats @ text.t()), y)
+        loss.backward()
+        opt.step()
+        if (epoch + 1) % 10 == 0:
+            with torch.no_grad():
+                alpha -= lr_a * alpha.grad
+    probe = method.extra["probe"]
+    torch.testing.assert_close(probe.weight.detach(), w.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(probe.alpha.detach(), alpha.detach(), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(alpha.detach(), a0 * torch.ones(c))  # α did step (epochs 10 and 20)
+    head = method.live_eval_model().task_head(mf.class_tokens())
+    torch.testing.assert_close(feats @ head.t(), feats @ w.detach().t() + alpha.detach() * (feats @ text.t()),
+                               rtol=0, atol=1e-5)

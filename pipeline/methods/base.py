@@ -142,6 +142,14 @@ class Method:
     def after_step(self, step: int) -> None:
         """Called after every optimiser step."""
 
+    def optimizer(self) -> torch.optim.Optimizer | None:
+        """The method's own optimiser over its trainable parameters, or None (the default):
+        the trainer's AdamW over `param_groups` with the project's weight-decay rule, warm-up
+        and cosine schedule and gradient clipping. A method that returns one owns its step
+        sizes (LP++'s data-driven ones): the trainer then neither schedules its learning
+        rates nor clips its gradients, and only calls `zero_grad` and `step`."""
+        return None
+
     def param_groups(self) -> list[dict]:
         """Trainable parameters with optional per-group settings (`lr_scale`)."""
         return [{"named_params": trainable(self.root)}]

@@ -227,6 +227,10 @@ def fit(method: Method, train_set: torch.utils.data.Dataset, *, steps: int, batc
         swa_start: float = 0.0, swa_every: int = 1) -> TrainResult:
     """Train `method` for `steps` optimiser steps of `batch_size` global samples.
 
+    The optimiser is AdamW with the method's warm-up and cosine schedule and `grad_clip`,
+    unless the method brings its own (`Method.optimizer`, e.g. LP++'s data-driven step sizes),
+    which then owns its step sizes: no schedule, no clipping.
+
     `groups` (one group index per sample of `train_set`, e.g. its domain): batches are drawn
     uniformly over the groups (`balanced_plan`); None: `batch_plan`, each sample once per epoch.
 
@@ -264,7 +268,15 @@ def fit(method: Method, train_set: torch.utils.data.Dataset, *, steps: int, batc
             "the trainer supports SWA only for models without BatchNorm (LayerNorm: the open_clip towers). "
             "Set finetune.train.swa_start: 0 (off)")
     method.root.to(device)
-    optimizer, params = build_optimizer(method, device)
+    # a method's own optimiser owns its step sizes: no schedule, no clipping (`Method.optimizer`)
+    own = method.optimizer()
+    owns_steps = own is not None
+    if own is None:
+        optimizer, params = build_optimizer(method, device)
+    else:
+        optimizer, params = own, [p for g in own.param_groups for p in g["params"]]
+        if not params:
+            raise ValueError(f"method {method.name!r} has no trainable parameter")
     world, rank = dist.world_size(), dist.rank()
     use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
     trainable_n = count_params(params)
@@ -290,6 +302,8 @@ def fit(method: Method, train_set: torch.utils.data.Dataset, *, steps: int, batc
     history: list[dict] = []
 
     def lr_at(step: int) -> None:
+        if owns_steps:
+            return
         for g in optimizer.param_groups:
             g["lr"] = scheduled_lr(method.hp.lr * g["lr_scale"], step, steps, method.hp.warmup_steps)
 
@@ -353,7 +367,7 @@ def fit(method: Method, train_set: torch.utils.data.Dataset, *, steps: int, batc
             avg = dist.mean(torch.tensor([terms_sum[k] for k in keys], dtype=torch.float64, device=device))
             terms_sum = dict(zip(keys, avg.tolist()))
         grad_norm = None
-        if grad_clip > 0:
+        if grad_clip > 0 and not owns_steps:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip))
         optimizer.step()
         method.after_step(step)
