@@ -261,3 +261,129 @@ def test_lp_pp_trains_as_the_written_out_full_batch_loop():
     head = method.live_eval_model().task_head(mf.class_tokens())
     torch.testing.assert_close(feats @ head.t(), feats @ w.detach().t() + alpha.detach() * (feats @ text.t()),
                                rtol=0, atol=1e-5)
+
+
+# ---- CLAP ---------------------------------------------------------------------------------
+
+from pipeline.methods.clap import (CLAP, CLAPHparams, clap_logits, clap_loss, constraint,  # noqa: E402
+                                   constraint_weights, raw_text_means)
+
+
+@pytest.mark.parametrize("n,c,d", SHAPES)
+def test_clap_logits_constraint_and_class_weights(n, c, d):
+    g = torch.Generator().manual_seed(n * c)
+    f = torch.randn(n, d, generator=g) * 3  # unnormalised on purpose
+    w = torch.randn(c, d, generator=g) * 2
+    anchors = torch.randn(c, d, generator=g) * 5
+    y = (torch.arange(n) % c)[torch.randperm(n, generator=g)]
+    s = 37.0
+    expected = torch.empty(n, c)
+    for i in range(n):
+        fi = f[i] / math.sqrt(float((f[i] ** 2).sum()))
+        for k in range(c):
+            wk = w[k] / math.sqrt(float((w[k] ** 2).sum()))
+            expected[i, k] = s * float((fi * wk).sum())
+    torch.testing.assert_close(clap_logits(f, w, s), expected, rtol=0, atol=1e-4)
+    lam = torch.rand(c, generator=g)
+    reg = sum(float(lam[k]) * float(((w[k] - anchors[k]) ** 2).sum()) for k in range(c)) / c
+    assert float(constraint(w, anchors, lam)) == pytest.approx(reg, rel=1e-5)
+    ce, r = clap_loss(f, w, anchors, lam, y, s)
+    torch.testing.assert_close(ce, F.cross_entropy(expected, y), rtol=0, atol=1e-5)
+    assert float(r) == pytest.approx(reg, rel=1e-5)
+    # λ_c: mean softmax probability of class c over the rows labelled c
+    logits = torch.randn(n, c, generator=g) * 4
+    weights = []
+    for k in range(c):
+        rows = [i for i in range(n) if int(y[i]) == k]
+        probs = [math.exp(float(logits[i, k])) / sum(math.exp(float(v)) for v in logits[i]) for i in rows]
+        weights.append(sum(probs) / len(probs))
+    torch.testing.assert_close(constraint_weights(logits, y, c), torch.tensor(weights), rtol=0, atol=1e-5)
+    # a class without rows is held fully (λ = 1)
+    assert float(constraint_weights(logits, y, c + 1)[c]) == 1.0
+
+
+def test_clap_text_anchors_are_unnormalised_template_means():
+    model = mf.fresh_model().eval()
+    tokens = mf.class_tokens()
+    with torch.no_grad():
+        per_template = torch.stack([model.encode_text(tokens[:, t]) for t in range(tokens.shape[1])], 1)
+    anchors = raw_text_means(model, tokens, torch.device("cpu"), batch_size=3)
+    torch.testing.assert_close(anchors, per_template.mean(1), rtol=0, atol=1e-5)
+    assert not torch.allclose(anchors.norm(dim=-1), torch.ones(len(anchors)))
+
+
+class _Augmented(torch.utils.data.Dataset):
+    """Images with a fresh random shift per access (a stand-in for a random transform)."""
+
+    def __init__(self, base):
+        self.base = base
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        item = dict(self.base[i])
+        item["image"] = item["image"] + 0.5 * torch.randn(item["image"].shape)
+        return item
+
+    def without_images(self):
+        return mf.train_items(with_images=False)
+
+
+def _clap(views=3, seed=0, rng_check=False):
+    ctx = mf.context(seed=seed)
+    ctx.train_set = _Augmented(ctx.train_set)
+    method = CLAP(CLAPHparams(views=views), ctx)
+    before = torch.get_rng_state()
+    method.setup()
+    if rng_check:  # the view draws leave the global RNG alone
+        assert torch.equal(torch.get_rng_state(), before)
+    return method
+
+
+def test_clap_views_cached_once_seeded_and_loss_over_every_view():
+    method = _clap(views=3, rng_check=True)
+    feats = method.features
+    v, n, d = feats.shape
+    assert (v, n) == (3, 12)
+    assert not torch.allclose(feats[0], feats[1])  # each view is its own augmentation draw
+    torch.testing.assert_close(feats, _clap(views=3).features, rtol=0, atol=0)  # reproducible
+    assert not torch.allclose(feats, _clap(views=3, seed=1).features)
+    # λ from the zero-shot logits s·f̂·normalise(t̄)ᵀ over every view of every support sample
+    y = method.labels
+    zs = method.scale * feats.reshape(v * n, d) @ F.normalize(method.anchors, dim=-1).t()
+    torch.testing.assert_close(method.weights, constraint_weights(zs, y.repeat(v), 3), rtol=0, atol=1e-5)
+    # prototypes start at t̄; the loss of a batch covers all views of its samples
+    torch.testing.assert_close(method.extra["prototypes"].weight.detach(), method.anchors, rtol=0, atol=0)
+    with torch.no_grad():
+        method.extra["prototypes"].weight.add_(0.3 * torch.randn(method.anchors.shape))
+    idx = torch.tensor([4, 0, 7])
+    terms = method.loss({"index": idx, "y": y[idx]}, 0)
+    w = method.extra["prototypes"].weight.detach()
+    rows = torch.cat([feats[k, idx] for k in range(v)])
+    labels = torch.cat([y[idx]] * v)
+    ce = F.cross_entropy(method.scale * F.normalize(rows, dim=-1) @ F.normalize(w, dim=-1).t(), labels)
+    torch.testing.assert_close(terms["ce_loss"], ce, rtol=0, atol=1e-5)
+    torch.testing.assert_close(terms["constraint_loss"], constraint(w, method.anchors, method.weights),
+                               rtol=0, atol=1e-5)
+    head = method.live_eval_model().task_head(mf.class_tokens())
+    torch.testing.assert_close(head, method.scale * F.normalize(w, dim=-1), rtol=0, atol=1e-5)
+
+
+def test_own_optimisers_schedule_only_groups_with_lr_scale():
+    """Method.optimizer: CLAP's SGD group carries lr_scale, so the trainer runs its cosine
+    schedule; LP++'s groups do not, so their data-driven step sizes stay fixed."""
+    from pipeline.training.optim import scheduled_lr
+    from pipeline.training.train import fit
+
+    ctx = mf.context()
+    ctx.train_set = _Augmented(ctx.train_set)
+    clap = CLAP(CLAPHparams(views=2, lr=0.05, warmup_steps=1), ctx)
+    res = fit(clap, mf.train_items(with_images=False), steps=4, batch_size=6, seed=0,
+              device=torch.device("cpu"), progress=False)
+    assert [h["lr"] for h in res.history] == pytest.approx([scheduled_lr(0.05, s, 4, 1) for s in range(4)])
+    assert all("grad_norm" not in h for h in res.history)  # no clipping of a method's own optimiser
+    lp = LPPlusPlus(LPPPHparams(), mf.context())
+    res = fit(lp, mf.train_items(with_images=False), steps=3, batch_size=6, seed=0,
+              device=torch.device("cpu"), progress=False)
+    assert [h["lr"] for h in res.history] == pytest.approx([lp.steps[0]] * 3)

@@ -146,8 +146,9 @@ class Method:
         """The method's own optimiser over its trainable parameters, or None (the default):
         the trainer's AdamW over `param_groups` with the project's weight-decay rule, warm-up
         and cosine schedule and gradient clipping. A method that returns one owns its step
-        sizes (LP++'s data-driven ones): the trainer then neither schedules its learning
-        rates nor clips its gradients, and only calls `zero_grad` and `step`."""
+        sizes: the trainer never clips its gradients, and schedules (warm-up `hp.warmup_steps`,
+        cosine, from `hp.lr · lr_scale`) only the groups that carry an `lr_scale` key; the
+        other groups keep the learning rate the method gave them (LP++'s data-driven ones)."""
         return None
 
     def param_groups(self) -> list[dict]:

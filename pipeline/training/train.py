@@ -228,8 +228,9 @@ def fit(method: Method, train_set: torch.utils.data.Dataset, *, steps: int, batc
     """Train `method` for `steps` optimiser steps of `batch_size` global samples.
 
     The optimiser is AdamW with the method's warm-up and cosine schedule and `grad_clip`,
-    unless the method brings its own (`Method.optimizer`, e.g. LP++'s data-driven step sizes),
-    which then owns its step sizes: no schedule, no clipping.
+    unless the method brings its own (`Method.optimizer`: LP++'s data-driven step sizes,
+    CLAP's SGD), which owns its step sizes: no clipping, and the schedule only for its groups
+    that carry an `lr_scale`.
 
     `groups` (one group index per sample of `train_set`, e.g. its domain): batches are drawn
     uniformly over the groups (`balanced_plan`); None: `batch_plan`, each sample once per epoch.
@@ -268,7 +269,8 @@ def fit(method: Method, train_set: torch.utils.data.Dataset, *, steps: int, batc
             "the trainer supports SWA only for models without BatchNorm (LayerNorm: the open_clip towers). "
             "Set finetune.train.swa_start: 0 (off)")
     method.root.to(device)
-    # a method's own optimiser owns its step sizes: no schedule, no clipping (`Method.optimizer`)
+    # a method's own optimiser owns its step sizes: no clipping, and the schedule only for the
+    # groups that carry an `lr_scale` (`Method.optimizer`)
     own = method.optimizer()
     owns_steps = own is not None
     if own is None:
@@ -302,10 +304,9 @@ def fit(method: Method, train_set: torch.utils.data.Dataset, *, steps: int, batc
     history: list[dict] = []
 
     def lr_at(step: int) -> None:
-        if owns_steps:
-            return
         for g in optimizer.param_groups:
-            g["lr"] = scheduled_lr(method.hp.lr * g["lr_scale"], step, steps, method.hp.warmup_steps)
+            if "lr_scale" in g:  # every group of the trainer's AdamW; a method's own that asks for it
+                g["lr"] = scheduled_lr(method.hp.lr * g["lr_scale"], step, steps, method.hp.warmup_steps)
 
     # every micro-batch, this rank's slice only; micro-batch sizes are multiples of `world`
     # so that the slices are equal (gathered features need equal shapes; averaged
