@@ -31,6 +31,8 @@ def test_clip_lora_recipe_defaults_and_scaling():
     for bad in ({"scaling": "alpha_r"}, {"targets": "qk"}, {"dropout": 1.0}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             LoRAHparams(**bad)
+    with pytest.raises(ValueError, match="head_templates"):  # one fixed template: the knob does not apply
+        CLIPLoRAHparams(head_templates=0)
 
 
 @pytest.mark.parametrize("width,rank", [(8, 1), (16, 2), (12, 4)])
@@ -189,6 +191,12 @@ def test_lp_pp_logits_init_and_step_sizes(n, c, d):
     assert step_w(f) == pytest.approx(4 * n / lam, rel=1e-9)
     col = [sum(float(f[i].double() @ text[k].double()) ** 2 for i in range(n)) for k in range(c)]
     assert step_alpha(f, text) == pytest.approx(n / (4 * max(col)), rel=1e-9)
+
+
+def test_lp_pp_refuses_knobs_its_optimiser_ignores():
+    for bad in ({"weight_decay": 0.1}, {"warmup_steps": 3}, {"alpha_every": 0}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            LPPPHparams(**bad)
 
 
 def test_lp_pp_alpha_init_skips_absent_classes():

@@ -23,6 +23,12 @@ class CLIPLoRAHparams(LoRAHparams):
     targets: Str = "qkv"
     dropout: Float = 0.25
 
+    def __post_init__(self):
+        super().__post_init__()
+        if self.head_templates != 1:
+            raise ValueError(f"head_templates: {self.head_templates}: clip_lora trains against one fixed template "
+                             "(the prompt file's first); use 1, or the `lora` method to average templates")
+
 
 @register
 class CLIPLoRA(LoRA):

@@ -31,6 +31,8 @@ class LPPPHparams(BaseHparams):
         super().__post_init__()
         if self.weight_decay != 0:
             raise ValueError(f"weight_decay: {self.weight_decay}: LP++ has none (its own optimiser); use 0")
+        if self.warmup_steps != 0:
+            raise ValueError(f"warmup_steps: {self.warmup_steps}: LP++'s step sizes are fixed (no schedule); use 0")
         if self.alpha_every < 1:
             raise ValueError(f"alpha_every: {self.alpha_every} must be >= 1")
         if not 0 <= self.momentum < 1:
