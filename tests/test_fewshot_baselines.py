@@ -395,3 +395,24 @@ def test_own_optimisers_schedule_only_groups_with_lr_scale():
     res = fit(lp, mf.train_items(with_images=False), steps=3, batch_size=6, seed=0,
               device=torch.device("cpu"), progress=False)
     assert [h["lr"] for h in res.history] == pytest.approx([lp.steps[0]] * 3)
+
+
+@pytest.mark.parametrize("name", ["clip_lora", "lp_pp", "clap"])
+def test_bf16_autocast_steps_are_finite_and_losses_fp32(name):
+    """Under the trainer's bf16 autocast (CPU here): finite losses, computed in fp32 (the
+    dropout attention path of clip_lora included)."""
+    from pipeline.methods import METHODS
+    from pipeline.training.train import fit
+
+    cls = METHODS[name]
+    ctx = mf.context()
+    hp = cls.Hparams(**({"views": 2} if name == "clap" else {}))
+    method = cls(hp, ctx)
+    train_set = ctx.train_set if cls.uses_images else mf.train_items(with_images=False)
+    res = fit(method, train_set, steps=2, batch_size=6, seed=0, device=torch.device("cpu"),
+              precision="bf16", progress=False)
+    assert all(math.isfinite(h["loss"]) for h in res.history)
+    batch = {"image": mf.images(6), "y": torch.arange(6) % 3, "index": torch.arange(6)}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        terms = method.loss(batch, 0)
+    assert all(t.dtype == torch.float32 for t in terms.values()), {k: t.dtype for k, t in terms.items()}
