@@ -66,6 +66,9 @@ CASES = {
     "bitfit": ("bitfit", {"lr": 1e-3, "warmup_steps": 0, "head_templates": 1}, {"steps": 2, "batch_size": 8}),
     "aclip": ("aclip", {"lr": 3e-4, "warmup_steps": 0, "head_templates": 1}, {"steps": 2, "batch_size": 8}),
     "lora": ("lora", {"lr": 1e-2, "warmup_steps": 0, "head_templates": 1}, {"steps": 2, "batch_size": 8}),
+    # CLIP-LoRA: dropout on the LoRA branch's input, one mask per sample across ranks (p = 0.5,
+    # so that a mask repeated across ranks shows); the text tower's draws are shared
+    "clip_lora": ("clip_lora", {"lr": 1e-2, "dropout": 0.5}, {"steps": 2, "batch_size": 8}),
     # the prompt-CE head in chunks of one prompt under activation checkpointing (the budget
     # below fits less than one prompt): every rank encodes every class, chunked alike
     "bitfit_chunked": ("bitfit", {"lr": 3e-4, "warmup_steps": 0}, {"steps": 3, "batch_size": 8}),

@@ -62,7 +62,7 @@ SIZE_KEYS = {"embed_dim", "image_size", "context_length", "width", "heads", "lay
 TOKENIZER_KEYS = {"vocab_size", "hf_tokenizer_name"}
 TIMM_SIZE_KEYS = {"img_size", "patch_size", "embed_dim", "depth", "num_heads", "ref_feat_shape"}
 # the block-level methods need open_clip's residual blocks in both towers: not a timm image tower
-BLOCK_METHODS = {"bitfit", "aclip", "lora", "radapter"}
+BLOCK_METHODS = {"bitfit", "aclip", "lora", "clip_lora", "radapter"}
 # lipsum_ft draws random texts from CLIP's BPE vocabulary: not SigLIP's tokenizer
 TEXT_VOCAB_METHODS = {"lipsum_ft"}
 REFUSES = {"tiny-siglip": BLOCK_METHODS | TEXT_VOCAB_METHODS, "tiny-eva02": BLOCK_METHODS, "tiny-coca": set()}

@@ -145,6 +145,15 @@ class Method:
     def after_step(self, step: int) -> None:
         """Called after every optimiser step."""
 
+    def optimizer(self) -> torch.optim.Optimizer | None:
+        """The method's own optimiser over its trainable parameters, or None (the default):
+        the trainer's AdamW over `param_groups` with the project's weight-decay rule, warm-up
+        and cosine schedule and gradient clipping. A method that returns one owns its step
+        sizes: the trainer never clips its gradients, and schedules (warm-up `hp.warmup_steps`,
+        cosine, from `hp.lr · lr_scale`) only the groups that carry an `lr_scale` key; the
+        other groups keep the learning rate the method gave them (LP++'s data-driven ones)."""
+        return None
+
     def param_groups(self) -> list[dict]:
         """Trainable parameters with optional per-group settings (`lr_scale`)."""
         return [{"named_params": trainable(self.root)}]

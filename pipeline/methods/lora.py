@@ -1,4 +1,4 @@
-"""LoRA on the Q and V projections of every attention block of both towers."""
+"""LoRA on the Q and V (or Q, K and V) projections of every attention block of both towers."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ import re
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from pipeline.core.validation import Float, Int
+from pipeline.core.validation import Float, Int, Str
 from pipeline.methods import register
 from pipeline.methods.base import EvalModel, freeze
 from pipeline.methods.bitfit import PromptCE, PromptCEHparams, require_block_towers
@@ -24,21 +25,44 @@ class LoRAHparams(PromptCEHparams):
     warmup_steps: Int = 6
     rank: Int = 8
     scale: Float = 0.2  # ΔW = scale · B A (a plain multiplier, as in mit-ll/IIMM)
+    # "plain": ΔW = scale · B A; "rsqrt_rank": ΔW = scale/√rank · B A (CLIP-LoRA's α/√r, α = scale)
+    scaling: Str = "plain"
+    # the slices of the fused Q/K/V projection that get an update: "qv" or "qkv"
+    targets: Str = "qv"
+    # dropout on the LoRA branch's input (the block input x), in training only; 0 = none
+    dropout: Float = 0.0
 
     def __post_init__(self):
         super().__post_init__()
         if self.rank < 1:
             raise ValueError(f"rank: {self.rank} must be >= 1")
+        if self.scaling not in SCALINGS:
+            raise ValueError(f"scaling: {self.scaling!r} is not one of {', '.join(SCALINGS)}")
+        if self.targets not in TARGETS:
+            raise ValueError(f"targets: {self.targets!r} is not one of {', '.join(TARGETS)}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout: {self.dropout} must lie in [0, 1)")
+
+    @property
+    def multiplier(self) -> float:
+        """The factor of B A in ΔW."""
+        return self.scale / math.sqrt(self.rank) if self.scaling == "rsqrt_rank" else self.scale
+
+
+SCALINGS = ("plain", "rsqrt_rank")
+TARGETS = ("qv", "qkv")
 
 
 class LoRAQV(nn.Module):
-    """Low-rank updates of the Q and V slices of one fused in_proj_weight [3d, d]:
-    ΔW = scale · [B_q A_q; 0; B_v A_v]. A (r × d) starts random, B (d × r) at zero."""
+    """Low-rank updates of the Q and V (`targets` "qv") or Q, K and V ("qkv") slices of one
+    fused in_proj_weight [3d, d]: ΔW = scale · [B_q A_q; B_k A_k or 0; B_v A_v]. A (r × d)
+    starts Kaiming-uniform, B (d × r) at zero. `scale` is the whole multiplier of B A."""
 
-    def __init__(self, width: int, rank: int, scale: float):
+    def __init__(self, width: int, rank: int, scale: float, targets: str = "qv"):
         super().__init__()
         self.scale = scale
-        for s in ("q", "v"):
+        self.targets = targets
+        for s in targets:
             a = nn.Parameter(torch.empty(rank, width))
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # nn.Linear's default, as in LoRA
             self.register_parameter(f"a_{s}", a)
@@ -47,8 +71,20 @@ class LoRAQV(nn.Module):
     def delta(self, factor: float = 1.0) -> torch.Tensor:
         c = factor * self.scale
         dq = c * self.b_q @ self.a_q
-        dv = c * self.b_v @ self.a_v
-        return torch.cat([dq, torch.zeros_like(dq), dv])
+        dk = c * self.b_k @ self.a_k if "k" in self.targets else torch.zeros_like(dq)
+        return torch.cat([dq, dk, c * self.b_v @ self.a_v])
+
+    def branch(self, x: torch.Tensor) -> torch.Tensor:
+        """scale · x Aᵀ Bᵀ per slice, [..., 3d] (zeros for an untouched slice): the update
+        applied to an input instead of folded into the weight (needed under input dropout)."""
+        outs = []
+        for s in "qkv":
+            if s in self.targets:
+                a, b = getattr(self, f"a_{s}"), getattr(self, f"b_{s}")
+                outs.append(self.scale * F.linear(F.linear(x, a.to(x.dtype)), b.to(x.dtype)))
+            else:
+                outs.append(torch.zeros(*x.shape[:-1], self.a_q.shape[1], dtype=x.dtype, device=x.device))
+        return torch.cat(outs, dim=-1)
 
 
 def site_key(path: str) -> str:
@@ -72,16 +108,22 @@ def attention_sites(model: nn.Module) -> dict[str, nn.Module]:
 
 
 class _LoRAForward:
-    """Replaces one attention module's `forward`: the module's own forward runs with
-    in_proj_weight + ΔW as a temporary tensor (torch.func.functional_call). The stored
-    weight is never written, so the base stays bit-identical and frozen."""
+    """Replaces one attention module's `forward`. Without dropout (or in eval mode) the
+    module's own forward runs with in_proj_weight + ΔW as a temporary tensor
+    (torch.func.functional_call). With dropout in training, the update acts on a dropped-out
+    copy of the input, which no weight can express: `_self_attention` computes the attention
+    with the branch added to the projections. The stored weight is never written, so the base
+    stays bit-identical and frozen."""
 
-    def __init__(self, attn: nn.Module, lora: LoRAQV):
+    def __init__(self, attn: nn.Module, lora: LoRAQV, dropout: float = 0.0):
         self.attn = attn
         self.lora = lora
+        self.dropout = dropout
 
     def __call__(self, *args, **kwargs):
         attn = self.attn
+        if self.dropout > 0 and attn.training:
+            return _self_attention(attn, self.lora, self.dropout, *args, **kwargs)
         weight = attn.in_proj_weight + self.lora.delta().to(attn.in_proj_weight.dtype)
         # functional_call re-enters attn.__call__: lift the override for that inner call
         # (forward hooks on an attention module would run twice; LoRA installs none)
@@ -90,6 +132,45 @@ class _LoRAForward:
             return torch.func.functional_call(attn, {"in_proj_weight": weight}, args, kwargs)
         finally:
             attn.forward = self
+
+
+def _dropout_keep(n: int, length: int, width: int, p: float, like: torch.Tensor) -> torch.Tensor:
+    """Keep mask [n, length, width] (1 = kept) with probability 1 − p per element."""
+    from pipeline.methods.common import in_rank_rows, per_row
+
+    def draw(k: int) -> torch.Tensor:
+        return torch.empty(k, length, width, dtype=like.dtype, device=like.device).bernoulli_(1 - p)
+
+    return per_row(draw, n) if in_rank_rows() else draw(n)
+
+
+def _self_attention(attn: nn.MultiheadAttention, lora: LoRAQV, dropout: float, query, key=None, value=None,
+                    key_padding_mask=None, need_weights=False, attn_mask=None, **kwargs):
+    """nn.MultiheadAttention's self-attention (query is key is value, as open_clip's blocks
+    call it) with the LoRA branch on the dropped-out input added to the Q/K/V projections:
+    [q k v] = x W_inᵀ + b_in + scale · drop(x) Aᵀ Bᵀ, then scaled dot-product attention per
+    head under the additive (or boolean: True = masked) `attn_mask` ([L, L], or [N·heads, L, L]
+    as nn.MultiheadAttention takes it), then out_proj. Returns
+    (output, None) like the module with need_weights=False."""
+    key = query if key is None else key
+    value = query if value is None else value
+    if key is not query or value is not query or key_padding_mask is not None or need_weights or kwargs:
+        raise ValueError("LoRA dropout supports open_clip's self-attention call only (query = key = value, "
+                         "no key_padding_mask, need_weights=False)")
+    x = query if attn.batch_first else query.transpose(0, 1)  # [N, L, d]
+    n, length, d = x.shape
+    h = attn.num_heads
+    keep = _dropout_keep(n, length, d, dropout, x)
+    qkv = F.linear(x, attn.in_proj_weight, attn.in_proj_bias) + lora.branch(x * keep / (1 - dropout))
+    q, k, v = (t.reshape(n, length, h, d // h).transpose(1, 2) for t in qkv.chunk(3, dim=-1))
+    mask = attn_mask
+    if mask is not None and mask.dtype == torch.bool:
+        mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(mask, float("-inf"))
+    if mask is not None and mask.ndim == 3:  # [N·heads, L, L] (CoCa's text tower): per sample and head
+        mask = mask.view(n, h, length, length)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=attn.dropout if attn.training else 0.0)
+    out = attn.out_proj(out.transpose(1, 2).reshape(n, length, d))
+    return (out if attn.batch_first else out.transpose(0, 1)), None
 
 
 @register
@@ -104,6 +185,12 @@ class LoRA(PromptCE):
     forward, so the weight drifts: not repeated). The update is merged into the weights only
     by `eval_model`, where WiSE-FT's α becomes W + α·ΔW (identical to interpolating the
     merged and pre-trained weights), hence `weight_space = True`.
+
+    Options (`LoRAHparams`; the defaults are this recipe, `clip_lora` is CLIP-LoRA's):
+    `targets` "qv" / "qkv" (the slices updated), `scaling` "plain" (ΔW = scale·B A) /
+    "rsqrt_rank" (scale/√rank·B A), `dropout` on the LoRA branch's input in training (the
+    attention is then computed by `_self_attention`, the update acting on the dropped-out
+    input; without dropout and in evaluation the update is folded into the weight).
 
     OPEN choices (ours):
     - rank 8 (their range 4–16) and scale 0.2 as a plain multiplier (ΔW = 0.2·B A, not α/r);
@@ -120,12 +207,13 @@ class LoRA(PromptCE):
 
     name = "lora"
     trains_extra = r"^lora\.[\w]+\.(a|b)_(q|v)$"
+    adapts = "adapts the Q and V projections"  # what `check_model`'s refusal says it does
     Hparams = LoRAHparams
     weight_space = True
 
     @classmethod
     def check_model(cls, model) -> None:
-        require_block_towers(cls.name, model, "adapts the Q and V projections")
+        require_block_towers(cls.name, model, cls.adapts)
         attention_sites(model)  # every block's attention has the fused [3d, d] weight (its own sentence)
 
     def setup(self) -> None:
@@ -133,12 +221,12 @@ class LoRA(PromptCE):
         sites = attention_sites(self.ctx.model)
         if "lora" not in self.extra:
             self.extra["lora"] = nn.ModuleDict({
-                key: LoRAQV(attn.in_proj_weight.shape[1], self.hp.rank, self.hp.scale).to(
+                key: LoRAQV(attn.in_proj_weight.shape[1], self.hp.rank, self.hp.multiplier, self.hp.targets).to(
                     attn.in_proj_weight.device)
                 for key, attn in sites.items()})
         for key, attn in sites.items():
             if not isinstance(attn.__dict__.get("forward"), _LoRAForward):
-                attn.forward = _LoRAForward(attn, self.extra["lora"][key])
+                attn.forward = _LoRAForward(attn, self.extra["lora"][key], self.hp.dropout)
         for p in self.extra["lora"].parameters():
             p.requires_grad_(True)
 
@@ -158,14 +246,15 @@ class LoRA(PromptCE):
         sites = attention_sites(model)
         prefix = "extra.lora."
         saved = {k[len(prefix):] for k in state if k.startswith(prefix)}
-        expected = {f"{key}.{n}" for key in sites for n in ("a_q", "b_q", "a_v", "b_v")}
+        names = [f"{ab}_{s}" for s in hp.targets for ab in "ab"]
+        expected = {f"{key}.{n}" for key in sites for n in names}
         if saved != expected:
             raise KeyError(f"LoRA state does not fit the model: differing keys {sorted(saved ^ expected)[:5]}")
         if alpha != 0.0:
             with torch.no_grad():
                 for key, attn in sites.items():
                     w = attn.in_proj_weight
-                    lora = LoRAQV(w.shape[1], state[f"{prefix}{key}.a_q"].shape[0], hp.scale)
-                    lora.load_state_dict({n: state[f"{prefix}{key}.{n}"] for n in ("a_q", "b_q", "a_v", "b_v")})
+                    lora = LoRAQV(w.shape[1], state[f"{prefix}{key}.a_q"].shape[0], hp.multiplier, hp.targets)
+                    lora.load_state_dict({n: state[f"{prefix}{key}.{n}"] for n in names})
                     w.copy_((w.double() + lora.double().delta(alpha).to(w.device)).to(w.dtype))
         return EvalModel(model)

@@ -227,6 +227,11 @@ def fit(method: Method, train_set: torch.utils.data.Dataset, *, steps: int, batc
         swa_start: float = 0.0, swa_every: int = 1) -> TrainResult:
     """Train `method` for `steps` optimiser steps of `batch_size` global samples.
 
+    The optimiser is AdamW with the method's warm-up and cosine schedule and `grad_clip`,
+    unless the method brings its own (`Method.optimizer`: LP++'s data-driven step sizes,
+    CLAP's SGD), which owns its step sizes: no clipping, and the schedule only for its groups
+    that carry an `lr_scale`.
+
     `groups` (one group index per sample of `train_set`, e.g. its domain): batches are drawn
     uniformly over the groups (`balanced_plan`); None: `batch_plan`, each sample once per epoch.
 
@@ -265,7 +270,16 @@ def fit(method: Method, train_set: torch.utils.data.Dataset, *, steps: int, batc
             "the trainer supports SWA only for models without BatchNorm (LayerNorm: the open_clip towers). "
             "Set finetune.train.swa_start: 0 (off)")
     method.root.to(device)
-    optimizer, params = build_optimizer(method, device)
+    # a method's own optimiser owns its step sizes: no clipping, and the schedule only for the
+    # groups that carry an `lr_scale` (`Method.optimizer`)
+    own = method.optimizer()
+    owns_steps = own is not None
+    if own is None:
+        optimizer, params = build_optimizer(method, device)
+    else:
+        optimizer, params = own, [p for g in own.param_groups for p in g["params"]]
+        if not params:
+            raise ValueError(f"method {method.name!r} has no trainable parameter")
     world, rank = dist.world_size(), dist.rank()
     use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
     trainable_n = count_params(params)
@@ -292,7 +306,8 @@ def fit(method: Method, train_set: torch.utils.data.Dataset, *, steps: int, batc
 
     def lr_at(step: int) -> None:
         for g in optimizer.param_groups:
-            g["lr"] = scheduled_lr(method.hp.lr * g["lr_scale"], step, steps, method.hp.warmup_steps)
+            if "lr_scale" in g:  # every group of the trainer's AdamW; a method's own that asks for it
+                g["lr"] = scheduled_lr(method.hp.lr * g["lr_scale"], step, steps, method.hp.warmup_steps)
 
     # every micro-batch, this rank's slice only; micro-batch sizes are multiples of `world`
     # so that the slices are equal (gathered features need equal shapes; averaged
@@ -354,7 +369,7 @@ def fit(method: Method, train_set: torch.utils.data.Dataset, *, steps: int, batc
             avg = dist.mean(torch.tensor([terms_sum[k] for k in keys], dtype=torch.float64, device=device))
             terms_sum = dict(zip(keys, avg.tolist()))
         grad_norm = None
-        if grad_clip > 0:
+        if grad_clip > 0 and not owns_steps:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip))
         optimizer.step()
         method.after_step(step)
