@@ -30,7 +30,7 @@ def _merge(base: dict, extra: dict) -> dict:
 TINY = {
     "prepare": {"synthetic": {"n_train": 400, "n_id_val": 100, "n_id_test": 150, "n_val": 100,
                               "n_test": 150, "n_heldout": 200, "n_corpus": 3000}},
-    "pretrained": {"builtin": {"steps": 200, "batch_size": 64, "warmup": 20, "num_threads": 1}},
+    "pretrained": {"builtin": {"steps": 200, "batch_size": 64, "warmup": 20}},
     "reference": {"max_samples": 300},
     "embed": {"iimm_samples": 200},
     "sample": {"levels": [1, 4], "seeds": [0]},
