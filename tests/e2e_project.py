@@ -21,6 +21,18 @@ def sh(cmd: list, cwd: Path, env: dict, check: bool = True) -> subprocess.Comple
     return proc
 
 
+def merge(base: dict, extra: dict) -> dict:
+    """params.yaml with `extra` merged in, key by key; `trials` (the search space) is replaced,
+    not merged."""
+    out = dict(base)
+    for k, v in extra.items():
+        if k == "trials":
+            out[k] = v
+            continue
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 def copy_pipeline(work: Path) -> dict:
     """Copy the pipeline into `work`; returns the environment its stages run in."""
     for name in ("pipeline", "stages"):

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.e2e_project import ROOT, copy_pipeline, init_and_repro, sh, start_until
+from tests.e2e_project import ROOT, copy_pipeline, init_and_repro, merge, sh, start_until
 
 pytestmark = pytest.mark.slow
 
@@ -31,15 +31,6 @@ TINY = {
     "evaluate": {"wise_alphas": [0.0, 0.5, 1.0], "rsa_samples": 150},
 }
 
-
-def merge(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for k, v in extra.items():
-        if k == "trials":  # the search space is replaced, not merged
-            out[k] = v
-            continue
-        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
 
 
 @pytest.fixture(scope="module")

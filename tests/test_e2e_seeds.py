@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.e2e_project import ROOT, copy_pipeline, init_and_repro, sh, start_until
+from tests.e2e_project import ROOT, copy_pipeline, init_and_repro, merge, sh, start_until
 
 pytestmark = pytest.mark.slow
 
@@ -35,18 +35,12 @@ SMALL = {
 ENTRY = "finetune@flyp-a-4"
 
 
-def _merge(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for k, v in extra.items():
-        out[k] = v if k == "trials" or not isinstance(v, dict) else _merge(out.get(k) or {}, v)
-    return out
-
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     work = tmp_path_factory.mktemp("seeds")
     env = copy_pipeline(work)
-    params = _merge(yaml.safe_load((ROOT / "params.yaml").read_text()), SMALL)
+    params = merge(yaml.safe_load((ROOT / "params.yaml").read_text()), SMALL)
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     init_and_repro(work, env)
     return work, env

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from pipeline.cluster.mlflow_server import tracking_server
-from tests.e2e_project import ROOT, copy_pipeline, init_and_repro, sh
+from tests.e2e_project import ROOT, copy_pipeline, init_and_repro, merge, sh
 
 pytestmark = pytest.mark.slow
 
@@ -30,15 +30,6 @@ TINY = {
     "evaluate": {"wise_alphas": [0.0, 1.0], "rsa_samples": 50},
 }
 
-
-def merge(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for k, v in extra.items():
-        if k == "trials":
-            out[k] = v
-            continue
-        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
 
 
 def test_the_stages_log_to_the_server_and_the_store_reads_the_same_without_it(tmp_path, monkeypatch):

@@ -10,21 +10,12 @@ import math
 import pytest
 import yaml
 
-from tests.e2e_project import ROOT, copy_pipeline, init_and_repro
+from tests.e2e_project import ROOT, copy_pipeline, init_and_repro, merge
 
 pytestmark = pytest.mark.slow
 
 NEW = ("clip_lora", "lp_pp", "clap")
 
-
-def _merge(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for k, v in extra.items():
-        if k == "trials":
-            out[k] = v
-        else:
-            out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
 
 
 TINY = {
@@ -45,7 +36,7 @@ TINY = {
 
 def test_fewshot_baselines_through_dvc_repro(tmp_path):
     env = copy_pipeline(tmp_path)
-    params = _merge(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY)
+    params = merge(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     init_and_repro(tmp_path, env)
     for method in NEW:
