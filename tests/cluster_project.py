@@ -21,7 +21,7 @@ ENTRY = ("mkdir -p out/${item.x} ck/${item.x} && "
          "if [ -f ck/${item.x}/started ]; then echo resumed >> ck/${item.x}/log; "
          "else touch ck/${item.x}/started; echo started >> ck/${item.x}/log; fi && "
          "sleep $(cat sleep_s 2>/dev/null || echo 0) && "
-         "test ! -f FAIL_${item.x} && "
+         "(test ! -f FAIL_${item.x} || (echo entry ${item.x} told to fail by FAIL_${item.x} >&2; false)) && "
          "if [ -f EDIT_${item.x} ]; then echo edited >> code.txt; fi && "
          "cat up.txt code.txt > out/${item.x}/r && echo $DVC_STAGE $DVC_ROOT >> out/${item.x}/r && "
          "cp ck/${item.x}/log out/${item.x}/log && rm ck/${item.x}/started")

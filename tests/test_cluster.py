@@ -70,6 +70,9 @@ def test_one_failing_entry_is_reported_and_the_other_recorded(tmp_path):
     rc, out = cp.run_controller(work, backend="local", jobs=2)
     assert rc == 1, out
     assert "finetune@b FAILED" in out and "log: " in out and "1 of 2 entries recorded" in out, out
+    # the stage's own error is shown, not only submitit's trace of the job's exception
+    shown = [line for line in out.splitlines() if line.startswith("  | ")]
+    assert shown[-1] == "  | entry b told to fail by FAIL_b" and "Traceback" not in "".join(shown), out
     status = json.loads(cp.dvc(work, "status", "--json").stdout)
     assert "finetune@a" not in status and "finetune@b" in status and "down" in status  # downstream not run
     assert not (work / "down.txt").exists()

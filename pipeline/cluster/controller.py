@@ -291,7 +291,7 @@ class Controller:
             e["state"] = "failed"
             self.echo(f"cluster: {stage} FAILED (job {e['job_id']}): {str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}")
             self.echo(f"  log: {e['log']}  (and {Path(e['log']).with_suffix('.err')})")
-            for line in _tail(Path(e["log"]).with_suffix(".err"), 15):
+            for line in _tail(Path(e["log"]).with_suffix(".err"), 25):
                 self.echo(f"  | {line}")
             return
         now = dvcstate.input_digests(self.root, [stage]).get(stage)
@@ -441,10 +441,15 @@ class Collect:
 
 
 def _tail(path: Path, n: int) -> list[str]:
+    """The last `n` lines the stage itself wrote to stderr: submitit appends its own trace of
+    the job's exception (which only says the command exited non-zero) after them, so the lines
+    from its "submitit ERROR" marker on are left out and the stage's error is what is shown."""
     try:
-        return path.read_text(errors="replace").splitlines()[-n:]
+        lines = path.read_text(errors="replace").splitlines()
     except OSError:
         return [f"({path} not readable)"]
+    cut = next((i for i, line in enumerate(lines) if "submitit ERROR" in line), len(lines))
+    return lines[:cut][-n:] or lines[-n:]
 
 
 def _sacct(job_ids: list[str]) -> dict[str, tuple[str, str]]:
