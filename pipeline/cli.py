@@ -113,6 +113,73 @@ def cluster_status(cluster_file: Optional[Path] = typer.Option(None, "--cluster-
     raise typer.Exit(_cluster(lambda c: [typer.echo(line) for line in c.status_lines()] and 0, "slurm", 1, cluster_file))
 
 
+@app.command()
+def study(sets: list[str] = typer.Option(..., "--set", "-S", metavar="KEY=V1[,V2...]",
+                                          help="A params.yaml key and its values, as `dvc exp run --queue -S`: one "
+                                               "experiment per combination of the values of every -S."),
+          cluster: str = typer.Option("slurm", "--cluster", metavar="slurm|local",
+                                      help="Where each experiment's grid runs (as `repro --cluster`)."),
+          jobs: int = typer.Option(1, "--jobs", "-j", min=1, help="--cluster local: entries at a time, per experiment."),
+          parallel: Optional[int] = typer.Option(None, "--parallel", min=1,
+                                                 help="Experiments at a time (default: all of them with slurm, one "
+                                                      "with local)."),
+          name: Optional[str] = typer.Option(None, "--name", help="A prefix for the experiments' names."),
+          cluster_file: Optional[Path] = typer.Option(
+              None, "--cluster-file", help="Resources of the jobs (default: cluster.yaml if present).")):
+    """Run a study of several experiments (datasets, tasks) from one command, each grid on the
+    cluster, e.g. `study -S dataset.name=iwildcam,fmow,camelyon17,rxrx1,waterbirds`.
+
+    Each experiment gets a workspace (a git worktree of HEAD with your uncommitted edits, under
+    .studies/<name>, sharing the project's DVC cache) with its -S values in params.yaml; there
+    `repro --cluster` runs, and the result is saved as a DVC experiment of this project (`dvc exp
+    save`): `leaderboard` and `compare` then show every experiment of the study. Running it again
+    runs only what is stale in each. MLflow: one tracking server for all jobs; each
+    experiment's runs in the MLflow experiment `<dataset> [<name>]`."""
+    from pipeline.cluster import config
+    from pipeline.cluster.controller import BACKENDS
+    from pipeline.cluster.study import Study, StudyError, expand
+    from pipeline.core.validation import ParamsError
+
+    if cluster not in BACKENDS[:2]:
+        raise typer.BadParameter(f"{cluster!r}: allowed values are slurm, local", param_hint="--cluster")
+    root = Path.cwd()
+    try:
+        settings = config.load(cluster_file, root)
+        experiments = expand(sets, name)
+    except (ParamsError, StudyError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(1)
+    command = [sys.executable, "-m", "pipeline", "repro", "--cluster", cluster, "--jobs", str(jobs)]
+    if cluster_file is not None:
+        command += ["--cluster-file", str(cluster_file.resolve())]
+    runner = Study(root, echo=typer.echo)
+    with _study_tracking(root, settings.mlflow_host):
+        try:
+            results = runner.run(experiments, command, parallel or (len(experiments) if cluster == "slurm" else 1))
+        except StudyError as err:
+            typer.echo(f"error: {err}", err=True)
+            raise typer.Exit(1)
+    failed = [n for n, rc in results.items() if rc]
+    typer.echo(f"study: {len(results) - len(failed)} of {len(results)} experiments done and saved"
+               + (f"; failed: {', '.join(failed)} (fix, then run the same command: only what is stale runs)"
+                  if failed else "; `python -m pipeline leaderboard` and `compare` show them"))
+    raise typer.Exit(1 if failed else 0)
+
+
+def _study_tracking(root: Path, host: str):
+    """One MLflow tracking server on the project's store for every job of the study, unless
+    MLFLOW_TRACKING_URI already names a server."""
+    import contextlib
+
+    from pipeline.core import tracking
+
+    if tracking.is_server():
+        return contextlib.nullcontext()
+    from pipeline.cluster.controller import tracking_server_hook
+
+    return tracking_server_hook(root, host, typer.echo)
+
+
 def _cluster(action, backend: str, jobs: int, cluster_file: Optional[Path]) -> int:
     from pipeline.cluster import config
     from pipeline.cluster.controller import ClusterError, Controller

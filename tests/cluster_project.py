@@ -46,10 +46,17 @@ DVC_YAML = f"""stages:
           persist: true
           cache: false
   down:
-    cmd: cat out/*/r > down.txt
-    deps: [out]
+    cmd: sh down.sh
+    deps: [out, down.sh]
     outs: [down.txt]
+    metrics:
+      - metrics/methods/toy.json:
+          cache: false
 """
+# the downstream stage: the entries' results, and a headline metric per level in the format
+# `leaderboard` reads (metrics/methods/<method>.json): here k, read back from up.txt
+DOWN_SH = ("cat out/*/r > down.txt && mkdir -p metrics/methods && "
+           "printf '{\"4/ood\": %s}\\n' \"$(cut -d- -f2 up.txt)\" > metrics/methods/toy.json\n")
 
 
 def env() -> dict:
@@ -63,6 +70,7 @@ def make(work: Path, xs=("a", "b"), cluster_yaml: str = "cpus_per_job: 1\ntime_m
     (work / "dvc.yaml").write_text(DVC_YAML)
     (work / "params.yaml").write_text(f"xs: [{', '.join(xs)}]\nk: 1\n")
     (work / "code.txt").write_text("code v1\n")
+    (work / "down.sh").write_text(DOWN_SH)
     (work / "cluster.yaml").write_text(cluster_yaml)
     (work / ".gitignore").write_text("/.cluster/\n")
     e = env()

@@ -48,6 +48,19 @@ SLURM_TAGS = {"slurm.job_id": "SLURM_JOB_ID", "slurm.array_job_id": "SLURM_ARRAY
               "slurm.array_task_id": "SLURM_ARRAY_TASK_ID", "slurm.cluster": "SLURM_CLUSTER_NAME"}
 
 
+# set by `python -m pipeline study` in each of its workspaces: that experiment's name
+STUDY_ENV = "PIPELINE_STUDY_EXPERIMENT"
+
+
+def experiment_name(dataset: str) -> str:
+    """The MLflow experiment that holds a dataset's runs: the dataset's name, or `<dataset>
+    [<study experiment>]` in a workspace of `python -m pipeline study`, so that a study's runs
+    never replace the project's own runs (or another study experiment's) of the same trial,
+    level and seed. Where runs are logged, never what a stage computes."""
+    study = os.environ.get(STUDY_ENV, "").strip()
+    return f"{dataset} [{study}]" if study else dataset
+
+
 def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_URI)
 
@@ -204,6 +217,7 @@ def _artifact_root(exp) -> str | None:
 
 
 def _experiment_id(client, name: str) -> str:
+    name = experiment_name(name)
     exp = client.get_experiment_by_name(name)
     if exp is None:
         exp = client.get_experiment(client.create_experiment(name, tags=dict([EXPERIMENT_KIND])))
