@@ -23,6 +23,10 @@ def test_expand_gives_one_experiment_per_combination():
     assert got[3].sets == (("dataset.name", "fmow"), ("sample.levels", "25%"))
     assert [e.name for e in expand(["seed=0,1"], prefix="s")] == ["s-0", "s-1"]
     assert expand(["seed=0,1"])[1].sets == (("seed", 1),)  # YAML values: an int, as dvc exp run -S
+    # a -S with one value sets every experiment and is left out of the names
+    got = expand(["sample.seeds=[0, 1, 2]", "dataset.name=fmow,rxrx1"])
+    assert [e.name for e in got] == ["fmow", "rxrx1"] and got[1].sets[0] == ("sample.seeds", [0, 1, 2])
+    assert [e.name for e in expand(["dataset.name=fmow"])] == ["fmow"]
 
 
 @pytest.mark.parametrize("sets, message", [

@@ -79,7 +79,7 @@ def _slug(value: object) -> str:
 
 def expand(sets: list[str], prefix: str | None = None) -> list[Experiment]:
     """The experiments of `-S key=v1,v2 …` options: one per combination of values, in order.
-    Each is named by its values (`iwildcam`, `fmow-16`), after `prefix` if given."""
+    Each is named by the values that vary (`iwildcam`, `fmow-16`), after `prefix` if given."""
     if not sets:
         raise StudyError("-S: give at least one, e.g. -S dataset.name=iwildcam,fmow (one experiment per value)")
     axes = []
@@ -97,8 +97,10 @@ def expand(sets: list[str], prefix: str | None = None) -> list[Experiment]:
             raise StudyError(f"-S {s!r}: a value is listed twice")
         axes.append((key, [_value(v) for v in vals]))
     out, names = [], set()
+    # named by the values that vary (a -S with one value is a setting of every experiment)
+    varying = [i for i, (_, vals) in enumerate(axes) if len(vals) > 1] or list(range(len(axes)))
     for combo in itertools.product(*(vals for _, vals in axes)):
-        parts = [_slug(v) for v in combo]
+        parts = [_slug(combo[i]) for i in varying]
         name = "-".join(([_slug(prefix)] if prefix else []) + parts)
         if name in names:
             raise StudyError(f"-S: two experiments would both be named {name!r}; give values that differ in letters "
