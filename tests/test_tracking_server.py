@@ -250,6 +250,34 @@ def test_a_taken_port_is_a_clear_error(tmp_path, monkeypatch):
             start_server(tmp_path, port=port)
 
 
+def test_a_port_taken_after_it_was_picked_is_not_taken_for_the_server(tmp_path, monkeypatch):
+    """The port is picked free, then `mlflow server` binds it: if another server takes it in
+    between, its /health answers OK, but the jobs would log to its store. The server is known
+    by the process that listens, so the start fails with the server's own log instead."""
+    import http.server
+    import threading
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 — the stdlib's name
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"OK")
+
+        def log_message(self, *args):
+            pass
+
+    other = http.server.HTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=other.serve_forever, daemon=True).start()
+    port = other.server_address[1]
+    try:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+        monkeypatch.setattr("pipeline.cluster.mlflow_server._free_port", lambda host: port)
+        with pytest.raises(TrackingServerError, match="exited with code"):
+            start_server(tmp_path, timeout_s=60)
+    finally:
+        other.shutdown()
+
+
 def test_an_http_uri_is_passed_on_and_nothing_started(monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://mlflow.example.org")
     with tracking_server() as srv:

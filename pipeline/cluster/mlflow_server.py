@@ -97,6 +97,23 @@ def _answers(url: str, timeout: float = 2.0) -> bool:
         return False
 
 
+def _listens(pid: int, port: int) -> bool:
+    """Whether process `pid` (or a child of it: uvicorn's workers) listens on `port`. The port
+    is picked free before the server binds it, so another server may take it first; then the
+    health check answers, but for another store, and the jobs would log there."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        for p in [root, *root.children(recursive=True)]:
+            if any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port
+                   for c in p.net_connections(kind="inet")):
+                return True
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return False
+    return False
+
+
 def _tail(path: Path | None, lines: int = 20) -> str:
     if path is None or not path.is_file():
         return ""
@@ -254,7 +271,7 @@ def start_server(project: Path | None = None, host: str = "127.0.0.1", port: int
     local = f"http://{_url_host(_connect_host(host))}:{port}"
     deadline = time.monotonic() + timeout_s
     try:
-        while not _answers(local):
+        while not (_answers(local) and _listens(proc.pid, port)):
             if proc.poll() is not None:
                 raise TrackingServerError(
                     f"the MLflow tracking server on {host}:{port} (store {uri}) exited with code "
