@@ -50,10 +50,13 @@ class ARFHparams(FLYPReplayHparams):
 
 @register
 class ARF(FLYPReplay):
-    """ARF (Han et al., CVPR 2024): FLYP + contrastive losses on captioned training images and retrieved references.
+    """ARF (Han et al., CVPR 2024, arXiv 2404.06244; no code released): FLYP + contrastive losses on captioned training images and retrieved references.
 
     "Anchor-based Robust Finetuning of Vision-Language Models"; the paper's repository has no
-    code, so the formula is ours from the abstract (baselines.md, all OPEN):
+    code, so the formula is ours from the abstract (baselines.md, all OPEN): its text-compensated
+    anchors are the fine-tuning images with captions from a pre-trained captioner, its
+    image-text anchors pairs retrieved "according to the downstream task" from a dataset like
+    CLIP's pre-training data, both used as extra contrastive supervision:
       L = L_FLYP(x, class prompt) + λ_c · L_CLIP(x, caption(x)) + λ_r · L_CLIP(retrieved reference pairs),
     each term the family's contrastive loss with the trained logit scale (CLIP's symmetric
     InfoNCE; SigLIP's sigmoid loss with its bias on a model with `logit_bias`), both towers

@@ -1,4 +1,4 @@
-"""CaRot (Oh et al., NeurIPS 2024, arXiv 2405.14446; code MLAI-Yonsei/CaRot)."""
+"""CaRot (Oh et al., NeurIPS 2024, arXiv 2311.01723; code MLAI-Yonsei/CaRot)."""
 
 from __future__ import annotations
 
@@ -132,7 +132,7 @@ class CaRotHparams(FLYPHparams):
 
 @register
 class CaRot(FLYP):
-    """CaRot (Oh et al., NeurIPS 2024): FLYP + orthogonal visual projection + EMA self-distillation.
+    """CaRot (Oh et al., NeurIPS 2024, arXiv 2311.01723; code MLAI-Yonsei/CaRot): FLYP + orthogonal visual projection + EMA self-distillation.
 
     "Towards Calibrated Robust Fine-Tuning of Vision-Language Models", code MLAI-Yonsei/CaRot
     (`src/models/carot_loss.py`, `src/args.py`, `example_scripts/carot.sh`). Both towers and
