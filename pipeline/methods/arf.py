@@ -96,6 +96,9 @@ class ARF(FLYPReplay):
     - B' = 8 (DiVE's), a multiple of the number of processes (refused at the first step
       otherwise, as FLYP+replay).
 
+    WiSE-FT applies (`weight_space`, as FLYP: both towers' fine-tuned weights live in the
+    pre-trained weight space; α interpolates every trained weight).
+
     Precision: as FLYP+replay; the caption rows in the trainer's precision like the class
     prompts, their logits and loss in fp32.
     """
