@@ -138,11 +138,19 @@ def zeroshot_head(model: torch.nn.Module) -> torch.Tensor:
     return head
 
 
+def train_captions(n: int | None = None) -> torch.Tensor:
+    """A caption of each `train_items()` sample (row i: item i), as a captioner would give."""
+    n = len(train_items()) if n is None else n
+    tok = open_clip.get_tokenizer(register_tiny())
+    sizes = ("small", "large", "tiny")
+    return tok([f"a {sizes[i % 3]} {CLASSES[i % len(CLASSES)]} seen in picture {i}" for i in range(n)])
+
+
 def context(model: torch.nn.Module | None = None, seed: int = 0, reference: bool = False) -> TaskContext:
     from pipeline.training.train import fit
 
     model = model if model is not None else fresh_model()
-    return TaskContext(
+    return TaskContext(train_captions=train_captions(),
         model=model, class_tokens=class_tokens(),
         zeroshot_head=zeroshot_head(model if hasattr(model, "encode_text") else fresh_model()),
         device=torch.device("cpu"), seed=seed, train_set=train_items(),

@@ -85,6 +85,18 @@ CASES = {
     "lipsum_ft": ("lipsum_ft", {"lr": 3e-4, "warmup_steps": 0, "n_texts": 7, "lam": 10.0},
                   {"steps": 3, "batch_size": 8}),
     "clipood": ("clipood", {"lr": 3e-4}, {"steps": 3, "batch_size": 8}),
+    # ARF: FLYP+replay's reference rule over its retrieved pool (4 of the 7 references) plus the
+    # caption term, gathered like FLYP's; CaRot: the EMA teacher's features gathered like the
+    # student's (distillation from step 1; teacher updated after every step), the projection
+    # terms once per step under grad_accum
+    "arf": ("arf", {"lr": 3e-4, "warmup_steps": 0, "ref_batch_size": 2, "lam_c": 2.0, "retrieval_fraction": 0.5,
+                    "retrieval_min_batches": 1}, {"steps": 3, "batch_size": 8}),
+    "arf_accum": ("arf", {"lr": 3e-4, "warmup_steps": 0, "ref_batch_size": 4},
+                  {"steps": 2, "batch_size": 8, "grad_accum": 2}),
+    "carot": ("carot", {"lr": 3e-4, "warmup_steps": 0, "teacher_updates": 3, "beta_distill": 5.0},
+              {"steps": 3, "batch_size": 8}),
+    "carot_accum": ("carot", {"lr": 3e-4, "warmup_steps": 0, "teacher_updates": 3, "beta_distill": 5.0},
+                    {"steps": 3, "batch_size": 8, "grad_accum": 2}),
     # a new head on the vision-only backbone (created under the same seed on every rank)
     "vision_ft": ("vision_ft", {"lr": 3e-4, "warmup_steps": 0}, {"steps": 2, "batch_size": 8}),
 }

@@ -13,7 +13,7 @@ from tests.test_e2e import TINY, merge
 
 pytestmark = pytest.mark.slow
 
-NEW = ["flyp_replay", "snd", "lipsum_ft", "clipood"]
+NEW = ["flyp_replay", "snd", "lipsum_ft", "clipood", "arf", "carot"]
 ROBUST = {
     "sample": {"levels": [4], "seeds": [0]},
     "finetune": {"methods": NEW, "trials": {f"{m}-a": {"method": m} for m in NEW},

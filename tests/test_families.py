@@ -65,7 +65,10 @@ TIMM_SIZE_KEYS = {"img_size", "patch_size", "embed_dim", "depth", "num_heads", "
 BLOCK_METHODS = {"bitfit", "aclip", "lora", "clip_lora", "radapter"}
 # lipsum_ft draws random texts from CLIP's BPE vocabulary: not SigLIP's tokenizer
 TEXT_VOCAB_METHODS = {"lipsum_ft"}
-REFUSES = {"tiny-siglip": BLOCK_METHODS | TEXT_VOCAB_METHODS, "tiny-eva02": BLOCK_METHODS, "tiny-coca": set()}
+# carot constrains open_clip's visual.proj (a ResNet's attnpool.c_proj): not a timm image tower
+PROJECTION_METHODS = {"carot"}
+REFUSES = {"tiny-siglip": BLOCK_METHODS | TEXT_VOCAB_METHODS | PROJECTION_METHODS,
+           "tiny-eva02": BLOCK_METHODS | PROJECTION_METHODS, "tiny-coca": set()}
 OVERRIDES = {"lpft": {"lp_steps": 2}}
 STEPS = 2
 

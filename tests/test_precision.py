@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from pipeline.methods import carot
 from pipeline.models import losses
 from pipeline.methods.common import image_features, sample_class_prompts, text_features
 from pipeline.methods.dive import DiVE, DiVEHparams
@@ -43,6 +44,13 @@ def dive_loss(f, g, f_pre, g_pre, m, lam=1000.0):
     return losses.clip_loss(f[:n], g[:n], torch.tensor(100.0)) + lam * reg
 
 
+def near_orthonormal(width: int = 96, embed: int = 64) -> torch.Tensor:
+    """A [width, embed] projection with orthonormal columns plus 1e-3 noise."""
+    g = torch.Generator().manual_seed(3)
+    q, _ = torch.linalg.qr(torch.randn(width, embed, generator=g))
+    return q + 1e-3 * torch.randn(width, embed, generator=g)
+
+
 def loss_cases(f, g):
     y = torch.arange(f.shape[0]) % 5  # repeated labels: MPM-NCE's multi-positive case
     n = f.shape[0] // 2
@@ -55,11 +63,16 @@ def loss_cases(f, g):
         "mpm_nce": (losses.mpm_nce_loss, (f, g, y, 0.01)),
         "classification": (losses.classification_loss, (f, 100.0 * g[:5], y)),
         "dive": (dive_loss, (f, g, f_pre, g_pre, m)),
+        # CaRot: distillation against a teacher a little away from the student, both at scale 100;
+        # the orthogonality term of a nearly orthonormal projection (a small difference of O(1) sums)
+        "carot_distill": (carot.self_distillation_loss,
+                          (f, g, torch.tensor(100.0), f_pre.repeat(2, 1), g_pre.repeat(2, 1), torch.tensor(100.0))),
+        "carot_orth": (carot.orthogonality_loss, (near_orthonormal(),)),
     }
 
 
 @pytest.mark.parametrize("inputs", ["fp32", "bf16"])
-@pytest.mark.parametrize("name", ["flyp", "mpm_nce", "classification", "dive"])
+@pytest.mark.parametrize("name", ["flyp", "mpm_nce", "classification", "dive", "carot_distill", "carot_orth"])
 def test_losses_under_autocast_match_fp32(name, inputs):
     """Same features, same loss to 1e-3 relative: features as an fp32 forward gives them, or
     in bf16 as a bf16 forward would (upcast, not rounded further)."""
@@ -74,7 +87,7 @@ def test_losses_under_autocast_match_fp32(name, inputs):
     assert float(got) == pytest.approx(float(want), rel=1e-3)
 
 
-@pytest.mark.parametrize("name", ["flyp", "mpm_nce", "classification"])
+@pytest.mark.parametrize("name", ["flyp", "mpm_nce", "classification", "carot_distill", "carot_orth"])
 def test_the_check_sees_bf16_logits(name):
     """The same losses without `fp32_loss` (their `.float()` casts only) differ by more than
     1e-3 under autocast: the comparison above can fail."""

@@ -113,6 +113,10 @@ class DatasetSpec:
     # Generated datasets made from the user's files: checks `options` and the files they name
     # (the `check` stage calls it before any work); raises ValueError naming the file or row
     validate: Callable[[Any], None] | None = field(default=None, repr=False, compare=False)
+    # The dataset's own description of row i, `describe(dataset, i)` -> a caption (the built-in
+    # generator knows each image's attributes): the captions of the training images a method
+    # with `needs_captions` reads when no captions file is given (`pipeline.data.captions`)
+    describe: Callable[[Any, int], str] | None = field(default=None, repr=False, compare=False)
 
     @property
     def generated(self) -> bool:

@@ -128,11 +128,18 @@ def code_record(name: str) -> dict:
 
 def trial_record(trial: str, method: str, overrides: dict) -> dict:
     """A trial's record (`data/trials/<trial>.json`, what its finetune entries depend on): its
-    method's `code_record` and every hyper-parameter (the overrides over the Hparams defaults)."""
+    method's `code_record`, every hyper-parameter (the overrides over the Hparams defaults) and,
+    for a method that reads a captions file (`Method.needs_captions`), the file's SHA-256."""
     from pipeline.core.validation import to_dict
 
-    hparams = to_dict(parse_hparams(method, overrides, f"finetune.trials.{trial}"))
-    return {"trial": trial, "hparams": hparams, **code_record(method)}
+    hp = parse_hparams(method, overrides, f"finetune.trials.{trial}")
+    record = {"trial": trial, "hparams": to_dict(hp), **code_record(method)}
+    if get_method(method).needs_captions and hp.captions:
+        # the captions file's content: editing it re-runs the trial's finetune entries
+        from pipeline.core.hashing import file_sha256
+
+        record["captions_sha256"] = file_sha256(Path(hp.captions))
+    return record
 
 
 def parse_hparams(name: str, raw: dict | None, key: str | None = None):

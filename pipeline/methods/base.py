@@ -83,6 +83,9 @@ class TaskContext:
     # activation memory one chunk of class prompts encoded with gradient may use
     # (finetune.train.prompt_memory_mb); None = all prompts in one forward
     prompt_memory_bytes: int | None = None
+    # [N, L] the tokenised caption of each training sample (row i: `train_set` item i), for a
+    # method with `needs_captions` (ARF); None otherwise
+    train_captions: torch.Tensor | None = None
 
     @property
     def n_classes(self) -> int:
@@ -99,6 +102,11 @@ class Method:
     weight_space: ClassVar[bool] = False
     # the method draws reference batches (DiVE)
     needs_reference: ClassVar[bool] = False
+    # the method reads a caption of each training image (`TaskContext.train_captions`): from the
+    # CSV its hyper-parameter `captions` names, or, when that is "", from the dataset's own
+    # descriptions (`DatasetSpec.describe`: the built-in generator's); the check stage refuses a
+    # trial with neither (`pipeline.data.captions`)
+    needs_captions: ClassVar[bool] = False
     # the trainer loads images for each batch (False: the method reads cached features)
     uses_images: ClassVar[bool] = True
     # False: nothing trains (the zero-shot baseline); the finetune stage saves an empty state

@@ -17,6 +17,16 @@ from pipeline.methods.flyp import FLYP, FLYPHparams
 _REFERENCE_STREAM = 0xD17E  # keeps the reference draw's seed apart from other (seed, step) uses
 
 
+def reference_draw(seed: int, step: int, n: int, size: int) -> torch.Tensor:
+    """`size` of the positions 0…n−1, drawn uniformly without replacement by a generator seeded
+    by (seed, step) alone (in draw order): the reference sampler of DiVE and of the methods
+    compared with it (FLYP+replay, SnD, ARF)."""
+    # plain arithmetic, not hash(): the same seed on every Python version and platform
+    mixed = (seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + _REFERENCE_STREAM) % 2**63
+    g = torch.Generator().manual_seed(mixed)
+    return torch.randperm(n, generator=g)[:size]
+
+
 @dataclass(frozen=True)
 class DiVEHparams(FLYPHparams):
     lam: Float = 1000.0  # λ, chosen from 100…5000 in the paper, same for all datasets
@@ -104,10 +114,7 @@ class DiVE(FLYP):
     def reference_rows(self, step: int) -> tuple[torch.Tensor, int]:
         """This rank's reference rows for `step` (in index order) and the global B'."""
         size = min(self.hp.ref_batch_size, len(self.ctx.reference))
-        # plain arithmetic, not hash(): the same seed on every Python version and platform
-        mixed = (self.ctx.seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + _REFERENCE_STREAM) % 2**63
-        g = torch.Generator().manual_seed(mixed)
-        chosen = torch.randperm(len(self.ctx.reference), generator=g)[:size].sort().values
+        chosen = reference_draw(self.ctx.seed, step, len(self.ctx.reference), size).sort().values
         return chosen[dist.rank()::dist.world_size()], size
 
     def embed(self, images: torch.Tensor, tokens: torch.Tensor, rows: torch.Tensor | None,

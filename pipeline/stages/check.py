@@ -66,7 +66,11 @@ def _check(path: str | Path):
         check(m in METHODS, "finetune.methods", m, f"allowed: {', '.join(sorted(METHODS))}")
     for name in params.finetune.trials:
         method, overrides = params.finetune.trial(name)
-        parse_hparams(method, overrides, f"finetune.trials.{name}")
+        hp = parse_hparams(method, overrides, f"finetune.trials.{name}")
+        if METHODS[method].needs_captions:  # captions of the training images, or a refusal naming the key
+            from pipeline.data.captions import check_captions
+
+            check_captions(hp.captions, DATASETS[params.dataset.name], f"finetune.trials.{name}.captions", method)
     check_swa(params, METHODS)
     resolve_protocol(params.evaluate.selection, DATASETS[params.dataset.name],
                      params.sample.parsed_levels)

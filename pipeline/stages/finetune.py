@@ -30,6 +30,7 @@ from pipeline.config import Params, load_params, to_dict
 from pipeline.core import dist
 from pipeline.core.env import resolve_device, seed_everything, set_threads
 from pipeline.core.levels import Level
+from pipeline.data.captions import training_captions
 from pipeline.data.datasets import domain_groups, split_metrics, split_rows
 from pipeline.data.sampling import FEWSHOT_VAL, read_sample
 from pipeline.data.torchdata import ImageFiles, LabeledImages, read_caption_csv
@@ -69,7 +70,7 @@ def result_key(params: Params, config: dict, level: Level, seed: int) -> str:
     hyper-parameters, training settings, threads, steps, the pre-trained weights' digest), the
     other params the entry reads (its params in dvc.yaml), the digests of the files it reads
     (the prepared data, the image cache's index, the embeddings, the vision backbone's record,
-    the seed's sample, the check stage's record) and of the code (every file of the `pipeline`
+    the seed's sample, the check stage's record, the trial's record) and of the code (every file of the `pipeline`
     package: broader than the entry's import closure, so never stale). A kept result, or a
     checkpoint, is used only under the same key."""
     import pipeline
@@ -80,8 +81,10 @@ def result_key(params: Params, config: dict, level: Level, seed: int) -> str:
                          "reference": to_dict(params.reference),
                          "evaluate": {"batch_size": ep.batch_size, "num_workers": ep.num_workers}},
                         sort_keys=True, default=str).encode())
-    for path in (paths.CHECKED, paths.PREPARED_MANIFEST, paths.IMAGES / "index.json", paths.VISION_INFO,
-                 paths.EMBED_FEATURES, paths.sample_file(level.name, seed)):
+    # the trial's record: its code digests, and a captions file's digest (`trial_record`)
+    for path in (paths.CHECKED, paths.trial_record(config["trial"]), paths.PREPARED_MANIFEST,
+                 paths.IMAGES / "index.json", paths.VISION_INFO, paths.EMBED_FEATURES,
+                 paths.sample_file(level.name, seed)):
         h.update(f"\0{path}\0{models.file_sha256(path) if path.is_file() else '-'}".encode())
     root = Path(pipeline.__file__).resolve().parent
     for path in sorted(p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
@@ -90,9 +93,11 @@ def result_key(params: Params, config: dict, level: Level, seed: int) -> str:
     return h.hexdigest()
 
 
-def build_context(params: Params, method_cls, task, backbone, model, indices, device, seed) -> TaskContext:
+def build_context(params: Params, method_cls, task, backbone, model, indices, device, seed,
+                  hp=None) -> TaskContext:
     """`backbone`: the method's pre-trained model and transforms (`method_model`); `model`: the
-    copy of its model that trains."""
+    copy of its model that trains; `hp` its hyper-parameters (a method with `needs_captions`
+    names its captions file there)."""
     cache = paths.load_features()
     clip = backbone
     # a training sample is seen every epoch: decode it once (up to TRAIN_MEMO_BYTES)
@@ -104,6 +109,10 @@ def build_context(params: Params, method_cls, task, backbone, model, indices, de
         reference = ReferenceData(images=ImageFiles(files, clip.preprocess_val, task.images.store("reference")),
                                   tokens=cache["ref/tokens"], image_pre=cache["ref/image"].float(),
                                   text_pre=cache["ref/text"].float())
+    captions = None
+    if method_cls.needs_captions:  # one caption per training sample, in train_set order
+        texts = training_captions(task.dataset, indices, hp.captions, task.spec)
+        captions = task.clip.tokenizer(texts)
     # each training sample's domain, for batches uniform over domains (WILDS uniform_over_groups)
     groups = (domain_groups(task.dataset, task.spec.domain_fields, indices)
               if params.finetune.train.group_balanced else None)
@@ -111,7 +120,7 @@ def build_context(params: Params, method_cls, task, backbone, model, indices, de
         model=model, class_tokens=task.class_tokens, train_groups=groups,
         zeroshot_head=cache["head"].float(), device=device, seed=seed, train_set=train_set,
         train_eval_set=train_set.with_transform(clip.preprocess_val), reference=reference, fit=fit,
-        prompt_memory_bytes=params.finetune.train.prompt_memory_mb * 2**20,
+        prompt_memory_bytes=params.finetune.train.prompt_memory_mb * 2**20, train_captions=captions,
     )
 
 
@@ -235,7 +244,8 @@ def _train(params, trial, level, seed, method_cls, hp, task, backbone, pristine,
            ckpt_dir, jsonl, live):
     tp = params.finetune.train
     seed_everything(seed)
-    ctx = build_context(params, method_cls, task, backbone, copy.deepcopy(pristine), sample["indices"], device, seed)
+    ctx = build_context(params, method_cls, task, backbone, copy.deepcopy(pristine), sample["indices"], device, seed,
+                        hp)
     m = method_cls(hp, ctx)
     logged = max((int(r["step"]) for r in _read_jsonl(jsonl)), default=0)  # (steps replayed after a resume)
 

@@ -18,6 +18,10 @@ def _load(root: Path, download: bool):
     return SyntheticDataset(root_dir=str(root), download=download)
 
 
+def _describe(dataset, row: int) -> str:
+    return dataset.describe(row)
+
+
 def _generate(root: Path, options) -> None:
     from pipeline.data.synthetic import generate_dataset
 
@@ -55,6 +59,7 @@ register_dataset(DatasetSpec(
     loader=_load,
     generate=_generate,
     options=SyntheticConfig,
+    describe=_describe,
 ))
 
 register_corpus(CorpusSpec(name="builtin", options_key="synthetic", options=SyntheticConfig,

@@ -315,6 +315,19 @@ class SyntheticDataset(DomainDataset, WILDSDataset):
         self._eval_grouper = CombinatorialGrouper(dataset=self, groupby_fields=["domain"])
         super().__init__(root_dir, download, split_scheme)
 
+    def describe(self, idx: int) -> str:
+        """The generator's description of the idx-th image (`render.describe`): its shape,
+        colour, size, texture and background, read from the metadata."""
+        from pipeline.data.synthetic.render import describe
+
+        meta = dict(zip(self._metadata_fields, self._metadata_array[idx].tolist()))
+        names = {k: self.attributes[k][meta[k]] for k in ("colour", "size", "texture", "domain")}
+        label = self.attributes["label"]
+        names[label] = self.attributes["y"][int(self._y_array[idx])]
+        if "shape" not in names:
+            names["shape"] = self.attributes["shape"][meta["shape"]]
+        return describe(names["shape"], names["colour"], names["size"], names["texture"], names["domain"])
+
     def get_input(self, idx):
         """The idx-th image as an RGB PIL image."""
         with Image.open(self.data_dir / self._input_array[idx]) as img:

@@ -319,6 +319,13 @@ _TEXTURE_WITH = {"solid": "in one solid colour", "striped": "with stripes", "dot
                  "checkered": "with a checkered pattern"}
 
 
+def describe(shape: str, colour: str, size: str, texture: str, background: str) -> str:
+    """The generator's full description of one image: every attribute it drew, in the words
+    of its captions (`_caption` names each only some of the time)."""
+    where = " on a plain background" if background == STUDIO else f" on a {background} background"
+    return f"a photo of a {size} {colour} {_TEXTURE_ADJ[texture][0]} {shape}{where}."
+
+
 def _caption(item: _Item, cfg: SyntheticConfig, rng: np.random.Generator) -> str:
     """A varied caption: each attribute named with its `caption_rates` probability."""
     shape = ALL_SHAPES[item.shape]
