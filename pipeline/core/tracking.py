@@ -368,6 +368,24 @@ def sample_input(name: str, frame, source: str):
     return DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, "training")])
 
 
+def _log_inputs(client, run_id: str, inputs: list, tries: int = 5) -> None:
+    """`log_inputs`, again when it lost a race: the store gets or creates the dataset row of an
+    input (experiment, name, digest) in two steps, so two runs that log the same sample at once
+    (two trials at one level and seed, as jobs side by side) can both find none and both
+    insert; the second insert fails on the unique key and its transaction is rolled back. The
+    next try finds the row and links it. Any other error is raised as it is."""
+    from mlflow.exceptions import MlflowException
+
+    for attempt in range(tries):
+        try:
+            client.log_inputs(run_id, datasets=inputs)
+            return
+        except MlflowException as err:
+            if "UNIQUE constraint failed" not in str(err) or attempt == tries - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1))
+
+
 def _flatten(prefix: str, value: Any, out: dict[str, str]) -> None:
     if isinstance(value, dict):
         for k, v in value.items():
@@ -535,7 +553,7 @@ def start_run(experiment: str, key: str, run_name: str, params: dict, tags: dict
     for batch in _params_batches(params):
         client.log_batch(rid, params=batch)
     if inputs:
-        client.log_inputs(rid, datasets=inputs)
+        _log_inputs(client, rid, inputs)
     live = LiveRun(client, rid, [r for r in earlier if r.info.status == "FINISHED"])
     for rec in history or []:
         live.log_step(int(rec["step"]), rec)
@@ -568,7 +586,7 @@ def add_to_run(run_id: str, metrics: dict[str, float], tags: dict[str, str],
         if Path(path).exists():
             client.log_artifact(run_id, str(path))
     if inputs:
-        client.log_inputs(run_id, datasets=inputs)
+        _log_inputs(client, run_id, inputs)
     _log_metrics(client, run_id, _metric_list(metrics, _now()))
     ordered = sorted(tags.items(), key=lambda kv: kv[0] == marker)  # the marker last
     client.log_batch(run_id, tags=[RunTag(k, v) for k, v in ordered])
@@ -619,7 +637,7 @@ def log_run(experiment: str, key: str, run_name: str, params: dict, tags: dict[s
         client.log_batch(rid, params=batch)
     _log_metrics(client, rid, batch_metrics)
     if inputs:
-        client.log_inputs(rid, datasets=inputs)
+        _log_inputs(client, rid, inputs)
     for path in artifacts or []:
         if Path(path).exists():
             client.log_artifact(rid, str(path))
