@@ -338,24 +338,27 @@ from pipeline.core import tracking
 exp, key, at = sys.argv[1], sys.argv[2], float(sys.argv[3])
 frame = pd.DataFrame({"row": [0, 1, 2], "y": [1, 0, 1]})
 inputs = [tracking.sample_input("synthetic k=4 seed0", frame, "data/samples/4/seed0.json")]
-time.sleep(max(0.0, at - time.time()))
-tracking.start_run(exp, key, key, {"trial": key}, {}, inputs=inputs).finish({})
+client = tracking._client()
+run = client.create_run(tracking._experiment_id(client, exp), run_name=key, tags={"run_key": key})
+time.sleep(max(0.0, at - time.time()))  # every process sends its sample at the same moment
+tracking._log_inputs(client, run.info.run_id, inputs)
 """
 
 
 def test_runs_logging_the_same_sample_at_once_all_get_it(http):
-    """Trials at one level and seed, as jobs side by side, start their runs at the same moment
-    with the same training sample: the store creates the sample's dataset row once, and every
-    run is linked to it (the race the store loses is tried again, pipeline.core.tracking)."""
+    """Trials at one level and seed, as jobs side by side, log the same training sample to
+    their runs at the same moment: the store creates the sample's dataset row once, and every
+    run is linked to it (the insert that loses the race is tried again: tracking._log_inputs,
+    which start_run uses)."""
     project, srv, exp = http
     tracking.group_run(exp, "g", "g", {})  # the experiment exists, as the stages above the grid make it
     at = time.time() + 8.0  # every process imported and waiting
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     procs = [subprocess.Popen([sys.executable, "-c", RACE, exp, f"t{i}", str(at)], cwd=project, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(6)]
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(8)]
     outs = [p.communicate(timeout=300)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), "\n".join(outs)
-    for i in range(6):
+    for i in range(8):
         (run,) = runs_of(exp, f"t{i}")
         got = client().get_run(run.info.run_id).inputs.dataset_inputs
         assert [d.dataset.name for d in got] == ["synthetic k=4 seed0"], i
