@@ -73,14 +73,18 @@ def first_template(class_tokens: torch.Tensor, n_ctx: int) -> torch.Tensor:
     with `n_ctx` tokens that are the same for every class and come before the end token:
     the positions MaPLe's context takes."""
     tokens = class_tokens[:, :1]
-    lead = tokens[:, 0, 1:1 + n_ctx]
-    if (lead.shape[1] < n_ctx or not bool((lead == lead[:1]).all())
-            or bool((tokens[:, 0].argmax(dim=-1) <= n_ctx).any())):
+    rows = tokens[:, 0]
+    end = int(rows.argmax(dim=-1).min())  # the first end token of any class
+    same = (rows == rows[:1]).all(dim=0)
+    shared = 0  # tokens after the start token, before any end token, the same for every class
+    while 1 + shared < end and bool(same[1 + shared]):
+        shared += 1
+    if shared < n_ctx:
         raise ValueError(
             f"maple: the first template of the dataset's prompt file must begin with at least n_ctx = {n_ctx} "
             f"tokens that are the same for every class, before the class name (MaPLe learns them in place, as "
-            f"'a photo' of its 'a photo of a {{c}}.'); this one does not. Put such a template first in the prompt "
-            f"file, or lower maple's n_ctx")
+            f"'a photo' of its 'a photo of a {{c}}.'); this one has {shared}. Put such a template first in the "
+            f"prompt file, or lower maple's n_ctx")
     return tokens
 
 
