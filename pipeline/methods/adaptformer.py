@@ -191,7 +191,7 @@ class AdaptFormer(Method):
         model = self.ctx.model
         with rank_rows():  # the batch's rows: dropout masks drawn per sample across ranks
             feats = image_features(model, batch["image"])
-        head = fixed_head(model, self.ctx.zeroshot_head).to(feats.device)
+        head = fixed_head(model, self.ctx.zeroshot_head).to(feats)  # fp32 (float64 in the float64 tests)
         return {"ce_loss": classification_loss(feats, head, batch["y"])}
 
     def live_eval_model(self) -> EvalModel:

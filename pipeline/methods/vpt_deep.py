@@ -131,7 +131,7 @@ class VPTDeep(Method):
     def loss(self, batch, step):
         model = self.ctx.model
         feats = image_features(model, batch["image"])
-        head = model.logit_scale.exp().detach().float() * self.ctx.zeroshot_head.float().to(feats.device)
+        head = self.fixed_head(model, self.ctx.zeroshot_head).to(feats)  # fp32 (float64 in the float64 tests)
         return {"ce_loss": classification_loss(feats, head, batch["y"])}
 
     @staticmethod
