@@ -209,7 +209,8 @@ class AdaptFormer(Method):
         adapters.load_state_dict(own)  # strict: one adapter per block, the keys must match exactly
         adapters.to(zeroshot_head.device)
         if alpha != 0.0:
-            install(blocks, adapters, alpha * hp.scale, hp.dropout, getattr(model.visual.transformer, "batch_first", True))
+            batch_first = getattr(model.visual.transformer, "batch_first", True)
+            install(blocks, adapters, alpha * hp.scale, hp.dropout, batch_first)
         return AdaptedEvalModel(model, adapters, fixed_head(model, zeroshot_head))
 
 
