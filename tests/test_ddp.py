@@ -97,11 +97,17 @@ CASES = {
               {"steps": 3, "batch_size": 8}),
     "carot_accum": ("carot", {"lr": 3e-4, "warmup_steps": 0, "teacher_updates": 3, "beta_distill": 5.0},
                     {"steps": 3, "batch_size": 8, "grad_accum": 2}),
+    # issue 29's ViT methods: AdaptFormer's dropout, one mask per element of each sample's
+    # bottleneck across ranks (p = 0.5); MaPLe's prompts through both towers, its class head
+    # of every class encoded alike on every rank, in chunks of one prompt under checkpointing
+    "adaptformer": ("adaptformer", {"lr": 0.5, "warmup_steps": 0, "dropout": 0.5, "bottleneck": 4},
+                    {"steps": 3, "batch_size": 8}),
+    "maple_chunked": ("maple", {"lr": 0.5, "warmup_steps": 0}, {"steps": 2, "batch_size": 8}),
     # a new head on the vision-only backbone (created under the same seed on every rank)
     "vision_ft": ("vision_ft", {"lr": 3e-4, "warmup_steps": 0}, {"steps": 2, "batch_size": 8}),
 }
 SINGLE_BATCH = {"flyp_batch7": 6}
-CONTEXT = {"bitfit_chunked": {"prompt_memory_bytes": 1}}  # TaskContext fields per case
+CONTEXT = {"bitfit_chunked": {"prompt_memory_bytes": 1}, "maple_chunked": {"prompt_memory_bytes": 1}}  # TaskContext fields per case
 SEED = 3
 TOL = 1e-5  # observed on CPU: < 2e-6 (float64 weights, float32 losses)
 

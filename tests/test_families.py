@@ -63,12 +63,14 @@ TOKENIZER_KEYS = {"vocab_size", "hf_tokenizer_name"}
 TIMM_SIZE_KEYS = {"img_size", "patch_size", "embed_dim", "depth", "num_heads", "ref_feat_shape"}
 # the block-level methods need open_clip's residual blocks in both towers: not a timm image tower
 BLOCK_METHODS = {"bitfit", "aclip", "lora", "clip_lora", "radapter"}
+# the methods that edit the ViT's internals need open_clip's own VisionTransformer: not a timm tower
+VIT_METHODS = {"maple", "vpt_deep", "adaptformer"}
 # lipsum_ft draws random texts from CLIP's BPE vocabulary: not SigLIP's tokenizer
 TEXT_VOCAB_METHODS = {"lipsum_ft"}
 # carot constrains open_clip's visual.proj (a ResNet's attnpool.c_proj): not a timm image tower
 PROJECTION_METHODS = {"carot"}
-REFUSES = {"tiny-siglip": BLOCK_METHODS | TEXT_VOCAB_METHODS | PROJECTION_METHODS,
-           "tiny-eva02": BLOCK_METHODS | PROJECTION_METHODS, "tiny-coca": set()}
+REFUSES = {"tiny-siglip": BLOCK_METHODS | VIT_METHODS | TEXT_VOCAB_METHODS | PROJECTION_METHODS,
+           "tiny-eva02": BLOCK_METHODS | VIT_METHODS | PROJECTION_METHODS, "tiny-coca": set()}
 OVERRIDES = {"lpft": {"lp_steps": 2}}
 STEPS = 2
 

@@ -397,10 +397,11 @@ def test_own_optimisers_schedule_only_groups_with_lr_scale():
     assert [h["lr"] for h in res.history] == pytest.approx([lp.steps[0]] * 3)
 
 
-@pytest.mark.parametrize("name", ["clip_lora", "lp_pp", "clap"])
+@pytest.mark.parametrize("name", ["clip_lora", "lp_pp", "clap", "maple", "vpt_deep", "adaptformer"])
 def test_bf16_autocast_steps_are_finite_and_losses_fp32(name):
     """Under the trainer's bf16 autocast (CPU here): finite losses, computed in fp32 (the
-    dropout attention path of clip_lora included)."""
+    dropout attention path of clip_lora included; the prompts and adapters that the ViT
+    methods put into bf16 residual streams)."""
     from pipeline.methods import METHODS
     from pipeline.training.train import fit
 

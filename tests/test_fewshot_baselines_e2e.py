@@ -1,4 +1,5 @@
-"""The few-shot baselines of issue 29 (clip_lora, lp_pp, clap) end to end through `dvc repro`
+"""The few-shot baselines of issue 29 (clip_lora, lp_pp, clap, maple, vpt_deep, adaptformer) end to
+end through `dvc repro`
 on the built-in data with tiny params: each trains, is selected and evaluated, and its
 metrics and MLflow run exist."""
 
@@ -14,7 +15,8 @@ from tests.e2e_project import ROOT, copy_pipeline, init_and_repro, merge
 
 pytestmark = pytest.mark.slow
 
-NEW = ("clip_lora", "lp_pp", "clap")
+NEW = ("clip_lora", "lp_pp", "clap", "maple", "vpt_deep", "adaptformer")
+WEIGHT_SPACE = {"clip_lora", "adaptformer"}  # the evaluate stage sweeps their α
 
 
 
@@ -27,7 +29,8 @@ TINY = {
     "sample": {"levels": [1, 4], "seeds": [0]},
     "finetune": {"methods": list(NEW),
                  "trials": {"clip_lora-a": {"method": "clip_lora"}, "lp_pp-a": {"method": "lp_pp"},
-                            "clap-a": {"method": "clap", "views": 3}},
+                            "clap-a": {"method": "clap", "views": 3}, "maple-a": {"method": "maple"},
+                            "vpt_deep-a": {"method": "vpt_deep"}, "adaptformer-a": {"method": "adaptformer"}},
                  "train": {"epochs": 1.0, "min_steps": 6, "max_steps": 6, "batch_size": 16,
                            "checkpoint_every": 3}},
     "evaluate": {"wise_alphas": [0.0, 1.0], "rsa_samples": 150},
@@ -45,5 +48,5 @@ def test_fewshot_baselines_through_dvc_repro(tmp_path):
             acc = m["id_test/acc_avg"]
             assert math.isfinite(acc) and 0 <= acc <= 1, (method, level, acc)
             assert m["train/trainable_params"] > 0
-            # the WiSE-FT sweep for the LoRA recipe only (lp_pp and clap are not weight-space)
-            assert ("wise/0/id_test/acc_avg" in m) == (method == "clip_lora"), (method, sorted(m)[:10])
+            # the WiSE-FT sweep for the weight-space ones only (AdaptFormer's α scales its branch)
+            assert ("wise/0/id_test/acc_avg" in m) == (method in WEIGHT_SPACE), (method, sorted(m)[:10])

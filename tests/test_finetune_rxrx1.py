@@ -1,5 +1,6 @@
-"""The prompt cross-entropy methods (BitFit, A-CLIP, LoRA) train on RxRx1 (1,139 classes) with a
-real ViT-B-32 on a CPU machine: the finetune stage, run as a user runs it
+"""The methods that encode every class prompt with gradient each step (the prompt cross-entropy
+ones, BitFit, A-CLIP, LoRA, and MaPLe, whose prompts sit inside the frozen text tower) train on
+RxRx1 (1,139 classes) with a real ViT-B-32 on a CPU machine: the finetune stage, run as a user runs it
 (`python -m pipeline finetune`), on a WILDS-format RxRx1 fixture read by the real wilds
 class, with random ViT-B-32 weights at the config's 224 px.
 
@@ -33,10 +34,10 @@ from tests.data.wilds_fixtures import make_rxrx1
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
-METHODS = ("bitfit", "aclip", "lora")
+METHODS = ("bitfit", "aclip", "lora", "maple")
 ADDRESS_CAP = 16 * 2**30  # per stage process: a one-forward head (~20 GB) cannot fit
 # Peak RSS per finetune process (this project's torch 2.14 build on CPU). Measured at the
-# default 1024 MiB budget: 3.3 (BitFit), 3.2 (A-CLIP), 3.9 GiB (LoRA); with all prompts in
+# default 1024 MiB budget: 3.3 (BitFit), 3.2 (A-CLIP), 3.9 GiB (LoRA), 3.8 GiB (MaPLe); with all prompts in
 # one forward, 7 GB and more trimmed (bench_text_head.py), ~20 GB untrimmed.
 PEAK_RSS_BOUND = 5.5 * 2**30
 
