@@ -13,7 +13,7 @@ CLIP = "clip."
 
 @register
 class ModelStock(FullFinetune):
-    """Model Stock (Jang et al., ECCV 2024): two FT runs merged per tensor towards θ_0.
+    """Model Stock (Jang et al., ECCV 2024; the authors' notebook): two FT runs merged per tensor with θ_0.
 
     "Model Stock: All we need is just a few fine-tuned models" (naver-ai/model-stock: the
     repository holds a README only, "code is under internal review"; the merge follows the
