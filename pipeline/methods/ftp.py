@@ -101,7 +101,7 @@ class FTPHparams(FTHparams):
 
 @register
 class FTP(FullFinetune):
-    """FTP (Tian et al., NeurIPS 2023; code GT-RIPL/FTP): FT, each step projected towards θ_0 per layer.
+    """FTP (Tian et al., NeurIPS 2023, arXiv 2310.19182; code GT-RIPL/FTP): FT, each step projected towards θ_0 per layer.
 
     "Fast Trainable Projection for Robust Fine-Tuning", code GT-RIPL/FTP (`util/FTP.py`,
     `AdamP`): the base optimiser proposes w̃ for each tensor; c = w̃ − w0; n = Σ_{dims≥1}|c| + 1e-8

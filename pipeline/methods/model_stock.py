@@ -13,11 +13,11 @@ CLIP = "clip."
 
 @register
 class ModelStock(FullFinetune):
-    """Model Stock (Jang et al., ECCV 2024; the authors' notebook): two FT runs merged per tensor with θ_0.
+    """Model Stock (Jang et al., ECCV 2024, arXiv 2403.19522; no code released, the authors' notebook): two FT runs merged per tensor with θ_0.
 
-    "Model Stock: All we need is just a few fine-tuned models" (naver-ai/model-stock: the
-    repository holds a README only, "code is under internal review"; the merge follows the
-    authors' notebook as baselines.md gives it). Two fine-tuned models w1, w2 of the same
+    "Model Stock: All we need is just a few fine-tuned models". The stored snapshot of
+    naver-ai/model-stock holds a README only ("code is under internal review"); the merge
+    follows the authors' notebook as baselines.md gives it (checked there against it). Two fine-tuned models w1, w2 of the same
     recipe and the pre-trained w0, per tensor: cos = ⟨w1−w0, w2−w0⟩/(‖w1−w0‖‖w2−w0‖ + 1e-8),
     t = 2cos/(1 + cos), w = t·(w1 + w2)/2 + (1 − t)·w0 (`pipeline.models.weights.
     model_stock_merge`, in fp32). The merged model is what is saved and evaluated.
