@@ -27,8 +27,12 @@ def row_l1(c: torch.Tensor) -> torch.Tensor:
 
 def gamma_gradient(grad: torch.Tensor, c_prev: torch.Tensor, n_prev: torch.Tensor, k: float) -> torch.Tensor:
     """The hyper-gradient of the radius: Σ ∇_w L ⊙ c_prev / n_prev (n_prev broadcast per row),
-    its positive part scaled by k."""
-    g = (grad * c_prev / n_prev).sum()
+    its positive part scaled by k. (Per-row dot products first, then divided by the row norms:
+    one pass over the tensor.)"""
+    if grad.dim() >= 2:
+        g = ((grad * c_prev).sum(dim=tuple(range(1, grad.dim())), keepdim=True) / n_prev).sum()
+    else:
+        g = (grad * c_prev).sum() / n_prev
     return torch.where(g > 0, g * k, g)
 
 
@@ -70,20 +74,21 @@ class Projection(nn.Module):
             if p.grad is None:  # not stepped (the base optimiser skips it too)
                 continue
             w0, gamma, m, v = self.get("w0", name), self.get("gamma", name), self.get("m", name), self.get("v", name)
-            c = p - w0
-            n = row_l1(c)
+            c, n_prev = self.get("c", name), self.get("n", name)
             if t == 1:
                 gamma.fill_(GAMMA_MIN)
-            else:
-                g = gamma_gradient(p.grad.to(p.dtype), self.get("c", name), self.get("n", name), k)
+            else:  # the hyper-gradient reads the previous c and n: before c is overwritten
+                g = gamma_gradient(p.grad.to(p.dtype), c, n_prev, k)
                 m.mul_(b1).add_((1 - b1) * g)
                 v.mul_(b2).add_((1 - b2) * g * g)
                 m_hat, v_hat = m / (1 - b1 ** t), v / (1 - b2 ** t)
                 gamma.sub_(GAMMA_LR * m_hat / (v_hat.sqrt() + GAMMA_EPS))
+            torch.sub(p, w0, out=c)  # c = w̃ − w0, in its buffer (in place: no copy of the tower per step)
+            n = row_l1(c)
+            if t > 1:
                 gamma.copy_(torch.minimum(gamma.clamp(min=GAMMA_MIN), n.max()))
-            p.copy_(w0 + (gamma / n).clamp(0, 1) * c)
-            self.get("c", name).copy_(c)
-            self.get("n", name).copy_(n)
+            p.copy_(w0).addcmul_((gamma / n).clamp(0, 1), c)
+            n_prev.copy_(n)
         self.count += 1
 
 
