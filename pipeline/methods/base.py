@@ -2,9 +2,11 @@
 
 A method says which parameters train (`setup`), what modules it inserts (also `setup`), its
 loss terms (`loss` returns a dict of named `*_loss` tensors the trainer sums and logs), an
-optional per-step hook (`after_step`: EMA, running averages), what it saves
-(`trained_state`: only what it trained) and how a saved state becomes an evaluable model
-(`eval_model`, which also implements the WiSE-FT α for methods that support it).
+optional per-step hook (`after_step`: EMA, running averages, FTP's projection), what it saves
+(`trained_state`: only what it trained; `checkpoint_only` buffers are for resuming only), how
+several trainings become one model (`n_runs`, `combine`: Model Stock) and how a saved state
+becomes an evaluable model (`eval_model`, which also implements the WiSE-FT α for methods that
+support it).
 
 Precision: the trainer runs `loss` under bf16 autocast when `precision` resolves to bf16
 (`auto` on CUDA). A method's forward then runs in bf16; features are normalised in fp32
