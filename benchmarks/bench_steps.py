@@ -42,8 +42,11 @@ def worker(args) -> dict:
     batch = args.worker_batch
     data = bt.make_data(2 * batch, size, args.classes)
     extra, hp = {}, {}
-    if args.worker == "dive":
-        ref_batch = max(1, batch // 4)
+    from pipeline.methods import METHODS as REGISTRY
+
+    cls = REGISTRY[args.worker]
+    if cls.needs_reference:  # B' in the method's own default ratio to the default target batch 32 (DiVE: B/4)
+        ref_batch = max(1, round(batch * cls.Hparams().ref_batch_size / 32))
         hp = {"ref_batch_size": ref_batch}
         extra["reference"] = bench_dive.reference(model, tokenizer, max(2 * ref_batch, 8), size, device, naive=False)
     total = args.warmup + args.steps

@@ -6,7 +6,8 @@ loss: R-Adapter (per-sample drop masks and prompt templates; shared drop draws f
 class head of `loss: ce`) and BitFit / A-CLIP / LoRA (templates drawn for the training
 head); BitFit with its class-prompt head encoded
 in chunks under activation checkpointing; only rank 0 writes checkpoints and logs. LP, FT, LP-FT and CLIP-Adapter draw nothing
-in their losses.
+in their losses; FTP (FT with a projection after each step, from the averaged gradients) and Model
+Stock (two FT runs, the second under a derived seed, merged) are checked for what they add.
 
 Why the weights can match exactly (up to float summation order): the global batch of each
 step is the same list of indices in both runs (`batch_plan`); rank r takes `mb[r::world]` of
@@ -103,6 +104,12 @@ CASES = {
     "adaptformer": ("adaptformer", {"lr": 0.5, "warmup_steps": 0, "dropout": 0.5, "bottleneck": 4},
                     {"steps": 3, "batch_size": 8}),
     "maple_chunked": ("maple", {"lr": 0.5, "warmup_steps": 0}, {"steps": 2, "batch_size": 8}),
+    # FTP's projection after the step (averaged gradients: every rank projects the same, its
+    # radius learned from step 2 on), also under grad_accum; Model Stock's two runs (the second
+    # with the derived seed) and their merge
+    "ftp": ("ftp", {"lr": 1e-3, "warmup_steps": 0}, {"steps": 4, "batch_size": 8}),
+    "ftp_accum": ("ftp", {"lr": 1e-3, "warmup_steps": 0}, {"steps": 3, "batch_size": 8, "grad_accum": 2}),
+    "model_stock": ("model_stock", {"lr": 1e-3, "warmup_steps": 0}, {"steps": 2, "batch_size": 8}),
     # a new head on the vision-only backbone (created under the same seed on every rank)
     "vision_ft": ("vision_ft", {"lr": 3e-4, "warmup_steps": 0}, {"steps": 2, "batch_size": 8}),
 }
@@ -280,7 +287,7 @@ def test_ddp_matches_single_process(name, ddp_runs):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_only_rank0_writes(name, ddp_runs):
-    steps = CASES[name][2]["steps"]
+    steps = CASES[name][2]["steps"] * METHODS[CASES[name][0]].n_runs  # (numbered across a method's runs)
     r0 = torch.load(ddp_runs / name / "rank0.pt", weights_only=False)
     r1 = torch.load(ddp_runs / name / "rank1.pt", weights_only=False)
     assert (ddp_runs / name / "ckpt_rank0" / "last.pt").exists()  # checkpoint_every=1

@@ -8,12 +8,13 @@ import math
 import pytest
 import yaml
 
+from pipeline.methods import METHODS
 from tests.e2e_project import ROOT, copy_pipeline, init_and_repro
 from tests.test_e2e import TINY, merge
 
 pytestmark = pytest.mark.slow
 
-NEW = ["flyp_replay", "snd", "lipsum_ft", "clipood", "arf", "carot"]
+NEW = ["flyp_replay", "snd", "lipsum_ft", "clipood", "arf", "carot", "ftp", "model_stock"]
 ROBUST = {
     "sample": {"levels": [4], "seeds": [0]},
     "finetune": {"methods": NEW, "trials": {f"{m}-a": {"method": m} for m in NEW},
@@ -31,7 +32,8 @@ def test_each_new_method_runs_through_dvc_repro(tmp_path):
     for method in NEW:
         run = work / "runs/finetune" / f"{method}-a" / "4" / "seed0"
         assert (run / "weights.safetensors").exists(), method
-        assert json.loads((run / "train_summary.json").read_text())["steps"] == 6, method
+        summary = json.loads((run / "train_summary.json").read_text())
+        assert summary["steps"] == 6 and summary.get("runs", 1) == METHODS[method].n_runs, method
         got = json.loads((work / "runs/evaluate" / method / "4" / "seed0" / "metrics.json").read_text())
         assert {"id_test/acc_avg", "test/acc_avg", "rsa/image", "rsa/text", "selected/alpha"} <= got.keys(), method
         assert all(math.isfinite(got[k]) for k in ("id_test/acc_avg", "test/acc_avg", "rsa/image")), method

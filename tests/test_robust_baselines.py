@@ -351,7 +351,7 @@ def test_clipood_saves_the_beta_average_of_its_iterates():
     assert moved > 1e-4  # the average is not the last iterate
 
 
-# ---- Model Stock's merge (pipeline.models.weights; the method entry is not wired yet) -------
+# ---- Model Stock's merge (pipeline.models.weights) -----------------------------------------
 
 
 def _t(values):
@@ -425,12 +425,13 @@ def test_model_stock_merge_on_hand_made_state_dicts():
 # ---- resume -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["clipood", "lipsum_ft", "snd", "flyp_replay"])
+@pytest.mark.parametrize("name", ["clipood", "lipsum_ft", "snd", "flyp_replay", "ftp", "model_stock"])
 def test_resumed_run_ends_with_the_same_saved_state(name, tmp_path):
     """A run resumed from its step-2 checkpoint saves what the uninterrupted run saves:
     CLIPood's Beta average (its buffers are in the checkpoint), Lipsum-FT's f_0 (rebuilt from
     the pre-trained weights before the checkpoint loads), the reference draws of SnD and
-    FLYP+replay (seeded by seed and step)."""
+    FLYP+replay (seeded by seed and step), FTP's projection state (checkpointed buffers), Model
+    Stock's first run (kept in the checkpoint of its second run, the one resumed here)."""
     from pipeline.methods import METHODS
     from pipeline.training.train import fit
 
@@ -451,3 +452,305 @@ def test_resumed_run_ends_with_the_same_saved_state(name, tmp_path):
     assert max(float((full[k].float() - fresh[k[5:]].float()).abs().max()) for k in full if k.startswith("clip.")) > 1e-4
     for k in full:
         torch.testing.assert_close(resumed[k], full[k], rtol=0, atol=1e-6)
+
+
+# ---- FTP (pipeline.methods.ftp) -----------------------------------------------------------
+
+
+def ftp_by_hand(w0, proposals, grads, k):
+    """FTP's projection written out (float64, one tensor), from the official `util/FTP.py`'s
+    order of operations: per step t = 1, 2, ...: c = w̃ − w0; n per row (Σ|c| over the
+    other dims; the whole tensor for 1-D and 0-D) + 1e-8; γ = 1e-8 at t = 1, else one Adam step
+    (lr 1e-2, betas 0.9/0.999, bias-corrected with t) on g = Σ grad·c_prev/n_prev (×k if > 0),
+    clipped to [1e-8, max n]; w = w0 + min(max(γ/n, 0), 1)·c. `proposals[t]` is a function of
+    the previous projected weights (the base step), `grads[t]` the gradient at them. Returns
+    the weights after each step and the hyper-gradients before scaling (None at t = 1)."""
+    w = w0.clone()
+    gamma = m = v = 0.0
+    c_prev = n_prev = None
+    out, hyper = [], [None]
+    for t, (propose, grad) in enumerate(zip(proposals, grads), start=1):
+        c = propose(w) - w0
+        if c.dim() >= 2:
+            rows = c.reshape(c.shape[0], -1)
+            n = torch.tensor([float(r.abs().sum()) for r in rows], dtype=c.dtype) + 1e-8
+            n = n.reshape((c.shape[0],) + (1,) * (c.dim() - 1))
+        else:
+            n = torch.tensor(float(c.abs().sum()) + 1e-8, dtype=c.dtype)
+        if t == 1:
+            gamma = 1e-8
+        else:
+            g = float((grad * c_prev / n_prev).sum())
+            hyper.append(g)
+            g = g * k if g > 0 else g
+            m = 0.9 * m + 0.1 * g
+            v = 0.999 * v + 0.001 * g * g
+            gamma = gamma - 1e-2 * (m / (1 - 0.9 ** t)) / (math.sqrt(v / (1 - 0.999 ** t)) + 1e-8)
+            gamma = min(max(gamma, 1e-8), float(n.max()))
+        w = w0 + (gamma / n).clamp(0, 1) * c
+        c_prev, n_prev = c, n
+        out.append(w.clone())
+    return out, hyper
+
+
+@pytest.mark.parametrize("shape", [(4, 3), (5,), (), (2, 3, 4)])
+@pytest.mark.parametrize("k", [1.0, 0.3])
+def test_ftp_projection_matches_its_formula(shape, k):
+    from pipeline.methods.ftp import Projection
+
+    g = torch.Generator().manual_seed(len(shape) * 7 + int(k * 10))
+    w0 = torch.randn(shape, generator=g, dtype=torch.float64)
+    steps = 6
+    # the base optimiser's step w̃ = w − 0.05·grad; gradients mostly along one direction (the
+    # radius grows: g < 0), and against it at step 4 (g > 0: the k-scaled branch)
+    drift = torch.randn(shape, generator=g, dtype=torch.float64)
+    noise = [0.3 * torch.randn(shape, generator=g, dtype=torch.float64).clamp(-2, 2) for _ in range(steps)]
+    grads = [drift * (1 + noise[i]) * (-1 if i == 3 else 1) for i in range(steps)]
+    proposals = [lambda w, gr=gr: w - 0.05 * gr for gr in grads]
+    expected, hyper = ftp_by_hand(w0, proposals, grads, k)
+
+    p = torch.nn.Parameter(w0.clone())
+    proj = Projection([("w", p)])
+    gammas = []
+    for t in range(steps):
+        with torch.no_grad():
+            p.copy_(proposals[t](p.detach()))
+        p.grad = grads[t].clone()
+        proj.project([("w", p)], k)
+        gammas.append(float(proj.get("gamma", "w")))
+        torch.testing.assert_close(p.detach(), expected[t], rtol=0, atol=1e-10)
+    assert gammas[0] == pytest.approx(1e-8)
+    assert gammas[2] > 1e-3  # the radius was learned, not left at its start
+    assert hyper[2] < 0 < hyper[3]  # both branches of the hyper-gradient were taken (k > 0 scaled)
+    assert int(proj.count) == steps
+
+
+def test_ftp_first_step_leaves_the_weights_at_pretrained():
+    """The first step's radius is 1e-8: the image tower stays at θ_0 to 1e-6 (FT with the same
+    step moves it by far more); the head, not projected, moves as FT's does."""
+    from pipeline.methods import METHODS
+    from pipeline.training.train import fit
+
+    pre = mf.snapshot(mf.fresh_model())
+
+    def one_step(name):
+        model = mf.fresh_model()
+        ctx = mf.context(model)
+        cls = METHODS[name]
+        method = cls(cls.Hparams(lr=1e-2, warmup_steps=0, weight_decay=0.0), ctx)
+        fit(method, ctx.train_set, steps=1, batch_size=6, seed=0, device=torch.device("cpu"), progress=False)
+        moved = max(float((p.detach() - pre[n]).abs().max()) for n, p in model.named_parameters()
+                    if n.startswith("visual."))
+        return moved, method.extra["head"].weight.detach().clone()
+
+    ftp_moved, ftp_head = one_step("ftp")
+    ft_moved, ft_head = one_step("ft")
+    assert ftp_moved <= 1e-6
+    assert ft_moved > 1e-3
+    torch.testing.assert_close(ftp_head, ft_head)
+
+
+def test_ftp_trains_with_the_projection_of_each_step_and_saves_only_the_weights():
+    """Through the trainer: each step's weights are the projection of the trainer's AdamW
+    proposal from the previous step's weights (replayed here with `ftp_by_hand` on the
+    recorded proposals and gradients); the saved state holds the weights, not the
+    projection's state."""
+    from pipeline.methods import METHODS
+    from pipeline.methods.ftp import Projection
+    from pipeline.training.train import fit
+
+    recorded = []  # per step: {name: (proposal, grad, projected)}
+    original = Projection.project
+
+    def recording(self, params, k):
+        before = {n: (p.detach().clone(), p.grad.detach().clone()) for n, p in params}
+        original(self, params, k)
+        recorded.append({n: (*before[n], p.detach().clone()) for n, p in params})
+
+    model = mf.fresh_model()
+    ctx = mf.context(model)
+    cls = METHODS["ftp"]
+    method = cls(cls.Hparams(lr=1e-3, warmup_steps=0), ctx)
+    Projection.project = recording
+    try:
+        fit(method, ctx.train_set, steps=5, batch_size=6, seed=0, device=torch.device("cpu"), progress=False)
+    finally:
+        Projection.project = original
+    pre = mf.snapshot(mf.fresh_model())
+    names = [n for n in recorded[0] if pre[n].dim() in (1, 2)][:6]
+    for name in names:
+        w0 = pre[name].double()
+        proposals = [lambda w, r=r: r[name][0].double() for r in recorded]
+        grads = [r[name][1].double() for r in recorded]
+        expected, _ = ftp_by_hand(w0, proposals, grads, 1.0)
+        for t, r in enumerate(recorded):
+            torch.testing.assert_close(r[name][2].double(), expected[t], rtol=0, atol=1e-6)
+    assert max(float((r[names[0]][2] - pre[names[0]]).abs().max()) for r in recorded) > 1e-5
+    state = method.trained_state()
+    assert not any(k.startswith("extra.ftp.") for k in state)
+    assert {k for k in state if k.startswith("clip.")} == {f"clip.{n}" for n in pre if n.startswith("visual.")}
+
+
+@pytest.mark.parametrize("k", [-0.1, 1.5])
+def test_ftp_refuses_k_outside_0_1(k):
+    from pipeline.methods.ftp import FTPHparams
+
+    with pytest.raises(ValueError, match="k: .* must lie in"):
+        FTPHparams(k=k)
+
+
+# ---- Model Stock (pipeline.methods.model_stock, the trainer's n_runs) -----------------------
+
+
+def merge_by_hand(w0: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    d1, d2 = (w1 - w0).double().flatten(), (w2 - w0).double().flatten()
+    cos = float(d1 @ d2) / (float(d1.norm()) * float(d2.norm()) + 1e-8)
+    cos = min(max(cos, -1.0), 1.0)
+    t = min(max(2 * cos / (cos + 1), 0.0), 1.0) if cos > -1 else 0.0
+    return (t * (w1.double() + w2.double()) / 2 + (1 - t) * w0.double()).to(w1.dtype)
+
+
+def test_model_stock_merges_two_ft_runs_with_derived_seeds():
+    """Model Stock's saved state = the per-tensor merge of two FT runs (the entry's seed and
+    `run_seed_of(seed, 1)`, each from θ_0 and the zero-shot head) with w0 = θ_0 and s·H_zs."""
+    from pipeline.methods import METHODS
+    from pipeline.training.train import fit, run_seed_of
+
+    seed, steps = 2, 3
+
+    def train(name, train_seed):
+        model = mf.fresh_model()
+        ctx = mf.context(model, seed=seed)
+        cls = METHODS[name]
+        method = cls(cls.Hparams(lr=1e-3, warmup_steps=0), ctx)
+        result = fit(method, ctx.train_set, steps=steps, batch_size=6, seed=train_seed, device=torch.device("cpu"),
+                     progress=False)
+        return method, result
+
+    stock, result = train("model_stock", seed)
+    merged = stock.trained_state()
+    run0 = train("ft", seed)[0].trained_state()
+    run1 = train("ft", run_seed_of(seed, 1))[0].trained_state()
+    assert run_seed_of(seed, 0) == seed and run_seed_of(seed, 1) not in (seed, seed + 1)
+    assert result.runs == 2 and [h["step"] for h in result.history] == list(range(1, 2 * steps + 1))
+
+    model = mf.fresh_model()
+    w0 = {f"clip.{n}": p.detach() for n, p in model.named_parameters()}
+    w0["extra.head.weight"] = model.logit_scale.exp().detach() * mf.zeroshot_head(model)
+    assert set(merged) == set(run0) == set(run1)
+    ratios = []
+    for key in merged:
+        expected = merge_by_hand(w0[key], run0[key], run1[key])
+        torch.testing.assert_close(merged[key], expected, rtol=0, atol=1e-6)
+        d0, d1 = (run0[key] - w0[key]).flatten(), (run1[key] - w0[key]).flatten()
+        if d0.norm() > 0 and d1.norm() > 0:
+            ratios.append(float(d0 @ d1 / (d0.norm() * d1.norm())))
+    assert any(not torch.equal(run0[k], run1[k]) for k in run0)  # two different runs
+    assert 0 < min(r for r in ratios) < 0.999  # the merge is neither run nor their plain average
+    # the live model is the merged one
+    head = stock.live_eval_model().head
+    torch.testing.assert_close(head, merged["extra.head.weight"])
+
+
+def test_model_stock_resumes_inside_either_run(tmp_path):
+    """Killed in its first run or in its second (an exception from the log callback, after the
+    step-2 checkpoint), a Model Stock run resumes there and saves what the uninterrupted run
+    saves; a kill in the second run never trains the first again."""
+    from pipeline.methods import METHODS
+    from pipeline.training.train import fit
+
+    cls = METHODS["model_stock"]
+
+    class Killed(Exception):
+        pass
+
+    def run(ckpt=None, kill_at=None):
+        ctx = mf.context(mf.fresh_model())
+        method = cls(cls.Hparams(lr=1e-3, warmup_steps=0), ctx)
+        steps_seen = []
+
+        def log(step, record):
+            steps_seen.append(step)
+            if step == kill_at:
+                raise Killed
+
+        try:
+            fit(method, ctx.train_set, steps=4, batch_size=6, seed=1, device=torch.device("cpu"), progress=False,
+                checkpoint_dir=ckpt, checkpoint_every=2, log=log)
+        except Killed:
+            return None, steps_seen
+        return method.trained_state(), steps_seen
+
+    full, _ = run()
+    for kill_at, resumed_steps in ((3, [3, 4, 5, 6, 7, 8]), (7, [7, 8])):
+        ckpt = tmp_path / f"kill{kill_at}"
+        assert run(ckpt, kill_at)[0] is None
+        saved = torch.load(ckpt / "last.pt", weights_only=True)
+        assert (saved["run"], saved["step"], len(saved["finished"])) == ((0, 2, 0) if kill_at == 3 else (1, 2, 1))
+        state, seen = run(ckpt)
+        assert seen == resumed_steps
+        assert set(state) == set(full)
+        for k in full:
+            torch.testing.assert_close(state[k], full[k], rtol=0, atol=1e-6)
+
+
+def test_model_stock_refuses_swa():
+    from pipeline.methods import METHODS
+    from pipeline.training.train import fit, swa_refusal
+
+    assert "trains 2" in swa_refusal(METHODS["model_stock"])
+    assert swa_refusal(METHODS["ft"]) is None
+    ctx = mf.context()
+    method = METHODS["model_stock"](METHODS["model_stock"].Hparams(), ctx)
+    with pytest.raises(ValueError, match="swa_start.*model_stock trains 2"):
+        fit(method, ctx.train_set, steps=2, batch_size=6, seed=0, device=torch.device("cpu"), progress=False,
+            swa_start=0.5)
+
+
+@pytest.mark.parametrize("name", ["ftp", "model_stock"])
+def test_bf16_autocast_steps_are_finite_and_losses_fp32(name):
+    """Under the trainer's bf16 autocast (CPU here): finite losses computed in fp32; the weights
+    (FTP's projection, Model Stock's merge) stay fp32."""
+    from pipeline.methods import METHODS
+    from pipeline.training.train import fit
+
+    cls = METHODS[name]
+    ctx = mf.context()
+    method = cls(cls.Hparams(lr=1e-3), ctx)
+    res = fit(method, ctx.train_set, steps=3, batch_size=6, seed=0, device=torch.device("cpu"),
+              precision="bf16", progress=False)
+    assert all(math.isfinite(h["loss"]) for h in res.history)
+    assert all(v.dtype == torch.float32 for v in method.trained_state().values())
+    batch = {"image": mf.images(6), "y": torch.arange(6) % 3, "index": torch.arange(6)}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        terms = method.loss(batch, 0)
+    assert all(t.dtype == torch.float32 for t in terms.values()), {k: t.dtype for k, t in terms.items()}
+
+
+@pytest.mark.parametrize("name", ["ftp", "model_stock"])
+def test_grad_accum_gives_the_same_weights(name):
+    """grad_accum 2 (two micro-batches of 3) trains the same weights as one batch of 6 (float64:
+    only summation order differs): FTP projects once per optimiser step, on the accumulated
+    gradient; Model Stock's two runs accumulate alike."""
+    from pipeline.methods import METHODS
+    from pipeline.training.train import fit
+
+    cls = METHODS[name]
+
+    def run(accum):
+        model = mf.fresh_model().double()
+        ctx = mf.context(model)
+        ctx.train_set = mf.ListDataset([{k: (v.double() if v.is_floating_point() else v) for k, v in item.items()}
+                                        for item in ctx.train_set.items])
+        method = cls(cls.Hparams(lr=1e-3, warmup_steps=0), ctx)
+        method.setup()
+        method.extra.double()
+        fit(method, ctx.train_set, steps=3, batch_size=6, seed=0, device=torch.device("cpu"), progress=False,
+            grad_accum=accum)
+        return method.trained_state()
+
+    one, two = run(1), run(2)
+    pre = mf.fresh_model().state_dict()
+    assert max(float((one[k] - pre[k[5:]].double()).abs().max()) for k in one if k.startswith("clip.")) > 1e-4
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=0, atol=1e-9)

@@ -112,6 +112,7 @@ class BatchNormFT(METHODS["ft"]):
 @pytest.mark.parametrize("cls, fragment", [
     (NotWeightSpaceFT, "not_weight_space_ft is not a weight-space method"),
     (METHODS["radapter"], "radapter saves something else"),
+    (METHODS["model_stock"], "model_stock trains 2 and combines them"),
     (BatchNormFT, "BatchNorm layers .*extra.bn"),
 ])
 def test_swa_refuses_methods_it_cannot_apply_to_before_any_step(cls, fragment):
@@ -134,6 +135,10 @@ def test_check_refuses_swa_for_a_method_it_cannot_apply_to():
     with pytest.raises(ParamsError, match=r"^finetune\.train\.swa_start: 0\.75 is not allowed; .*"
                                           r"not a weight-space method.*remove ft from finetune\.methods"):
         check_swa(params, {**METHODS, "ft": NotWeightSpaceFT})
+    stock = SimpleNamespace(finetune=SimpleNamespace(methods=("ft", "model_stock"), train=TrainParams(swa_start=0.75)))
+    with pytest.raises(ParamsError, match=r"^finetune\.train\.swa_start: .*model_stock trains 2.*"
+                                          r"remove model_stock from finetune\.methods"):
+        check_swa(stock, METHODS)
     off = SimpleNamespace(finetune=SimpleNamespace(methods=("ft",), train=TrainParams()))
     check_swa(off, {**METHODS, "ft": NotWeightSpaceFT})  # off: nothing to refuse
 

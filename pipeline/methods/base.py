@@ -2,9 +2,11 @@
 
 A method says which parameters train (`setup`), what modules it inserts (also `setup`), its
 loss terms (`loss` returns a dict of named `*_loss` tensors the trainer sums and logs), an
-optional per-step hook (`after_step`: EMA, running averages), what it saves
-(`trained_state`: only what it trained) and how a saved state becomes an evaluable model
-(`eval_model`, which also implements the WiSE-FT α for methods that support it).
+optional per-step hook (`after_step`: EMA, running averages, FTP's projection), what it saves
+(`trained_state`: only what it trained; `checkpoint_only` buffers are for resuming only), how
+several trainings become one model (`n_runs`, `combine`: Model Stock) and how a saved state
+becomes an evaluable model (`eval_model`, which also implements the WiSE-FT α for methods that
+support it).
 
 Precision: the trainer runs `loss` under bf16 autocast when `precision` resolves to bf16
 (`auto` on CUDA). A method's forward then runs in bf16; features are normalised in fp32
@@ -126,6 +128,15 @@ class Method:
     # set by the trainer before `setup`: the run's number of optimiser steps (for a method
     # whose per-step weights depend on the run's length, e.g. a Beta-weighted average)
     total_steps: int | None = None
+    # how many trainings `fit` runs, each from the state `setup` left and with its own training
+    # seed, before `combine` makes one model of their final states (Model Stock: 2). A method
+    # with n_runs > 1 keeps all its per-run state in parameters and `extra` buffers (the trainer
+    # puts those back to their start before each run and checkpoints the finished runs)
+    n_runs: ClassVar[int] = 1
+    # names of `extra` entries whose buffers are training state only (FTP's projection state):
+    # in the trainer's checkpoints, so that a resumed run continues them, but not in
+    # `trained_state` (not saved with the weights)
+    checkpoint_only: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, hp: Any, ctx: TaskContext):
         type(self).check_model(ctx.model)  # refuse a model this method cannot adapt, before any work
@@ -151,7 +162,14 @@ class Method:
         raise NotImplementedError
 
     def after_step(self, step: int) -> None:
-        """Called after every optimiser step."""
+        """Called after every optimiser step (the step's gradients still in `.grad`)."""
+
+    def combine(self, start: dict[str, torch.Tensor], runs: list[dict[str, torch.Tensor]]) -> None:
+        """n_runs > 1: make the trained model (its parameters and buffers) from the `runs`'
+        final states. Each state, and `start` (what `setup` left, where every run began), maps
+        the names of `root`'s trainable parameters (`clip.…`, `extra.…`) and of the `extra`
+        buffers (`extra.…`) to their values. Called by `fit` after the last run."""
+        raise NotImplementedError(f"{self.name}: n_runs = {self.n_runs} but no `combine`")
 
     def optimizer(self) -> torch.optim.Optimizer | None:
         """The method's own optimiser over its trainable parameters, or None (the default):
@@ -169,7 +187,8 @@ class Method:
     def trained_state(self) -> dict[str, torch.Tensor]:
         """What is saved at the end: only the trained parameters (and method buffers)."""
         state = {n: p.detach() for n, p in trainable(self.root)}
-        state.update({f"extra.{n}": b.detach() for n, b in self.extra.named_buffers()})
+        skip = tuple(f"{k}." for k in self.checkpoint_only)
+        state.update({f"extra.{n}": b.detach() for n, b in self.extra.named_buffers() if not n.startswith(skip)})
         return state
 
     # ---- evaluation ---------------------------------------------------------------------

@@ -265,6 +265,8 @@ def _train(params, trial, level, seed, method_cls, hp, task, backbone, pristine,
                      swa_start=tp.swa_start, swa_every=tp.swa_every)
         summary = {"steps": result.steps, "trainable_params": result.trainable_params,
                    "total_params": result.total_params}
+        if result.runs > 1:  # a method that trains several runs of `steps` each and combines them
+            summary["runs"] = result.runs
         timing = {"wall_time_s": result.wall_time_s, "samples_per_s": result.samples_per_s,
                   "resumed_from_step": result.resumed_from}
     else:

@@ -51,6 +51,7 @@ class TrainResult:
     resumed_from: int = 0
     history: list[dict] = field(default_factory=list)
     swa_count: int = 0  # snapshots in the SWA average that replaced the weights (0: SWA off)
+    runs: int = 1  # trainings of `steps` steps each, combined by the method (`Method.n_runs`)
 
 
 def _mix(*xs: int) -> int:
@@ -58,6 +59,14 @@ def _mix(*xs: int) -> int:
     for x in xs:
         h = (h ^ (x + 0x632BE59BD9B4E019 + (h << 6) + (h >> 2))) & 0xFFFFFFFFFFFF
     return h
+
+
+def run_seed_of(seed: int, run: int) -> int:
+    """The training seed of run `run` of a method that trains several (`Method.n_runs`): the
+    entry's seed for the first, a value mixed from (seed, run) for the others, so that no run
+    of one seed repeats a run of another seed (seed + run would: run 1 of seed 0 = run 0 of
+    seed 1)."""
+    return seed if run == 0 else _mix(seed, run, 0x5EED)
 
 
 def _global_batch(n: int, batch_size: int, multiple: int) -> int:
@@ -158,6 +167,9 @@ def swa_refusal(method_cls: type) -> str | None:
     study's SWA baseline) qualifies too: its iterates share one weight space; what it lacks for
     WiSE-FT is only the α = 0 end (a new head has no pre-trained value)."""
     name = method_cls.name
+    if method_cls.n_runs > 1:
+        return (f"SWA averages the iterates of one training, and {name} trains {method_cls.n_runs} and combines "
+                "them (Method.n_runs)")
     if not method_cls.weight_space and method_cls.backbone != "vision":
         return f"SWA averages weights, and {name} is not a weight-space method (Method.weight_space)"
     if method_cls.trained_state is not Method.trained_state:
@@ -252,8 +264,17 @@ def fit(method: Method, train_set: torch.utils.data.Dataset, *, steps: int, batc
     ResNet) is refused: its running statistics belong to the last weights, not the average,
     and recomputing them (`update_bn` over the training loader) would need the trainer to
     feed the method's model its inputs, while `trained_state()` does not save them anyway.
-    Methods `swa_refusal` names (not weight-space, or saving other than their parameters)
-    are refused; the `check` stage refuses them first, by their params key.
+    Methods `swa_refusal` names (not weight-space, or saving other than their parameters, or
+    training several runs) are refused; the `check` stage refuses them first, by their params key.
+
+    A method with `n_runs` > 1 (Model Stock) is trained `n_runs` times for `steps` steps each:
+    every run starts from the state `setup` left (parameters and `extra` buffers put back, a
+    fresh optimiser), run r with the training seed `run_seed_of(seed, r)` (its batches,
+    augmentation and loss draws; run 0 is the plain run of `seed`), the same training set and
+    settings; then `Method.combine` makes the trained model of the runs' final states. Steps
+    are numbered across runs in the history and the log (run r's step s is r·steps + s). The
+    checkpoint names the run and holds the finished runs' final states, so a killed entry
+    resumes inside the run it was in and never trains a finished run again.
     """
     if swa_start < 0 or swa_start >= 1 or swa_every < 1:
         raise ValueError(f"SWA: start {swa_start} must lie in [0, 1) (0 = off) and every {swa_every} be >= 1")
@@ -270,16 +291,24 @@ def fit(method: Method, train_set: torch.utils.data.Dataset, *, steps: int, batc
             "the trainer supports SWA only for models without BatchNorm (LayerNorm: the open_clip towers). "
             "Set finetune.train.swa_start: 0 (off)")
     method.root.to(device)
-    # a method's own optimiser owns its step sizes: no clipping, and the schedule only for the
-    # groups that carry an `lr_scale` (`Method.optimizer`)
-    own = method.optimizer()
-    owns_steps = own is not None
-    if own is None:
-        optimizer, params = build_optimizer(method, device)
-    else:
-        optimizer, params = own, [p for g in own.param_groups for p in g["params"]]
-        if not params:
+    n_runs = type(method).n_runs
+    if n_runs < 1:
+        raise ValueError(f"method {method.name!r}: n_runs {n_runs} must be >= 1")
+    # where every run starts (a method that trains several runs and combines them)
+    start_state = _run_state(method) if n_runs > 1 else None
+
+    def make_optimizer() -> tuple[torch.optim.Optimizer, list[nn.Parameter], bool]:
+        # a method's own optimiser owns its step sizes: no clipping, and the schedule only for
+        # the groups that carry an `lr_scale` (`Method.optimizer`)
+        own = method.optimizer()
+        if own is None:
+            return (*build_optimizer(method, device), False)
+        own_params = [p for g in own.param_groups for p in g["params"]]
+        if not own_params:
             raise ValueError(f"method {method.name!r} has no trainable parameter")
+        return own, own_params, True
+
+    optimizer, params, owns_steps = make_optimizer()
     world, rank = dist.world_size(), dist.rank()
     use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
     trainable_n = count_params(params)
@@ -287,21 +316,16 @@ def fit(method: Method, train_set: torch.utils.data.Dataset, *, steps: int, batc
     # heads) count as trainable but not in the total
     total_n = count_params(method.ctx.model.parameters())
 
-    if groups is None:
-        plan = batch_plan(len(train_set), batch_size, steps, seed, multiple=world)
-    else:
-        plan = balanced_plan(groups, batch_size, steps, seed, multiple=world)
     averaging = set(swa_steps(steps, swa_start, swa_every))
     swa = _RunningMean(params) if averaging else None
-    if len(plan[0]) != min(batch_size, len(train_set)) and dist.is_main():
-        print(f"note: global batch {len(plan[0])} instead of {min(batch_size, len(train_set))}, "
-              f"a multiple of the {world} processes", file=sys.stderr)
-    start = 0
+    start, start_run, finished = 0, 0, []
     ckpt = checkpoint_dir / "last.pt" if checkpoint_dir is not None else None
     if ckpt is not None and ckpt.exists():
-        start = _load_checkpoint(ckpt, method, optimizer, swa)
+        start, start_run, finished = _load_checkpoint(ckpt, method, optimizer, swa, n_runs)
         if dist.is_main():
-            print(f"{desc or method.name}: resuming from step {start} of {steps} ({ckpt})", file=sys.stderr, flush=True)
+            where = f"step {start} of {steps}" + (f" of run {start_run + 1} of {n_runs}" if n_runs > 1 else "")
+            print(f"{desc or method.name}: resuming from {where} ({ckpt})", file=sys.stderr, flush=True)
+    resumed_from = start_run * steps + start  # (counted across runs)
     history: list[dict] = []
 
     def lr_at(step: int) -> None:
@@ -309,92 +333,114 @@ def fit(method: Method, train_set: torch.utils.data.Dataset, *, steps: int, batc
             if "lr_scale" in g:  # every group of the trainer's AdamW; a method's own that asks for it
                 g["lr"] = scheduled_lr(method.hp.lr * g["lr_scale"], step, steps, method.hp.warmup_steps)
 
-    # every micro-batch, this rank's slice only; micro-batch sizes are multiples of `world`
-    # so that the slices are equal (gathered features need equal shapes; averaged
-    # gradients of per-rank means are the global mean only for equal slices)
-    micro_plan = []
-    for batch in plan:
-        size = len(batch) // world
-        chunks = min(grad_accum, size)
-        bounds = [world * round(i * size / chunks) for i in range(chunks + 1)]
-        micro_plan.append([batch[bounds[i]:bounds[i + 1]][rank::world] for i in range(chunks)])
-
-    flat = [mb for step_mbs in micro_plan[start:] for mb in step_mbs]
-    # worker RNG (augmentation with num_workers > 0) seeded per rank: without a generator
-    # every DDP rank would draw the same worker seeds from its (identical) global RNG
-    loader = torch.utils.data.DataLoader(
-        train_set, batch_sampler=flat, num_workers=num_workers, collate_fn=_collate,
-        pin_memory=device.type == "cuda", persistent_workers=False,
-        prefetch_factor=4 if num_workers > 0 else None,
-        generator=torch.Generator().manual_seed(_mix(seed, start, 1 + rank, 0xDA7A)),
-    )
-    it = iter(loader)
     show = progress and dist.is_main() and sys.stderr.isatty()
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=steps, initial=start, desc=desc or method.name, disable=not show, leave=False)
+    bar = tqdm(total=steps * n_runs, initial=start_run * steps + start, desc=desc or method.name, disable=not show,
+               leave=False)
     method.root.train()
     t0 = time.perf_counter()
     n_samples = 0
-    for step in range(start, steps):
-        # drawn from by augmentation in this process (num_workers 0): one stream per rank
-        torch.manual_seed(_mix(seed, 1 + step) if world == 1 else _mix(seed, 1 + step, 1 + rank))
-        lr_at(step)
-        optimizer.zero_grad(set_to_none=True)
-        terms_sum: dict[str, float] = {}
-        mbs = micro_plan[step]
-        for i, mb in enumerate(mbs):
-            batch = next(it)
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            # the loss's random draws must not depend on how much RNG data loading used
-            # (augmentation in this process with num_workers 0 draws a variable amount):
-            # the same on every DDP rank, and the same as in one process
-            torch.manual_seed(_mix(seed, 1 + step, 0, 1 + i))
-            method.micro = MicroBatch(i, len(mbs))
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                terms = method.loss(batch, step)
-            total = sum(terms.values())
-            if not torch.isfinite(total):
-                bad = {k: float(v.detach()) for k, v in terms.items()}
-                raise NonFiniteLossError(
-                    f"step {step}: non-finite loss {bad}; lower the learning rate or check the data. "
-                    "No output was written.")
-            (total / len(mbs)).backward()
-            for k, v in terms.items():
-                terms_sum[k] = terms_sum.get(k, 0.0) + float(v.detach()) / len(mbs)
-            n_samples += len(mb) * world
-        dist.average_gradients(params)
-        if world > 1:  # report the loss over the global batch (terms are per-rank means)
-            keys = sorted(terms_sum)
-            avg = dist.mean(torch.tensor([terms_sum[k] for k in keys], dtype=torch.float64, device=device))
-            terms_sum = dict(zip(keys, avg.tolist()))
-        grad_norm = None
-        if grad_clip > 0 and not owns_steps:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip))
-        optimizer.step()
-        method.after_step(step)
-        if swa is not None and step + 1 in averaging:
-            swa.add()
-        record = {"step": step + 1, **terms_sum, "loss": sum(terms_sum.values()),
-                  "lr": optimizer.param_groups[0]["lr"]}
-        if grad_norm is not None:
-            record["grad_norm"] = grad_norm
-        history.append(record)
-        if log is not None and dist.is_main():
-            log(step + 1, record)
-        bar.update(1)
-        bar.set_postfix(loss=f"{record['loss']:.4f}")
-        if ckpt is not None and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
-            _save_checkpoint(ckpt, method, optimizer, step + 1, swa)
+    for run in range(start_run, n_runs):
+        run_seed = run_seed_of(seed, run)
+        if groups is None:
+            plan = batch_plan(len(train_set), batch_size, steps, run_seed, multiple=world)
+        else:
+            plan = balanced_plan(groups, batch_size, steps, run_seed, multiple=world)
+        if run == start_run and len(plan[0]) != min(batch_size, len(train_set)) and dist.is_main():
+            print(f"note: global batch {len(plan[0])} instead of {min(batch_size, len(train_set))}, "
+                  f"a multiple of the {world} processes", file=sys.stderr)
+
+        # every micro-batch, this rank's slice only; micro-batch sizes are multiples of `world`
+        # so that the slices are equal (gathered features need equal shapes; averaged
+        # gradients of per-rank means are the global mean only for equal slices)
+        micro_plan = []
+        for batch in plan:
+            size = len(batch) // world
+            chunks = min(grad_accum, size)
+            bounds = [world * round(i * size / chunks) for i in range(chunks + 1)]
+            micro_plan.append([batch[bounds[i]:bounds[i + 1]][rank::world] for i in range(chunks)])
+
+        flat = [mb for step_mbs in micro_plan[start:] for mb in step_mbs]
+        # worker RNG (augmentation with num_workers > 0) seeded per rank: without a generator
+        # every DDP rank would draw the same worker seeds from its (identical) global RNG
+        loader = torch.utils.data.DataLoader(
+            train_set, batch_sampler=flat, num_workers=num_workers, collate_fn=_collate,
+            pin_memory=device.type == "cuda", persistent_workers=False,
+            prefetch_factor=4 if num_workers > 0 else None,
+            generator=torch.Generator().manual_seed(_mix(run_seed, start, 1 + rank, 0xDA7A)),
+        )
+        it = iter(loader)
+        for step in range(start, steps):
+            # drawn from by augmentation in this process (num_workers 0): one stream per rank
+            torch.manual_seed(_mix(run_seed, 1 + step) if world == 1 else _mix(run_seed, 1 + step, 1 + rank))
+            lr_at(step)
+            optimizer.zero_grad(set_to_none=True)
+            terms_sum: dict[str, float] = {}
+            mbs = micro_plan[step]
+            for i, mb in enumerate(mbs):
+                batch = next(it)
+                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                # the loss's random draws must not depend on how much RNG data loading used
+                # (augmentation in this process with num_workers 0 draws a variable amount):
+                # the same on every DDP rank, and the same as in one process
+                torch.manual_seed(_mix(run_seed, 1 + step, 0, 1 + i))
+                method.micro = MicroBatch(i, len(mbs))
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                    terms = method.loss(batch, step)
+                total = sum(terms.values())
+                if not torch.isfinite(total):
+                    bad = {k: float(v.detach()) for k, v in terms.items()}
+                    raise NonFiniteLossError(
+                        f"step {step}: non-finite loss {bad}; lower the learning rate or check the data. "
+                        "No output was written.")
+                (total / len(mbs)).backward()
+                for k, v in terms.items():
+                    terms_sum[k] = terms_sum.get(k, 0.0) + float(v.detach()) / len(mbs)
+                n_samples += len(mb) * world
+            dist.average_gradients(params)
+            if world > 1:  # report the loss over the global batch (terms are per-rank means)
+                keys = sorted(terms_sum)
+                avg = dist.mean(torch.tensor([terms_sum[k] for k in keys], dtype=torch.float64, device=device))
+                terms_sum = dict(zip(keys, avg.tolist()))
+            grad_norm = None
+            if grad_clip > 0 and not owns_steps:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip))
+            optimizer.step()
+            method.after_step(step)
+            if swa is not None and step + 1 in averaging:
+                swa.add()
+            # steps are numbered across runs: run r's step s is r·steps + s
+            record = {"step": run * steps + step + 1, **terms_sum, "loss": sum(terms_sum.values()),
+                      "lr": optimizer.param_groups[0]["lr"]}
+            if grad_norm is not None:
+                record["grad_norm"] = grad_norm
+            history.append(record)
+            if log is not None and dist.is_main():
+                log(record["step"], record)
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.4f}")
+            if ckpt is not None and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
+                _save_checkpoint(ckpt, method, optimizer, step + 1, swa, run, finished)
+        start = 0
+        if n_runs > 1:
+            finished.append(_run_state(method))
+            if run + 1 < n_runs:  # the next run starts where setup left, with a fresh optimiser
+                _put_back(method, start_state)
+                optimizer, params, owns_steps = make_optimizer()
+                if ckpt is not None:  # a kill in the next run never trains this one again
+                    _save_checkpoint(ckpt, method, optimizer, 0, swa, run + 1, finished)
     bar.close()
     method.micro = MicroBatch()  # a later direct `loss` call computes a whole step
+    if n_runs > 1:
+        method.combine(start_state, finished)
     if swa is not None:
         swa.swap_in()
     wall = time.perf_counter() - t0
     return TrainResult(
         steps=steps, wall_time_s=wall, samples_per_s=n_samples / wall if wall > 0 else 0.0,
-        trainable_params=trainable_n, total_params=total_n, resumed_from=start, history=history,
-        swa_count=swa.count if swa is not None else 0,
+        trainable_params=trainable_n, total_params=total_n, resumed_from=resumed_from,
+        history=history, swa_count=swa.count if swa is not None else 0, runs=n_runs,
     )
 
 
@@ -404,12 +450,23 @@ def _resume_state(method: Method) -> dict[str, torch.Tensor]:
     return state
 
 
+def _run_state(method: Method) -> dict[str, torch.Tensor]:
+    """A copy of what a run trains (`_resume_state`): a run's start or its final state."""
+    return {k: v.detach().clone() for k, v in _resume_state(method).items()}
+
+
+@torch.no_grad()
+def _put_back(method: Method, state: dict[str, torch.Tensor]) -> None:
+    method.root.load_state_dict(state, strict=False)
+
+
 def _swa_state(method: Method, swa: _RunningMean) -> dict:
     names = {id(p): n for n, p in method.root.named_parameters()}
     return {"count": swa.count, "mean": {names[id(p)]: m for p, m in zip(swa.params, swa.mean)}}
 
 
-def _save_checkpoint(path: Path, method: Method, optimizer, step: int, swa: _RunningMean | None = None) -> None:
+def _save_checkpoint(path: Path, method: Method, optimizer, step: int, swa: _RunningMean | None = None,
+                     run: int = 0, finished: list[dict] | None = None) -> None:
     if not dist.is_main():
         dist.barrier()
         return
@@ -418,12 +475,18 @@ def _save_checkpoint(path: Path, method: Method, optimizer, step: int, swa: _Run
     state = {"step": step, "state": _resume_state(method), "optimizer": optimizer.state_dict()}
     if swa is not None:
         state["swa"] = _swa_state(method, swa)
+    if type(method).n_runs > 1:  # which run, and the final states of the runs before it
+        state["run"] = run
+        state["finished"] = list(finished or [])
     torch.save(state, tmp)
     os.replace(tmp, path)
     dist.barrier()
 
 
-def _load_checkpoint(path: Path, method: Method, optimizer, swa: _RunningMean | None = None) -> int:
+def _load_checkpoint(path: Path, method: Method, optimizer, swa: _RunningMean | None = None,
+                     n_runs: int = 1) -> tuple[int, int, list[dict]]:
+    """Load a checkpoint into the method and optimiser; returns (step, run, the finished runs'
+    final states)."""
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     expected = set(_resume_state(method))
     got = set(ckpt["state"])
@@ -434,6 +497,10 @@ def _load_checkpoint(path: Path, method: Method, optimizer, swa: _RunningMean | 
     if (swa is None) != ("swa" not in ckpt):
         raise RuntimeError(f"{path}: checkpoint {'lacks' if swa is not None else 'holds'} an SWA average "
                            f"while this run has SWA {'on' if swa is not None else 'off'} (delete it to start over)")
+    run, finished = int(ckpt.get("run", 0)), list(ckpt.get("finished", []))
+    if (n_runs > 1) != ("run" in ckpt) or not 0 <= run < n_runs or len(finished) != run:
+        raise RuntimeError(f"{path}: checkpoint of run {run} with {len(finished)} finished runs does not match this "
+                           f"method's {n_runs} run(s) (delete it to start over)")
     method.root.load_state_dict(ckpt["state"], strict=False)
     optimizer.load_state_dict(ckpt["optimizer"])
     if swa is not None:
@@ -446,4 +513,7 @@ def _load_checkpoint(path: Path, method: Method, optimizer, swa: _RunningMean | 
             for name, m in zip(names, swa.mean):
                 m.copy_(saved[name])
         swa.count = int(ckpt["swa"]["count"])
-    return int(ckpt["step"])
+    if finished:
+        device = next(iter(_resume_state(method).values())).device
+        finished = [{k: v.to(device) for k, v in state.items()} for state in finished]
+    return int(ckpt["step"]), run, finished
