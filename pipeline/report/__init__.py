@@ -82,6 +82,9 @@ def run(cfg: ReportConfig) -> dict[str, float]:
     # methods without a text tower (vision-only baselines): no zero-shot level, and the
     # measures that need a text tower (retention, RSA) do not apply
     text_free = [m for m in methods if METHODS[base_method(m)].backbone != "clip"]
+    # runs.csv in the same order: the zero-shot level, then row by row
+    rank = {m: i for i, m in enumerate(methods)}
+    inputs = sorted(inputs, key=lambda r: (r.seed is not None, rank.get(r.method, len(rank))))
     runs = runs_frame(inputs, spec.name, head)
     summary = summarize(runs, methods, list(cfg.levels))
     selection = selection_table(records)

@@ -153,8 +153,7 @@ def expected_inputs(cfg: ReportConfig) -> list[tuple[str, Level, int | None, Pat
             for seed in cfg.seeds:
                 out.append((method, level, seed, paths.evaluate_dir(method, level.name, seed) / EVAL_METRICS,
                             stage_target(method, level.name)))
-    for method, kinds in cfg.soups.items():  # a soup's row: written by its method's evaluate entry
-        for kind in kinds:
+        for kind in cfg.soups.get(method, ()):  # its soups' rows, written by its evaluate entry
             for level in cfg.levels:
                 for seed in cfg.seeds:
                     out.append((row_name(method, kind), level, seed,
