@@ -162,3 +162,11 @@ def test_compare_ranks_soup_rows_and_logs_them(done, monkeypatch):
     rid = cmp.log(c, [], level="4")
     logged = MlflowClient(done["uri"]).get_run(rid).data.metrics
     assert logged["rank/ood/ft.greedy_soup"] == pytest.approx(float(c.ranks["ood"].ranks["ft+greedy_soup"]))
+
+
+def test_a_soup_is_drawn_in_its_methods_colour_with_its_own_marker():
+    from pipeline.report.plots import method_style
+
+    colour, marker = method_style("dive")
+    assert method_style("dive+greedy_soup")[0] == method_style("dive+uniform_soup")[0] == colour
+    assert len({marker, method_style("dive+greedy_soup")[1], method_style("dive+uniform_soup")[1]}) == 3
