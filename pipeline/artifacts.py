@@ -101,6 +101,16 @@ def evaluate_dir(method: str, level: str, seed: int) -> Path:
     return RUNS / "evaluate" / method / level / f"seed{seed}"
 
 
+def soup_dirname(kind: str) -> str:
+    """The folder of a method's soup (`evaluate.soups`) inside `evaluate_dir`: its metrics.json
+    and selection.json (the ingredients, the greedy pass)."""
+    return f"{kind}_soup"
+
+
+def soup_dir(method: str, kind: str, level: str, seed: int) -> Path:
+    return evaluate_dir(method, level, seed) / soup_dirname(kind)
+
+
 # ---- the prepare stage's outputs ------------------------------------------------------------
 
 

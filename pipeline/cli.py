@@ -42,7 +42,8 @@ def summary(doc: str) -> str:
 @app.command()
 def methods():
     """List the registered fine-tuning methods (the names finetune.methods accepts) with every
-    hyper-parameter's default: a trial of finetune.trials sets the ones it changes."""
+    hyper-parameter's default (a trial of finetune.trials sets the ones it changes), the
+    method's family in the report, and whether WiSE-FT and model soups (evaluate.soups) apply."""
     import dataclasses
 
     from pipeline.methods import METHODS
@@ -58,6 +59,8 @@ def methods():
             typer.echo(f"{'':14s} {line}")
         defaults = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(cls.Hparams))
         typer.echo(f"{'':14s} defaults: {defaults}")
+        typer.echo(f"{'':14s} family: {cls.family}; WiSE-FT: {'yes' if cls.weight_space else 'no'}; "
+                   f"soups: {'yes' if cls.soups else 'no'}")
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

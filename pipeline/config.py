@@ -316,6 +316,7 @@ class FinetuneParams(Settings):
 
 
 SELECTIONS = ("auto", "id_val", "ood_val", "fewshot_val", "none")
+SOUPS = ("uniform", "greedy")  # = pipeline.evaluation.soups.KINDS (config imports only core; a test checks)
 
 
 @dataclass(frozen=True)
@@ -326,6 +327,10 @@ class EvaluateParams(Settings):
     # method's first trial, alpha = 1); auto = id_val where the dataset has one, else ood_val
     selection: Str = "auto"
     wise_alphas: tuple[Float, ...] = (0.0, 0.5, 1.0)
+    # model soups of each method's trials per level and seed (pipeline.evaluation.soups), each a
+    # report row of its own (`ft+greedy_soup`): uniform and/or greedy; off by default (they cost
+    # an evaluation per trial and per soup, and add rows); methods that declare soups only
+    soups: tuple[Str, ...] = ()
     rsa_samples: Int = 500
     batch_size: Int = 256
     device: Str = "auto"
@@ -338,6 +343,12 @@ class EvaluateParams(Settings):
               "include 1.0 (the fine-tuned model itself)")
         check(self.selection in SELECTIONS, "evaluate.selection", self.selection,
               f"allowed: {', '.join(SELECTIONS)}")
+        for kind in self.soups:
+            check(kind in SOUPS, "evaluate.soups", list(self.soups), f"allowed: a list of {', '.join(SOUPS)}")
+        check(len(set(self.soups)) == len(self.soups), "evaluate.soups", list(self.soups), "name each soup once")
+        check(not ("greedy" in self.soups and self.selection == "none"), "evaluate.soups", list(self.soups),
+              "a greedy soup adds trials by their validation score, and evaluate.selection: none reads no "
+              "validation data; use a validation protocol (auto, id_val, ood_val, fewshot_val) or only `uniform`")
         check(self.rsa_samples >= 3, "evaluate.rsa_samples", self.rsa_samples, "use 3 or more")
         check(self.batch_size > 0, "evaluate.batch_size", self.batch_size, "use a positive integer")
 

@@ -28,7 +28,8 @@ TINY = {
                             "vision_lp-a": {"method": "vision_lp"}},
                  "train": {"epochs": 1.0, "min_steps": 12, "max_steps": 12, "batch_size": 16,
                            "checkpoint_every": 6}},
-    "evaluate": {"wise_alphas": [0.0, 0.5, 1.0], "rsa_samples": 150},
+    # dive's two trials make its soups (flyp, lp: one trial, no soup; vision_lp: one trial)
+    "evaluate": {"wise_alphas": [0.0, 0.5, 1.0], "rsa_samples": 150, "soups": ["uniform", "greedy"]},
 }
 
 
@@ -123,7 +124,7 @@ def test_the_vision_only_baseline_is_a_row_without_zero_shot(project):
     assert len(rows) >= 2 and all("n/a" in r for r in rows[:2]), rows
     assert "**n/a**: vision_lp fine-tunes a vision-only model" in md
     client, _, runs = _runs(env)
-    steps = [h.step for h in client.get_metric_history(runs["report"].info.run_id, "curve/vision_lp/ood")]
+    steps = [h.step for h in client.get_metric_history(runs["report"].info.run_id, "curve/vision_lp/selected_ood")]
     assert sorted(steps)[0] > 0 and len(steps) == 2  # no k = 0 point: it has no zero-shot level
 
 
@@ -132,6 +133,109 @@ def test_dive_keeps_geometry_better_than_flyp(project):
     flyp, dive = metrics(work, "flyp"), metrics(work, "dive")
     assert dive["rsa/image"] > flyp["rsa/image"]
     assert dive["rsa/text"] > flyp["rsa/text"]
+
+
+def test_soups_of_a_methods_trials_are_rows_of_their_own(project, monkeypatch, tmp_path):
+    """evaluate.soups: dive's two trials make a uniform and a greedy soup per level and seed,
+    each evaluated like a chosen trial and a row of its own in the report, `dvc metrics` and
+    MLflow (its own run under its row's parent). The greedy pass starts from the best trial by
+    validation score and its scores are the soups' validation figures; scrambling every test
+    figure changes no soup (the soups read only the validation split)."""
+    import shutil
+
+    import pandas as pd
+    import torch
+    from safetensors.torch import load_file
+
+    from pipeline.models.weights import uniform_soup
+
+    work, env = project
+    for lv in ("4", "10%"):
+        record = json.loads((work / "runs/select/dive" / f"{lv}.json").read_text())["seeds"]["0"]
+        chosen = metrics(work, "dive", lv)
+        soups = {k: (json.loads((work / f"runs/evaluate/dive/{lv}/seed0/{k}_soup/metrics.json").read_text()),
+                     json.loads((work / f"runs/evaluate/dive/{lv}/seed0/{k}_soup/selection.json").read_text()))
+                 for k in ("uniform", "greedy")}
+        (um, us), (gm, gs) = soups["uniform"], soups["greedy"]
+        assert us["ingredients"] == gs["order"] and set(us["ingredients"]) == set(TRIALS["dive"])
+        assert um["soup/ingredients"] == 2 and um["selection/trials"] == 2
+        # the greedy order: by the trials' validation scores (the selection's), best first
+        best = max(TRIALS["dive"], key=lambda t: (record["scores"][t], -TRIALS["dive"].index(t)))
+        assert gs["order"][0] == best == record["trial"]
+        steps = gs["greedy"]
+        assert [st["trial"] for st in steps] == gs["order"] and steps[0]["accepted"]
+        # the soup of one is the chosen trial: its score there is the trial's own validation figure
+        assert steps[0]["score"] == pytest.approx(chosen["id_val/acc_avg"])
+        assert steps[1]["accepted"] == (steps[1]["score"] >= steps[0]["score"])
+        assert gm["soup/ingredients"] == len(gs["ingredients"]) == 1 + steps[1]["accepted"]
+        assert gm["selection/score"] == pytest.approx([st["score"] for st in steps if st["accepted"]][-1])
+        assert gm["selection/score"] == pytest.approx(gm["id_val/acc_avg"])
+        if steps[1]["accepted"]:  # both soups hold both trials: the same model
+            assert gm["test/acc_avg"] == pytest.approx(um["test/acc_avg"])
+        else:  # the greedy soup is the best trial alone
+            assert gm["test/acc_avg"] == pytest.approx(chosen["test/acc_avg"])
+        assert {"test/acc_avg", "id_test/acc_avg", "rsa/image", "selected/alpha", "wise/0.5/test/acc_avg"} <= um.keys()
+    # the uniform soup's weights are the mean of the trials' (what evaluate loads)
+    w = [load_file(str(work / f"runs/finetune/{t}/4/seed0/weights.safetensors")) for t in TRIALS["dive"]]
+    soup = uniform_soup(w)
+    key = next(k for k in w[0] if k.startswith("clip.visual") and w[0][k].is_floating_point())
+    assert torch.allclose(soup[key], (w[0][key] + w[1][key]) / 2, atol=1e-6)
+
+    # the report: rows of their own, after their method; dvc metrics; MLflow
+    runs_csv = pd.read_csv(work / "reports/runs.csv", dtype={"level": str})
+    for kind in ("uniform", "greedy"):
+        row = runs_csv[runs_csv["method"] == f"dive+{kind}_soup"]
+        assert sorted(row["level"]) == ["10%", "4"], row
+        m = json.loads((work / f"runs/evaluate/dive/4/seed0/{kind}_soup/metrics.json").read_text())
+        assert row[row["level"] == "4"]["ood"].iloc[0] == pytest.approx(m["test/acc_avg"])
+        assert (work / f"metrics/methods/dive+{kind}_soup.json").is_file()
+    order = list(dict.fromkeys(runs_csv["method"]))
+    assert order.index("dive+uniform_soup") == order.index("dive") + 1
+    assert "dive+greedy_soup" in (work / "reports/summary.md").read_text()
+    client, _, mlruns = _runs(env)
+    run = mlruns["dive+greedy_soup/4/seed0"]
+    assert run.data.tags["run_kind"] == "soup" and run.data.tags["base_method"] == "dive"
+    assert run.data.tags["mlflow.parentRunId"] == mlruns["dive+greedy_soup/4"].info.run_id
+    gm = json.loads((work / "runs/evaluate/dive/4/seed0/greedy_soup/metrics.json").read_text())
+    assert run.data.metrics["test/acc_avg"] == pytest.approx(gm["test/acc_avg"])
+    assert mlruns["dive+greedy_soup/4"].data.metrics["mean/test/acc_avg"] == pytest.approx(gm["test/acc_avg"])
+
+    # only validation: the evaluation again, in this process, with every test figure scrambled
+    import random
+
+    import pipeline.stages.evaluate as evaluate
+    from pipeline.config import load_params
+
+    real = evaluate.split_metrics
+    rng = random.Random(0)
+
+    def scrambled(dataset, split, *args, **kwargs):
+        out = real(dataset, split, *args, **kwargs)
+        return out if "val" in split else {k: rng.random() for k in out}
+
+    saved = tmp_path / "saved"
+    shutil.copytree(work / "runs/evaluate/dive", saved / "evaluate")
+    shutil.copy(work / "runs/mlflow/dive.json", saved / "mlflow.json")
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", env["MLFLOW_TRACKING_URI"])
+    monkeypatch.setattr(evaluate, "split_metrics", scrambled)
+    try:
+        evaluate.run(load_params(work / "params.yaml"), "dive", log_mlflow=False)
+        for lv in ("4", "10%"):
+            for kind in ("uniform", "greedy"):
+                folder = f"{lv}/seed0/{kind}_soup"
+                again = json.loads((work / "runs/evaluate/dive" / folder / "selection.json").read_text())
+                before = json.loads((saved / "evaluate" / folder / "selection.json").read_text())
+                assert again["ingredients"] == before["ingredients"] and again["greedy"] == before["greedy"]
+                assert again["alpha"] == before["alpha"]
+                m_again = json.loads((work / "runs/evaluate/dive" / folder / "metrics.json").read_text())
+                m_before = json.loads((saved / "evaluate" / folder / "metrics.json").read_text())
+                assert m_again["test/acc_avg"] != m_before["test/acc_avg"]  # the scrambling took effect
+    finally:
+        shutil.rmtree(work / "runs/evaluate/dive")
+        shutil.copytree(saved / "evaluate", work / "runs/evaluate/dive")
+        shutil.copy(saved / "mlflow.json", work / "runs/mlflow/dive.json")
+    assert json.loads(sh([sys.executable, "-m", "dvc", "status", "--json"], work, env).stdout) == {}
 
 
 def test_nothing_to_do_when_unchanged(project):
@@ -230,7 +334,9 @@ def test_mlflow_one_run_per_level(project):
     assert len(keys) == len(set(keys))  # one active run per (method, level, seed, trial)
     groups = {f"{m}/{lv}" for m in {**TRIALS, **VISION_TRIALS} for lv in ("4", "10%")}
     trained = {f"{t}/{lv}/seed0" for ts in {**TRIALS, **VISION_TRIALS}.values() for t in ts for lv in ("4", "10%")}
-    assert set(keys) == groups | trained | {"report", "zeroshot/k0/seed0"}
+    soups = {f"dive+{kind}_soup/{lv}{seed}" for kind in ("uniform", "greedy") for lv in ("4", "10%")
+             for seed in ("", "/seed0")}  # each soup's run and its row's parent run per level
+    assert set(keys) == groups | trained | soups | {"report", "zeroshot/k0/seed0"}
     for key in trained:
         run = runs[key]
         method, level = run.data.tags["method"], run.data.tags["level"]
@@ -289,7 +395,7 @@ def test_the_mlflow_store_shows_the_question(project):
     assert {t.key: t.value for t in inputs[0].tags}["mlflow.data.context"] == "training"
     report = runs["report"]
     for method in ("lp", "flyp", "dive"):
-        curve = client.get_metric_history(report.info.run_id, f"curve/{method}/ood")
+        curve = client.get_metric_history(report.info.run_id, f"curve/{method}/selected_ood")
         steps = [h.step for h in sorted(curve, key=lambda h: h.step)]
         assert len(steps) == 3 and steps[0] == 0 and steps[1] < steps[2], (method, steps)
 

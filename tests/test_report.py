@@ -484,20 +484,37 @@ def test_mlflow_summary_run(done):
     assert len(found) == 1
     run = found[0]
     assert run.info.run_name == "report"
-    # MLflow names allow no '%': the fraction level is logged as `25pct`
+    # a few headline numbers per row: the zero-shot model's, and each row's ID and OOD at the
+    # chosen trial and α against the training examples; every mean is in the artifacts
     curves = {k for k in run.data.metrics if k.startswith("curve/")}
-    assert curves == {f"curve/{m}/{c}" for m in ("ft", "flyp") for c in ("id", "ood", "selected_id", "selected_ood")}
-    assert len(run.data.metrics) == len(done["flat"]) + len(curves)
+    assert curves == {f"curve/{m}/{c}" for m in ("ft", "flyp") for c in ("selected_id", "selected_ood")}
+    zero = {f"zeroshot/{c}" for c in ("id", "ood", "zs", "iimm")}
+    assert set(run.data.metrics) == curves | zero | {"rows"}
+    assert run.data.metrics["rows"] == 2
+    for key in zero:
+        assert run.data.metrics[key] == pytest.approx(done["flat"][key])
     # each curve: the zero-shot model at step 0, then one point per level at its training-set size
-    history = sorted(client.get_metric_history(run.info.run_id, "curve/ft/ood"), key=lambda h: h.step)
-    assert [h.step for h in history][0] == 0 and len(history) == 4
+    history = sorted(client.get_metric_history(run.info.run_id, "curve/ft/selected_ood"), key=lambda h: h.step)
+    assert [h.step for h in history] == [0, *(n_train(lv) for lv in LEVELS)]
     assert history[0].value == pytest.approx(done["flat"]["zeroshot/ood"])
-    assert history[-1].value == pytest.approx(done["flat"]["ft/25%/ood"])
-    for key, v in done["flat"].items():
-        assert run.data.metrics[key.replace("%", "pct")] == pytest.approx(v)
-    assert run.data.metrics["ft/25pct/id"] == pytest.approx(done["flat"]["ft/25%/id"])
+    assert history[-1].value == pytest.approx(done["flat"]["ft/25%/selected_ood"])
+    # the full tables: every flat mean (report.json, and the MLflow table), the summary table
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        logged = json.loads(Path(client.download_artifacts(run.info.run_id, "report.json", tmp)).read_text())
+        table = json.loads(Path(client.download_artifacts(run.info.run_id, "report_metrics.json", tmp)).read_text())
+        summary = json.loads(Path(client.download_artifacts(run.info.run_id, "summary_table.json", tmp)).read_text())
+    assert logged == pytest.approx(done["flat"])
+    assert dict(zip(*zip(*table["data"]))) == pytest.approx(done["flat"])
+    cols = summary["columns"]
+    rows = [dict(zip(cols, r)) for r in summary["data"]]
+    assert {(r["method"], r["family"]) for r in rows} == {("zeroshot", "zero-shot"), ("ft", "robust"), ("flyp", "robust")}
+    ft25 = next(r for r in rows if r["method"] == "ft" and r["level"] == "25%")
+    assert ft25["ood_mean"] == pytest.approx(done["flat"]["ft/25%/ood"])
     p = run.data.params
     assert p["dataset"] == "synthetic" and p["methods"] == "ft,flyp" and p["levels"] == "1,4,25%"
+    assert p["rows"] == "ft,flyp"
     assert p["seeds"] == "0,1,2" and p["selection"] == "auto" and p["select_split"] == "id_val"
     assert p["trials"] == "4"
     names = {a.path for a in client.list_artifacts(run.info.run_id)}

@@ -38,6 +38,8 @@ class AttentionTuning(PromptCE):
     """
 
     name = "aclip"
+    family = "peft"
+    soups = True
     trains_clip = RESBLOCK + r"attn\.in_proj_weight$"
     Hparams = ACLIPHparams
     weight_space = True

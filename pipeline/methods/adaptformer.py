@@ -153,6 +153,8 @@ class AdaptFormer(Method):
     """
 
     name = "adaptformer"
+    family = "peft"
+    # soups: no; a state is the adapters, whose branch output scale s is a hyper-parameter
     trains_extra = r"^adapters\.\d+\.(down|up)\.(weight|bias)$"
     Hparams = AdaptFormerHparams
     weight_space = True

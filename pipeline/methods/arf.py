@@ -104,6 +104,8 @@ class ARF(FLYPReplay):
     """
 
     name = "arf"
+    family = "robust"
+    soups = True
     Hparams = ARFHparams
     needs_captions = True
 

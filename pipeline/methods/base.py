@@ -102,6 +102,17 @@ class Method:
     Hparams: ClassVar[type] = BaseHparams
     # WiSE-FT applies: the trained weights live in the pre-trained weight space.
     weight_space: ClassVar[bool] = False
+    # Model soups apply (`evaluate.soups`, `pipeline.evaluation.soups`): the saved states of two
+    # trials of this method are the same tensors of one architecture from one start, and the
+    # model `eval_model` builds is the saved state itself (no hyper-parameter scales it), so the
+    # mean of trials' states is a model of the method. False where a state is factors (LoRA's
+    # A, B: the mean of products is not the product of means) or the trials' shapes may differ.
+    soups: ClassVar[bool] = False
+    # The method's family in the report's tables and figures (and `python -m pipeline methods`):
+    # "robust" (full fine-tuning, robust objectives), "peft" (parameter-efficient), "probe"
+    # (linear probes, prototypes, cache/adapter few-shot heads), "prompt" (learned prompt tokens:
+    # CoOp, CoCoOp, MaPLe, VPT), "vision-only", "baseline".
+    family: ClassVar[str] = "other"
     # the method draws reference batches (DiVE)
     needs_reference: ClassVar[bool] = False
     # the method reads a caption of each training image (`TaskContext.train_captions`): from the

@@ -141,6 +141,8 @@ class BitFit(PromptCE):
     """
 
     name = "bitfit"
+    family = "peft"
+    soups = True
     trains_clip = RESBLOCK + r".*bias$"
     Hparams = BitFitHparams
     weight_space = True

@@ -197,6 +197,8 @@ class CaRot(FLYP):
     """
 
     name = "carot"
+    family = "robust"
+    soups = True
     Hparams = CaRotHparams
 
     @classmethod

@@ -116,6 +116,7 @@ class CLAP(Method):
     """
 
     name = "clap"
+    family = "probe"
     trains_extra = r"^prototypes\.weight$"
     Hparams = CLAPHparams
     uses_images = False

@@ -85,6 +85,7 @@ class CLIPAdapter(Method):
     """
 
     name = "clip_adapter"
+    family = "probe"
     trains_extra = r"^adapter\.fc[12]\.weight$"
     Hparams = CLIPAdapterHparams
     weight_space = True

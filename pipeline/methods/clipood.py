@@ -130,6 +130,8 @@ class CLIPood(Method):
     """
 
     name = "clipood"
+    family = "robust"
+    soups = True
     trains_clip = r"^visual\."
     Hparams = CLIPoodHparams
     weight_space = True

@@ -57,6 +57,8 @@ class FLYP(Method):
     """
 
     name = "flyp"
+    family = "robust"
+    soups = True
     trains_clip = r""
     Hparams = FLYPHparams
     weight_space = True

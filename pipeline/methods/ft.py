@@ -34,6 +34,8 @@ class FullFinetune(Method):
     fp32 with autocast off. No random draw in the loss."""
 
     name = "ft"
+    family = "robust"
+    soups = True
     trains_clip = r"^visual\."
     trains_extra = r"^head\.weight$"
     Hparams = FTHparams

@@ -151,6 +151,8 @@ class FTP(FullFinetune):
     """
 
     name = "ftp"
+    family = "robust"
+    soups = True
     Hparams = FTPHparams
     checkpoint_only = ("ftp",)
 

@@ -107,6 +107,8 @@ class LipsumFT(Method):
     """
 
     name = "lipsum_ft"
+    family = "robust"
+    soups = True
     trains_clip = r"^visual\."
     trains_extra = r"^head\.weight$"
     Hparams = LipsumFTHparams

@@ -206,6 +206,8 @@ class LoRA(PromptCE):
     """
 
     name = "lora"
+    family = "peft"
+    soups = False  # a state is LoRA factors: the mean of B·A products is not the product of the means
     trains_extra = r"^lora\.[\w]+\.(a|b)_(q|v)$"
     adapts = "adapts the Q and V projections"  # what `check_model`'s refusal says it does
     Hparams = LoRAHparams

@@ -34,6 +34,8 @@ class LinearProbe(Method):
     """
 
     name = "lp"
+    family = "probe"
+    soups = True
     trains_extra = r"^head\.weight$"
     Hparams = LPHparams
     weight_space = True  # the head interpolates with the zero-shot head (WiSE-FT)

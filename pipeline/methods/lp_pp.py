@@ -163,6 +163,7 @@ class LPPlusPlus(Method):
     """
 
     name = "lp_pp"
+    family = "probe"
     trains_extra = r"^probe\.(weight|alpha)$"
     Hparams = LPPPHparams
     uses_images = False

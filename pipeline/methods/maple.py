@@ -145,6 +145,7 @@ class MaPLe(Method):
     """
 
     name = "maple"
+    family = "prompt"
     trains_extra = r"^maple\.(ctx|deep\.\d+|couple\.\d+\.(weight|bias))$"
     Hparams = MaPLeHparams
 

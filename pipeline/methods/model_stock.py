@@ -55,6 +55,8 @@ class ModelStock(FullFinetune):
     """
 
     name = "model_stock"
+    family = "robust"
+    soups = True
     n_runs = 2
 
     def combine(self, start: dict[str, torch.Tensor], runs: list[dict[str, torch.Tensor]]) -> None:

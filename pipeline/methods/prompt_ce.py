@@ -60,6 +60,8 @@ class PromptCEFinetune(PromptCE):
     """
 
     name = "prompt_ce"
+    family = "robust"
+    soups = True
     trains_clip = r""
     Hparams = PromptCEFTHparams
     weight_space = True

@@ -266,6 +266,7 @@ class RAdapter(Method):
     """
 
     name = "radapter"
+    family = "peft"
     trains_extra = r"^adapters\.[\w]+\.(weight|up|down|sigma)$"
     Hparams = RAdapterHparams
     weight_space = True  # eval_model honours α (it scales the adapters): sweep it

@@ -113,6 +113,8 @@ class SnD(Method):
     """
 
     name = "snd"
+    family = "robust"
+    soups = True
     trains_clip = r"^visual\."
     Hparams = SnDHparams
     weight_space = True

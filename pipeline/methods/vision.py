@@ -36,6 +36,9 @@ class _VisionMethod(Method):
     backbone = "vision"
     trains_extra = r"^head\.(weight|bias)$"
     weight_space = False
+    family = "vision-only"
+    # trials at one seed start from the same backbone and the same head draw (the run's seed)
+    soups = True
 
     @classmethod
     def check_model(cls, model: nn.Module) -> None:

@@ -93,6 +93,7 @@ class VPTDeep(Method):
     """
 
     name = "vpt_deep"
+    family = "prompt"
     trains_extra = r"^vpt\.prompts$"
     Hparams = VPTDeepHparams
 

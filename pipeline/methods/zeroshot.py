@@ -21,6 +21,7 @@ class ZeroShot(Method):
     in fp32 without autocast, like every evaluation."""
 
     name = "zeroshot"
+    family = "baseline"
     Hparams = NoHparams
     trains = False
     weight_space = False

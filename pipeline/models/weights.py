@@ -93,3 +93,36 @@ def model_stock_merge(w0: dict[str, torch.Tensor], w1: dict[str, torch.Tensor],
         t = model_stock_ratio(base, a, b.to(a.device))
         out[k] = (t * mean + (1 - t) * base).to(a.dtype)
     return out
+
+
+def uniform_soup(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """A uniform model soup (Wortsman et al., "Model soups", ICML 2022): the mean of the
+    states, per tensor, computed in float32 and returned in the first state's dtype.
+
+    Every state must have the same keys and shapes (the ingredients are one architecture's
+    tensors); a non-floating tensor (a counter, an index buffer) is the first state's, and
+    must be equal in every state. One state returns a copy of it."""
+    if not states:
+        raise ValueError("a soup needs at least one state")
+    first = states[0]
+    for i, s in enumerate(states[1:], 1):
+        if set(s) != set(first):
+            raise KeyError(f"soup: ingredient {i} has other tensors than ingredient 0: only in 0 "
+                           f"{sorted(set(first) - set(s))[:5]}, only in {i} {sorted(set(s) - set(first))[:5]}")
+        for k, v in s.items():
+            if v.shape != first[k].shape:
+                raise ValueError(f"soup: {k}: shape {tuple(v.shape)} in ingredient {i}, "
+                                 f"{tuple(first[k].shape)} in ingredient 0")
+    out = {}
+    for k, a in first.items():
+        if not a.is_floating_point():
+            for i, s in enumerate(states[1:], 1):
+                if not torch.equal(s[k], a):
+                    raise ValueError(f"soup: {k}: non-floating tensor differs between ingredients 0 and {i}")
+            out[k] = a.clone()
+            continue
+        total = torch.zeros(a.shape, dtype=torch.float32, device=a.device)
+        for s in states:
+            total += s[k].to(a.device).float()
+        out[k] = (total / len(states)).to(a.dtype)
+    return out

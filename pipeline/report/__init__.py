@@ -43,7 +43,9 @@ from pipeline.core import tracking
 from pipeline.data.datasets import get_spec
 from pipeline.evaluation.measures import MEASURES
 from pipeline.methods import METHODS
+from pipeline.evaluation.soups import base_method
 from pipeline.report.compare import report_section
+from pipeline.report.families import headline_metrics, log_tables, ordered, plot_vs_shots_by_family, report_tables
 from pipeline.report.files import (METHOD_METRICS, METRICS_JSON, OUTPUTS, PLOTS, RETENTION_CSV, TRIALS_CSV, RUNS_CSV, SELECTION_CSV, SHOTS_CSV,
                                    SIGNIFICANCE_CSV, SUMMARY_CSV, SUMMARY_JSON, SUMMARY_MD, _write_csv, _write_text)
 from pipeline.report.inputs import (COLUMNS, KEYS, REPORT_KEY, VALUES, ZEROSHOT, columns, values, Headline, MissingInputsError,
@@ -75,10 +77,14 @@ def run(cfg: ReportConfig) -> dict[str, float]:
         p.unlink(missing_ok=True)
     paths.REPORTS.mkdir(parents=True, exist_ok=True)
 
-    methods = list(cfg.methods)
+    # every row (the methods and their soups), family by family (`families`)
+    methods = ordered(cfg.rows)
     # methods without a text tower (vision-only baselines): no zero-shot level, and the
     # measures that need a text tower (retention, RSA) do not apply
-    text_free = [m for m in methods if METHODS[m].backbone != "clip"]
+    text_free = [m for m in methods if METHODS[base_method(m)].backbone != "clip"]
+    # runs.csv in the same order: the zero-shot level, then row by row
+    rank = {m: i for i, m in enumerate(methods)}
+    inputs = sorted(inputs, key=lambda r: (r.seed is not None, rank.get(r.method, len(rank))))
     runs = runs_frame(inputs, spec.name, head)
     summary = summarize(runs, methods, list(cfg.levels))
     selection = selection_table(records)
@@ -100,14 +106,14 @@ def run(cfg: ReportConfig) -> dict[str, float]:
 
     plots: list[Path] = []
     if head.id:
-        plot_vs_shots(summary, "id", f"ID: {head.id}",
-                      f"In-distribution ({head.id}) vs training data", PLOTS["id_vs_shots"])
+        plot_vs_shots_by_family(summary, "id", f"ID: {head.id}",
+                                f"In-distribution ({head.id}) vs training data", PLOTS["id_vs_shots"])
         plots.append(PLOTS["id_vs_shots"])
     else:
         notes.append(f"{spec.name} has no ID split: no ID columns, no `id_vs_shots.png`, "
                      "no `id_vs_ood.png`.")
-    plot_vs_shots(summary, "ood", f"OOD: {head.ood}",
-                  f"Out-of-distribution ({head.ood}) vs training data", PLOTS["ood_vs_shots"])
+    plot_vs_shots_by_family(summary, "ood", f"OOD: {head.ood}",
+                            f"Out-of-distribution ({head.ood}) vs training data", PLOTS["ood_vs_shots"])
     plots.append(PLOTS["ood_vs_shots"])
     if head.id:
         plot_id_vs_ood(summary, wise, head, PLOTS["id_vs_ood"], next(iter(selection["protocol"]), ""),
@@ -174,21 +180,23 @@ def run(cfg: ReportConfig) -> dict[str, float]:
 
     run_params = {
         "dataset": spec.name, "arch": cfg.arch, "pretrained": cfg.pretrained,
-        "methods": ",".join(methods), "levels": ",".join(lv.name for lv in cfg.levels),
+        "methods": ",".join(cfg.methods), "rows": ",".join(methods), "levels": ",".join(lv.name for lv in cfg.levels),
         "seeds": ",".join(map(str, cfg.seeds)), "metric": head.metric,
         "id_key": head.id or "", "ood_key": head.ood, "selection": cfg.selection,
         "select_split": next(iter(selection["split"]), "") or "none",
         "trials": sum(len(t) for t in cfg.trials.values()),
         "git_commit": tracking.git_commit(),
     }
-    # MLflow metric names allow no '%': a fraction level is `pct` there (`ft/25pct/id`)
+    # a few headline numbers per row as metrics (`families.headline_metrics`), every table and
+    # every flat mean as artifacts (the CSVs, metrics/report.json, MLflow tables)
+    headline, curves = headline_metrics(flat, level_curves(summary, methods, ZEROSHOT, no_zero=text_free), methods)
     run_id = tracking.log_run(
         experiment=spec.name, key=REPORT_KEY, run_name=REPORT_KEY, params=run_params,
         tags={"run_kind": "report", "level": "report", "dataset": spec.name},
-        metrics={k.replace("%", "pct"): v for k, v in flat.items()},
-        curves=level_curves(summary, methods, ZEROSHOT, no_zero=text_free),
+        metrics=headline, curves=curves,
         artifacts=[SUMMARY_MD, SIGNIFICANCE_CSV, *rank_plots, SUMMARY_CSV, SELECTION_CSV, RETENTION_CSV, TRIALS_CSV,
-                   RUNS_CSV, *plots])
+                   RUNS_CSV, METRICS_JSON, *plots])
+    log_tables(run_id, report_tables(summary, flat))
 
     _write_text(SUMMARY_JSON, json.dumps({
         "dataset": spec.name, "runs": len(runs), "headline": {"metric": head.metric, "id": head.id,

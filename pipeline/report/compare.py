@@ -559,10 +559,11 @@ def log(c: Comparison, files: list[Path], level: str | None = None, test: str = 
     average ranks (`rank/<ood|id>/<method>`), the Friedman p and CD per figure, and every file
     written as an artifact. Returns its run id."""
     from pipeline.core import tracking
+    from pipeline.report.families import mlflow_name
 
     metrics: dict[str, float] = {}
-    for v, r in c.ranks.items():
-        metrics.update({f"rank/{v}/{m}": float(x) for m, x in r.ranks.items()})
+    for v, r in c.ranks.items():  # a soup row `ft+greedy_soup` is `ft.greedy_soup` (no '+' in MLflow names)
+        metrics.update({f"rank/{v}/{mlflow_name(m)}": float(x) for m, x in r.ranks.items()})
         metrics.update({f"friedman_p/{v}": r.friedman_p, f"cd/{v}": r.cd, f"tasks/{v}": float(r.n_tasks)})
     params = {"tasks": ",".join(c.tasks), "level": level or "every level", "test": test,
               "correction": "holm", "post_hoc": "nemenyi", "alpha": ALPHA,

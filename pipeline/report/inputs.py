@@ -17,6 +17,7 @@ from pipeline.core import tracking
 from pipeline.core.levels import ZERO_SHOT, Level
 from pipeline.data.datasets import DatasetSpec, get_spec
 from pipeline.evaluation.measures import report_columns
+from pipeline.evaluation.soups import row_name
 
 
 @dataclass(frozen=True)
@@ -32,14 +33,28 @@ class ReportConfig:
     seeds: tuple[int, ...]
     selection: str = "auto"
     trials: dict[str, tuple[str, ...]] = field(default_factory=dict)  # method -> its trials
+    # method -> the soups of its trials it has (`evaluate.soups`, `pipeline.evaluation.soups`)
+    soups: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     @classmethod
     def of(cls, params) -> "ReportConfig":
         """From a loaded params.yaml (`pipeline.config.Params`)."""
+        from pipeline.evaluation.soups import soup_kinds
+        from pipeline.methods import METHODS
+
         ft = params.finetune
+        soups = {m: tuple(soup_kinds(METHODS[m].soups, len(ft.trials_of(m)), params.evaluate.soups))
+                 for m in ft.methods}
         return cls(params.dataset.name, params.model.arch, params.model.pretrained, tuple(ft.methods),
                    params.sample.parsed_levels, tuple(params.sample.seeds), params.evaluate.selection,
-                   {m: tuple(ft.trials_of(m)) for m in ft.methods})
+                   {m: tuple(ft.trials_of(m)) for m in ft.methods}, {m: k for m, k in soups.items() if k})
+
+    @property
+    def rows(self) -> tuple[str, ...]:
+        """Every row of the report but zero-shot: each method, followed by its soups."""
+        from pipeline.evaluation.soups import row_name
+
+        return tuple(r for m in self.methods for r in (m, *(row_name(m, k) for k in self.soups.get(m, ()))))
 
 
 EVAL_METRICS = paths.EVAL_METRICS
@@ -138,6 +153,12 @@ def expected_inputs(cfg: ReportConfig) -> list[tuple[str, Level, int | None, Pat
             for seed in cfg.seeds:
                 out.append((method, level, seed, paths.evaluate_dir(method, level.name, seed) / EVAL_METRICS,
                             stage_target(method, level.name)))
+        for kind in cfg.soups.get(method, ()):  # its soups' rows, written by its evaluate entry
+            for level in cfg.levels:
+                for seed in cfg.seeds:
+                    out.append((row_name(method, kind), level, seed,
+                                paths.soup_dir(method, kind, level.name, seed) / EVAL_METRICS,
+                                stage_target(method, level.name)))
     return out
 
 
@@ -303,7 +324,21 @@ def other_datasets(cfg: ReportConfig) -> tuple[list[dict[str, Any]], str | None]
         latest[ds] = run
     points = []
     for ds, run in sorted(latest.items()):
-        points += task_points(ds, dict(run.data.metrics))
+        points += task_points(ds, report_flat(client, run))
     return points, None
+
+
+def report_flat(client, run) -> dict[str, float]:
+    """Every flat mean of a report run: its `report.json` artifact (metrics/report.json; the
+    run's metrics are only the headline ones), or, for a run logged before there was one, its
+    metrics."""
+    import tempfile
+
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = client.download_artifacts(run.info.run_id, paths.REPORT_METRICS.name, tmp)
+            return {k: float(v) for k, v in json.loads(Path(path).read_text()).items()}
+    except Exception:  # noqa: BLE001 — no such artifact: an older report run
+        return dict(run.data.metrics)
 
 

@@ -24,7 +24,12 @@ def method_style(method: str) -> tuple[str, str]:
     plot and every report (a name outside the registry gets a stable spare)."""
     if method == ZEROSHOT:
         return ZS_COLOUR, "*"
+    from pipeline.evaluation.soups import parse_row
     from pipeline.methods import METHODS
+
+    soup = parse_row(method)
+    if soup:  # a method's soup: the method's colour, a letter for a marker (U, G) and a dotted line
+        return method_style(soup[0])[0], {"uniform": "$U$", "greedy": "$G$"}.get(soup[1], "x")
 
     names = sorted(m for m in METHODS if m != ZEROSHOT)
     i = names.index(method) if method in names else sum(map(ord, method))
@@ -121,7 +126,7 @@ def _lines_vs_shots(ax, summary: pd.DataFrame, col: str, ref: float | None, ref_
         colour, marker = method_style(m)
         ax.errorbar(x, y, yerr=np.nan_to_num(ci) if has_ci else None, color=colour,
                     marker=marker, markersize=6.5, linewidth=2, capsize=3.5, elinewidth=1.2,
-                    label=m, zorder=3)
+                    linestyle=":" if "+" in m else "-", label=m, zorder=3)  # "+": a soup row
         if has_ci:
             ax.fill_between(x, y - np.nan_to_num(ci), y + np.nan_to_num(ci), color=colour, alpha=0.13,
                             linewidth=0, zorder=2)

@@ -12,6 +12,8 @@ import numpy as np
 
 from pipeline.core.levels import ZERO_SHOT, Level, parse_level
 from pipeline.evaluation.measures import MEASURES, report_columns, text_columns
+from pipeline.evaluation.soups import parse_row
+from pipeline.report.families import family_tables
 from pipeline.report.files import METRICS_JSON, SHOTS_CSV
 from pipeline.report.inputs import ZEROSHOT, Headline, ReportConfig, level_key, shots_metrics, values
 from pipeline.report.plots import _zs_value
@@ -204,6 +206,12 @@ def summary_markdown(cfg: ReportConfig, summary: pd.DataFrame, head: Headline, e
                                          if tasks else "none (the retention section says how to add one)") + ".")
     desc.append("- **α\*** = WiSE-FT mixing weight chosen by the same protocol "
                 "(1 = the fine-tuned model; methods without WiSE-FT always report 1).")
+    soup_rows = [m for m in dict.fromkeys(summary["method"]) if parse_row(m)]
+    if soup_rows:
+        desc.append(f"- **Model soups** ({', '.join(soup_rows)}): the weights of every trial of the method "
+                    "(uniform), or of the trials a greedy pass keeps on the selection's validation data "
+                    "(best trial first, each next one kept if the soup's score does not fall), averaged "
+                    "at each level and seed; `evaluate.soups`.")
     if len(seeds) > 1:
         desc.append(f"- Cells are mean ± 95 % confidence interval over {len(seeds)} seeds "
                     f"(Student t, {len(seeds) - 1} degrees of freedom); each seed draws its own sample and trains with its own seed.")
@@ -238,7 +246,7 @@ def summary_markdown(cfg: ReportConfig, summary: pd.DataFrame, head: Headline, e
     # every registered measure's columns, but none that is empty (e.g. no retention tasks)
     columns = [c for c in report_columns() if f"{c.name}_mean" in summary
                and summary[f"{c.name}_mean"].notna().any()]
-    rows1, rows2 = [], []
+    rows1, rows2, zero_cells = [], [], None  # rows: (report row, cells), grouped by family below
     for _, r in summary.iterrows():
         n = int(r["seeds"])
         zero = r["level"] == "0" and r["method"] == ZEROSHOT
@@ -249,7 +257,10 @@ def summary_markdown(cfg: ReportConfig, summary: pd.DataFrame, head: Headline, e
         perf.append(_fmt(r["ood_mean"], r["ood_ci"], n))
         perf += ["n/a" if r["method"] in text_free and c.name in no_text_cols and not zero
                  else _fmt(r[f"{c.name}_mean"], r[f"{c.name}_ci"], n) for c in columns]
-        rows1.append(perf)
+        if zero:
+            zero_cells = perf
+        else:
+            rows1.append((r["method"], perf))
         if not zero:
             sel = [name, r["level_label"], _fmt(r["selected_alpha_mean"], r["selected_alpha_ci"], n, 2)]
             if has_id:
@@ -257,9 +268,10 @@ def summary_markdown(cfg: ReportConfig, summary: pd.DataFrame, head: Headline, e
             sel += [_fmt(r["selected_ood_mean"], r["selected_ood_ci"], n),
                     _share(r["trainable_share_mean"]), f"{r['train_steps_mean']:.0f}",
                     _fmt(r["wall_time_s_mean"], r["wall_time_s_ci"], 1, 1)]
-            rows2.append(sel)
+            rows2.append((r["method"], sel))
     h1 = ["method", "level", "examples", "seeds", *(["ID"] if has_id else []), "OOD", *(c.label for c in columns)]
-    out += ["## Results", "", _md_table(h1, rows1, ["l", "l", "r", "r"] + ["r"] * (len(h1) - 4)), ""]
+    out += ["## Results", "", *family_tables(h1, rows1, ["l", "l", "r", "r"] + ["r"] * (len(h1) - 4), _md_table,
+                                             zero_cells)]
     if text_free & set(summary["method"]):
         listed = [m for m in dict.fromkeys(summary["method"]) if m in text_free]
         verb = "fine-tunes" if len(listed) == 1 else "fine-tune"
@@ -291,7 +303,7 @@ def summary_markdown(cfg: ReportConfig, summary: pd.DataFrame, head: Headline, e
         h2 = ["method", "level", "α*", *(["ID at α*"] if has_id else []), "OOD at α*", "trainable",
               "steps", "train time (s)"]
         out += ["## WiSE-FT selection and cost", "",
-                _md_table(h2, rows2, ["l", "l"] + ["r"] * (len(h2) - 2)), ""]
+                *family_tables(h2, rows2, ["l", "l"] + ["r"] * (len(h2) - 2), _md_table)]
     if plots:
         out += ["## Plots", ""]
         out += [f"![{p.stem.replace('_', ' ')}]({p.name})" for p in plots]

@@ -11,6 +11,12 @@ sweep, `selected/...` at the chosen α (measures included), `selection/score` (t
 `selection/trials` (how many trials it was chosen from). `selection.json` says which trial,
 on which data, and its hyper-parameters.
 
+With `evaluate.soups`, each soup of the method's trials (`pipeline.evaluation.soups`: uniform,
+greedy on the protocol's validation data) is evaluated the same way into
+`<level>/seed<S>/<kind>_soup/` (metrics.json with `soup/ingredients`, and selection.json with the
+ingredients and the greedy pass) and gets an MLflow run of its own under the row
+`<method>+<kind>_soup`.
+
 In MLflow the headline metrics and both files are added to the training run of the chosen
 trial (tag `selected`), child of the method's run at the level, which gets the seed mean and
 95 % interval of the headline metrics (see stages/common.py for the run structure).
@@ -40,6 +46,7 @@ from pipeline.core.env import resolve_device, set_threads
 from pipeline.data.datasets import split_metrics, split_rows
 from pipeline.data.sampling import FEWSHOT_VAL, read_sample
 from pipeline.data.torchdata import ImageFiles, LabeledImages, read_caption_csv
+from pipeline.evaluation import soups
 from pipeline.evaluation.measures import MeasureInputs, compute_all
 from pipeline.evaluation.selection import alpha_key, resolve_protocol, select_alpha
 from pipeline.data.retention import read_records
@@ -51,8 +58,9 @@ from pipeline.stages.common import (ParamsOpt, expect_record, group_info, guard,
                                     training_run_info)
 
 
-def run(params: Params, method: str, log_mlflow: bool = True) -> dict[tuple[str, int], dict]:
-    """Evaluate the chosen trial of every level and seed; returns {(level, seed): metrics}."""
+def run(params: Params, method: str, log_mlflow: bool = True) -> dict[tuple, dict]:
+    """Evaluate the chosen trial of every level and seed, and the method's soups
+    (`evaluate.soups`); returns {(level, seed): metrics} and {(soup row, level, seed): metrics}."""
     set_threads(params.threads)
     device = resolve_device(params.evaluate.device)
     task = open_task(params, device)
@@ -91,10 +99,121 @@ def run(params: Params, method: str, log_mlflow: bool = True) -> dict[tuple[str,
                   reference_text_pre=cache["ref/text"], reference_tokens=cache["ref/tokens"][:n_ref])
 
     pristine = clip.model  # never changed: each α merges into a copy
+    key = protocol.key(spec.metric)
+
+    def evaluate_state(state: dict, hp, seed: int, fewshot, what: str = "") -> dict[str, float]:
+        """A saved state (a trial's, a soup's) at every α of the sweep on every split, the
+        registered measures at α = 1 and at the α the protocol chooses: the metric keys of the
+        module docstring (but selection/ and train/)."""
+        # the sweep: every split at every α; then the registered measures (retention, RSA, ...)
+        # at α = 1 (the fine-tuned model) and at the chosen α only
+        per_alpha: dict[float, dict[str, float]] = {}
+        feats_at: dict[float, dict[str, torch.Tensor]] = {}
+        models_at = {}
+        for alpha in alphas:
+            model = method_cls.eval_model(copy.deepcopy(pristine), state, hp, cache["head"].to(device), alpha=alpha)
+            model = model.to(device).eval()
+            head = model.task_head(task.class_tokens.to(device)).cpu()
+            m: dict[str, float] = {}
+            feats_at[alpha] = {}
+            tag = f"{what}seed={seed} α={alpha:g}"
+            for split, (rows, images) in splits.items():
+                feats_at[alpha][split] = encode_images(model, images, device, bs, nw, desc=f"eval {split} {tag}")
+                m.update(split_metrics(dataset, split, feats_at[alpha][split], head, rows))
+            if fewshot is not None:
+                feats = encode_images(model, fewshot[1], device, bs, nw, desc=f"eval {FEWSHOT_VAL} {tag}")
+                m.update(split_metrics(dataset, FEWSHOT_VAL, feats, head, fewshot[0]))
+            per_alpha[alpha] = m
+            models_at[alpha] = model if alpha == 1.0 else None
+        best = select_alpha({a: per_alpha[a][key] for a in alphas}) if key else 1.0
+        for alpha in dict.fromkeys((1.0, best)):
+            model = models_at.get(alpha) or method_cls.eval_model(
+                copy.deepcopy(pristine), state, hp, cache["head"].to(device), alpha=alpha).to(device).eval()
+            task_feats = {name: feats_at[alpha][split] for name, split in same_rows.items()}
+            task_feats.update({name: encode_images(model, images, device, bs, nw, desc=f"zs {name} {what}seed={seed} α={alpha:g}")
+                               for name, images in task_images.items()})
+            per_alpha[alpha].update(compute_all("evaluate", MeasureInputs(model=model, task_features=task_feats, **inputs)))
+        del models_at, feats_at
+
+        metrics: dict[str, float] = {}
+        if method_cls.weight_space:
+            for alpha, m in per_alpha.items():
+                metrics.update({f"{alpha_key(alpha)}/{k_}": v for k_, v in m.items()})
+        metrics.update(per_alpha[1.0])
+        metrics["selected/alpha"] = best
+        metrics.update({f"selected/{k_}": v for k_, v in per_alpha[best].items()})
+        return metrics
+
+    def val_score(state: dict, hp, fewshot) -> float:
+        """The protocol's validation score of a state at α = 1 (a soup's, in the greedy pass)."""
+        model = method_cls.eval_model(copy.deepcopy(pristine), state, hp, cache["head"].to(device), alpha=1.0)
+        model = model.to(device).eval()
+        head = model.task_head(task.class_tokens.to(device)).cpu()
+        rows, images = fewshot if protocol.split == FEWSHOT_VAL else splits[protocol.split]
+        feats = encode_images(model, images, device, bs, nw, desc=f"soup {protocol.split}")
+        return float(split_metrics(dataset, protocol.split, feats, head, rows)[key])
+
+    # the soups of this method (evaluate.soups; none where the method declares none or has one trial)
+    kinds = soups.soup_kinds(method_cls.soups, len(params.finetune.trials_of(method)), ep.soups)
+
+    def evaluate_soup(kind: str, record: dict, chosen: dict, level, seed: int, fewshot,
+                      trial_metrics: dict) -> tuple[dict, dict]:
+        """(metrics, selection record) of one soup of every trial of the method at a level and seed."""
+        from pipeline.models.weights import uniform_soup
+
+        trials = record["trials"]
+        digests = chosen.get("soup_weights_sha256") or {}
+        states, hps, summaries = {}, {}, {}
+        for t in trials:
+            weights = paths.finetune_dir(t, level.name, seed) / paths.WEIGHTS
+            if digests.get(t) != models.file_sha256(weights):
+                raise ValueError(f"{paths.select_file(method, level.name)}: no digest of {t}'s weights, or they "
+                                 "changed since the selection; run `dvc repro selection`")
+            states[t], config, summaries[t] = paths.read_run(t, level.name, seed)
+            hps[t] = parse_hparams(method, config["hparams"], f"finetune.trials.{t}")
+        order = soups.greedy_order(chosen["scores"], trials)
+        steps: list[dict] = []
+        if kind == "greedy":
+            measured: dict[tuple[str, ...], float] = {}
+
+            def score(names: tuple[str, ...]) -> float:
+                if names not in measured:
+                    measured[names] = val_score(uniform_soup([states[n] for n in names]), hps[names[0]], fewshot)
+                return measured[names]
+
+            ingredients, steps = soups.greedy_soup(order, score)
+        else:
+            ingredients = order
+        # the best ingredient's hyper-parameters build the model (a soupable method's eval_model
+        # reads none: the soup's weights are the model)
+        hp = hps[ingredients[0]]
+        m = evaluate_state(uniform_soup([states[t] for t in ingredients]), hp, seed, fewshot, f"{kind} soup ")
+        if key is not None:
+            m["selection/score"] = m[key]  # the soup at α = 1 on the protocol's data
+        m["selection/trials"] = len(trials)
+        m["soup/ingredients"] = len(ingredients)
+        for k_ in ("train/trainable_params", "train/trainable_share", "train/n_train"):
+            m[k_] = trial_metrics[k_]
+        # a soup costs the training of every trial it was chosen from
+        times = [paths.run_time_file(t, level.name, seed) for t in trials]
+        m["train/wall_time_s"] = sum(json.loads(f.read_text()).get("wall_time_s", math.nan) if f.is_file()
+                                     else math.nan for f in times)
+        m["train/steps"] = sum(summaries[t]["steps"] for t in trials)
+        m = {k_: m[k_] for k_ in sorted(m)}
+        sel = {"soup": kind, "method": method, "protocol": protocol.name, "split": protocol.split,
+               "metric": spec.metric, "trial": soups.SEP.join(ingredients), "ingredients": ingredients,
+               "order": order, "greedy": steps, "score": m.get("selection/score"), "trials": trials,
+               "scores": chosen["scores"], "alpha": m["selected/alpha"], "alphas": alphas, "level": level.name,
+               "level_kind": level.kind, "seed": seed, "n_train": summaries[ingredients[0]]["n_train"],
+               "headline": spec.metric}
+        return m, sel
+
     results, staged, logged = {}, [], {}
     for level, seed in ((lv, s) for lv in params.sample.parsed_levels for s in params.sample.seeds):
         # nothing of a previous run may look finished while this one works
         (paths.evaluate_dir(method, level.name, seed) / METRICS).unlink(missing_ok=True)
+        for kind in soups.KINDS:
+            shutil.rmtree(paths.evaluate_dir(method, level.name, seed) / paths.soup_dirname(kind), ignore_errors=True)
     for level, seed in ((lv, s) for lv in params.sample.parsed_levels for s in params.sample.seeds):
         record = paths.read_json(paths.select_file(method, level.name), "selection")
         chosen = record["seeds"].get(str(seed))
@@ -111,44 +230,7 @@ def run(params: Params, method: str, log_mlflow: bool = True) -> dict[tuple[str,
         if sample["n_val"]:
             fewshot = (torch.as_tensor(sample["val_indices"]),
                        preload(LabeledImages(dataset, sample["val_indices"], transform), bs, nw, desc="decode fewshot_val"))
-        # the sweep: every split at every α; then the registered measures (retention, RSA, ...)
-        # at α = 1 (the fine-tuned model) and at the chosen α only
-        per_alpha: dict[float, dict[str, float]] = {}
-        feats_at: dict[float, dict[str, torch.Tensor]] = {}
-        models_at = {}
-        for alpha in alphas:
-            model = method_cls.eval_model(copy.deepcopy(pristine), state, hp, cache["head"].to(device), alpha=alpha)
-            model = model.to(device).eval()
-            head = model.task_head(task.class_tokens.to(device)).cpu()
-            m: dict[str, float] = {}
-            feats_at[alpha] = {}
-            tag = f"seed={seed} α={alpha:g}"
-            for split, (rows, images) in splits.items():
-                feats_at[alpha][split] = encode_images(model, images, device, bs, nw, desc=f"eval {split} {tag}")
-                m.update(split_metrics(dataset, split, feats_at[alpha][split], head, rows))
-            if fewshot is not None:
-                feats = encode_images(model, fewshot[1], device, bs, nw, desc=f"eval {FEWSHOT_VAL} {tag}")
-                m.update(split_metrics(dataset, FEWSHOT_VAL, feats, head, fewshot[0]))
-            per_alpha[alpha] = m
-            models_at[alpha] = model if alpha == 1.0 else None
-        key = protocol.key(spec.metric)
-        best = select_alpha({a: per_alpha[a][key] for a in alphas}) if key else 1.0
-        for alpha in dict.fromkeys((1.0, best)):
-            model = models_at.get(alpha) or method_cls.eval_model(
-                copy.deepcopy(pristine), state, hp, cache["head"].to(device), alpha=alpha).to(device).eval()
-            task_feats = {name: feats_at[alpha][split] for name, split in same_rows.items()}
-            task_feats.update({name: encode_images(model, images, device, bs, nw, desc=f"zs {name} seed={seed} α={alpha:g}")
-                               for name, images in task_images.items()})
-            per_alpha[alpha].update(compute_all("evaluate", MeasureInputs(model=model, task_features=task_feats, **inputs)))
-        del models_at, feats_at
-
-        metrics: dict[str, float] = {}
-        if method_cls.weight_space:
-            for alpha, m in per_alpha.items():
-                metrics.update({f"{alpha_key(alpha)}/{k_}": v for k_, v in m.items()})
-        metrics.update(per_alpha[1.0])
-        metrics["selected/alpha"] = best
-        metrics.update({f"selected/{k_}": v for k_, v in per_alpha[best].items()})
+        metrics = evaluate_state(state, hp, seed, fewshot)
         if chosen["score"] is not None:
             metrics["selection/score"] = chosen["score"]
         metrics["selection/trials"] = len(record["trials"])
@@ -166,7 +248,7 @@ def run(params: Params, method: str, log_mlflow: bool = True) -> dict[tuple[str,
         selection = {"protocol": protocol.name, "split": protocol.split, "metric": spec.metric,
                      "trial": trial, "score": chosen["score"], "trials": record["trials"],
                      "scores": chosen["scores"], "edges": chosen["edges"], "hparams": config["hparams"],
-                     "alpha": best, "alphas": alphas, "level": level.name, "level_kind": level.kind,
+                     "alpha": metrics["selected/alpha"], "alphas": alphas, "level": level.name, "level_kind": level.kind,
                      "seed": seed, "n_train": summary["n_train"], "headline": spec.metric}
         out = paths.evaluate_dir(method, level.name, seed)
         # staged, logged to MLflow from the staging folder, and moved into place only then:
@@ -180,13 +262,31 @@ def run(params: Params, method: str, log_mlflow: bool = True) -> dict[tuple[str,
             log_to_mlflow(params, method, level, seed, record["trials"], metrics, selection, staging, dataset, sample,
                           chosen["weights_sha256"])
             logged[f"{level.name}/seed{seed}"] = train_key(trial, level.name, seed)
+        for kind in kinds:
+            row = soups.row_name(method, kind)
+            soup_m, soup_sel = evaluate_soup(kind, record, chosen, level, seed, fewshot, metrics)
+            soup_out = staging / paths.soup_dirname(kind)
+            soup_out.mkdir()
+            (soup_out / EVAL_SELECTION).write_text(json.dumps(soup_sel, indent=1))
+            (soup_out / METRICS).write_text(json.dumps(soup_m, indent=1))
+            if log_mlflow:
+                logged[f"{row}/{level.name}/seed{seed}"] = log_soup(params, row, level, seed, soup_m, soup_sel, soup_out)
+            results[(row, level.name, seed)] = soup_m
         staged.append(out)
         results[(level.name, seed)] = metrics
     if log_mlflow:
         for level in params.sample.parsed_levels:
             log_seed_means(params, method, level, [results[(level.name, s)] for s in params.sample.seeds])
             logged[level.name] = group_info(params, method, level)[0]
+            for kind in kinds:
+                row = soups.row_name(method, kind)
+                log_seed_means(params, row, level, [results[(row, level.name, s)] for s in params.sample.seeds])
+                logged[f"{row}/{level.name}"] = group_info(params, row, level)[0]
     for out in staged:  # the finished markers, once everything (MLflow included) succeeded
+        for kind in kinds:
+            done = out / paths.soup_dirname(kind)
+            shutil.rmtree(done, ignore_errors=True)
+            os.replace(out / ".staging" / paths.soup_dirname(kind), done)
         os.replace(out / ".staging" / EVAL_SELECTION, out / EVAL_SELECTION)
         os.replace(out / ".staging" / METRICS, out / METRICS)
         (out / ".staging").rmdir()
@@ -257,6 +357,24 @@ def rebuild_training_run(params: Params, trial: str, level, seed: int, dataset, 
         inputs=[sample_input(params, level, seed, dataset, sample)], parent=parent, start_time=start, end_time=end)
 
 
+def log_soup(params: Params, row: str, level, seed: int, metrics: dict, selection: dict, folder: Path) -> str:
+    """A soup's own MLflow run (`<method>+<kind>_soup/<level>/seed<S>`, no training of its own),
+    child of the soup row's run at the level; returns its key."""
+    key = f"{row}/{level.name}/seed{seed}"
+    parent = tracking.group_run(params.dataset.name, *group_info(params, row, level))
+    tracking.log_run(
+        experiment=params.dataset.name, key=key, run_name=f"{row} {level.label} seed={seed}",
+        params={"method": selection["method"], "soup": selection["soup"], "level": level.name, "seed": seed,
+                "ingredients": ",".join(selection["ingredients"]), "trials": ",".join(selection["trials"])},
+        tags={"run_kind": "soup", "method": row, "base_method": selection["method"], "soup": selection["soup"],
+              "level": level.name, "level_kind": level.kind, "seed": str(seed), "dataset": params.dataset.name,
+              "selected": "true", "evaluated": "true", "selection": selection["protocol"],
+              "select_split": selection["split"] or "none", "selected_alpha": f"{selection['alpha']:g}"},
+        metrics=mlflow_metrics(params.dataset.name, metrics), artifacts=[folder / METRICS, folder / EVAL_SELECTION],
+        parent=parent)
+    return key
+
+
 def log_seed_means(params: Params, method: str, level, per_seed: list[dict]) -> str:
     """The method's run at the level: mean over seeds (and the 95 % interval's half-width with
     two seeds or more) of the official metric on every eval split, at α = 1 and at the
@@ -290,8 +408,9 @@ def command(method: str = typer.Option(..., "--method", "-m", help="A method of 
     params = load_params(params_file)
     if method not in params.finetune.methods:
         raise ValueError(f"--method: {method!r} is not in finetune.methods ({', '.join(params.finetune.methods)})")
-    for (level, seed), metrics in run(params, method).items():
-        typer.echo(f"level {level} seed {seed}: " + headline(params.dataset.name, metrics))
+    for key, metrics in run(params, method).items():
+        typer.echo(f"{' '.join(key[:-2])}{' ' if len(key) > 2 else ''}level {key[-2]} seed {key[-1]}: "
+                   + headline(params.dataset.name, metrics))
 
 
 def main(argv: list[str] | None = None) -> None:

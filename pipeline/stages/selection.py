@@ -5,7 +5,8 @@ chosen by `evaluate.selection` on validation data (never a test split; see
 It reads only the trials' validation scores (`scores.json`, written by `finetune`), so it is
 quick and imports no model code; changing the protocol re-runs this stage and the evaluation
 of the chosen trials, never the training. Each record carries the SHA-256 of the chosen
-weights, so a re-trained trial re-runs its evaluation even when the choice stays the same."""
+weights, so a re-trained trial re-runs its evaluation even when the choice stays the same; with
+`evaluate.soups` on, the SHA-256 of every trial's weights (a soup averages them all)."""
 
 from __future__ import annotations
 
@@ -54,6 +55,10 @@ def select_cell(params: Params, protocol, metric: str, method: str, level: str) 
             # every trial's zero-shot retention (what the choice kept or gave up; not a criterion)
             "retention": retention,
         }
+        if params.evaluate.soups and len(trials) > 1:
+            # the soups average every trial: a re-trained one re-runs the method's evaluation
+            record["seeds"][str(seed)]["soup_weights_sha256"] = {
+                t: file_sha256(paths.finetune_dir(t, level, seed) / paths.WEIGHTS) for t in trials}
     return record
 
 
