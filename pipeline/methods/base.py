@@ -83,6 +83,10 @@ class TaskContext:
     # activation memory one chunk of class prompts encoded with gradient may use
     # (finetune.train.prompt_memory_mb); None = all prompts in one forward
     prompt_memory_bytes: int | None = None
+    # the task's class names (in label order) and the model's tokenizer, for methods that
+    # write their own prompts (CoOp, CoCoOp); None where a caller has none
+    class_names: tuple[str, ...] | None = None
+    tokenizer: Callable | None = None
 
     @property
     def n_classes(self) -> int:
