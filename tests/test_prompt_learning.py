@@ -60,7 +60,7 @@ def test_prompt_tokens_place_the_context_after_sot():
     assert torch.equal(tokens, tokenizer()([f"X X X {c}." for c in mf.CLASSES]))
     x = tokenizer()(["X"])[0, 1]
     assert (tokens[:, 1:4] == x).all() and (tokens[:, 4] != x).all()
-    with pytest.raises(ValueError, match="n_ctx: 16 context tokens do not fit"):
+    with pytest.raises(ValueError, match="fills the text tower.s 16-token context"):
         method("coop")  # the tiny tower's 16 positions: SOT + 16 + name + EOT do not fit
 
 
@@ -194,3 +194,10 @@ def test_refuses_a_text_tower_without_token_embedding():
 
     with pytest.raises(ValueError, match="cocoop splices learned context vectors.*NoTokens"):
         METHODS["cocoop"].check_model(NoTokens())
+
+
+def test_a_prompt_cut_by_the_context_length_is_refused():
+    # the tiny tower has 16 positions: SOT + 12 context + "circle" + "." + EOT = 16 fills it
+    with pytest.raises(ValueError, match="fills the text tower's 16-token context"):
+        prompt_tokens(tokenizer(), mf.CLASSES, " ".join(["X"] * 12))
+    prompt_tokens(tokenizer(), mf.CLASSES, " ".join(["X"] * 11))

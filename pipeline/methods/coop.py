@@ -95,6 +95,12 @@ def prompt_tokens(tokenizer: Callable, class_names, prefix: str) -> tuple[torch.
         bad = int(torch.nonzero((tokens[:, start:start + m] != alone[start:start + m]).any(1)).flatten()[0])
         raise ValueError(f"the prompt of class {class_names[bad]!r} does not keep the context prefix's {m} "
                          f"tokens at positions {start}…{start + m - 1}")
+    ends = (tokens == empty[start]).int().argmax(dim=1)  # each prompt's first end-of-text token
+    full = torch.nonzero(ends >= tokens.shape[1] - 1).flatten()
+    if full.numel():
+        raise ValueError(f"the prompt {f'{prefix} {class_names[int(full[0])]}.'!r} fills the text tower's "
+                         f"{tokens.shape[1]}-token context (the tokenizer may have cut the class name); use a "
+                         f"smaller n_ctx or a shorter ctx_init")
     return tokens, start, m
 
 
