@@ -60,7 +60,7 @@ def test_prompt_tokens_place_the_context_after_sot():
     assert torch.equal(tokens, tokenizer()([f"X X X {c}." for c in mf.CLASSES]))
     x = tokenizer()(["X"])[0, 1]
     assert (tokens[:, 1:4] == x).all() and (tokens[:, 4] != x).all()
-    with pytest.raises(ValueError, match="fills the text tower.s 16-token context"):
+    with pytest.raises(ValueError, match="does not fit the text tower.s 16-token context"):
         method("coop")  # the tiny tower's 16 positions: SOT + 16 + name + EOT do not fit
 
 
@@ -197,7 +197,12 @@ def test_refuses_a_text_tower_without_token_embedding():
 
 
 def test_a_prompt_cut_by_the_context_length_is_refused():
-    # the tiny tower has 16 positions: SOT + 12 context + "circle" + "." + EOT = 16 fills it
-    with pytest.raises(ValueError, match="fills the text tower's 16-token context"):
-        prompt_tokens(tokenizer(), mf.CLASSES, " ".join(["X"] * 12))
-    prompt_tokens(tokenizer(), mf.CLASSES, " ".join(["X"] * 11))
+    # the tiny tower has 16 positions: SOT + 12 context + "circle" + "." + EOT = 16 fits exactly
+    tokens, _, _ = prompt_tokens(tokenizer(), mf.CLASSES, " ".join(["X"] * 12))
+    assert (tokens[:, -1] == tokenizer()([""])[0, 1]).all()  # the EOT in the last position
+    with pytest.raises(ValueError, match="the prompt '(X ){13}circle.' does not fit the text tower's 16-token"):
+        prompt_tokens(tokenizer(), mf.CLASSES, " ".join(["X"] * 13))
+    m = method("cocoop")
+    with pytest.raises(ValueError, match="n_ctx: 3, but ctx_init 'a photo of a' is 4 tokens"):
+        METHODS["cocoop"].check_task(METHODS["cocoop"].Hparams(n_ctx=3), m.ctx.model, tokenizer(), mf.CLASSES)
+    METHODS["cocoop"].check_task(METHODS["cocoop"].Hparams(), m.ctx.model, tokenizer(), mf.CLASSES)

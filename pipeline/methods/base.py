@@ -138,6 +138,15 @@ class Method:
         built with random weights, and by `__init__`, so a refusal comes before any work.
         Default: any open_clip model (image and text towers, a logit scale) is accepted."""
 
+    @classmethod
+    def check_task(cls, hp: Any, model: nn.Module, tokenizer: Callable, class_names: tuple[str, ...] | None) -> None:
+        """Raise ValueError (a sentence) when hyper-parameters `hp` cannot work on this task:
+        CoOp's prompts must fit the text tower's context with every class name. Called by the
+        `check` stage for each trial, with the arch built with random weights, its tokenizer
+        and the dataset's class names (None where the check cannot read them before
+        `prepare`: a dataset whose prompts come with its data), and by nothing else (`setup`
+        checks again). Default: nothing to check."""
+
     # ---- training -----------------------------------------------------------------------
     def setup(self) -> None:
         """Freeze/unfreeze parameters and insert modules. Default: nothing trains."""

@@ -13,7 +13,7 @@ from pipeline.core.validation import Float, Int, Str
 from pipeline.methods import register
 from pipeline.methods.base import EvalModel, Method, freeze
 from pipeline.methods.common import image_features
-from pipeline.methods.coop import (EVAL_CHUNK, LearnedContext, PromptHparams, PromptSGD, build_context, chunk_for,
+from pipeline.methods.coop import (EVAL_CHUNK, LearnedContext, PromptHparams, PromptSGD, build_context, check_prompts, chunk_for,
                                    encode_prompts, require_token_embedding)
 from pipeline.models.losses import fp32_loss, upcast
 
@@ -161,6 +161,10 @@ class CoCoOp(PromptSGD, Method):
     @classmethod
     def check_model(cls, model) -> None:
         require_token_embedding(cls.name, model)
+
+    @classmethod
+    def check_task(cls, hp, model, tokenizer, class_names) -> None:
+        check_prompts(cls.name, hp, tokenizer, class_names)
 
     def setup(self) -> None:
         freeze(self.root)

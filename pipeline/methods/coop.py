@@ -95,12 +95,16 @@ def prompt_tokens(tokenizer: Callable, class_names, prefix: str) -> tuple[torch.
         bad = int(torch.nonzero((tokens[:, start:start + m] != alone[start:start + m]).any(1)).flatten()[0])
         raise ValueError(f"the prompt of class {class_names[bad]!r} does not keep the context prefix's {m} "
                          f"tokens at positions {start}…{start + m - 1}")
-    ends = (tokens == empty[start]).int().argmax(dim=1)  # each prompt's first end-of-text token
-    full = torch.nonzero(ends >= tokens.shape[1] - 1).flatten()
-    if full.numel():
-        raise ValueError(f"the prompt {f'{prefix} {class_names[int(full[0])]}.'!r} fills the text tower's "
-                         f"{tokens.shape[1]}-token context (the tokenizer may have cut the class name); use a "
-                         f"smaller n_ctx or a shorter ctx_init")
+    texts = [f"{prefix} {name}." for name in class_names]
+    length = tokens.shape[1]
+    try:  # open_clip's tokenizers take a context length: tokenised without cutting, to see what was cut
+        ends = (tokenizer(texts, context_length=4 * length) == empty[start]).int().argmax(dim=1)
+        cut = torch.nonzero(ends > length - 1).flatten()
+    except TypeError:  # a tokenizer without it: a prompt that reaches the last position may have been cut
+        cut = torch.nonzero((tokens == empty[start]).int().argmax(dim=1) >= length - 1).flatten()
+    if cut.numel():
+        raise ValueError(f"the prompt {texts[int(cut[0])]!r} does not fit the text tower's {length}-token context "
+                         f"(the tokenizer cuts the class name); use a smaller n_ctx or a shorter ctx_init")
     return tokens, start, m
 
 
@@ -187,6 +191,23 @@ class LearnedContext(nn.Module):
         return cls(state[f"{prefix}ctx"], state[f"{prefix}tokens"], int(state[f"{prefix}start"]))
 
 
+def prompt_layout(hp: PromptHparams, tokenizer: Callable, class_names) -> tuple[list[str], tuple]:
+    """(class names as written in the prompts, `prompt_tokens` of the prompts), or ValueError
+    when the context and a class name do not fit the text tower's context."""
+    names = [str(n).replace("_", " ") for n in class_names]  # CoOp's rule
+    prefix = hp.ctx_init.replace("_", " ").strip() if hp.ctx_init else " ".join(["X"] * hp.n_ctx)
+    tokens, start, m = prompt_tokens(tokenizer, names, prefix)
+    if m != hp.n_ctx:
+        raise ValueError(f"n_ctx: {hp.n_ctx}, but ctx_init {hp.ctx_init!r} is {m} tokens; set n_ctx: {m}")
+    return names, (tokens, start, m)
+
+
+def check_prompts(method: str, hp: PromptHparams, tokenizer: Callable, class_names) -> None:
+    """`Method.check_task` of the prompt methods: the prompts fit (`prompt_layout`)."""
+    if class_names is not None:
+        prompt_layout(hp, tokenizer, class_names)
+
+
 def build_context(method: str, ctx, hp: PromptHparams, csc: bool = False) -> LearnedContext:
     """The initial context of `method` for the task's classes: the token embeddings of
     `hp.ctx_init` (CoOp's `ctx_init`), or N(0, 0.02²) drawn from a generator seeded by the
@@ -194,14 +215,7 @@ def build_context(method: str, ctx, hp: PromptHparams, csc: bool = False) -> Lea
     if ctx.class_names is None or ctx.tokenizer is None:
         raise ValueError(f"{method} builds its prompts from the class names: the task context needs "
                          "`class_names` and `tokenizer`")
-    names = [str(n).replace("_", " ") for n in ctx.class_names]  # CoOp's rule
-    prefix = hp.ctx_init.replace("_", " ").strip() if hp.ctx_init else " ".join(["X"] * hp.n_ctx)
-    tokens, start, m = prompt_tokens(ctx.tokenizer, names, prefix)
-    if m != hp.n_ctx and hp.ctx_init:
-        raise ValueError(f"n_ctx: {hp.n_ctx}, but ctx_init {hp.ctx_init!r} is {m} tokens; set n_ctx: {m}")
-    if m != hp.n_ctx:
-        raise ValueError(f"n_ctx: {hp.n_ctx} context tokens do not fit the text tower's {tokens.shape[1]}-token "
-                         f"context with the class name; use a smaller n_ctx")
+    names, (tokens, start, m) = prompt_layout(hp, ctx.tokenizer, ctx.class_names)
     embedding = token_embedding(ctx.model)
     weight = embedding.weight
     if hp.ctx_init:
@@ -286,6 +300,10 @@ class CoOp(PromptSGD, Method):
     @classmethod
     def check_model(cls, model) -> None:
         require_token_embedding(cls.name, model)
+
+    @classmethod
+    def check_task(cls, hp, model, tokenizer, class_names) -> None:
+        check_prompts(cls.name, hp, tokenizer, class_names)
 
     def setup(self) -> None:
         freeze(self.root)
