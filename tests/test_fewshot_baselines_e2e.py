@@ -1,4 +1,4 @@
-"""The few-shot baselines of issue 29 (clip_lora, lp_pp, clap) end to end through `dvc repro`
+"""The few-shot baselines of issue 29 (clip_lora, lp_pp, clap, coop, cocoop) end to end through `dvc repro`
 on the built-in data with tiny params: each trains, is selected and evaluated, and its
 metrics and MLflow run exist."""
 
@@ -14,7 +14,7 @@ from tests.e2e_project import ROOT, copy_pipeline, init_and_repro, merge
 
 pytestmark = pytest.mark.slow
 
-NEW = ("clip_lora", "lp_pp", "clap")
+NEW = ("clip_lora", "lp_pp", "clap", "coop", "cocoop")
 
 
 
@@ -27,7 +27,9 @@ TINY = {
     "sample": {"levels": [1, 4], "seeds": [0]},
     "finetune": {"methods": list(NEW),
                  "trials": {"clip_lora-a": {"method": "clip_lora"}, "lp_pp-a": {"method": "lp_pp"},
-                            "clap-a": {"method": "clap", "views": 3}},
+                            "clap-a": {"method": "clap", "views": 3},
+                            # CoOp's paper context (16 tokens) just fits tiny-clip's 20 positions
+                            "coop-a": {"method": "coop"}, "cocoop-a": {"method": "cocoop"}},
                  "train": {"epochs": 1.0, "min_steps": 6, "max_steps": 6, "batch_size": 16,
                            "checkpoint_every": 3}},
     "evaluate": {"wise_alphas": [0.0, 1.0], "rsa_samples": 150},
