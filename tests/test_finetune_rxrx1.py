@@ -40,7 +40,8 @@ pytestmark = pytest.mark.slow
 METHODS = ("bitfit", "aclip", "lora", "coop")
 ADDRESS_CAP = 16 * 2**30  # per stage process: a one-forward head (~20 GB) cannot fit
 # Peak RSS per finetune process (this project's torch 2.14 build on CPU). Measured at the
-# default 1024 MiB budget: 3.3 (BitFit), 3.2 (A-CLIP), 3.9 GiB (LoRA); with all prompts in
+# default 1024 MiB budget: 3.3 (BitFit), 3.2 (A-CLIP), 3.9 GiB (LoRA), 3.8 GiB (CoOp, step 215 s on a
+# busy 2-core CPU); with all prompts in
 # one forward, 7 GB and more trimmed (bench_text_head.py), ~20 GB untrimmed.
 PEAK_RSS_BOUND = 5.5 * 2**30
 
