@@ -155,7 +155,7 @@ def context(model: torch.nn.Module | None = None, seed: int = 0, reference: bool
         zeroshot_head=zeroshot_head(model if hasattr(model, "encode_text") else fresh_model()),
         device=torch.device("cpu"), seed=seed, train_set=train_items(),
         train_eval_set=train_items(), reference=reference_data(model) if reference else None,
-        fit=fit,
+        fit=fit, class_names=tuple(CLASSES), tokenizer=open_clip.get_tokenizer(register_tiny()),
     )
 
 

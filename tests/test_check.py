@@ -83,6 +83,12 @@ CASES = {
         _set("model", "pretrained", "openai"),
         r"model\.pretrained: 'openai' is neither a file nor an open_clip tag: open_clip has no pretrained weights "
         r"for 'tiny-clip'\. Allowed: 'builtin' \(pre-trained here\) or a path"),
+    # SOT + 17 context tokens + a shape name + "." + EOT exceed tiny-clip's 20 positions
+    "a prompt method whose prompts do not fit the text tower": (
+        lambda p: (p["finetune"].__setitem__("methods", ["coop"]),
+                   p["finetune"].__setitem__("trials", {"coop-a": {"method": "coop", "n_ctx": 17}})),
+        r"finetune\.trials\.coop-a \(coop, tiny-clip, synthetic\): the prompt '(X ){17}\w+\.' "
+        r"does not fit the text tower's 20-token context \(the tokenizer cuts the class name\); use a smaller n_ctx"),
 }
 if torch.cuda.is_available():  # the device cases are about a machine without one
     del CASES["cuda without CUDA"]

@@ -110,11 +110,19 @@ CASES = {
     "ftp": ("ftp", {"lr": 1e-3, "warmup_steps": 0}, {"steps": 4, "batch_size": 8}),
     "ftp_accum": ("ftp", {"lr": 1e-3, "warmup_steps": 0}, {"steps": 3, "batch_size": 8, "grad_accum": 2}),
     "model_stock": ("model_stock", {"lr": 1e-3, "warmup_steps": 0}, {"steps": 2, "batch_size": 8}),
+    # issue 29's prompt methods: nothing random in the loss, every rank encodes every class
+    # prompt (CoOp) or its own images' prompts (CoCoOp, the meta-net's shift per image); the
+    # random context init and the meta-net init are seeded by the run's seed. SGD: a large lr
+    # so that the two steps move the context well beyond the tolerance
+    "coop": ("coop", {"lr": 0.5, "warmup_steps": 0, "n_ctx": 4}, {"steps": 2, "batch_size": 8}),
+    "cocoop": ("cocoop", {"lr": 0.5, "warmup_steps": 0}, {"steps": 2, "batch_size": 8}),
+    "cocoop_chunked": ("cocoop", {"lr": 0.5, "warmup_steps": 0}, {"steps": 2, "batch_size": 8}),
     # a new head on the vision-only backbone (created under the same seed on every rank)
     "vision_ft": ("vision_ft", {"lr": 3e-4, "warmup_steps": 0}, {"steps": 2, "batch_size": 8}),
 }
 SINGLE_BATCH = {"flyp_batch7": 6}
-CONTEXT = {"bitfit_chunked": {"prompt_memory_bytes": 1}, "maple_chunked": {"prompt_memory_bytes": 1}}  # TaskContext fields per case
+CONTEXT = {"bitfit_chunked": {"prompt_memory_bytes": 1}, "maple_chunked": {"prompt_memory_bytes": 1},
+           "cocoop_chunked": {"prompt_memory_bytes": 1}}  # TaskContext fields per case
 SEED = 3
 TOL = 1e-5  # observed on CPU: < 2e-6 (float64 weights, float32 losses)
 

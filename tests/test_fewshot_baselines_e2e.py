@@ -1,5 +1,5 @@
-"""The few-shot baselines of issue 29 (clip_lora, lp_pp, clap, maple, vpt_deep, adaptformer) end to
-end through `dvc repro`
+"""The few-shot baselines of issue 29 (clip_lora, lp_pp, clap, maple, vpt_deep, adaptformer, coop,
+cocoop) end to end through `dvc repro`
 on the built-in data with tiny params: each trains, is selected and evaluated, and its
 metrics and MLflow run exist."""
 
@@ -15,7 +15,7 @@ from tests.e2e_project import ROOT, copy_pipeline, init_and_repro, merge
 
 pytestmark = pytest.mark.slow
 
-NEW = ("clip_lora", "lp_pp", "clap", "maple", "vpt_deep", "adaptformer")
+NEW = ("clip_lora", "lp_pp", "clap", "maple", "vpt_deep", "adaptformer", "coop", "cocoop")
 WEIGHT_SPACE = {"clip_lora", "adaptformer"}  # the evaluate stage sweeps their α
 
 
@@ -30,7 +30,9 @@ TINY = {
     "finetune": {"methods": list(NEW),
                  "trials": {"clip_lora-a": {"method": "clip_lora"}, "lp_pp-a": {"method": "lp_pp"},
                             "clap-a": {"method": "clap", "views": 3}, "maple-a": {"method": "maple"},
-                            "vpt_deep-a": {"method": "vpt_deep"}, "adaptformer-a": {"method": "adaptformer"}},
+                            "vpt_deep-a": {"method": "vpt_deep"}, "adaptformer-a": {"method": "adaptformer"},
+                            # CoOp's paper context (16 tokens) just fits tiny-clip's 20 positions
+                            "coop-a": {"method": "coop"}, "cocoop-a": {"method": "cocoop"}},
                  "train": {"epochs": 1.0, "min_steps": 6, "max_steps": 6, "batch_size": 16,
                            "checkpoint_every": 3}},
     "evaluate": {"wise_alphas": [0.0, 1.0], "rsa_samples": 150},

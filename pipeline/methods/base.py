@@ -88,6 +88,10 @@ class TaskContext:
     # [N, L] the tokenised caption of each training sample (row i: `train_set` item i), for a
     # method with `needs_captions` (ARF); None otherwise
     train_captions: torch.Tensor | None = None
+    # the task's class names (in label order) and the model's tokenizer, for methods that
+    # write their own prompts (CoOp, CoCoOp); None where a caller has none
+    class_names: tuple[str, ...] | None = None
+    tokenizer: Callable | None = None
 
     @property
     def n_classes(self) -> int:
@@ -163,6 +167,15 @@ class Method:
         residual blocks given a timm image tower. Called by the `check` stage on the arch
         built with random weights, and by `__init__`, so a refusal comes before any work.
         Default: any open_clip model (image and text towers, a logit scale) is accepted."""
+
+    @classmethod
+    def check_task(cls, hp: Any, model: nn.Module, tokenizer: Callable, class_names: tuple[str, ...] | None) -> None:
+        """Raise ValueError (a sentence) when hyper-parameters `hp` cannot work on this task:
+        CoOp's prompts must fit the text tower's context with every class name. Called by the
+        `check` stage for each trial, with the arch built with random weights, its tokenizer
+        and the dataset's class names (None where the check cannot read them before
+        `prepare`: a dataset whose prompts come with its data), and by nothing else (`setup`
+        checks again). Default: nothing to check."""
 
     # ---- training -----------------------------------------------------------------------
     def setup(self) -> None:

@@ -196,7 +196,7 @@ def check_model_fit(params: Params):
     "clip") must accept it (`Method.check_model`: a block-level method refuses a timm image
     tower). Returns it."""
     from pipeline import models
-    from pipeline.methods import METHODS
+    from pipeline.methods import METHODS, parse_hparams
 
     m = params.model
     clip = models.create(m.arch, tokenizer=m.tokenizer, pretrained=m.pretrained)
@@ -204,9 +204,29 @@ def check_model_fit(params: Params):
     for name in params.finetune.methods:
         if METHODS[name].backbone == "clip":
             METHODS[name].check_model(clip.model)
+    names = _class_names(params)
+    for trial in params.finetune.trials:
+        method, overrides = params.finetune.trial(trial)
+        if METHODS[method].backbone == "clip":
+            hp = parse_hparams(method, overrides, f"finetune.trials.{trial}")
+            try:
+                METHODS[method].check_task(hp, clip.model, clip.tokenizer, names)
+            except ValueError as err:
+                raise ParamsError(f"finetune.trials.{trial} ({method}, {m.arch}, {params.dataset.name}): {err}") from None
     if any(METHODS[name].backbone == "vision" for name in params.finetune.methods):
         check_vision(params, clip.image_size)
     return clip
+
+
+def _class_names(params: Params) -> tuple[str, ...] | None:
+    """The dataset's class names from its shipped prompt file; None for a dataset whose prompts
+    come with its data (written by `prepare`: its methods check them when they start)."""
+    from pipeline.data.datasets import get_spec, read_prompts
+
+    spec = get_spec(params.dataset.name)
+    if not spec.prompt_file or not spec.prompt_path.is_file():
+        return None
+    return tuple(read_prompts(spec.prompt_path).classnames)
 
 
 def check_vision(params: Params, image_size: int) -> None:

@@ -121,6 +121,7 @@ def build_context(params: Params, method_cls, task, backbone, model, indices, de
         zeroshot_head=cache["head"].float(), device=device, seed=seed, train_set=train_set,
         train_eval_set=train_set.with_transform(clip.preprocess_val), reference=reference, fit=fit,
         prompt_memory_bytes=params.finetune.train.prompt_memory_mb * 2**20, train_captions=captions,
+        class_names=tuple(task.prompts.classnames), tokenizer=getattr(clip, "tokenizer", None),
     )
 
 
