@@ -310,7 +310,7 @@ class FinetuneParams(Settings):
         for m in self.methods:
             check(any(t["method"] == m for t in self.trials.values()) or any(s.method == m for s in searches.values()),
                   "finetune.methods", m,
-                  f"give {m} a search in finetune.search (e.g. {m}: {{space: {{lr: [1.0e-4]}}}}) "
+                  f"give {m} at least one trial: a search in finetune.search (e.g. {m}: {{space: {{lr: [1.0e-4]}}}}) "
                   f"or a trial in finetune.trials (e.g. {m}-default: {{method: {m}}})")
 
     @property

@@ -163,6 +163,7 @@ def test_the_check_command_writes_nothing_and_the_stage_writes_its_outputs(tmp_p
     models.save_state_dict(models.create("tiny-clip").model.state_dict(), weights)
     _write(tmp_path, _set("model", "pretrained", str(weights)))
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "trials.yaml").write_text((ROOT / "trials.yaml").read_text())  # the default's search
     main_ok = lambda *args: main(["check", *args])  # noqa: E731
     with pytest.raises(SystemExit) as done:
         main_ok()

@@ -226,6 +226,7 @@ def project(tmp_path, monkeypatch):
     raw["dataset"]["name"] = "synthetic"
     raw["finetune"]["methods"] = ["ft", "lp"]
     raw["finetune"]["trials"] = TRIALS
+    raw["finetune"]["search"] = {}
     raw["sample"] = {"levels": LEVELS, "seeds": SEEDS}
 
     def write_params(selection: str) -> Path:
