@@ -133,6 +133,8 @@ def test_the_repro_command_checks_before_dvc_reads_anything(tmp_path, monkeypatc
     with pytest.raises(SystemExit) as done:
         main(["repro", "-s", "report"])
     assert done.value.code == 0 and called[0][0][-4:] == ["dvc", "repro", "-s", "report"]
+    # the trials DVC's matrix reads were written first (the default's: the committed trials.yaml)
+    assert (tmp_path / "trials.yaml").read_text() == (ROOT / "trials.yaml").read_text()
 
 
 def test_a_duplicate_key_is_refused_naming_both_lines(tmp_path, monkeypatch, capsys):
