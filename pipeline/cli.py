@@ -106,10 +106,11 @@ def search(params_file: Path = typer.Option(Path("params.yaml"), "--params", "-p
     must be in a file). `python -m pipeline repro` runs this first; plain `dvc repro` stops at
     its `check` stage when the file is out of date with params.yaml.
 
-    A search is `<name>: {method: <m, default the name>, space: {<hparam>: <list (a grid)> |
-    {loguniform|uniform|int: [lo, hi]} | {choice: [a, b]}}, n: <draws>, sampler: random|sobol,
-    seed: <int>}`. Draws are seeded and prefix-stable: raising n keeps the first draws (names
-    and values), so DVC trains only the new ones. README "Search spaces" has the details."""
+    A search maps each hyper-parameter of its method (`method:`, default the search's name) to a
+    list (a grid) or a distribution: loguniform, uniform or int with bounds lo, hi, or choice with
+    its options; `n` draws by `sampler` (random or sobol) from `seed`. Draws are seeded and
+    prefix-stable: raising n keeps the first draws (names and values), so DVC trains only the new
+    ones. README "Search spaces" has the syntax and the details."""
     from pipeline.stages.check import check_params, write_generated
     from pipeline.stages.common import guard
 
