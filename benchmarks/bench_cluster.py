@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 
 import yaml  # noqa: E402
 
-from tests.e2e_project import copy_pipeline, sh  # noqa: E402
+from tests.e2e_project import copy_pipeline, sh, write_trials  # noqa: E402
 from tests.test_cluster_e2e import _results  # noqa: E402  (results, without the run's own wall time / memory)
 from tests.test_e2e import TINY, merge  # noqa: E402
 
@@ -41,6 +41,7 @@ def project(work: Path, threads: int) -> dict:
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (work / "cluster.yaml").write_text("cpus_per_job: 1\ntime_min: 60\npoll_s: 1\n")
     (work / ".gitignore").write_text("mlflow.db\nmlruns/\n.cluster/\n")
+    write_trials(work, env)  # trials.yaml, which dvc.yaml's finetune matrix reads
     for cmd in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"], ["git", "add", "-A"],
                 ["git", "commit", "-qm", "init"], [sys.executable, "-m", "dvc", "repro", *UPSTREAM]):
         sh(cmd, work, env)

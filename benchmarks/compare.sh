@@ -7,7 +7,7 @@
 # them within each experiment.
 #
 #   benchmarks/compare.sh                                   # shape, colour, size; lp and ft; k = 1, 16
-#   LABELS=shape,colour,size,texture TRIALS=lp-lr1e-2,ft-lr1e-4,flyp-lr1e-4 benchmarks/compare.sh
+#   LABELS=shape,colour,size,texture TRIALS=lp@lr=1.0e-2,ft@lr=1.0e-4,flyp@lr=1.0e-4 benchmarks/compare.sh
 #
 # Run from the project root of a committed tree (queued experiments are the last commit plus
 # changes to tracked files), with its environment: PYTHON (default .venv/bin/python).
@@ -15,7 +15,7 @@
 set -euo pipefail
 PY=${PYTHON:-.venv/bin/python}
 LABELS=${LABELS:-shape,colour,size}
-TRIALS=${TRIALS:-lp-lr1e-2,ft-lr1e-4}
+TRIALS=${TRIALS:-lp@lr=1.0e-2,ft@lr=1.0e-4}  # trials of params.yaml or <method>@<hparam>=<value>
 LEVELS=${LEVELS:-[1,16]}
 SEEDS=${SEEDS:-[0,1,2]}
 N_TRAIN=${N_TRAIN:-1000}
@@ -32,29 +32,20 @@ if [ -n "$untracked" ]; then
     exit 1
 fi
 
-# the methods of TRIALS, and every other trial dropped from the grid (`~key` deletes an entry)
-read -r METHODS DROP < <("$PY" - "$TRIALS" <<'PYEOF'
-import sys, yaml
-trials = yaml.safe_load(open("params.yaml"))["finetune"]["trials"]
-keep = sys.argv[1].split(",")
-bad = [t for t in keep if t not in trials]
-if bad:
-    sys.exit(f"TRIALS: {', '.join(bad)} not in params.yaml finetune.trials: {', '.join(trials)}")
-methods = list(dict.fromkeys(trials[t]["method"] for t in keep))
-print(",".join(methods), " ".join(f"~finetune.trials.{k}" for k in trials if k not in keep))
-PYEOF
-)
-SETS=()
-for key in $DROP; do SETS+=(-S "$key"); done
+# the grid runs TRIALS alone: params.yaml and trials.yaml reduced to them in the workspace (queued
+# experiments take the workspace's changes), put back once the grid is queued
+trap '"$PY" benchmarks/keep_trials.py --restore' EXIT
+METHODS=$("$PY" benchmarks/keep_trials.py "$TRIALS")
 
 start=$(date +%s)
 dvc exp run --queue \
     -S "++prepare.synthetic.label=$LABELS" \
     -S "++prepare.synthetic.n_train=$N_TRAIN" -S "++prepare.synthetic.n_heldout=200" \
-    -S "finetune.methods=[$METHODS]" "${SETS[@]}" \
+    -S "finetune.methods=[$METHODS]" \
     -S "sample.levels=$LEVELS" -S "sample.seeds=$SEEDS" \
     -S "retention.tasks=[synthetic/heldout-shapes]" -S "evaluate.wise_alphas=[1.0]" \
     "$@"
+"$PY" benchmarks/keep_trials.py --restore
 dvc queue start --jobs "$JOBS"
 while status=$(dvc queue status) && grep -qE "Queued|Running" <<<"$status"; do sleep 10; done
 echo "$status"

@@ -7,6 +7,7 @@
 #
 #   benchmarks/crosstask.sh                        # 4 tasks (shape, colour, texture, size)
 #   LABELS=shape,size SEEDS='[0]' benchmarks/crosstask.sh -S finetune.train.max_steps=30   # more -S: appended
+#   TRIAL=ft@lr=3.0e-5 benchmarks/crosstask.sh     # the trial kept (benchmarks/keep_trials.py)
 #
 # Run from the project root with its environment: PYTHON (default .venv/bin/python) is the
 # interpreter, its bin folder goes first on PATH (the queue starts its workers as the `dvc`
@@ -20,7 +21,7 @@
 set -euo pipefail
 PY=${PYTHON:-.venv/bin/python}
 LABELS=${LABELS:-shape,colour,texture,size}
-TRIAL=${TRIAL:-ft-lr1e-4}
+TRIAL=${TRIAL:-ft@lr=1.0e-4}  # a trial of params.yaml, or <method>@<hparam>=<value> (benchmarks/keep_trials.py)
 LEVEL=${LEVEL:-16}
 SEEDS=${SEEDS:-[0,1,2]}
 N_TRAIN=${N_TRAIN:-1000}
@@ -38,26 +39,20 @@ if [ -n "$untracked" ]; then
     exit 1
 fi
 
-# every trial but TRIAL is dropped from the grid (`~key` deletes a params.yaml entry)
-read -r METHOD DROP < <("$PY" - "$TRIAL" <<'EOF'
-import sys, yaml
-trials = yaml.safe_load(open("params.yaml"))["finetune"]["trials"]
-if sys.argv[1] not in trials:
-    sys.exit(f"TRIAL={sys.argv[1]} is not in params.yaml finetune.trials: {', '.join(trials)}")
-print(trials[sys.argv[1]]["method"], " ".join(f"~finetune.trials.{k}" for k in trials if k != sys.argv[1]))
-EOF
-)
-SETS=()
-for key in $DROP; do SETS+=(-S "$key"); done
+# the grid runs TRIAL alone: params.yaml and trials.yaml reduced to it in the workspace (queued
+# experiments take the workspace's changes), put back once the grid is queued
+trap '"$PY" benchmarks/keep_trials.py --restore' EXIT
+METHOD=$("$PY" benchmarks/keep_trials.py "$TRIAL")
 
 start=$(date +%s)
 dvc exp run --queue \
     -S "++prepare.synthetic.label=$LABELS" \
     -S "++prepare.synthetic.n_train=$N_TRAIN" -S "++prepare.synthetic.n_heldout=200" \
-    -S "finetune.methods=[$METHOD]" "${SETS[@]}" \
+    -S "finetune.methods=[$METHOD]" \
     -S "sample.levels=[$LEVEL]" -S "sample.seeds=$SEEDS" \
     -S "retention.tasks=[synthetic/heldout-shapes]" -S "evaluate.wise_alphas=[1.0]" \
     "$@"
+"$PY" benchmarks/keep_trials.py --restore
 dvc queue start --jobs "$JOBS"
 # (the status in a variable first: `grep -q` ending the pipe early would fail it under pipefail)
 while status=$(dvc queue status) && grep -qE "Queued|Running" <<<"$status"; do sleep 10; done

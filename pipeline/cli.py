@@ -1,5 +1,5 @@
 """Command line: one subcommand per DVC stage (the same functions `dvc repro` runs through
-`stages/*.py`), plus helpers (repro, methods, leaderboard, compare, crosstask, ui).
+`stages/*.py`), plus helpers (repro, search, methods, leaderboard, compare, crosstask, ui).
 
 Every stage command reads params.yaml; `check` validates all of it against the registries
 (DVC runs it first).
@@ -76,8 +76,9 @@ def repro(ctx: typer.Context,
               None, "--cluster-file", help="Resources of the jobs (default: cluster.yaml if present; see docs/scaling.md)."),
           detach: bool = typer.Option(False, "--detach", help="--cluster slurm: submit the grid and a collecting job "
                                                               "that depends on it, then exit.")):
-    """Check all of params.yaml and the files it names, then run `dvc repro` (any further
-    arguments go to it, e.g. `repro -s report`, `repro finetune@ft-lr1e-4-16`).
+    """Check all of params.yaml and the files it names, write the generated trials file
+    (`python -m pipeline search`), then run `dvc repro` (any further arguments go to it, e.g.
+    `repro -s report`, `repro finetune@ft-0-lr21e-6-16`).
 
     DVC reads params.yaml to expand dvc.yaml's matrices before any stage runs, so a wrong
     shape there (a level list that is a string, a misspelt section) would otherwise end in
@@ -86,15 +87,44 @@ def repro(ctx: typer.Context,
 
     With --cluster: the grid runs as jobs (`python -m pipeline cluster status` shows them; after
     a crash or --detach, `python -m pipeline cluster collect` finishes the bookkeeping)."""
-    from pipeline.stages.check import check_params
+    from pipeline.stages.check import check_params, write_generated
     from pipeline.stages.common import guard
 
-    guard(check_params)("params.yaml")  # one line and exit 1 on a mistake, as every stage
+    params = guard(check_params)("params.yaml")  # one line and exit 1 on a mistake, as every stage
+    path, n, changed = write_generated(params)  # the trials DVC's finetune matrix reads: never stale
+    if changed:
+        typer.echo(f"{path}: {n} trials written from finetune.trials and finetune.search")
     if cluster is None:
         raise typer.Exit(subprocess.call([sys.executable, "-m", "dvc", "repro", *ctx.args]))
     if ctx.args:
         raise typer.BadParameter(f"{' '.join(ctx.args)}: dvc repro arguments are not taken with --cluster")
     raise typer.Exit(_cluster(lambda c: c.repro(detach=detach), cluster, jobs, cluster_file))
+
+
+@app.command()
+def search(params_file: Path = typer.Option(Path("params.yaml"), "--params", "-p", help="Params file to read."),
+           show: bool = typer.Option(False, "--show", help="Also list every trial with its values.")):
+    """Write trials.yaml: every trial of finetune.trials and every draw of finetune.search, which
+    dvc.yaml's finetune matrix reads (DVC expands matrices before any stage runs, so the draws
+    must be in a file). `python -m pipeline repro` runs this first; plain `dvc repro` stops at
+    its `check` stage when the file is out of date with params.yaml.
+
+    A search maps each hyper-parameter of its method (`method:`, default the search's name) to a
+    list (a grid) or a distribution: loguniform, uniform or int with bounds lo, hi, or choice with
+    its options; `n` draws by `sampler` (random or sobol) from `seed`. Draws are seeded and
+    prefix-stable: raising n keeps the first draws (names and values), so DVC trains only the new
+    ones. README "Search spaces" has the syntax and the details."""
+    from pipeline.stages.check import check_params, write_generated
+    from pipeline.stages.common import guard
+
+    params = guard(check_params)(params_file)
+    path, n, changed = write_generated(params, params_file)
+    typer.echo(f"{path}: {n} trials ({'written' if changed else 'unchanged'})")
+    if show:
+        ft = params.finetune
+        for name, spec in ft.all_trials.items():
+            values = ", ".join(f"{k}={v!r}" for k, v in spec.items() if k != "method")
+            typer.echo(f"  {name:32s} {spec['method']:10s} {values}  [{ft.origin(name) or 'finetune.trials'}]")
 
 
 cluster_app = typer.Typer(help="The grid's jobs on a cluster (`repro --cluster`): status, and collect after the "

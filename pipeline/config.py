@@ -256,24 +256,20 @@ class TrainParams(Settings):
         check(self.swa_every >= 1, "finetune.train.swa_every", self.swa_every, "use a positive number of steps")
 
 
-# The default search space: at least two values of each default method's most sensitive
-# setting (params.yaml lists the same trials; tests/test_config.py checks it).
-DEFAULT_TRIALS: dict[str, dict] = {
-    "lp-lr1e-3": {"method": "lp", "lr": 1.0e-3},
-    "lp-lr1e-2": {"method": "lp", "lr": 1.0e-2},
-    "ft-lr3e-5": {"method": "ft", "lr": 3.0e-5},
-    "ft-lr1e-4": {"method": "ft", "lr": 1.0e-4},
-    "flyp-lr3e-5": {"method": "flyp", "lr": 3.0e-5},
-    "flyp-lr1e-4": {"method": "flyp", "lr": 1.0e-4},
-    "dive-lam10": {"method": "dive", "lam": 10.0},
-    "dive-lam100": {"method": "dive", "lam": 100.0},
-    "vision_lp-lr3e-3": {"method": "vision_lp", "lr": 3.0e-3},
-    "vision_lp-lr1e-2": {"method": "vision_lp", "lr": 1.0e-2},
-    "vision_ft-lr1e-4": {"method": "vision_ft", "lr": 1.0e-4},
-    "vision_ft-lr3e-4": {"method": "vision_ft", "lr": 3.0e-4},
+# The default search: each default method's most sensitive setting drawn twice from a
+# log-uniform range (Sobol, seeded) around its recipe's value: 12 trials, as the two-value
+# lists before it (params.yaml has the same; tests/test_config.py checks it)
+DEFAULT_SEARCH: dict[str, dict] = {
+    "lp": {"space": {"lr": {"loguniform": [1.0e-3, 3.0e-2]}}, "sampler": "sobol", "n": 2},
+    "ft": {"space": {"lr": {"loguniform": [1.0e-5, 3.0e-4]}}, "sampler": "sobol", "n": 2},
+    "flyp": {"space": {"lr": {"loguniform": [1.0e-5, 3.0e-4]}}, "sampler": "sobol", "n": 2},
+    "dive": {"space": {"lam": {"loguniform": [1.0, 1.0e3]}}, "sampler": "sobol", "n": 2},
+    "vision_lp": {"space": {"lr": {"loguniform": [1.0e-3, 3.0e-2]}}, "sampler": "sobol", "n": 2},
+    "vision_ft": {"space": {"lr": {"loguniform": [3.0e-5, 1.0e-3]}}, "sampler": "sobol", "n": 2},
 }
 
-TRIAL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+# no dot: DVC reads `trials.<name>` (a params dep of the trial's finetune entries) as nested keys
+TRIAL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 
 
 @dataclass(frozen=True)
@@ -281,38 +277,149 @@ class FinetuneParams(Settings):
     # the methods compared (the report's order); each needs at least one trial
     methods: tuple[Str, ...] = ("lp", "ft", "flyp", "dive", "vision_lp", "vision_ft")
     train: TrainParams = field(default_factory=TrainParams)
-    # the search space: trial name -> {method: <name>, <hparam>: <value>, ...}. A trial sets
+    # hand-written trials: trial name -> {method: <name>, <hparam>: <value>, ...}. A trial sets
     # the hyper-parameters it changes from the method's defaults (its Hparams class, the one
-    # source: `python -m pipeline methods`). Every trial runs at every level and seed, and
-    # evaluate.selection picks one per method, level and seed.
-    trials: dict[Str, dict] = field(default_factory=lambda: {k: dict(v) for k, v in DEFAULT_TRIALS.items()})
+    # source: `python -m pipeline methods`).
+    trials: dict[Str, dict] = field(default_factory=dict)
+    # search spaces: search name -> {method (default: the name), space, n, sampler, seed}
+    # (`pipeline.core.search`: grids, distributions, samplers, trial names). Every trial, written
+    # or drawn, runs at every level and seed, and evaluate.selection picks one per method, level
+    # and seed.
+    search: dict[Str, dict] = field(default_factory=lambda: {k: dict(v) for k, v in DEFAULT_SEARCH.items()})
 
     def __post_init__(self):
+        from pipeline.core.search import parse_search
+
         check(len(self.methods) > 0, "finetune.methods", [], "list at least one method")
         dup = sorted({m for m in self.methods if self.methods.count(m) > 1})
         check(not dup, "finetune.methods", list(self.methods), f"each method once (repeated: {dup})")
         for name, spec in self.trials.items():
             check(bool(TRIAL_NAME.match(name)), "finetune.trials", name,
-                  "trial names use letters, digits, '-', '_' and '.' (they name DVC stages and folders)")
+                  "trial names use letters, digits, '-' and '_' (they name DVC stages, params keys and folders)")
             check(isinstance(spec.get("method"), str), f"finetune.trials.{name}.method", spec.get("method"),
                   "every trial names its method, e.g. {method: ft, lr: 1.0e-4}")
             check(spec["method"] in self.methods, f"finetune.trials.{name}.method", spec["method"],
                   f"the method must be in finetune.methods ({', '.join(self.methods)})")
+        searches = {name: parse_search(name, raw) for name, raw in self.search.items()}
+        for name, s in searches.items():
+            key = f"finetune.search.{name}.method" if "method" in self.search[name] else f"finetune.search.{name}"
+            what = "the method" if "method" in self.search[name] else "the method (the search's name: no `method:` given)"
+            check(s.method in self.methods, key, s.method,
+                  f"{what} must be in finetune.methods ({', '.join(self.methods)})")
+        object.__setattr__(self, "_searches", searches)
         for m in self.methods:
-            check(any(t["method"] == m for t in self.trials.values()), "finetune.methods", m,
-                  f"give {m} at least one trial in finetune.trials (e.g. {m}-default: {{method: {m}}})")
+            check(any(t["method"] == m for t in self.trials.values()) or any(s.method == m for s in searches.values()),
+                  "finetune.methods", m,
+                  f"give {m} at least one trial: a search in finetune.search (e.g. {m}: {{space: {{lr: [1.0e-4]}}}}) "
+                  f"or a trial in finetune.trials (e.g. {m}-default: {{method: {m}}})")
+
+    @property
+    def searches(self) -> dict:
+        """search name -> `pipeline.core.search.Search` (validated shape)."""
+        return self._searches
+
+    @property
+    def all_trials(self) -> dict[str, dict]:
+        """Every trial: the hand-written ones (params.yaml order), then each search's (its order);
+        name -> {method, <hparam>: value}. Computed once (a name clash is a ParamsError)."""
+        cached = self.__dict__.get("_all_trials")
+        if cached is None:
+            cached, origin = expand_trials(self.trials, self.searches, self.__dict__.get("_generated"))
+            object.__setattr__(self, "_all_trials", cached)
+            object.__setattr__(self, "_origin", origin)
+        return cached
+
+    def origin(self, trial: str) -> str | None:
+        """The search a trial was drawn by, or None for a hand-written trial."""
+        self.all_trials  # noqa: B018
+        return self._origin.get(trial)
 
     def trial(self, name: str) -> tuple[str, dict]:
         """(method, hparam overrides) of a trial, or ParamsError naming the allowed ones."""
-        if name not in self.trials:
-            raise ParamsError(f"--trial: {name!r} is not in finetune.trials "
-                              f"({', '.join(self.trials) or 'none'})")
-        spec = dict(self.trials[name])
+        if name not in self.all_trials:
+            raise ParamsError(f"--trial: {name!r} is not a trial of finetune.trials or finetune.search "
+                              f"({', '.join(self.all_trials) or 'none'})")
+        spec = dict(self.all_trials[name])
         return spec.pop("method"), spec
 
     def trials_of(self, method: str) -> list[str]:
-        """The method's trials in params.yaml order (the `none` protocol takes the first)."""
-        return [n for n, t in self.trials.items() if t["method"] == method]
+        """The method's trials, hand-written first (params.yaml order; the `none` protocol takes
+        the first), then drawn."""
+        return [n for n, t in self.all_trials.items() if t["method"] == method]
+
+
+def expand_trials(trials: dict, searches: dict, generated=None) -> tuple[dict, dict]:
+    """(all trials, {trial: its search}) of hand-written `trials` and parsed `searches`.
+    `generated`: the generated trials file beside params.yaml (`TRIALS_FILE`); when its
+    recorded spec digest is this spec's, its trials are taken as they are (no sampler runs:
+    Sobol's scipy import costs a second per process), otherwise they are drawn here."""
+    digest = spec_digest(trials, {n: s for n, s in searches.items()})
+    if generated is not None:
+        record = read_generated(generated)
+        if record is not None and record.get("spec_sha256") == digest and isinstance(record.get("trials"), dict):
+            origin = record.get("origin") or {}
+            return {k: dict(v) for k, v in record["trials"].items()}, dict(origin)
+    return draw_trials(trials, searches)
+
+
+def draw_trials(trials: dict, searches: dict) -> tuple[dict, dict]:
+    """`expand_trials` without the generated file: always draws."""
+    from pipeline.core.search import expand
+
+    out = {k: dict(v) for k, v in trials.items()}
+    origin: dict[str, str] = {}
+    for name, s in searches.items():
+        for t, spec in expand(s).items():
+            if t in out:
+                other = f"a trial of search {origin[t]}" if t in origin else "a hand-written trial of finetune.trials"
+                raise ParamsError(f"finetune.search.{name}: its trial {t!r} is also {other}; rename the search "
+                                  "or that trial (trial names must be unique)")
+            out[t] = spec
+            origin[t] = name
+    return out, origin
+
+
+# The generated trials file: every trial DVC's finetune matrix runs (dvc.yaml `vars:`), written
+# by `python -m pipeline search` (and `python -m pipeline repro`) from finetune.trials and
+# finetune.search; the check stage refuses a file that does not match params.yaml.
+TRIALS_FILE = "trials.yaml"
+
+
+def spec_digest(trials: dict, searches: dict) -> str:
+    """SHA-256 of what determines the trials: the hand-written trials, the parsed searches and
+    the code that draws (`pipeline/core/search.py`)."""
+    import hashlib
+    import json
+
+    from pipeline.core import search as search_module
+
+    spec = {"trials": trials, "search": {n: to_dict(s) for n, s in searches.items()}}
+    h = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode())
+    h.update(Path(search_module.__file__).read_bytes())
+    return h.hexdigest()
+
+
+def read_generated(path: Path) -> dict | None:
+    """The generated trials file as data, or None when absent or unreadable."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        data = yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    except yaml.YAMLError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def render_generated(finetune: "FinetuneParams") -> str:
+    """The generated trials file's text for these params."""
+    trials, origin = draw_trials(finetune.trials, finetune.searches)
+    head = ("# GENERATED by `python -m pipeline search` from finetune.trials and finetune.search of params.yaml:\n"
+            "# every trial dvc.yaml's finetune matrix runs. Do not edit: `python -m pipeline repro` rewrites it, and\n"
+            "# the check stage refuses a copy that does not match params.yaml. Commit it with params.yaml.\n")
+    body = {"spec_sha256": spec_digest(finetune.trials, finetune.searches),
+            "origin": origin, "trials": trials}
+    return head + yaml.safe_dump(body, sort_keys=False, default_flow_style=None, width=120)
 
 
 SELECTIONS = ("auto", "id_val", "ood_val", "fewshot_val", "none")
@@ -426,7 +533,10 @@ def load_params(path: str | Path = "params.yaml", overrides: dict | None = None)
     raw = read_raw(path)
     if overrides:
         raw = _deep_merge(raw, overrides)
-    return parse(Params, raw, "")
+    params = parse(Params, raw, "")
+    # the generated trials beside it: read instead of drawn when they are this spec's
+    object.__setattr__(params.finetune, "_generated", Path(path).parent / TRIALS_FILE)
+    return params
 
 
 def _deep_merge(base: dict, extra: dict) -> dict:

@@ -21,16 +21,27 @@ def sh(cmd: list, cwd: Path, env: dict, check: bool = True) -> subprocess.Comple
     return proc
 
 
+SPACE = ("trials", "search")  # finetune's hand-written trials and search spaces: one search space
+
+
 def merge(base: dict, extra: dict) -> dict:
-    """params.yaml with `extra` merged in, key by key; `trials` (the search space) is replaced,
-    not merged."""
+    """params.yaml with `extra` merged in, key by key; the search space (finetune's `trials`
+    and `search`) is replaced, not merged: given either, both are what `extra` says (absent =
+    none)."""
     out = dict(base)
+    if any(k in extra for k in SPACE):
+        for k in SPACE:
+            out[k] = extra.get(k, {})
     for k, v in extra.items():
-        if k == "trials":
-            out[k] = v
+        if k in SPACE:
             continue
         out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
+
+
+def write_trials(work: Path, env: dict) -> None:
+    """`python -m pipeline search`: the generated trials.yaml dvc.yaml's finetune matrix reads."""
+    sh([sys.executable, "-m", "pipeline", "search"], work, env)
 
 
 def copy_pipeline(work: Path) -> dict:
@@ -48,7 +59,8 @@ def copy_pipeline(work: Path) -> dict:
 
 
 def init_and_repro(work: Path, env: dict, ignore: str = "mlflow.db\nmlruns/\n") -> None:
-    """git + DVC init, one commit, then `dvc repro`."""
+    """trials.yaml, git + DVC init, one commit, then `dvc repro`."""
+    write_trials(work, env)
     sh(["git", "init", "-q"], work, env)
     sh([sys.executable, "-m", "dvc", "init", "-q"], work, env)
     sh([sys.executable, "-m", "dvc", "config", "core.analytics", "false"], work, env)

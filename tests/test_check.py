@@ -139,6 +139,8 @@ def test_the_repro_command_checks_before_dvc_reads_anything(tmp_path, monkeypatc
     with pytest.raises(SystemExit) as done:
         main(["repro", "-s", "report"])
     assert done.value.code == 0 and called[0][0][-4:] == ["dvc", "repro", "-s", "report"]
+    # the trials DVC's matrix reads were written first (the default's: the committed trials.yaml)
+    assert (tmp_path / "trials.yaml").read_text() == (ROOT / "trials.yaml").read_text()
 
 
 def test_a_duplicate_key_is_refused_naming_both_lines(tmp_path, monkeypatch, capsys):
@@ -169,6 +171,7 @@ def test_the_check_command_writes_nothing_and_the_stage_writes_its_outputs(tmp_p
     models.save_state_dict(models.create("tiny-clip").model.state_dict(), weights)
     _write(tmp_path, _set("model", "pretrained", str(weights)))
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "trials.yaml").write_text((ROOT / "trials.yaml").read_text())  # the default's search
     main_ok = lambda *args: main(["check", *args])  # noqa: E731
     with pytest.raises(SystemExit) as done:
         main_ok()

@@ -16,7 +16,7 @@ import sys
 import pytest
 import yaml
 
-from tests.e2e_project import ROOT, copy_pipeline, sh
+from tests.e2e_project import ROOT, copy_pipeline, sh, write_trials
 from tests.test_cluster_slurm import _sinfo_answers
 from tests.test_e2e import TINY, merge
 
@@ -39,6 +39,7 @@ def _project(work):
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (work / "cluster.yaml").write_text("cpus_per_job: 1\ntime_min: 30\npoll_s: 1\n")
     (work / ".gitignore").write_text("mlflow.db\nmlruns/\n.cluster/\n")
+    write_trials(work, env)
     sh(["git", "init", "-q"], work, env)
     sh([sys.executable, "-m", "dvc", "init", "-q"], work, env)
     sh(["git", "add", "-A"], work, env)

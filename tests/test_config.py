@@ -20,8 +20,23 @@ def write(tmp_path: Path, data: dict) -> Path:
     return p
 
 
+# hand-written trials (finetune.trials), beside or instead of the default's searches
+HAND = {
+    "lp-lr1e-3": {"method": "lp", "lr": 1.0e-3}, "lp-lr1e-2": {"method": "lp", "lr": 1.0e-2},
+    "ft-lr3e-5": {"method": "ft", "lr": 3.0e-5}, "ft-lr1e-4": {"method": "ft", "lr": 1.0e-4},
+    "flyp-lr3e-5": {"method": "flyp", "lr": 3.0e-5}, "flyp-lr1e-4": {"method": "flyp", "lr": 1.0e-4},
+    "dive-lam10": {"method": "dive", "lam": 10.0}, "dive-lam100": {"method": "dive", "lam": 100.0},
+    "vision_lp-lr3e-3": {"method": "vision_lp", "lr": 3.0e-3}, "vision_lp-lr1e-2": {"method": "vision_lp", "lr": 1.0e-2},
+    "vision_ft-lr1e-4": {"method": "vision_ft", "lr": 1.0e-4}, "vision_ft-lr3e-4": {"method": "vision_ft", "lr": 3.0e-4},
+}
+
+
 def base() -> dict:
-    return yaml.safe_load((ROOT / "params.yaml").read_text())
+    """The default params.yaml with hand-written trials instead of its searches."""
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["finetune"]["search"] = {}
+    raw["finetune"]["trials"] = {k: dict(v) for k, v in HAND.items()}
+    return raw
 
 
 def test_default_params_load():
@@ -29,10 +44,11 @@ def test_default_params_load():
     assert params.dataset.name == "synthetic"
     assert [lv.name for lv in params.sample.parsed_levels] == ["1", "16"]
     assert params.sample.seeds == (0, 1, 2)
-    for name in params.finetune.trials:
+    assert not params.finetune.trials and set(params.finetune.searches) == set(params.finetune.methods)
+    for name in params.finetune.all_trials:
         method, overrides = params.finetune.trial(name)
         assert method in params.finetune.methods
-        parse_hparams(method, overrides, f"finetune.trials.{name}")
+        parse_hparams(method, overrides, f"finetune.search.{method}.space")
     for m in params.finetune.methods:
         assert len(params.finetune.trials_of(m)) >= 2, f"{m}: the default search space tries 2+ values"
 
@@ -166,13 +182,13 @@ def test_numeric_strings_are_numbers(tmp_path):
 
 def test_params_yaml_equals_the_schema_defaults():
     """One source for every default: a key left out of params.yaml means what params.yaml says,
-    the search space (finetune.trials = DEFAULT_TRIALS, in the same order) included."""
-    from pipeline.config import DEFAULT_TRIALS, Params
+    the search space (finetune.search = DEFAULT_SEARCH, in the same order) included."""
+    from pipeline.config import DEFAULT_SEARCH, Params
     from pipeline.core.validation import to_dict
 
     defaults, listed = to_dict(Params()), to_dict(load_params(ROOT / "params.yaml"))
     for d in (defaults, listed):
         d["prepare"] = {k: v for k, v in d["prepare"].items() if v}  # `synthetic: {}` = defaults
     assert listed == defaults
-    assert list(listed["finetune"]["trials"]) == list(DEFAULT_TRIALS)  # the order picks `none`'s trial
-    assert listed["finetune"]["trials"] == DEFAULT_TRIALS
+    assert list(listed["finetune"]["search"]) == list(DEFAULT_SEARCH)  # the order of the trials
+    assert listed["finetune"]["search"] == DEFAULT_SEARCH and listed["finetune"]["trials"] == {}

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.e2e_project import ROOT, copy_pipeline, init_and_repro, merge, sh, start_until
+from tests.e2e_project import ROOT, copy_pipeline, init_and_repro, merge, sh, start_until, write_trials
 
 pytestmark = pytest.mark.slow
 
@@ -418,15 +418,19 @@ def test_dvc_views_work_offline(project):
 
 
 def changed_after(work: Path, env: dict, edit) -> set[str]:
-    """Stages `dvc status` would re-run after `edit(params)`; params restored afterwards."""
+    """Stages `dvc status` would re-run after `edit(params)` (and trials.yaml regenerated, as
+    `python -m pipeline repro` does); params and trials.yaml restored afterwards."""
     original = (work / "params.yaml").read_text()
+    trials = (work / "trials.yaml").read_text()
     params = yaml.safe_load(original)
     edit(params)
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     try:
+        write_trials(work, env)
         return set(json.loads(sh([sys.executable, "-m", "dvc", "status", "--json"], work, env).stdout))
     finally:
         (work / "params.yaml").write_text(original)
+        (work / "trials.yaml").write_text(trials)
 
 
 def test_a_new_search_value_runs_only_the_new_trial(project):

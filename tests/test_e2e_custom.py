@@ -58,6 +58,7 @@ def project(tmp_path_factory):
     })
     params["finetune"]["methods"] = list(METHODS)
     params["finetune"]["trials"] = {f"{m}-a": {"method": m} for m in METHODS}
+    params["finetune"]["search"] = {}
     params["finetune"]["train"].update(epochs=1.0, min_steps=4, max_steps=4, batch_size=6, checkpoint_every=2)
     params["evaluate"].update(rsa_samples=20)
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

@@ -274,6 +274,7 @@ def _params(tmp: Path, arch: str, methods: list[str], **model) -> Path:
     raw["model"].update(arch=arch, **model)
     ft = raw["finetune"]
     ft["methods"] = methods
+    ft["search"] = {s: spec for s, spec in ft["search"].items() if spec.get("method", s) in methods}
     ft["trials"] = {t: spec for t, spec in ft["trials"].items() if spec["method"] in methods}
     ft["trials"].update({f"{m}-default": {"method": m} for m in methods
                          if not any(s["method"] == m for s in ft["trials"].values())})

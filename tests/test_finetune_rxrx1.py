@@ -113,6 +113,7 @@ def project(tmp_path_factory):
     params["sample"] = {"levels": [1], "seeds": [0]}
     params["finetune"]["methods"] = list(METHODS)
     params["finetune"]["trials"] = {m: {"method": m} for m in METHODS}  # each at its defaults
+    params["finetune"]["search"] = {}
     params["finetune"]["train"].update(epochs=1.0, min_steps=1, max_steps=1, batch_size=2, checkpoint_every=1)
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 

@@ -120,28 +120,29 @@ def test_alpha_zero_is_pretrained(name):
 
 
 def test_every_trial_of_params_yaml_parses():
-    """One source for every default: a method's `Hparams` field defaults; a trial of
-    finetune.trials changes exactly the keys it lists. Every trial parses, and no two trials
-    of a method train the same hyper-parameters (a wasted run that would fake a choice)."""
-    import yaml
-
+    """One source for every default: a method's `Hparams` field defaults; a trial (written in
+    finetune.trials or drawn by finetune.search) changes exactly the keys it sets. Every trial
+    parses, and no two trials of a method train the same hyper-parameters (a wasted run that
+    would fake a choice)."""
+    from pipeline.config import load_params
     from pipeline.core.validation import to_dict
     from pipeline.methods import parse_hparams
 
-    raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
-    trials = raw["finetune"]["trials"]
-    assert trials, "params.yaml lists the search space under finetune.trials"
+    params = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
+    raw = {"finetune": {"methods": list(params.finetune.methods)}}
+    trials = params.finetune.all_trials
+    assert trials, "params.yaml gives a search space (finetune.search, finetune.trials)"
     seen: dict[str, list[dict]] = {}
     for name, spec in trials.items():
         spec = dict(spec)
         method = spec.pop("method")
-        assert method in METHODS, f"finetune.trials.{name}: unknown method {method!r}"
-        hp = to_dict(parse_hparams(method, spec, f"finetune.trials.{name}"))
+        assert method in METHODS, f"trial {name}: unknown method {method!r}"
+        hp = to_dict(parse_hparams(method, spec, f"trial {name}"))
         defaults = to_dict(METHODS[method].Hparams())
         for key, value in defaults.items():
             want = float(spec[key]) if key in spec and isinstance(value, float) else spec.get(key, value)
-            assert hp[key] == want, f"finetune.trials.{name}.{key}: {hp[key]!r} != {want!r}"
-        assert hp not in seen.setdefault(method, []), f"finetune.trials.{name}: same as another {method} trial"
+            assert hp[key] == want, f"trial {name}.{key}: {hp[key]!r} != {want!r}"
+        assert hp not in seen.setdefault(method, []), f"trial {name}: same as another {method} trial"
         seen[method].append(hp)
     assert set(seen) == set(raw["finetune"]["methods"]), "each compared method has a trial, and only those"
 

@@ -157,6 +157,7 @@ def write_inputs(root: Path, dataset: str = "synthetic", methods=METHODS, levels
     base["dataset"]["name"] = dataset
     base["finetune"]["methods"] = list(methods)
     base["finetune"]["trials"] = {name: {"method": m, **over} for m in methods for name, over in trials[m]}
+    base["finetune"]["search"] = {}
     base["sample"] = {"levels": list(levels), "seeds": list(seeds)}
     pfile = root / "params.yaml"
     pfile.write_text(yaml.safe_dump(base, sort_keys=False))

@@ -226,6 +226,7 @@ def project(tmp_path, monkeypatch):
     raw["dataset"]["name"] = "synthetic"
     raw["finetune"]["methods"] = ["ft", "lp"]
     raw["finetune"]["trials"] = TRIALS
+    raw["finetune"]["search"] = {}
     raw["sample"] = {"levels": LEVELS, "seeds": SEEDS}
 
     def write_params(selection: str) -> Path:
@@ -350,3 +351,94 @@ def test_selection_stage_refuses_scores_without_the_protocol_key(project):
     (d / paths.SCORES).write_text(json.dumps(scores))
     with pytest.raises(ValueError, match=r"'val/acc_avg'.*dvc repro finetune@lp-lr1e-2-1"):
         stage.run(load_params(project["write_params"]("ood_val")))
+
+
+# ---------------------------------------------------------------------------------------------
+# trials drawn by finetune.search: the same stage, the same guarantee (no test split), the edge of
+# the *space*, and the report's search section on the records
+
+
+SEARCH = {"ft": {"space": {"weight_decay": [0.0, 0.1], "lr": {"loguniform": [1.0e-5, 1.0e-3]}}, "n": 3},
+          "lp": {"space": {"lr": {"loguniform": [1.0e-3, 1.0e-1]}}, "sampler": "sobol", "n": 4}}
+
+
+@pytest.fixture()
+def searched(tmp_path, monkeypatch):
+    """params.yaml with two searches (a grid × loguniform, a Sobol loguniform) and the finetune
+    outputs of every drawn trial: validation scores that peak at one trial, a decoy test score
+    that peaks at another (the real stage never writes one)."""
+    from pipeline.core.validation import to_dict
+    from pipeline.methods import parse_hparams
+
+    monkeypatch.chdir(tmp_path)
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["finetune"].update(methods=["ft", "lp"], trials={}, search=SEARCH)
+    raw["sample"] = {"levels": [1], "seeds": SEEDS}
+    raw["evaluate"]["selection"] = "id_val"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    params = load_params(tmp_path / "params.yaml")
+    trials = params.finetune.all_trials
+    assert len(trials) == 2 * 3 + 4
+    val, test = {}, {}
+    for i, (trial, spec) in enumerate(trials.items()):
+        method = spec["method"]
+        hp = to_dict(parse_hparams(method, {k: v for k, v in spec.items() if k != "method"}))
+        for seed in SEEDS:
+            # validation peaks at the trial with the smallest lr (an edge trial when it lies in the
+            # outer 1/(2n) of the space); the decoy test score at the largest lr
+            val[(trial, seed)] = -math.log10(spec["lr"]) / 10 + 0.001 * seed
+            test[(trial, seed)] = math.log10(spec["lr"])
+            d = paths.finetune_dir(trial, "1", seed)
+            d.mkdir(parents=True)
+            (d / paths.SCORES).write_text(json.dumps({"id_val/acc_avg": val[(trial, seed)],
+                                                      "id_test/acc_avg": test[(trial, seed)],
+                                                      "test/acc_avg": test[(trial, seed)]}))
+            (d / paths.CONFIG).write_text(json.dumps({"trial": trial, "hparams": hp}))
+            (d / paths.WEIGHTS).write_bytes(f"{trial}/{seed}".encode())
+    return params, val
+
+
+def test_trials_of_a_search_are_chosen_on_validation_never_test(searched):
+    from pipeline.core.search import edge
+    from pipeline.stages import selection as stage
+
+    params, val = searched
+    records = stage.run(params)
+    for r in records:
+        trials = params.finetune.trials_of(r["method"])
+        assert r["trials"] == trials and set(r["origin"].values()) == {r["method"]}
+        assert r["searches"][r["method"]]["n"] == SEARCH[r["method"]]["n"]
+        for seed in SEEDS:
+            cell = r["seeds"][str(seed)]
+            want = max(trials, key=lambda t: val[(t, seed)])  # independent argmax on validation
+            assert cell["trial"] == want and cell["scores"] == {t: pytest.approx(val[(t, seed)]) for t in trials}
+            lr = params.finetune.all_trials[want]["lr"]
+            s = params.finetune.searches[r["method"]]
+            expect = [e[1] for d in s.dims if (e := edge(d, r["hparams"][want][d.key], s.n))]
+            assert cell["edges"] == expect
+            lo = SEARCH[r["method"]]["space"]["lr"]["loguniform"][0]
+            zone = (math.log(lr) - math.log(lo)) / math.log(100)  # both spaces span two decades
+            assert any(e.startswith("lr=") for e in cell["edges"]) == (zone <= 1 / (2 * s.n))
+
+
+def test_the_report_shows_the_search(searched):
+    from pipeline.report.search import plot_search, search_report
+    from pipeline.report.tables import _md_table
+    from pipeline.stages import selection as stage
+
+    params, val = searched
+    records = stage.run(params)
+    md, plots, long = search_report(records, lambda name: f"k={name}", _md_table)
+    text = "\n".join(md)
+    assert "## Search" in text
+    assert "**ft**: `ft` weight_decay ∈ [0, 0.1]; lr ~ loguniform[1e-05, 0.001] (random, n = 3), 6 trials" in text
+    assert "**lp**: `lp` lr ~ loguniform[0.001, 0.1] (sobol, n = 4), 4 trials" in text
+    for r in records:  # the chosen value of every seed is in the table
+        for cell in r["seeds"].values():
+            assert f"| {cell['trial']} " in text
+            assert f"{r['hparams'][cell['trial']]['lr']:.3g}" in text
+    assert [p.name for p in plots] == ["search_ft.png", "search_lp.png"]
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in plots)
+    # log x for the log-uniform lr; linear for the weight-decay grid
+    assert plot_search(records, "ft", str, plots[0]) == ["linear", "log"]
+    assert len(long) == (6 + 4) * len(SEEDS) and long["chosen"].sum() == 2 * len(SEEDS)

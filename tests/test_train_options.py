@@ -151,6 +151,7 @@ def test_check_stage_refuses_swa_with_radapter(tmp_path):
     data = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
     data["finetune"]["methods"] = ["ft", "radapter"]
     data["finetune"]["trials"] = {"ft-a": {"method": "ft"}, "radapter-a": {"method": "radapter"}}
+    data["finetune"]["search"] = {}
     data["finetune"]["train"]["swa_start"] = 0.75
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(data))

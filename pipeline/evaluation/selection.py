@@ -107,3 +107,33 @@ def edges(chosen: dict, tried: list[dict]) -> list[str]:
         elif v == distinct[-1]:
             out.append(f"{key}={v:g} is the largest tried")
     return out
+
+
+def space_edges(chosen: str, hparams: dict[str, dict], origin: dict[str, str | None], searches: dict) -> list[str]:
+    """The hyper-parameters of the `chosen` trial at the edge of what was searched: for a trial
+    drawn by a search (`origin[chosen]`), the edge of that search's *space*
+    (`pipeline.core.search.edge`: the first or last of a grid list, the outer 1/(2n) of a
+    distribution's range in its scale), not of the values that happened to be drawn; for a
+    hand-written trial, the smallest or largest of the method's hand-written trials (`edges`).
+    `hparams`: every trial's full hyper-parameters; `searches`: name -> `Search`."""
+    from pipeline.core.search import edge, span
+
+    search = origin.get(chosen)
+    if search is None:
+        hand = [hparams[t] for t, s in origin.items() if s is None and t in hparams]
+        return edges(hparams[chosen], hand)
+    s = searches[search]
+    others = [searches[o] for o in dict.fromkeys(origin.values()) if o is not None and o != search]
+    out = []
+    for d in s.dims:
+        value = hparams[chosen].get(d.key)
+        found = edge(d, value, s.n)
+        if found is None:
+            continue
+        side, why = found
+        # another search of the method reaches past this edge: the space is wider there
+        beyond = [r for o in others if (od := o.dim(d.key)) is not None and (r := span(od)) is not None]
+        if any((r[0] < value) if side == "low" else (r[1] > value) for r in beyond):
+            continue
+        out.append(why)
+    return out

@@ -9,6 +9,8 @@ skipped. Writes under `reports/`:
 - `runs.csv` — one row per run (zero-shot: method `zeroshot`, level 0, blank seed);
 - `summary.csv`, `summary.md` — mean, std and 95 % CI over seeds per method × level;
 - `selection.csv` — per method × level, the trials chosen per seed and any edge of the search;
+- `search.csv`, `search_<method>.png` — the search (`pipeline.report.search`): every trial's
+  validation score per seed against its searched hyper-parameters, and the sensitivity plots;
 - PNG plots (see `PLOTS`; `dvc plots show` draws them, offline), `metrics/levels.csv` (long
   format against the training examples), `metrics/report.json` (every flat mean) and
   `metrics/methods/<method>.json` (a row per method for `dvc metrics show`: ID and OOD per level);
@@ -52,6 +54,7 @@ from pipeline.report.inputs import (COLUMNS, KEYS, REPORT_KEY, VALUES, ZEROSHOT,
                                     ReportConfig, RunInput, _ZS_TASK, load_inputs, other_datasets, read_runs,
                                     read_selection, runs_frame, task_points, wise_curves)
 from pipeline.report.plots import plot_id_vs_ood, plot_iimm, plot_panels, plot_vs_shots
+from pipeline.report.search import SEARCH_CSV, old_plots, search_report, write_long
 from pipeline.report.retention import (plot_retention, retention_flat, retention_long, retention_markdown,
                                        retention_summary, task_infos, trial_tradeoff)
 from pipeline.report.tables import (_md_table, flat_metrics, level_curves, method_headlines, selection_table, shots_long,
@@ -73,7 +76,7 @@ def run(cfg: ReportConfig) -> dict[str, float]:
     task_records = read_records(paths.PREPARED_RETENTION)
 
     SUMMARY_JSON.unlink(missing_ok=True)  # from here on the report is unfinished
-    for p in OUTPUTS:
+    for p in (*OUTPUTS, SEARCH_CSV, *old_plots()):
         p.unlink(missing_ok=True)
     paths.REPORTS.mkdir(parents=True, exist_ok=True)
 
@@ -103,6 +106,9 @@ def run(cfg: ReportConfig) -> dict[str, float]:
     _write_csv(SELECTION_CSV, selection)
     _write_csv(RETENTION_CSV, retention)
     _write_csv(SHOTS_CSV, shots_long(summary))
+    search_md, search_plots, search_df = search_report(
+        records, lambda name: next((lv.label for lv in cfg.levels if lv.name == name), name), _md_table)
+    write_long(search_df)
 
     plots: list[Path] = []
     if head.id:
@@ -170,7 +176,7 @@ def run(cfg: ReportConfig) -> dict[str, float]:
     significance, rank_plots, tests = report_section(runs, methods, paths.REPORTS)
     _write_csv(SIGNIFICANCE_CSV, tests)
     md = summary_markdown(cfg, summary, head, embed, [p for p in plots if p != retention_plot], notes, tasks,
-                          selection, section, text_free=text_free, significance=significance)
+                          selection, section, text_free=text_free, significance=significance, search=search_md)
     _write_text(METRICS_JSON, json.dumps(flat, indent=1, sort_keys=True) + "\n")
     if METHOD_METRICS.exists():
         shutil.rmtree(METHOD_METRICS)  # no row of a method no longer compared
@@ -195,14 +201,15 @@ def run(cfg: ReportConfig) -> dict[str, float]:
         tags={"run_kind": "report", "level": "report", "dataset": spec.name},
         metrics=headline, curves=curves,
         artifacts=[SUMMARY_MD, SIGNIFICANCE_CSV, *rank_plots, SUMMARY_CSV, SELECTION_CSV, RETENTION_CSV, TRIALS_CSV,
-                   RUNS_CSV, METRICS_JSON, *plots])
+                   RUNS_CSV, METRICS_JSON, SEARCH_CSV, *plots, *search_plots])
     log_tables(run_id, report_tables(summary, flat))
 
     _write_text(SUMMARY_JSON, json.dumps({
         "dataset": spec.name, "runs": len(runs), "headline": {"metric": head.metric, "id": head.id,
                                                              "ood": head.ood},
         "files": [str(p) for p in (RUNS_CSV, SUMMARY_CSV, SELECTION_CSV, RETENTION_CSV, TRIALS_CSV, SIGNIFICANCE_CSV,
-                                   SUMMARY_MD, METRICS_JSON, SHOTS_CSV, *plots, *rank_plots)],
+                                   SUMMARY_MD, METRICS_JSON, SHOTS_CSV, SEARCH_CSV, *plots, *rank_plots,
+                                   *search_plots)],
         "notes": notes, "mlflow_run_id": run_id,
     }, indent=1) + "\n")
     return flat

@@ -182,10 +182,12 @@ def _md_table(header: list[str], rows: list[list[str]], align: list[str]) -> str
 def summary_markdown(cfg: ReportConfig, summary: pd.DataFrame, head: Headline, embed: dict,
                      plots: list[Path], notes: list[str], tasks: list[str],
                      selection: pd.DataFrame | None = None, retention: list[str] | None = None,
-                     text_free: Iterable[str] = (), significance: list[str] | None = None) -> str:
+                     text_free: Iterable[str] = (), significance: list[str] | None = None,
+                     search: list[str] | None = None) -> str:
     """summary.md. `text_free`: methods without a text tower (vision-only baselines), whose
     cells of text-tower measures (retention, RSA) read "n/a" instead of a number;
-    `significance`: the section of `compare.report_section`, right after the results table."""
+    `significance`: the section of `compare.report_section`, right after the results table;
+    `search`: the section of `search.search_report`, after the selection table."""
     text_free = set(text_free)
     no_text_cols = text_columns()
     has_id = head.id is not None
@@ -291,14 +293,17 @@ def summary_markdown(cfg: ReportConfig, summary: pd.DataFrame, head: Headline, e
         where = next(iter(selection["split"]), "") or "none"
         out += [f"## Selection (`{next(iter(selection['protocol']))}` on `{where}`)", "",
                 "The trial chosen per seed (×count), from how many trials, and the chosen trials' "
-                "mean validation score. An edge means the chosen value is the smallest or largest "
-                "of its search list.", "",
+                "mean validation score. An edge means the chosen value is at the edge of its search space "
+                "(a drawn trial: of its `finetune.search` space, see the search section; a hand-written "
+                "trial: the smallest or largest of the method's `finetune.trials`).", "",
                 _md_table(["method", "level", "trials", "chosen (per seed)", "val score", "edge of the search"],
                           rows3, ["l", "l", "r", "l", "r", "l"]), ""]
         if wide:
-            out += [f"**Widen the search**: the choice sits on the edge of its search list for "
+            out += [f"**Widen the search**: the choice sits on the edge of its search space for "
                     f"{len(wide)} of {len(selection)} cells ({', '.join(wide[:6])}{', …' if len(wide) > 6 else ''}); "
-                    "add values beyond the edge to `finetune.trials`.", ""]
+                    "add a search of the method beyond that edge to `finetune.search` (the trials drawn so far "
+                    "stay; moving a bound redraws the space) or values beyond it to `finetune.trials`.", ""]
+    out += search or []
     if rows2:
         h2 = ["method", "level", "α*", *(["ID at α*"] if has_id else []), "OOD at α*", "trainable",
               "steps", "train time (s)"]

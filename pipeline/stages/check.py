@@ -58,19 +58,30 @@ def _check(path: str | Path):
             raise ParamsError(f"finetune.trials.{name}.method: {method!r} is not a registered method"
                               f"{_closest(method, METHODS)}; registered: {', '.join(sorted(METHODS))} "
                               "(`python -m pipeline methods` describes them)")
+    raw_search = raw_finetune.get("search") if isinstance(raw_finetune, dict) else None
+    for name, spec in (raw_search or {}).items() if isinstance(raw_search, dict) else ():
+        method = spec.get("method", name) if isinstance(spec, dict) else None
+        if isinstance(method, str) and method not in METHODS:
+            where = f"finetune.search.{name}.method" if "method" in spec else f"finetune.search.{name}"
+            what = "" if "method" in spec else " (the search's name names its method when it gives no `method:`)"
+            raise ParamsError(f"{where}: {method!r} is not a registered method{_closest(method, METHODS)}{what}; "
+                              f"registered: {', '.join(sorted(METHODS))} (`python -m pipeline methods` describes them)")
     params = load_params(path)
     check(params.seed >= 0, "seed", params.seed, "use a non-negative integer")
     check(params.dataset.name in DATASETS, "dataset.name", params.dataset.name,
           f"allowed: {', '.join(sorted(DATASETS))}")
     for m in params.finetune.methods:
         check(m in METHODS, "finetune.methods", m, f"allowed: {', '.join(sorted(METHODS))}")
-    for name in params.finetune.trials:
+    check_search(params)
+    for name in params.finetune.all_trials:
         method, overrides = params.finetune.trial(name)
-        hp = parse_hparams(method, overrides, f"finetune.trials.{name}")
         if METHODS[method].needs_captions:  # captions of the training images, or a refusal naming the key
             from pipeline.data.captions import check_captions
 
-            check_captions(hp.captions, DATASETS[params.dataset.name], f"finetune.trials.{name}.captions", method)
+            origin = params.finetune.origin(name)
+            key = f"finetune.search.{origin}.space" if origin else f"finetune.trials.{name}.captions"
+            hp = parse_hparams(method, overrides, key)
+            check_captions(hp.captions, DATASETS[params.dataset.name], key, method)
     check_swa(params, METHODS)
     resolve_protocol(params.evaluate.selection, DATASETS[params.dataset.name],
                      params.sample.parsed_levels)
@@ -94,13 +105,73 @@ def _check(path: str | Path):
     return params, check_model_fit(params)
 
 
+def check_search(params: Params) -> None:
+    """Every trial's hyper-parameters against its method's `Hparams`: a hand-written trial's
+    overrides, and each search's space (its keys, the bounds of its distributions, every grid
+    value and every draw), naming the key in params.yaml."""
+    from pipeline.methods import parse_hparams
+
+    ft = params.finetune
+    for name, s in ft.searches.items():
+        key = f"finetune.search.{name}.space"
+        first = {d.key: d.values[0] for d in s.dims}
+        parse_hparams(s.method, first, key)  # unknown keys, each named with the allowed ones
+        for d in s.dims:
+            for v in d.values:  # every grid value and option, both bounds of a distribution
+                parse_hparams(s.method, {**first, d.key: v}, key)
+    for name in ft.all_trials:  # the draws themselves (an int distribution of a float setting...)
+        method, overrides = ft.trial(name)
+        origin = ft.origin(name)
+        parse_hparams(method, overrides, f"finetune.search.{origin}.space" if origin else f"finetune.trials.{name}")
+
+
+def check_generated(params: Params, params_file: Path) -> None:
+    """The generated trials file beside params.yaml (`pipeline.config.TRIALS_FILE`, what dvc.yaml's
+    finetune matrix reads) holds exactly the trials params.yaml's finetune.trials and
+    finetune.search give: DVC expanded its matrix from that file before this stage ran, so a
+    stale copy would train other trials than params.yaml says."""
+    from pipeline.config import TRIALS_FILE, draw_trials, read_generated, spec_digest
+
+    path = Path(params_file).parent / TRIALS_FILE
+    fix = "run `python -m pipeline search` to write it (`python -m pipeline repro` does so before running dvc)"
+    record = read_generated(path)
+    if record is None:
+        raise ParamsError(f"{path}: the generated trials file is missing or not YAML; {fix}")
+    ft = params.finetune
+    trials, _ = draw_trials(ft.trials, ft.searches)
+    listed = record.get("trials") if isinstance(record.get("trials"), dict) else {}
+    if listed != trials or record.get("spec_sha256") != spec_digest(ft.trials, ft.searches):
+        new = [t for t in trials if t not in listed]
+        gone = [t for t in listed if t not in trials]
+        changed = [t for t in trials if t in listed and listed[t] != trials[t]]
+        what = "; ".join(f"{label}: {', '.join(ts[:3])}{', …' if len(ts) > 3 else ''}"
+                         for label, ts in (("missing", new), ("not in params.yaml", gone), ("other values", changed)) if ts)
+        raise ParamsError(f"{path}: out of date with finetune.trials and finetune.search of {params_file} "
+                          f"({what or 'generated by other code'}), and dvc.yaml's finetune matrix reads it; {fix}")
+
+
+def write_generated(params: Params, params_file: Path = Path("params.yaml")) -> tuple[Path, int, bool]:
+    """Write the generated trials file beside params_file for its (checked) params' finetune.trials
+    and finetune.search, only when its text changes; returns (path, number of trials, changed)."""
+    from pipeline.config import TRIALS_FILE, render_generated
+
+    path = Path(params_file).parent / TRIALS_FILE
+    text = render_generated(params.finetune)
+    changed = not path.is_file() or path.read_text() != text
+    if changed:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+    return path, len(params.finetune.all_trials), changed
+
+
 def code_records(params: Params) -> dict[Path, dict]:
     """The records the model stages depend on instead of every method's code: per trial its
     method, hyper-parameters and code digests (finetune entries), per compared method its code
     digests (evaluate entries), and which backbone each compared method starts from (vision)."""
     from pipeline.methods import METHODS, code_record, trial_record
 
-    out = {paths.trial_record(t): trial_record(t, *params.finetune.trial(t)) for t in params.finetune.trials}
+    out = {paths.trial_record(t): trial_record(t, *params.finetune.trial(t)) for t in params.finetune.all_trials}
     out.update({paths.method_record(m): code_record(m) for m in params.finetune.methods})
     out[paths.BACKBONES] = {m: METHODS[m].backbone for m in params.finetune.methods}
     return out
@@ -411,6 +482,7 @@ def command(params_file: Path = ParamsOpt,
     names and the resources it asks for (devices, processes, workers). Changes nothing on disk
     unless --write."""
     params, clip = _check(params_file)
+    check_generated(params, params_file)
     if write:
         # what determines the image cache: the images stage depends on this file, not on `model`,
         # so another architecture with the same resize rebuilds nothing

@@ -24,12 +24,17 @@ from pipeline.stages.common import ParamsOpt, guard, run_command
 
 def select_cell(params: Params, protocol, metric: str, method: str, level: str) -> dict:
     """The selection record of one method at one level (every seed)."""
-    from pipeline.evaluation.selection import edges, select_trial
+    from pipeline.evaluation.selection import select_trial, space_edges
 
-    trials = params.finetune.trials_of(method)
+    ft = params.finetune
+    trials = ft.trials_of(method)
     key = protocol.key(metric)
+    origin = {t: ft.origin(t) for t in trials}
+    # the spaces the trials were drawn from (the report shows them and plots the score against them)
+    searches = {s: ft.searches[s].describe() for s in dict.fromkeys(origin.values()) if s is not None}
     record = {"method": method, "level": level, "protocol": protocol.name, "split": protocol.split,
-              "metric": metric, "score_key": key, "trials": trials, "seeds": {}}
+              "metric": metric, "score_key": key, "trials": trials, "origin": origin, "searches": searches,
+              "hparams": {}, "seeds": {}}
     for seed in params.sample.seeds:
         scores, hparams, retention = {}, {}, {}
         for trial in trials:
@@ -45,12 +50,13 @@ def select_cell(params: Params, protocol, metric: str, method: str, level: str) 
                 scores[trial] = float(s[key])
         chosen = select_trial(scores, trials) if key is not None else trials[0]
         score = scores.get(chosen, math.nan)
+        record["hparams"] = hparams  # the same for every seed
         record["seeds"][str(seed)] = {
             "trial": chosen,
             "score": None if math.isnan(score) else score,
             "scores": scores,
             "hparams": hparams[chosen],
-            "edges": edges(hparams[chosen], list(hparams.values())) if key is not None else [],
+            "edges": space_edges(chosen, hparams, origin, ft.searches) if key is not None else [],
             "weights_sha256": file_sha256(paths.finetune_dir(chosen, level, seed) / paths.WEIGHTS),
             # every trial's zero-shot retention (what the choice kept or gave up; not a criterion)
             "retention": retention,
