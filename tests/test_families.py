@@ -71,7 +71,7 @@ TEXT_VOCAB_METHODS = {"lipsum_ft"}
 PROJECTION_METHODS = {"carot"}
 REFUSES = {"tiny-siglip": BLOCK_METHODS | VIT_METHODS | TEXT_VOCAB_METHODS | PROJECTION_METHODS,
            "tiny-eva02": BLOCK_METHODS | VIT_METHODS | PROJECTION_METHODS, "tiny-coca": set()}
-OVERRIDES = {"lpft": {"lp_steps": 2}}
+OVERRIDES = {"lpft": {"lp_steps": 2}, "coop": {"n_ctx": 4}}  # coop: its 16-token paper context fills a tiny tower's 16 positions
 STEPS = 2
 
 
