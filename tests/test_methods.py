@@ -15,6 +15,7 @@ import torch
 
 from pipeline import models
 from pipeline.methods import METHODS
+from pipeline.models.evalmodel import TunedClassifier
 from pipeline.training.train import fit
 from tests import methods_fixtures as mf
 from tests.methods_fixtures import single_thread  # noqa: F401  (autouse)
@@ -84,10 +85,23 @@ def test_method_contract(name, tmp_path):
         if live.has_text:
             torch.testing.assert_close(reloaded.encode_text(tokens[:, 0]), live.encode_text(tokens[:, 0]),
                                        rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(reloaded.task_head(tokens), live.task_head(tokens), rtol=1e-5, atol=1e-4)
-        assert reloaded.task_head(tokens).shape[0] == len(mf.CLASSES)
+        head, live_head = reloaded.task_head(tokens), live.task_head(tokens)
+        if isinstance(head, TunedClassifier):  # a cache model: its logits, at every first-stage setting
+            f = live.encode_image(x)
+            for setting in [head.setting, *head.grid(0)]:
+                logits = head.at(**setting)(f)
+                torch.testing.assert_close(logits, live_head.at(**setting)(f), rtol=1e-5, atol=1e-4)
+                assert logits.shape == (5, len(mf.CLASSES))
+        else:
+            torch.testing.assert_close(head, live_head, rtol=1e-5, atol=1e-4)
+            assert head.shape[0] == len(mf.CLASSES)
     if not cls.trains:
-        assert state == {}
+        # nothing trained: the saved state is what setup built (a cache model's buffers), the
+        # CLIP weights untouched
+        assert set(state) == {f"extra.{n}" for n, _ in method.extra.named_buffers()}
+        assert not dict(method.extra.named_parameters())
+        after = mf.snapshot(model)
+        assert all(torch.equal(before[n], after[n]) for n in before)
 
 
 @pytest.mark.parametrize("name", sorted(n for n, c in METHODS.items() if c.weight_space))

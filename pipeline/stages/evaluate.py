@@ -106,6 +106,7 @@ def run(params: Params, method: str, log_mlflow: bool = True) -> dict[tuple[str,
             raise ValueError(f"{paths.select_file(method, level.name)}: the weights of {trial} changed since "
                              "the selection; run `dvc repro selection`")
         hp = parse_hparams(method, config["hparams"], f"finetune.trials.{trial}")
+        posthoc = chosen.get("posthoc") or {}  # chosen on the protocol's split by finetune (none: defaults)
         sample = read_sample(paths.sample_file(level.name, seed))
         fewshot = None
         if sample["n_val"]:
@@ -119,7 +120,7 @@ def run(params: Params, method: str, log_mlflow: bool = True) -> dict[tuple[str,
         for alpha in alphas:
             model = method_cls.eval_model(copy.deepcopy(pristine), state, hp, cache["head"].to(device), alpha=alpha)
             model = model.to(device).eval()
-            head = model.task_head(task.class_tokens.to(device)).cpu()
+            head = _at_posthoc(model.task_head(task.class_tokens.to(device)).cpu(), posthoc)
             m: dict[str, float] = {}
             feats_at[alpha] = {}
             tag = f"seed={seed} α={alpha:g}"
@@ -166,7 +167,7 @@ def run(params: Params, method: str, log_mlflow: bool = True) -> dict[tuple[str,
         selection = {"protocol": protocol.name, "split": protocol.split, "metric": spec.metric,
                      "trial": trial, "score": chosen["score"], "trials": record["trials"],
                      "scores": chosen["scores"], "edges": chosen["edges"], "hparams": config["hparams"],
-                     "alpha": best, "alphas": alphas, "level": level.name, "level_kind": level.kind,
+                     "alpha": best, "alphas": alphas, "posthoc": posthoc, "level": level.name, "level_kind": level.kind,
                      "seed": seed, "n_train": summary["n_train"], "headline": spec.metric}
         out = paths.evaluate_dir(method, level.name, seed)
         # staged, logged to MLflow from the staging folder, and moved into place only then:
@@ -198,6 +199,18 @@ def run(params: Params, method: str, log_mlflow: bool = True) -> dict[tuple[str,
                                "runs": logged}, indent=1))
     tmp.replace(record_file)
     return results
+
+
+def _at_posthoc(head, posthoc: dict):
+    """The task head at the post-hoc setting the selection carried (a `TunedClassifier`'s)."""
+    from pipeline.models.evalmodel import TunedClassifier
+
+    if not posthoc:
+        return head
+    if not isinstance(head, TunedClassifier):
+        raise ValueError(f"the selection carries post-hoc settings {posthoc}, but the method's model has none; "
+                         "run `dvc repro selection`")
+    return head.at(**posthoc)
 
 
 def log_to_mlflow(params: Params, method: str, level, seed: int, trials: list[str], metrics: dict,
