@@ -74,27 +74,41 @@ def one_hot(labels: torch.Tensor, n_classes: int) -> torch.Tensor:
     return F.one_hot(labels.long(), n_classes).float()
 
 
-def _view_seed(seed: int, view: int) -> int:
-    return (seed * 1_000_003 + view * 7919 + 0x719A) % (2 ** 63)
+def _view_seed(seed: int, view: int, item: int) -> int:
+    return (seed * 1_000_003 + view * 7919 + item * 104_729 + 0x719A) % (2 ** 63)
+
+
+class SeededView(torch.utils.data.Dataset):
+    """Pass `view` over `base`: item i drawn with the global RNG seeded by (seed, view, i)
+    and restored after, so each sample's augmentation depends on nothing else (not the batch
+    order, the loader's workers or its own seed draws)."""
+
+    def __init__(self, base, seed: int, view: int):
+        self.base, self.seed, self.view = base, seed, view
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_view_seed(self.seed, self.view, i))
+            return self.base[i]
 
 
 @torch.no_grad()
 def raw_views(model: nn.Module, dataset, device, views: int, seed: int, desc: str) -> torch.Tensor:
     """The image encoder's raw outputs [V, M, D] (float32, on CPU) of `views` passes over
-    `dataset` (items carry the training transform's random augmentation): each pass seeded
-    by (seed, pass) outside the global RNG, so the same run draws the same views."""
+    `dataset` (items carry the training transform's random augmentation), each item of each
+    pass seeded (`SeededView`): the same run draws the same views."""
     from pipeline.models.encode import encode_images
 
     class Raw(nn.Module):  # encode_images' encoder interface, without the normalisation
         def encode_image(self, x):
             return model.encode_image(x).float()
 
-    out = []
-    for view in range(views):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(_view_seed(seed, view))
-            out.append(encode_images(Raw(), dataset, device, desc=f"{desc} {view + 1}/{views}"))
-    return torch.stack(out)
+    with torch.random.fork_rng(devices=[]):  # (the loader draws its own seeds: leave the run's RNG alone)
+        return torch.stack([encode_images(Raw(), SeededView(dataset, seed, v), device, desc=f"{desc} {v + 1}/{views}")
+                            for v in range(views)])
 
 
 class TipClassifier(TunedClassifier):
@@ -163,7 +177,8 @@ class TipAdapter(Method):
     - the score searched is the dataset's official metric on the split (the code: accuracy);
     - the augmentation of the passes is the project's training transform (the dataset's
       `preprocess_train`), not the code's RandomResizedCrop(scale 0.5–1, bicubic) + flip;
-      each pass is seeded by (run seed, pass) outside the global RNG;
+      each image of each pass is seeded by (run seed, pass, position in the sample), the
+      global RNG restored after;
     - the cache is built once per run (training sample × seed) at setup, as LP++ and CLAP
       build theirs, not across runs;
     - L has one column per task class (the code's `F.one_hot` infers the count from the
