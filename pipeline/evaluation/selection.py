@@ -96,7 +96,7 @@ def search_posthoc(classifier, score) -> tuple[dict, float]:
     for stage in range(len(classifier.search)):
         best, chosen = -math.inf, None
         for candidate in classifier.grid(stage):
-            s = float(score(classifier.at(**setting, **candidate)))
+            s = float(score(classifier.at(**{**setting, **candidate})))
             if chosen is None or s > best:
                 best, chosen = (-math.inf if math.isnan(s) else s), candidate
         setting.update(chosen)
