@@ -113,9 +113,9 @@ def raw_views(model: nn.Module, dataset, device, views: int, seed: int, desc: st
 
 class TipClassifier(TunedClassifier):
     """The cache model as evaluation's classifier: logits of `tip_logits` at the post-hoc
-    setting (α, β; with snapshots of trained keys [E, M, D], also the epoch, 1-based). The
-    last β's affinity·L is kept with the features it was computed on, so a search over α
-    (innermost) reuses it."""
+    setting (α, β; with snapshots of trained keys [E, M, D], also the epoch, 1-based). Kept
+    with the features they were computed on: f·Kᵀ of the last epoch and exp(−β(1 − f·Kᵀ))·L
+    of the last β, so a search over β and α (innermost) computes each once."""
 
     def __init__(self, head: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, setting: dict,
                  search: tuple[dict[str, tuple], ...]):
@@ -141,9 +141,11 @@ class TipClassifier(TunedClassifier):
         if memo.get("features") is not features:  # (held, so its identity stays its own)
             memo.clear()
             memo.update(features=features, zs=f @ self.zs_head.t())
-        key = (beta, self.setting.get("epoch"))
-        if memo.get("key") != key:  # the last β only: the search runs α innermost
-            memo.update(key=key, cache=cache_affinity(f, self._keys(), beta) @ self.values)
+        epoch = self.setting.get("epoch")
+        if "dots" not in memo or memo["epoch"] != epoch:  # f·Kᵀ: the same for every α and β
+            memo.update(epoch=epoch, dots=f @ self._keys().t(), beta=None)
+        if memo["beta"] != beta:  # the last β only: the search runs α innermost
+            memo.update(beta=beta, cache=torch.exp(-beta * (1 - memo["dots"])) @ self.values)
         return memo["zs"] + alpha * memo["cache"]
 
 
