@@ -11,8 +11,11 @@ import json
 import math
 from pathlib import Path
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from pipeline import artifacts as paths
@@ -122,6 +125,53 @@ def test_the_finetune_stage_searches_post_hoc_settings_on_validation_splits_only
 
     with pytest.raises(ValueError, match="leak"):
         _val_metrics(None, split, None, None, None)
+
+
+class _AccuracyDataset:
+    """The little of a WILDS dataset `split_metrics` reads; `eval` is plain accuracy, counted."""
+
+    def __init__(self, y):
+        self.y_array, self.metadata_array, self.calls = y, torch.zeros(len(y), 1, dtype=torch.long), 0
+
+    def eval(self, y_pred, y_true, metadata):
+        self.calls += 1
+        return {"acc_avg": float((y_pred == y_true).float().mean())}, ""
+
+
+def test_the_finetune_stage_post_hoc_search_is_the_validation_argmax():
+    """`_val_metrics` on a cache classifier: the (β, α) of the best validation accuracy, the
+    first in β-outer order among equals, found here by brute force; the split's scores are at
+    that setting; repeated predictions are scored once."""
+    import torch.nn.functional as F
+
+    from pipeline.methods.tip_adapter import TipClassifier
+    from pipeline.stages.finetune import _val_metrics
+
+    g = torch.Generator().manual_seed(3)
+    n, m, c, d = 40, 12, 4, 8
+    f = F.normalize(torch.randn(n, d, generator=g), dim=-1)
+    keys = F.normalize(torch.randn(m, d, generator=g), dim=-1)
+    head = 3 * F.normalize(torch.randn(c, d, generator=g), dim=-1)
+    labels = torch.arange(m) % c
+    y = torch.randint(c, (n,), generator=g)
+    betas, alphas = (0.5, 2.0, 5.0), (0.0, 1.0, 4.0, 9.0)
+    clf = TipClassifier(head, keys, F.one_hot(labels, c).float(), {"alpha": 1.0, "beta": 2.0},
+                        ({"beta": betas, "alpha": alphas},))
+    dataset = _AccuracyDataset(y)
+    task = SimpleNamespace(dataset=dataset, spec=SimpleNamespace(metric="acc_avg"))
+    out = _val_metrics(task, "id_val", f, clf, torch.arange(n))
+
+    def accuracy(alpha, beta):  # the logits written out
+        logits = (f @ head.t() + alpha * torch.exp(-beta * (1 - f @ keys.t())) @ F.one_hot(labels, c).float())
+        return float((logits.argmax(1) == y).float().mean())
+
+    table = {(b, a): accuracy(a, b) for b in betas for a in alphas}
+    best = max(table.values())
+    beta, alpha = next(k for k, v in table.items() if v == best)
+    assert len(set(table.values())) > 1  # the grid matters
+    assert (out["posthoc/id_val/beta"], out["posthoc/id_val/alpha"]) == (beta, alpha)
+    assert out["id_val/acc_avg"] == pytest.approx(best)
+    assert dataset.calls < len(table) + 1  # equal predictions are scored once
 
 
 class _Table(TunedClassifier):
