@@ -173,8 +173,8 @@ class TipAdapter(Method):
     OPEN choices (ours):
     - the scale of the zero-shot logits is the model's s = exp(logit_scale), not the code's
       literal 100 (OpenAI CLIP's s); the cache logits are unscaled, as in the code;
-    - the search grid is ImageNet's for every dataset (the code's per-dataset configs use
-      other ranges, e.g. wider β for fine-grained sets); a trial may change it
+    - the search grid and defaults are ImageNet's for every dataset (the code's per-dataset
+      configs differ, e.g. `dtd.yaml`: β and α up to 13, α_0 = 2); a trial may change them
       (`alpha_max`, `alpha_steps`, `beta_max`, `beta_steps`) or the defaults (`alpha`, `beta`);
     - the score searched is the dataset's official metric on the split (the code: accuracy);
     - the augmentation of the passes is the project's training transform (the dataset's
