@@ -26,6 +26,7 @@ import yaml
 
 from pipeline import models
 from pipeline.methods import METHODS
+from pipeline.models.evalmodel import TunedClassifier
 from pipeline.methods.common import image_features, sample_class_prompts, text_features
 from pipeline.models.losses import clip_loss, sigmoid_loss
 from pipeline.training.train import fit
@@ -197,15 +198,17 @@ def test_every_method_trains_or_refuses(arch, name):
 
 
 def _check_evaluates_the_pretrained_zero_shot_head(arch, cls, method, ctx, before) -> None:
-    """A method that does not train (zero-shot): nothing trainable, nothing saved, the model
-    untouched; its eval model, in memory and rebuilt from the (empty) saved state, is the
-    pre-trained image tower with the prompt-ensemble head, computed here without
-    `build_head`: per class the mean of the normalised template embeddings, renormalised,
-    times the logit scale."""
+    """A method that does not train (zero-shot; tip_adapter): nothing trainable, the model
+    untouched; its eval model, in memory and rebuilt from the saved state (empty, or a cache
+    model's buffers), is the pre-trained image tower with the prompt-ensemble head, computed
+    here without `build_head`: per class the mean of the normalised template embeddings,
+    renormalised, times the logit scale (a cache model: its logits with the cache weighted 0)."""
     trainable = [n for n, p in method.root.named_parameters() if p.requires_grad]
     assert not trainable, f"{cls.name} leaves parameters trainable: {trainable[:5]}"
     state = method.trained_state()
-    assert state == {}, sorted(state)[:5]  # the finetune stage saves an empty state
+    # the finetune stage saves only what setup built: nothing (zero-shot), or a cache model's
+    # buffers (tip_adapter)
+    assert set(state) == {f"extra.{n}" for n, _ in method.extra.named_buffers()}, sorted(state)[:5]
     after = mf.snapshot(ctx.model)
     assert all(torch.equal(before[n], after[n]) for n in before)
     pre = fresh(arch)
@@ -220,8 +223,14 @@ def _check_evaluates_the_pretrained_zero_shot_head(arch, cls, method, ctx, befor
         for where, ev in (("live", method.live_eval_model()),
                           ("saved", cls.eval_model(fresh(arch), state, method.hp, ctx.zeroshot_head))):
             ev = ev.eval()
-            torch.testing.assert_close(ev.task_head(tokens), want_head, rtol=1e-5, atol=1e-5,
-                                       msg=lambda m, w=where: f"{w} eval model: {m}")
+            head = ev.task_head(tokens)
+            if isinstance(head, TunedClassifier):  # a cache model: its cache weighted 0 = zero-shot
+                torch.testing.assert_close(head.at(alpha=0.0)(want_image), want_image @ want_head.t(), rtol=1e-5,
+                                           atol=1e-5, msg=lambda m, w=where: f"{w} eval model: {m}")
+                assert not torch.allclose(head(want_image), want_image @ want_head.t())  # the cache counts
+            else:
+                torch.testing.assert_close(head, want_head, rtol=1e-5, atol=1e-5,
+                                           msg=lambda m, w=where: f"{w} eval model: {m}")
             torch.testing.assert_close(ev.encode_image(x), want_image, rtol=1e-5, atol=1e-6,
                                        msg=lambda m, w=where: f"{w} eval model: {m}")
 

@@ -397,7 +397,7 @@ def test_own_optimisers_schedule_only_groups_with_lr_scale():
     assert [h["lr"] for h in res.history] == pytest.approx([lp.steps[0]] * 3)
 
 
-@pytest.mark.parametrize("name", ["clip_lora", "lp_pp", "clap", "maple", "vpt_deep", "adaptformer"])
+@pytest.mark.parametrize("name", ["clip_lora", "lp_pp", "clap", "maple", "vpt_deep", "adaptformer", "tip_adapter_f"])
 def test_bf16_autocast_steps_are_finite_and_losses_fp32(name):
     """Under the trainer's bf16 autocast (CPU here): finite losses, computed in fp32 (the
     dropout attention path of clip_lora included; the prompts and adapters that the ViT
@@ -407,7 +407,7 @@ def test_bf16_autocast_steps_are_finite_and_losses_fp32(name):
 
     cls = METHODS[name]
     ctx = mf.context()
-    hp = cls.Hparams(**({"views": 2} if name == "clap" else {}))
+    hp = cls.Hparams(**({"views": 2} if name in ("clap", "tip_adapter_f") else {}))
     method = cls(hp, ctx)
     train_set = ctx.train_set if cls.uses_images else mf.train_items(with_images=False)
     res = fit(method, train_set, steps=2, batch_size=6, seed=0, device=torch.device("cpu"),
@@ -417,3 +417,175 @@ def test_bf16_autocast_steps_are_finite_and_losses_fp32(name):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         terms = method.loss(batch, 0)
     assert all(t.dtype == torch.float32 for t in terms.values()), {k: t.dtype for k, t in terms.items()}
+
+
+# ---- Tip-Adapter, Tip-Adapter-F -----------------------------------------------------------
+
+from pipeline.methods.tip_adapter import (TipAdapter, TipClassifier, TipHparams, _view_seed,  # noqa: E402
+                                          one_hot, search_grid, tip_logits)
+from pipeline.methods.tip_adapter_f import TipAdapterF, TipFHparams, snapshot_steps, tip_f_loss  # noqa: E402
+
+
+def _tip_reference(f, head, keys, labels, n_classes, alpha, beta):
+    """Tip-Adapter's logits written out per image and class, in float64: s·f·h_c plus α times
+    the sum, over the cache entries j of class c, of exp(−β (1 − f·k_j))."""
+    f, head, keys = f.double(), head.double(), keys.double()
+    out = torch.zeros(f.shape[0], n_classes, dtype=torch.float64)
+    for i in range(f.shape[0]):
+        for c in range(n_classes):
+            cache = sum(math.exp(-beta * (1 - float(f[i] @ keys[j]))) for j in range(keys.shape[0]) if labels[j] == c)
+            out[i, c] = float(f[i] @ head[c]) + alpha * cache
+    return out
+
+
+@pytest.mark.parametrize("n, m, c, d", [(1, 1, 1, 4), (5, 12, 3, 8), (7, 30, 10, 16)])
+def test_tip_adapter_affinity_logits(n, m, c, d):
+    g = torch.Generator().manual_seed(n * 100 + m)
+    f = F.normalize(torch.randn(n, d, generator=g), dim=-1)
+    keys = F.normalize(torch.randn(m, d, generator=g), dim=-1)
+    head = 5 * F.normalize(torch.randn(c, d, generator=g), dim=-1)  # the scaled zero-shot head
+    labels = torch.randint(c, (m,), generator=g)
+    values = one_hot(labels, c)
+    assert values.shape == (m, c)  # a column per class, present or not
+    for alpha, beta in [(1.17, 1.0), (0.1, 6.9), (2.5, 0.3)]:
+        expected = _tip_reference(f, head, keys, labels, c, alpha, beta)
+        torch.testing.assert_close(tip_logits(f, head, keys, values, alpha, beta).double(), expected,
+                                   rtol=1e-5, atol=1e-5)
+    # the classifier evaluation uses, at any setting and on new features (its memo of the last β)
+    clf = TipClassifier(head, keys, values, {"alpha": 1.17, "beta": 1.0}, ())
+    f2 = F.normalize(torch.randn(n, d, generator=g), dim=-1)
+    for feats, alpha, beta in [(f, 1.17, 1.0), (f, 0.5, 1.0), (f, 0.5, 3.0), (f2, 0.5, 3.0), (f, 0.5, 3.0)]:
+        torch.testing.assert_close(clf.at(alpha=alpha, beta=beta)(feats).double(),
+                                   _tip_reference(feats, head, keys, labels, c, alpha, beta), rtol=1e-5, atol=1e-5)
+    # Tip-Adapter-F's loss: cross-entropy of the same logits
+    y = torch.randint(c, (n,), generator=g)
+    torch.testing.assert_close(tip_f_loss(f, head, keys, values, 1.17, 1.0, y).double(),
+                               F.cross_entropy(_tip_reference(f, head, keys, labels, c, 1.17, 1.0), y),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_tip_adapter_grids_and_defaults():
+    hp = TipHparams()
+    assert (hp.views, hp.alpha, hp.beta) == (10, 1.17, 1.0)
+    betas, alphas = search_grid(hp.beta_max, hp.beta_steps), search_grid(hp.alpha_max, hp.alpha_steps)
+    assert len(betas) == 200 and len(alphas) == 20
+    assert betas[0] == pytest.approx(0.1) and betas[-1] == pytest.approx(0.1 + 199 * 6.9 / 200)
+    assert alphas[1] == pytest.approx(0.245) and max(alphas) < 3.0
+    clf = TipAdapter.classifier(mf.fresh_model(), F.normalize(torch.randn(6, 24), dim=-1), torch.arange(6) % 3, hp,
+                                mf.zeroshot_head(mf.fresh_model()))
+    assert clf.setting == {"alpha": 1.17, "beta": 1.0}  # what the `none` protocol evaluates
+    assert [list(s) for s in clf.search] == [["beta", "alpha"]]  # β outermost, as the code's search
+    hf = TipFHparams()
+    assert (hf.lr, hf.eps, hf.weight_decay, hf.epochs, hf.views) == (1e-3, 1e-4, 0.01, 20, 10)
+    with pytest.raises(ValueError, match="beta_steps"):
+        TipHparams(beta_steps=0)
+    assert snapshot_steps(4, 3) == [2, 3, 4]
+    assert snapshot_steps(2, 5) == [1, 1, 2, 2, 2]
+    assert snapshot_steps(20, 20) == list(range(1, 21))
+
+
+class _Counted(_Augmented):
+    """_Augmented that counts its image accesses."""
+
+    def __init__(self, base):
+        super().__init__(base)
+        self.reads = 0
+
+    def __getitem__(self, i):
+        self.reads += 1
+        return super().__getitem__(i)
+
+
+def _tip(seed=0, views=10, cls=TipAdapter, **hp):
+    ctx = mf.context(seed=seed)
+    ctx.train_set = _Counted(ctx.train_set)
+    method = cls((TipFHparams if cls is TipAdapterF else TipHparams)(views=views, **hp), ctx)
+    return method, ctx
+
+
+def test_tip_adapter_cache_is_the_mean_of_10_seeded_augmented_passes():
+    method, ctx = _tip()
+    before = torch.get_rng_state()
+    method.setup()
+    assert torch.equal(torch.get_rng_state(), before)  # the passes leave the global RNG alone
+    n = len(ctx.train_set)
+    assert ctx.train_set.reads == 10 * n  # 10 passes over the sample, each image once per pass
+    keys = method.extra.cache_keys
+    # independently: each pass seeded as the method's, the encoder's raw outputs averaged, then
+    # normalised once
+    model = mf.fresh_model()
+    raw = []
+    with torch.no_grad():
+        for v in range(10):
+            images = []
+            for i in range(n):
+                torch.manual_seed(_view_seed(0, v, i))
+                images.append(ctx.train_set[i]["image"])
+            x = torch.stack(images)
+            raw.append(model.encode_image(x).float())
+    raw = torch.stack(raw)
+    torch.testing.assert_close(keys, F.normalize(raw.mean(0), dim=-1), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(keys, F.normalize(F.normalize(raw, dim=-1).mean(0), dim=-1), atol=1e-4)
+    assert not torch.allclose(raw[0], raw[1])  # each pass is its own augmentation draw
+    assert torch.equal(method.extra.cache_labels, torch.arange(n) % 3)
+    # deterministic: the same seed gives the same cache bit for bit, another seed another
+    again, _ = _tip()
+    again.setup()
+    assert torch.equal(again.extra.cache_keys, keys)
+    other, _ = _tip(seed=1)
+    other.setup()
+    assert not torch.allclose(other.extra.cache_keys, keys)
+    # the evaluated model: the pre-trained towers, the cache classifier at the defaults
+    state = method.trained_state()
+    assert set(state) == {"extra.cache_keys", "extra.cache_labels"}
+    ev = TipAdapter.eval_model(mf.fresh_model(), state, method.hp, ctx.zeroshot_head)
+    f = ev.encode_image(mf.images(4, seed=9))
+    s = model.logit_scale.exp()
+    expected = _tip_reference(f, s * ctx.zeroshot_head, keys, method.extra.cache_labels, 3, 1.17, 1.0)
+    torch.testing.assert_close(ev.task_head(mf.class_tokens())(f).double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_tip_adapter_f_trains_only_the_keys_and_snapshots_each_epoch():
+    from pipeline.training.train import fit
+
+    method, ctx = _tip(cls=TipAdapterF, views=2, epochs=3, lr=0.05)
+    pre = mf.snapshot(ctx.model)
+    seen = []
+    step_hook = method.after_step
+
+    def spy(step):
+        step_hook(step)
+        seen.append(method.extra["cache"].keys.detach().clone())
+
+    method.after_step = spy
+    fit(method, mf.train_items(with_images=False), steps=4, batch_size=6, seed=0, device=torch.device("cpu"),
+        progress=False)
+    assert all(torch.equal(pre[k], v) for k, v in mf.snapshot(ctx.model).items())  # CLIP bit-identical
+    assert [n for n, p in method.extra.named_parameters() if p.requires_grad] == ["cache.keys"]
+    init, _ = _tip(cls=TipAdapterF, views=2, epochs=3)
+    init.setup()
+    keys0 = init.extra["cache"].keys.detach()
+    assert not torch.allclose(method.extra["cache"].keys.detach(), keys0)  # the keys trained
+    assert torch.equal(method.extra.cache_labels, init.extra.cache_labels)  # the values did not
+    torch.testing.assert_close(method.head, init.head, rtol=0, atol=0)  # nor the zero-shot head
+    snaps = method.extra.snapshots
+    for e, at in enumerate(snapshot_steps(4, 3)):  # after steps 2, 3, 4
+        assert torch.equal(snaps[e], seen[at - 1]), e
+    state = method.trained_state()
+    assert set(state) == {"extra.snapshots", "extra.cache_labels"}
+    clf = TipAdapterF.eval_model(mf.fresh_model(), state, method.hp, ctx.zeroshot_head).task_head(mf.class_tokens())
+    assert clf.setting == {"alpha": 1.17, "beta": 1.0, "epoch": 3}  # `none`: the last epoch, the defaults
+    assert [list(s) for s in clf.search] == [["epoch"], ["beta", "alpha"]]
+    f = F.normalize(torch.randn(5, keys0.shape[1]), dim=-1)
+    s = mf.fresh_model().logit_scale.exp()
+    for epoch in (1, 3):
+        expected = _tip_reference(f, s * ctx.zeroshot_head, snaps[epoch - 1], method.labels, 3, 0.7, 2.0)
+        torch.testing.assert_close(clf.at(epoch=epoch, alpha=0.7, beta=2.0)(f).double(), expected,
+                                   rtol=1e-5, atol=1e-5)
+    # a step's loss covers every cached view of its samples
+    idx = torch.tensor([4, 0, 7])
+    terms = method.loss({"index": idx, "y": method.labels[idx]}, 0)
+    rows = torch.cat([method.view_features[k, idx] for k in range(2)])
+    expected = F.cross_entropy(_tip_reference(rows, method.head, method.extra["cache"].keys.detach(), method.labels,
+                                              3, 1.17, 1.0), method.labels[idx].repeat(2))
+    torch.testing.assert_close(terms["ce_loss"].double(), expected, rtol=1e-5, atol=1e-5)

@@ -15,6 +15,7 @@ import torch
 
 from pipeline import models
 from pipeline.methods import METHODS
+from pipeline.models.evalmodel import TunedClassifier
 from pipeline.training.train import fit
 from tests import methods_fixtures as mf
 from tests.methods_fixtures import single_thread  # noqa: F401  (autouse)
@@ -86,7 +87,13 @@ def test_method_contract(name, tmp_path):
             torch.testing.assert_close(reloaded.encode_text(tokens[:, 0]), live.encode_text(tokens[:, 0]),
                                        rtol=1e-5, atol=1e-5)
         head, live_head = reloaded.task_head(tokens), live.task_head(tokens)
-        if callable(head):  # an image-conditioned head (CoCoOp): a function of the image features
+        if isinstance(head, TunedClassifier):  # a cache model: its logits, at every first-stage setting
+            f = live.encode_image(x)
+            for setting in [head.setting, *head.grid(0)]:
+                logits = head.at(**setting)(f)
+                torch.testing.assert_close(logits, live_head.at(**setting)(f), rtol=1e-5, atol=1e-4)
+                assert logits.shape == (5, len(mf.CLASSES))
+        elif callable(head):  # an image-conditioned head (CoCoOp): a function of the image features
             feats = live.encode_image(x)
             torch.testing.assert_close(head(feats), live_head(feats), rtol=1e-5, atol=1e-4)
             assert head(feats).shape == (5, len(mf.CLASSES))
@@ -94,7 +101,12 @@ def test_method_contract(name, tmp_path):
             torch.testing.assert_close(head, live_head, rtol=1e-5, atol=1e-4)
             assert head.shape[0] == len(mf.CLASSES)
     if not cls.trains:
-        assert state == {}
+        # nothing trained: the saved state is what setup built (a cache model's buffers), the
+        # CLIP weights untouched
+        assert set(state) == {f"extra.{n}" for n, _ in method.extra.named_buffers()}
+        assert not dict(method.extra.named_parameters())
+        after = mf.snapshot(model)
+        assert all(torch.equal(before[n], after[n]) for n in before)
 
 
 @pytest.mark.parametrize("name", sorted(n for n, c in METHODS.items() if c.weight_space))

@@ -11,8 +11,11 @@ import json
 import math
 from pathlib import Path
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from pipeline import artifacts as paths
@@ -20,7 +23,9 @@ from pipeline.config import ParamsError, load_params
 from pipeline.core.levels import parse_levels
 from pipeline.data.datasets import DATASETS
 from pipeline.data.sampling import FEWSHOT_VAL
-from pipeline.evaluation.selection import check_selection_split, edges, resolve_protocol, select_alpha, select_trial
+from pipeline.evaluation.selection import (check_selection_split, edges, posthoc_of, resolve_protocol, search_posthoc,
+                                           select_alpha, select_trial)
+from pipeline.models.evalmodel import TunedClassifier
 
 ROOT = Path(__file__).resolve().parents[1]
 PROTOCOLS = ("auto", "id_val", "ood_val", "fewshot_val", "none")
@@ -49,6 +54,10 @@ def test_no_protocol_reads_a_test_split(name, protocol):
         assert p.key(spec.metric) == f"{p.split}/{spec.metric}"
     if protocol == "none":
         assert p.key(spec.metric) is None  # reads no score at all
+    # post-hoc settings (Tip-Adapter's α, β): the protocol's split's choice, never a test split's
+    everywhere = {f"posthoc/{s}/alpha": float(i) for i, s in enumerate((*spec.eval_splits, FEWSHOT_VAL))}
+    chosen = posthoc_of(everywhere, p.split)
+    assert chosen == ({} if p.split is None else {"alpha": everywhere[f"posthoc/{p.split}/alpha"]})
     if protocol == "auto":  # id_val where the dataset has one, else ood_val
         assert p.name == ("id_val" if has["id_val"] else "ood_val")
 
@@ -104,6 +113,107 @@ def test_fewshot_val_needs_train_rows_to_hold_out():
 def test_selection_on_a_test_split_is_refused(split):
     with pytest.raises(ValueError, match="leak"):
         check_selection_split(split)
+    with pytest.raises(ValueError, match="leak"):  # nor the post-hoc settings of a test split
+        posthoc_of({f"posthoc/{split}/alpha": 1.0}, split)
+
+
+@pytest.mark.parametrize("split", ["test", "id_test"])
+def test_the_finetune_stage_searches_post_hoc_settings_on_validation_splits_only(split):
+    """The finetune stage's post-hoc search (`_val_metrics`) refuses a test split before
+    scoring anything."""
+    from pipeline.stages.finetune import _val_metrics
+
+    with pytest.raises(ValueError, match="leak"):
+        _val_metrics(None, split, None, None, None)
+
+
+class _AccuracyDataset:
+    """The little of a WILDS dataset `split_metrics` reads; `eval` is plain accuracy, counted."""
+
+    def __init__(self, y):
+        self.y_array, self.metadata_array, self.calls = y, torch.zeros(len(y), 1, dtype=torch.long), 0
+
+    def eval(self, y_pred, y_true, metadata):
+        self.calls += 1
+        return {"acc_avg": float((y_pred == y_true).float().mean())}, ""
+
+
+def test_the_finetune_stage_post_hoc_search_is_the_validation_argmax():
+    """`_val_metrics` on a cache classifier: the (β, α) of the best validation accuracy, the
+    first in β-outer order among equals, found here by brute force; the split's scores are at
+    that setting; repeated predictions are scored once."""
+    import torch.nn.functional as F
+
+    from pipeline.methods.tip_adapter import TipClassifier
+    from pipeline.stages.finetune import _val_metrics
+
+    g = torch.Generator().manual_seed(3)
+    n, m, c, d = 40, 12, 4, 8
+    f = F.normalize(torch.randn(n, d, generator=g), dim=-1)
+    keys = F.normalize(torch.randn(m, d, generator=g), dim=-1)
+    head = 3 * F.normalize(torch.randn(c, d, generator=g), dim=-1)
+    labels = torch.arange(m) % c
+    y = torch.randint(c, (n,), generator=g)
+    betas, alphas = (0.5, 2.0, 5.0), (0.0, 1.0, 4.0, 9.0)
+    clf = TipClassifier(head, keys, F.one_hot(labels, c).float(), {"alpha": 1.0, "beta": 2.0},
+                        ({"beta": betas, "alpha": alphas},))
+    dataset = _AccuracyDataset(y)
+    task = SimpleNamespace(dataset=dataset, spec=SimpleNamespace(metric="acc_avg"))
+    out = _val_metrics(task, "id_val", f, clf, torch.arange(n))
+
+    def accuracy(alpha, beta):  # the logits written out
+        logits = (f @ head.t() + alpha * torch.exp(-beta * (1 - f @ keys.t())) @ F.one_hot(labels, c).float())
+        return float((logits.argmax(1) == y).float().mean())
+
+    table = {(b, a): accuracy(a, b) for b in betas for a in alphas}
+    best = max(table.values())
+    beta, alpha = next(k for k, v in table.items() if v == best)
+    assert len(set(table.values())) > 1  # the grid matters
+    assert (out["posthoc/id_val/beta"], out["posthoc/id_val/alpha"]) == (beta, alpha)
+    assert out["id_val/acc_avg"] == pytest.approx(best)
+    assert dataset.calls < len(table) + 1  # equal predictions are scored once
+
+
+class _Table(TunedClassifier):
+    """A post-hoc classifier whose score the test reads from a table: epoch first, then β × α."""
+
+    search = ({"epoch": (1, 2, 3)}, {"beta": (0.5, 1.0), "alpha": (0.1, 0.2, 0.3)})
+
+    def forward(self, features):
+        raise AssertionError("the search scores through `score`")
+
+
+def _key(setting):
+    return (setting["epoch"], setting["beta"], setting["alpha"])
+
+
+def test_post_hoc_search_follows_validation_stage_by_stage():
+    rng = np.random.default_rng(0)
+    grid = [(e, b, a) for e in (1, 2, 3) for b in (0.5, 1.0) for a in (0.1, 0.2, 0.3)]
+    val = {k: float(rng.random()) for k in grid}
+    test = {k: 1.0 - v for k, v in val.items()}  # the test split would choose otherwise
+    clf = _Table({"epoch": 3, "beta": 1.0, "alpha": 0.2})
+    setting, score = search_posthoc(clf, lambda c: val[_key(c.setting)])
+    # independently: the epoch at the defaults, then β × α at that epoch
+    epoch = max((1, 2, 3), key=lambda e: val[(e, 1.0, 0.2)])
+    beta, alpha = max(((b, a) for b in (0.5, 1.0) for a in (0.1, 0.2, 0.3)), key=lambda ba: val[(epoch, *ba)])
+    assert setting == {"epoch": epoch, "beta": beta, "alpha": alpha}
+    assert score == val[(epoch, beta, alpha)]
+    on_test, _ = search_posthoc(clf, lambda c: test[_key(c.setting)])
+    assert on_test != setting
+    assert clf.setting == {"epoch": 3, "beta": 1.0, "alpha": 0.2}  # the defaults stay the classifier's
+
+
+def test_post_hoc_ties_and_nan_go_to_the_first_in_grid_order():
+    clf = _Table({"epoch": 3, "beta": 1.0, "alpha": 0.2})
+    flat, _ = search_posthoc(clf, lambda c: 0.5)
+    assert flat == {"epoch": 1, "beta": 0.5, "alpha": 0.1}
+    nan_first = {1: math.nan, 2: 0.4, 3: 0.4}
+    chosen, _ = search_posthoc(clf, lambda c: nan_first[c.setting["epoch"]] if c.setting["alpha"] == 0.2
+                               and c.setting["beta"] == 1.0 else 0.0)
+    assert chosen["epoch"] == 2
+    with pytest.raises(ValueError, match="unknown post-hoc"):
+        clf.at(gamma=1.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -304,6 +414,24 @@ def test_selection_stage_ignores_a_decoy_test_score(project):
         for seed in SEEDS:
             assert r["seeds"][str(seed)]["trial"] == _expected(r["method"], r["level"], seed, "id_val",
                                                                project["table"])
+
+
+@pytest.mark.parametrize("selection, split", [("id_val", "id_val"), ("ood_val", "val"),
+                                               ("fewshot_val", FEWSHOT_VAL), ("none", None)])
+def test_selection_stage_carries_the_protocols_post_hoc_settings(project, selection, split):
+    """The chosen trial's post-hoc settings (finetune's `posthoc/<split>/<name>`) of the
+    protocol's split go into the record; decoy test-split settings never do; `none`: {}."""
+    from pipeline.stages import selection as stage
+
+    value = {s: 0.1 * (i + 1) for i, s in enumerate((*SPLITS, "id_test", "test"))}
+    for (trial, level, seed), scores in project["table"].items():
+        posthoc = {f"posthoc/{s}/{name}": v + (1 if name == "beta" else 0) for s, v in value.items()
+                   for name in ("alpha", "beta")}
+        (paths.finetune_dir(trial, level, seed) / paths.SCORES).write_text(json.dumps({**scores, **posthoc}))
+    for r in stage.run(load_params(project["write_params"](selection))):
+        for seed in SEEDS:
+            got = r["seeds"][str(seed)]["posthoc"]
+            assert got == ({} if split is None else {"alpha": value[split], "beta": value[split] + 1}), got
 
 
 def test_selection_stage_protocol_none_takes_the_first_trial(project):

@@ -471,10 +471,14 @@ def split_metrics(dataset, split: str, features: torch.Tensor, head: torch.Tenso
                   rows: torch.Tensor) -> dict[str, float]:
     """Official eval of argmax(features · headᵀ) on one split -> flat `split/metric` keys,
     without the groups that have no sample in the split (wilds reports `acc_<group> = 0` with
-    `count_<group> = 0` for them: a number that means nothing). A callable `head` (an
-    image-conditioned head, CoCoOp's) gives the logits of the features itself."""
-    logits = head(features) if callable(head) else features.float() @ head.float().t().cpu()
-    preds = logits.argmax(1)
+    `count_<group> = 0` for them: a number that means nothing). `head` may instead be a function
+    of the image features giving the logits: an image-conditioned head (CoCoOp's) or a cache
+    model's classifier (`pipeline.models.evalmodel.TunedClassifier`)."""
+    if callable(head):
+        with torch.no_grad():
+            preds = head(features.float()).argmax(1).cpu()
+    else:
+        preds = (features.float() @ head.float().t().cpu()).argmax(1)
     y_true = torch.as_tensor(dataset.y_array)[rows]
     metadata = torch.as_tensor(dataset.metadata_array)[rows]
     results = drop_empty_groups(official_eval(dataset, preds, y_true, metadata))

@@ -15,6 +15,12 @@ Selection is two-step, as in the WiSE-FT paper: first the trial, on the fine-tun
 (α = 1); then, for that trial, the α of the WiSE-FT sweep. Both are the argmax of the
 protocol's score (the dataset's official headline metric on the protocol's data). Ties go to
 the trial listed first in params.yaml, and to the larger α (closer to the fine-tuned model).
+
+A method whose evaluated model carries post-hoc settings (a `TunedClassifier`: Tip-Adapter's
+α and β, Tip-Adapter-F's epoch) has them chosen per trial before the trial is: the finetune
+stage searches them on every validation split (`search_posthoc`) and writes each split's
+choice (`posthoc/<split>/<name>`) with the score at it; the selection stage carries the
+protocol's split's choice into its record, and `none` keeps the method's defaults.
 """
 
 from __future__ import annotations
@@ -78,6 +84,35 @@ def select_trial(scores: dict[str, float], order: list[str]) -> str:
         return (-math.inf if s is None or math.isnan(s) else s, -order.index(name))
 
     return max(order, key=rank)
+
+
+def search_posthoc(classifier, score) -> tuple[dict, float]:
+    """The post-hoc setting of a `TunedClassifier` with the best `score(classifier.at(**setting))`
+    (a validation split's official metric: the caller's `score` reads validation data only),
+    searched stage by stage (`classifier.search`), each stage's choice fixed for the next.
+    Ties and NaN go to the setting met first in the grid's order (the official Tip-Adapter
+    search keeps the first of equal accuracies). Returns (setting, its score)."""
+    setting, best = dict(classifier.setting), math.nan
+    for stage in range(len(classifier.search)):
+        best, chosen = -math.inf, None
+        for candidate in classifier.grid(stage):
+            s = float(score(classifier.at(**{**setting, **candidate})))
+            if chosen is None or s > best:
+                best, chosen = (-math.inf if math.isnan(s) else s), candidate
+        setting.update(chosen)
+    if classifier.search and best == -math.inf:
+        best = math.nan
+    return setting, best
+
+
+def posthoc_of(scores: dict[str, float], split: str | None) -> dict[str, float]:
+    """The post-hoc setting the finetune stage chose on `split` (its `posthoc/<split>/<name>`
+    scores); {} for the `none` protocol (split None: the method's defaults) or a method without."""
+    if split is None:
+        return {}
+    check_selection_split(split)
+    prefix = f"posthoc/{split}/"
+    return {k[len(prefix):]: v for k, v in scores.items() if k.startswith(prefix)}
 
 
 def alpha_key(alpha: float) -> str:

@@ -126,7 +126,8 @@ class Method:
     needs_captions: ClassVar[bool] = False
     # the trainer loads images for each batch (False: the method reads cached features)
     uses_images: ClassVar[bool] = True
-    # False: nothing trains (the zero-shot baseline); the finetune stage saves an empty state
+    # False: nothing trains (the zero-shot baseline; a training-free cache model, Tip-Adapter); the
+    # finetune stage runs `setup` and saves `trained_state()`: empty, or the buffers setup built
     trains: ClassVar[bool] = True
     # the pre-trained model the method starts from: "clip" (model.*) or "vision", a vision-only
     # backbone (vision.*, `pipeline.models.vision`) with no text tower: no zero-shot level,

@@ -101,10 +101,12 @@ def run(params: Params, method: str, log_mlflow: bool = True) -> dict[tuple, dic
     pristine = clip.model  # never changed: each α merges into a copy
     key = protocol.key(spec.metric)
 
-    def evaluate_state(state: dict, hp, seed: int, fewshot, what: str = "") -> dict[str, float]:
+    def evaluate_state(state: dict, hp, seed: int, fewshot, what: str = "",
+                       posthoc: dict | None = None) -> dict[str, float]:
         """A saved state (a trial's, a soup's) at every α of the sweep on every split, the
         registered measures at α = 1 and at the α the protocol chooses: the metric keys of the
-        module docstring (but selection/ and train/)."""
+        module docstring (but selection/ and train/). `posthoc`: the training-free settings of
+        the method's classifier chosen on the protocol's split (Tip-Adapter's α, β)."""
         # the sweep: every split at every α; then the registered measures (retention, RSA, ...)
         # at α = 1 (the fine-tuned model) and at the chosen α only
         per_alpha: dict[float, dict[str, float]] = {}
@@ -113,7 +115,7 @@ def run(params: Params, method: str, log_mlflow: bool = True) -> dict[tuple, dic
         for alpha in alphas:
             model = method_cls.eval_model(copy.deepcopy(pristine), state, hp, cache["head"].to(device), alpha=alpha)
             model = model.to(device).eval()
-            head = model.task_head(task.class_tokens.to(device)).cpu()
+            head = _at_posthoc(model.task_head(task.class_tokens.to(device)).cpu(), posthoc or {})
             m: dict[str, float] = {}
             feats_at[alpha] = {}
             tag = f"{what}seed={seed} α={alpha:g}"
@@ -225,12 +227,13 @@ def run(params: Params, method: str, log_mlflow: bool = True) -> dict[tuple, dic
             raise ValueError(f"{paths.select_file(method, level.name)}: the weights of {trial} changed since "
                              "the selection; run `dvc repro selection`")
         hp = parse_hparams(method, config["hparams"], f"finetune.trials.{trial}")
+        posthoc = chosen.get("posthoc") or {}  # chosen on the protocol's split by finetune (none: defaults)
         sample = read_sample(paths.sample_file(level.name, seed))
         fewshot = None
         if sample["n_val"]:
             fewshot = (torch.as_tensor(sample["val_indices"]),
                        preload(LabeledImages(dataset, sample["val_indices"], transform), bs, nw, desc="decode fewshot_val"))
-        metrics = evaluate_state(state, hp, seed, fewshot)
+        metrics = evaluate_state(state, hp, seed, fewshot, posthoc=posthoc)
         if chosen["score"] is not None:
             metrics["selection/score"] = chosen["score"]
         metrics["selection/trials"] = len(record["trials"])
@@ -248,7 +251,8 @@ def run(params: Params, method: str, log_mlflow: bool = True) -> dict[tuple, dic
         selection = {"protocol": protocol.name, "split": protocol.split, "metric": spec.metric,
                      "trial": trial, "score": chosen["score"], "trials": record["trials"],
                      "scores": chosen["scores"], "edges": chosen["edges"], "hparams": config["hparams"],
-                     "alpha": metrics["selected/alpha"], "alphas": alphas, "level": level.name, "level_kind": level.kind,
+                     "alpha": metrics["selected/alpha"], "alphas": alphas, "posthoc": posthoc, "level": level.name,
+                     "level_kind": level.kind,
                      "seed": seed, "n_train": summary["n_train"], "headline": spec.metric}
         out = paths.evaluate_dir(method, level.name, seed)
         # staged, logged to MLflow from the staging folder, and moved into place only then:
@@ -298,6 +302,18 @@ def run(params: Params, method: str, log_mlflow: bool = True) -> dict[tuple, dic
                                "runs": logged}, indent=1))
     tmp.replace(record_file)
     return results
+
+
+def _at_posthoc(head, posthoc: dict):
+    """The task head at the post-hoc setting the selection carried (a `TunedClassifier`'s)."""
+    from pipeline.models.evalmodel import TunedClassifier
+
+    if not posthoc:
+        return head
+    if not isinstance(head, TunedClassifier):
+        raise ValueError(f"the selection carries post-hoc settings {posthoc}, but the method's model has none; "
+                         "run `dvc repro selection`")
+    return head.at(**posthoc)
 
 
 def log_to_mlflow(params: Params, method: str, level, seed: int, trials: list[str], metrics: dict,

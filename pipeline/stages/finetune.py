@@ -313,7 +313,10 @@ def _scores(params, task, backbone, method_cls, hp, state, model, sample, val_se
     """The fine-tuned model (α = 1) on the dataset's validation splits and on the sample's
     few-shot validation rows (`fewshot_val/<metric>`): what every protocol selects on; and its
     zero-shot accuracy on every retention task (`zs/<task>/acc`), so the report can show what
-    each trial the protocol passed over would have kept."""
+    each trial the protocol passed over would have kept. A model whose head is a
+    `TunedClassifier` has its post-hoc settings chosen on each validation split
+    (`search_posthoc`): that split's scores are at its choice, written as
+    `posthoc/<split>/<name>`."""
     from pipeline.evaluation.zeroshot import retention_metrics
 
     ep = params.evaluate
@@ -328,15 +331,40 @@ def _scores(params, task, backbone, method_cls, hp, state, model, sample, val_se
             tasks.append(rows)
             task_feats[rows.name] = feats
         else:
-            scores.update(split_metrics(task.dataset, split, feats, head, rows))
+            scores.update(_val_metrics(task, split, feats, head, rows))
     if tasks:
         scores.update(retention_metrics(model, tasks, None, device, ep.batch_size, features=task_feats))
     if sample["n_val"]:
         rows = torch.as_tensor(sample["val_indices"])
         images = LabeledImages(task.dataset, sample["val_indices"], backbone.preprocess_val)
         feats = encode_images(model, images, device, ep.batch_size, ep.num_workers, desc=f"score {FEWSHOT_VAL}")
-        scores.update(split_metrics(task.dataset, FEWSHOT_VAL, feats, head, rows))
+        scores.update(_val_metrics(task, FEWSHOT_VAL, feats, head, rows))
     return scores
+
+
+def _val_metrics(task, split: str, feats, head, rows) -> dict[str, float]:
+    """`split_metrics` of a validation split; with a `TunedClassifier` head, at the post-hoc
+    setting chosen on this split (its official metric), recorded as `posthoc/<split>/<name>`."""
+    from pipeline.evaluation.selection import check_selection_split, search_posthoc
+    from pipeline.models.evalmodel import TunedClassifier
+
+    check_selection_split(split)
+    if not isinstance(head, TunedClassifier) or not head.search:
+        return split_metrics(task.dataset, split, feats, head, rows)
+    key = f"{split}/{task.spec.metric}"
+    by_preds: dict[bytes, float] = {}  # the score is a function of the predictions: most grid points repeat one
+
+    def score(classifier) -> float:
+        with torch.no_grad():
+            preds = classifier(feats.float()).argmax(1).cpu().numpy().tobytes()
+        if preds not in by_preds:
+            by_preds[preds] = split_metrics(task.dataset, split, feats, classifier, rows)[key]
+        return by_preds[preds]
+
+    setting, _ = search_posthoc(head, score)
+    out = split_metrics(task.dataset, split, feats, head.at(**setting), rows)
+    out.update({f"posthoc/{split}/{k}": float(v) for k, v in setting.items()})
+    return out
 
 
 def _keep(out: Path, kept: Path, key: str) -> None:

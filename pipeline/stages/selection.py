@@ -24,7 +24,7 @@ from pipeline.stages.common import ParamsOpt, guard, run_command
 
 def select_cell(params: Params, protocol, metric: str, method: str, level: str) -> dict:
     """The selection record of one method at one level (every seed)."""
-    from pipeline.evaluation.selection import select_trial, space_edges
+    from pipeline.evaluation.selection import posthoc_of, select_trial, space_edges
 
     ft = params.finetune
     trials = ft.trials_of(method)
@@ -36,13 +36,15 @@ def select_cell(params: Params, protocol, metric: str, method: str, level: str) 
               "metric": metric, "score_key": key, "trials": trials, "origin": origin, "searches": searches,
               "hparams": {}, "seeds": {}}
     for seed in params.sample.seeds:
-        scores, hparams, retention = {}, {}, {}
+        scores, hparams, retention, posthoc = {}, {}, {}, {}
         for trial in trials:
             run = paths.finetune_dir(trial, level, seed)
             made_by = f"finetune@{trial}-{level}"
             s = paths.read_json(run / paths.SCORES, made_by)
             hparams[trial] = paths.read_json(run / paths.CONFIG, made_by)["hparams"]
             retention[trial] = {k: float(v) for k, v in s.items() if k.startswith("zs/")}
+            # post-hoc settings (Tip-Adapter's α, β) chosen on the protocol's split; none: defaults
+            posthoc[trial] = posthoc_of(s, protocol.split)
             if key is not None:
                 if key not in s:
                     raise ValueError(f"{run / paths.SCORES}: no {key!r}; it was written by an older "
@@ -56,6 +58,7 @@ def select_cell(params: Params, protocol, metric: str, method: str, level: str) 
             "score": None if math.isnan(score) else score,
             "scores": scores,
             "hparams": hparams[chosen],
+            "posthoc": posthoc[chosen],
             "edges": space_edges(chosen, hparams, origin, ft.searches) if key is not None else [],
             "weights_sha256": file_sha256(paths.finetune_dir(chosen, level, seed) / paths.WEIGHTS),
             # every trial's zero-shot retention (what the choice kept or gave up; not a criterion)
