@@ -363,6 +363,7 @@ def _params(tmp_path, dataset: str, trial: dict):
     raw["dataset"]["name"] = dataset
     raw["finetune"]["methods"] = ["arf"]
     raw["finetune"]["trials"] = {"arf-a": {"method": "arf", **trial}}
+    raw["finetune"]["search"] = {}  # the default's searches are of other methods
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path

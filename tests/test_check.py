@@ -85,7 +85,7 @@ CASES = {
         r"for 'tiny-clip'\. Allowed: 'builtin' \(pre-trained here\) or a path"),
     # SOT + 17 context tokens + a shape name + "." + EOT exceed tiny-clip's 20 positions
     "a prompt method whose prompts do not fit the text tower": (
-        lambda p: (p["finetune"].__setitem__("methods", ["coop"]),
+        lambda p: (p["finetune"].__setitem__("methods", ["coop"]), p["finetune"].__setitem__("search", {}),
                    p["finetune"].__setitem__("trials", {"coop-a": {"method": "coop", "n_ctx": 17}})),
         r"finetune\.trials\.coop-a \(coop, tiny-clip, synthetic\): the prompt '(X ){17}\w+\.' "
         r"does not fit the text tower's 20-token context \(the tokenizer cuts the class name\); use a smaller n_ctx"),
