@@ -13,8 +13,8 @@ from pipeline.core.validation import Float, Int, Str
 from pipeline.methods import register
 from pipeline.methods.base import EvalModel, Method, freeze
 from pipeline.methods.common import image_features
-from pipeline.methods.coop import (EVAL_CHUNK, LearnedContext, PromptHparams, PromptSGD, build_context, check_prompts, chunk_for,
-                                   encode_prompts, require_token_embedding)
+from pipeline.methods.coop import (EVAL_CHUNK, LearnedContext, PromptHparams, PromptSGD, build_context, chunk_for,
+                                   encode_prompts)
 from pipeline.models.losses import fp32_loss, upcast
 
 
@@ -158,14 +158,6 @@ class CoCoOp(PromptSGD, Method):
     family = "prompt"
     trains_extra = r"^(prompt\.ctx|meta_net\.linear[12]\.(weight|bias))$"
     Hparams = CoCoOpHparams
-
-    @classmethod
-    def check_model(cls, model) -> None:
-        require_token_embedding(cls.name, model)
-
-    @classmethod
-    def check_task(cls, hp, model, tokenizer, class_names) -> None:
-        check_prompts(cls.name, hp, tokenizer, class_names)
 
     def setup(self) -> None:
         freeze(self.root)

@@ -238,8 +238,18 @@ def prompt_head(model: nn.Module, prompt: LearnedContext, chunk_size: int | None
 
 
 class PromptSGD:
-    """The CoOp family's optimiser: SGD with momentum and weight decay on every trained
-    tensor, on the trainer's warm-up and cosine schedule (the group carries `lr_scale`)."""
+    """What the CoOp family shares: the optimiser, SGD with momentum and weight decay on every
+    trained tensor, on the trainer's warm-up and cosine schedule (the group carries
+    `lr_scale`); and the checks before any work, a text tower with a token embedding and
+    prompts the tokenizer does not cut."""
+
+    @classmethod
+    def check_model(cls, model) -> None:
+        require_token_embedding(cls.name, model)
+
+    @classmethod
+    def check_task(cls, hp, model, tokenizer, class_names) -> None:
+        check_prompts(cls.name, hp, tokenizer, class_names)
 
     def optimizer(self):
         params = [p for p in self.extra.parameters() if p.requires_grad]
@@ -297,14 +307,6 @@ class CoOp(PromptSGD, Method):
     family = "prompt"
     trains_extra = r"^prompt\.ctx$"
     Hparams = CoOpHparams
-
-    @classmethod
-    def check_model(cls, model) -> None:
-        require_token_embedding(cls.name, model)
-
-    @classmethod
-    def check_task(cls, hp, model, tokenizer, class_names) -> None:
-        check_prompts(cls.name, hp, tokenizer, class_names)
 
     def setup(self) -> None:
         freeze(self.root)
