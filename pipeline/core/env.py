@@ -42,7 +42,7 @@ def short_process_gc() -> None:
     survived collections have grown by a quarter since the last full one. A stage's imports
     (torch, open_clip, timm, wilds, MLflow, SQLAlchemy: ~700,000 objects, none of them garbage)
     grow them by a quarter again and again: ~9 full collections per process, each one walking
-    every object imported so far, for ~1.3 s of CPU in a finetune entry that finds nothing to free.
+    every object imported so far: ~1 s of CPU in a tiny finetune entry, finding nothing to free.
     A full collection at most every FULL_GC_EVERY middle ones (~700,000 net allocations) leaves
     one or two; the young and middle generations, which free almost all cyclic garbage (and a
     training step's), are collected as before. Only when memory is freed changes, never a value.
