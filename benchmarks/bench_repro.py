@@ -81,7 +81,8 @@ def set_params(repo: Path, sets: list[str]) -> list[str]:
 
 def training_seconds(repo: Path) -> tuple[float, int]:
     """The finetune runs' own wall time (what `fit` logged), summed, and how many runs."""
-    times = [json.loads(f.read_text()).get("wall_time_s", 0.0) for f in (repo / "logs" / "finetune").rglob("seed*.json")]
+    files = (repo / "logs" / "finetune").rglob("seed*.json")
+    times = [json.loads(f.read_text()).get("wall_time_s", 0.0) for f in files]
     return float(sum(times)), len(times)
 
 
