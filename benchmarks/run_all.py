@@ -36,6 +36,7 @@ BENCHES = {
     "radapter": ("bench_radapter.py", True),  # R-Adapter's own cost benchmark
     "text_head": ("bench_text_head.py", True),  # prompt-CE head vs number of classes (~1 h on CPU)
     "repro": ("bench_repro.py", False),
+    "startup": ("bench_startup.py", False),  # each stage entry's start-up (imports, exit)
 }
 
 

@@ -35,10 +35,16 @@ def guard(fn: Callable) -> Callable:
 
 
 def run_command(command: Callable, argv: list[str] | None = None, name: str | None = None) -> None:
-    """Run one stage command as its own program (the DVC entry points in stages/)."""
+    """Run one stage command as its own program (the DVC entry points in stages/); it ends the
+    process (typer exits with the command's status), without the collector's walk at exit."""
+    from pipeline.core.env import freeze_for_exit
+
     app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
     app.command(name=name)(command)
-    app(args=sys.argv[1:] if argv is None else argv, prog_name=name or command.__name__)
+    try:
+        app(args=sys.argv[1:] if argv is None else argv, prog_name=name or command.__name__)
+    finally:
+        freeze_for_exit()
 
 
 @dataclass

@@ -52,14 +52,17 @@ KEPT_FILES = (WEIGHTS, CONFIG, SCORES, TRAIN_LOG, SUMMARY)  # SUMMARY (the finis
 KEPT_MANIFEST = "manifest.json"
 
 
-def run_config(params: Params, trial: str, level: Level, seed: int, steps: int) -> dict:
-    """Everything that determines the trained weights (also the resume fingerprint)."""
+def run_config(params: Params, trial: str, level: Level, seed: int, steps: int,
+               pretrained_sha256: str | None = None) -> dict:
+    """Everything that determines the trained weights (also the resume fingerprint).
+    `pretrained_sha256`: the digest of the pre-trained weights file, when the caller has it
+    (an entry reads it once for all its seeds: a ViT-B/16 file is ~600 MB); else read here."""
     method, overrides = params.finetune.trial(trial)
     source = model_source(params, get_method(method))
     return {
         "trial": trial, "method": method, "level": level.name, "seed": seed,
         "dataset": params.dataset.name, "arch": source["arch"], "pretrained": source["pretrained"],
-        "pretrained_sha256": models.file_sha256(source["weights"]),
+        "pretrained_sha256": pretrained_sha256 or models.file_sha256(source["weights"]),
         "hparams": to_dict(parse_hparams(method, overrides, f"finetune.trials.{trial}")),
         "train": to_dict(params.finetune.train), "threads": params.threads, "steps": steps,
     }
@@ -144,10 +147,12 @@ def run(params: Params, trial: str, level_name: str, progress: bool = True, log_
     backbone = method_model(params, method_cls, task, device)
     val_sets = _selection_sets(task, params, backbone) if dist.is_main() else {}
     pristine = backbone.model  # never changed: every seed trains, and is scored, on a copy
+    # the file the backbone was loaded from (a DVC dep: unchanged while the entry runs), once
+    pretrained_sha256 = models.file_sha256(model_source(params, method_cls)["weights"])
     summaries = []
     for seed in params.sample.seeds:
         summaries.append(_run_seed(params, trial, level, seed, method_cls, hp, task, backbone, pristine, val_sets,
-                                   device, progress, log_mlflow))
+                                   device, progress, log_mlflow, pretrained_sha256))
     dist.barrier()
     if dist.is_main():  # every seed is in the entry's output: the kept copies are spent
         for seed in params.sample.seeds:
@@ -179,14 +184,14 @@ def _selection_sets(task, params: Params, backbone) -> dict:
 
 
 def _run_seed(params, trial, level, seed, method_cls, hp, task, backbone, pristine, val_sets, device, progress,
-              log_mlflow=True) -> dict:
+              log_mlflow=True, pretrained_sha256=None) -> dict:
     tp = params.finetune.train
     sample = read_sample(paths.sample_file(level.name, seed))
     steps = budget_steps(sample["n"], tp.batch_size, tp.epochs, tp.min_steps, tp.max_steps,
                          multiple=dist.world_size())
     out = paths.finetune_dir(trial, level.name, seed)
     ckpt_dir = paths.checkpoint_dir(trial, level.name, seed)
-    config = run_config(params, trial, level, seed, steps)
+    config = run_config(params, trial, level, seed, steps, pretrained_sha256)
     key = result_key(params, config, level, seed) if dist.is_main() else None
     restored = None
     if dist.is_main():
@@ -288,7 +293,7 @@ def _write_outputs(params, trial, level, seed, method_cls, state, config, scores
     """Weights, config, scores, train log and run times, then the MLflow run finishes, and
     the finished marker (train_summary.json) goes last."""
     out = paths.finetune_dir(trial, level.name, seed)
-    models.save_state_dict(state, out / WEIGHTS, meta={"method": method_cls.name, "trial": trial})
+    weights_sha256 = models.save_state_dict(state, out / WEIGHTS, meta={"method": method_cls.name, "trial": trial})
     (out / CONFIG).write_text(json.dumps(config, indent=1))
     (out / SCORES).write_text(json.dumps(scores, indent=1, sort_keys=True))
     _write_log(jsonl, out / TRAIN_LOG)
@@ -301,7 +306,7 @@ def _write_outputs(params, trial, level, seed, method_cls, state, config, scores
         # re-training to the same weights keeps the evaluation MLflow holds for them (evaluate
         # does not re-run for an unchanged output)
         live.finish(training_metrics(params.dataset.name, summary, scores, times),
-                    tags={"weights_sha256": models.file_sha256(out / WEIGHTS)}, carry=("weights_sha256", "evaluated"))
+                    tags={"weights_sha256": weights_sha256}, carry=("weights_sha256", "evaluated"))
     (out / SUMMARY).write_text(json.dumps(summary, indent=1))
     _keep(out, ckpt_dir / FINISHED, json.loads((ckpt_dir / CONFIG).read_text())["result_key"])
     (ckpt_dir / "last.pt").unlink(missing_ok=True)  # finished: the checkpoint is spent
