@@ -117,6 +117,7 @@ def project(tmp_path_factory):
     params["finetune"]["train"].update(epochs=1.0, min_steps=1, max_steps=1, batch_size=2, checkpoint_every=1)
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
+    stage(work, "search")  # trials.yaml, which the check stage compares with params.yaml
     stage(work, "check", "--write")  # the check stage: links and digests of the files outside the project
     stage(work, "prepare")
     stage(work, "images")
