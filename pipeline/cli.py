@@ -159,8 +159,9 @@ def study(sets: list[str] = typer.Option(..., "--set", "-S", metavar="KEY=V1[,V2
           name: Optional[str] = typer.Option(None, "--name", help="A prefix for the experiments' names."),
           cluster_file: Optional[Path] = typer.Option(
               None, "--cluster-file", help="Resources of the jobs (default: cluster.yaml if present).")):
-    """Run a study of several experiments (datasets, tasks) from one command, each grid on the
-    cluster, e.g. `study -S dataset.name=iwildcam,fmow,camelyon17,rxrx1,waterbirds`.
+    """Run several experiments (datasets, tasks) from one command, each grid on the cluster.
+
+    E.g. `study -S dataset.name=iwildcam,fmow,camelyon17,rxrx1,waterbirds`.
 
     Each experiment gets a workspace (a git worktree of HEAD with your uncommitted edits, under
     .studies/<name>, sharing the project's DVC cache) with its -S values in params.yaml; there
