@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from tests.e2e_project import ROOT, copy_pipeline, init_and_repro, merge
+from tests.test_e2e import TINY as E2E_TINY
 
 pytestmark = pytest.mark.slow
 
@@ -23,13 +24,8 @@ TRAINING_FREE = ("tip_adapter",)
 
 
 
-TINY = {
-    "prepare": {"synthetic": {"n_train": 400, "n_id_val": 100, "n_id_test": 150, "n_val": 100,
-                              "n_test": 150, "n_heldout": 200, "n_corpus": 3000}},
-    "pretrained": {"builtin": {"steps": 200, "batch_size": 64, "warmup": 20}},
-    "reference": {"max_samples": 300},
-    "embed": {"iimm_samples": 200},
-    # one level: ten methods' entries are the test's cost (the levels' own logic is test_levels')
+# the e2e data sizes; one level: ten methods' entries are the test's cost (the levels' own logic is test_levels')
+TINY = merge(E2E_TINY, {
     "sample": {"levels": [4], "seeds": [0]},
     "finetune": {"methods": list(NEW),
                  "trials": {"clip_lora-a": {"method": "clip_lora"}, "lp_pp-a": {"method": "lp_pp"},
@@ -42,8 +38,8 @@ TINY = {
                                                 "alpha_steps": 4}},
                  "train": {"epochs": 1.0, "min_steps": 6, "max_steps": 6, "batch_size": 16,
                            "checkpoint_every": 3}},
-    "evaluate": {"wise_alphas": [0.0, 1.0], "rsa_samples": 150},
-}
+    "evaluate": {"wise_alphas": [0.0, 1.0], "rsa_samples": 150, "soups": []},
+})
 
 
 def test_fewshot_baselines_through_dvc_repro(tmp_path):

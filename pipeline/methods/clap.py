@@ -12,6 +12,7 @@ from torch import nn
 from pipeline.core.validation import Float, Int
 from pipeline.methods import register
 from pipeline.methods.base import BaseHparams, EvalModel, Method, freeze
+from pipeline.methods.common import view_batch
 from pipeline.models.losses import fp32_loss
 
 
@@ -158,10 +159,7 @@ class CLAP(Method):
 
     def loss(self, batch, step):
         w = self.extra["prototypes"].weight
-        idx = batch["index"].to(self.features.device)
-        v, _, d = self.features.shape
-        f = self.features[:, idx].reshape(-1, d).to(w.device)
-        y = batch["y"].to(w.device).repeat(v)  # row r = view r // B of sample r % B
+        f, y = view_batch(self.features, batch, w.device)
         ce, reg = clap_loss(f, w, self.anchors.to(w.device), self.weights.to(w.device), y, self.scale)
         return {"ce_loss": ce, "constraint_loss": reg}
 

@@ -51,6 +51,15 @@ def cached_features(ctx, encoder, desc: str) -> torch.Tensor:
     return feats
 
 
+def view_batch(views: torch.Tensor, batch, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch's rows of cached augmented views `views` [V, N, D] (CLAP's, Tip-Adapter-F's),
+    flattened to [V·B, D] on `device`, with the labels repeated to match: row r is view r // B
+    of the batch's sample r % B."""
+    idx = batch["index"].to(views.device)
+    v, _, d = views.shape
+    return views[:, idx].reshape(-1, d).to(device), batch["y"].to(device).repeat(v)
+
+
 def image_features(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """L2-normalised image embeddings, normalised in float32 (a bf16 forward's output is
     upcast first: its norm and quotient would otherwise round again)."""

@@ -13,6 +13,7 @@ from torch import nn
 from pipeline.core.validation import Float, Int
 from pipeline.methods import register
 from pipeline.methods.base import EvalModel, freeze
+from pipeline.methods.common import view_batch
 from pipeline.methods.tip_adapter import TipAdapter, TipHparams, tip_logits
 from pipeline.models.losses import fp32_loss
 
@@ -112,10 +113,7 @@ class TipAdapterF(TipAdapter):
 
     def loss(self, batch, step):
         keys = self.extra["cache"].keys
-        idx = batch["index"].to(self.view_features.device)
-        v, _, d = self.view_features.shape
-        f = self.view_features[:, idx].reshape(-1, d).to(keys.device)
-        y = batch["y"].to(keys.device).repeat(v)  # row r = view r // B of sample r % B
+        f, y = view_batch(self.view_features, batch, keys.device)
         return {"ce_loss": tip_f_loss(f, self.head.to(keys.device), keys, self.values.to(keys.device),
                                       self.hp.alpha, self.hp.beta, y)}
 
