@@ -27,6 +27,9 @@ def test_expand_gives_one_experiment_per_combination():
     got = expand(["sample.seeds=[0, 1, 2]", "dataset.name=fmow,rxrx1"])
     assert [e.name for e in got] == ["fmow", "rxrx1"] and got[1].sets[0] == ("sample.seeds", [0, 1, 2])
     assert [e.name for e in expand(["dataset.name=fmow"])] == ["fmow"]
+    # one experiment with a prefix (a recipe) is named by the prefix alone
+    got = expand(["finetune.methods=[lp, ft]", "sample.levels=[1, 16]"], prefix="robust")
+    assert [e.name for e in got] == ["robust"] and got[0].sets[0] == ("finetune.methods", ["lp", "ft"])
 
 
 @pytest.mark.parametrize("sets, message", [

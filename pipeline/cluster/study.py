@@ -97,8 +97,11 @@ def expand(sets: list[str], prefix: str | None = None) -> list[Experiment]:
             raise StudyError(f"-S {s!r}: a value is listed twice")
         axes.append((key, [_value(v) for v in vals]))
     out, names = [], set()
-    # named by the values that vary (a -S with one value is a setting of every experiment)
-    varying = [i for i, (_, vals) in enumerate(axes) if len(vals) > 1] or list(range(len(axes)))
+    # named by the values that vary (a -S with one value is a setting of every experiment); one
+    # experiment with a prefix is named by the prefix alone (a recipe: `--name robust`)
+    varying = [i for i, (_, vals) in enumerate(axes) if len(vals) > 1]
+    if not varying and not prefix:
+        varying = list(range(len(axes)))
     for combo in itertools.product(*(vals for _, vals in axes)):
         parts = [_slug(combo[i]) for i in varying]
         name = "-".join(([_slug(prefix)] if prefix else []) + parts)
