@@ -475,7 +475,20 @@ def prog_name(argv0: str | None = None) -> str:
     return "wfp" if name in ("wfp", "wfp.exe") else "python -m pipeline"
 
 
+def use_this_interpreter() -> None:
+    """Make `python` in the subprocesses this command starts (dvc.yaml's stage commands, run by
+    DVC; the cluster's jobs; a study's workspaces) the interpreter running it: its bin/ folder
+    first on PATH. Without it, `.venv/bin/python -m pipeline repro` from a shell without the
+    environment activated runs each stage with whatever `python` PATH finds first (another
+    environment's, lacking the packages or holding other versions of them)."""
+    bindir = os.path.dirname(sys.executable)
+    path = os.environ.get("PATH", "")
+    if bindir and path.split(os.pathsep)[0] != bindir:
+        os.environ["PATH"] = os.pathsep.join([bindir, *filter(None, [path])])
+
+
 def main(argv: Optional[list[str]] = None) -> None:
+    use_this_interpreter()
     app(args=argv, prog_name=prog_name())
 
 

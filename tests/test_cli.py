@@ -1,4 +1,4 @@
-"""The command line's helpers: `ui` stops everything it started."""
+"""The command line: `ui` stops everything it started; what it starts runs on its interpreter."""
 
 from __future__ import annotations
 
@@ -41,3 +41,23 @@ def test_the_ui_command_stops_the_server_and_its_workers(tmp_path):
     while (_alive(server) or _alive(worker)) and time.time() < deadline:
         time.sleep(0.1)
     assert not _alive(server) and not _alive(worker)
+
+
+def test_the_stages_run_on_the_interpreter_of_the_command(tmp_path):
+    """`.venv/bin/python -m pipeline …` from a shell whose PATH finds another `python` first:
+    what the CLI starts (DVC, whose stage commands say `python`) finds this interpreter."""
+    import shutil
+    import subprocess
+    import sys
+
+    other = tmp_path / "other-bin"
+    other.mkdir()
+    (other / "python").write_text("#!/bin/sh\necho not-this-one\n")
+    (other / "python").chmod(0o755)
+    code = ("import shutil, sys\nfrom pipeline.cli import main\ntry:\n    main(['--help'])\n"
+            "except SystemExit:\n    pass\nprint('PYTHON=' + shutil.which('python'))\n")
+    env = {**os.environ, "PATH": f"{other}{os.pathsep}/usr/bin{os.pathsep}/bin"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    found = out.rsplit("PYTHON=", 1)[1].strip()
+    assert os.path.dirname(found) == os.path.dirname(sys.executable), found
+    assert shutil.which("python", path=env["PATH"]) == str(other / "python")  # the test's premise
