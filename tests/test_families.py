@@ -388,6 +388,27 @@ def test_a_local_tokenizer_larger_than_the_text_tower_is_refused(tmp_path):
     assert models.create(fits, tokenizer=str(folder)).tokenizer(["a circle"]).shape == (1, 16)
 
 
+def test_a_local_tokenizer_vocab_check_runs_without_transformers(tmp_path, monkeypatch):
+    """The vocabulary-size refusal of a local tokenizer, with open_clip's `HFTokenizer`
+    replaced by a stand-in with 10 tokens, so that it runs where the test above skips."""
+
+    class TenTokens:
+        def __init__(self, folder, context_length, tokenizer_mode=None, **kwargs):
+            self.tokenizer = [f"t{i}" for i in range(10)]
+
+    monkeypatch.setattr(models, "HFTokenizer", TenTokens)
+    folder = tmp_path / "tokenizer"
+    folder.mkdir()
+    cfg = json.loads((models.CONFIG_DIR / "tiny-siglip.json").read_text())
+    cfg["text_cfg"].update(vocab_size=9, hf_tokenizer_name="nowhere/none")
+    small = _register("families-test-siglip-standin-vocab9", json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"^model\.tokenizer: .* has 10 tokens, more than the 9 .*vocab_size"):
+        models.load_tokenizer(small, str(folder))
+    cfg["text_cfg"].update(vocab_size=10)  # exactly the tokenizer's size fits
+    fits = _register("families-test-siglip-standin-vocab10", json.dumps(cfg))
+    assert isinstance(models.load_tokenizer(fits, str(folder)), TenTokens)
+
+
 def test_a_local_tokenizer_folder_without_transformers_names_the_package(tmp_path, monkeypatch):
     """Without `transformers` (hidden here: `import transformers` fails as when it is not
     installed) a folder is refused with the package to install."""
