@@ -183,6 +183,27 @@ def test_rank_test_equals_scipy_and_the_nemenyi_definition():
     assert f"Friedman χ² = {chi2:.2f}" in md and "| dive | 1.17 | – |" in md
 
 
+def test_the_cd_bar_sits_above_the_rank_axis_labels(tmp_path):
+    """The diagram's CD bar and its label are drawn clear of the rank axis's tick labels (where
+    scikit-posthocs puts them they overlap), the bar as long as the critical difference."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    result = cmp.rank_test(RANKED, "ood")
+    cmp.cd_diagram(result, tmp_path / "cd.png")
+    assert (tmp_path / "cd.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    fig = cmp.cd_figure(result)
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    fig.draw(renderer)
+    (ax,) = fig.axes
+    ticks_top = max(t.get_window_extent(renderer).y1 for t in ax.get_xticklabels() if t.get_text())
+    bars = [line for line in ax.lines if len(line.get_xdata()) == 2
+            and abs(np.ptp(line.get_xdata()) - result.cd) < 1e-9 and np.ptp(line.get_ydata()) == 0]
+    assert len(bars) == 1
+    bar_y = ax.transData.transform((0, bars[0].get_ydata()[0]))[1]
+    (label,) = [t for t in ax.texts if t.get_text().startswith("CD = ")]
+    assert bar_y > ticks_top and label.get_window_extent(renderer).y0 > ticks_top
+
+
 def test_a_method_missing_from_a_task_is_left_out_and_too_little_is_refused():
     table = RANKED.copy()
     table.loc["task2", "lp"] = math.nan

@@ -316,11 +316,16 @@ def rank_test(table: pd.DataFrame, value: str = "ood", alpha: float = ALPHA) -> 
 
 def cd_diagram(result: RankResult, path: Path, title: str | None = None) -> None:
     """The critical-difference diagram of `result` (scikit-posthocs), as PNG."""
+    from pipeline.report.plots import _save
+
+    _save(cd_figure(result, title), path)
+
+
+def cd_figure(result: RankResult, title: str | None = None):
+    """The critical-difference diagram of `result` (scikit-posthocs) as a matplotlib Figure."""
     import scikit_posthocs as sp
     from matplotlib import rc_context
     from matplotlib.figure import Figure
-
-    from pipeline.report.plots import _save
 
     k = len(result.ranks)
     with rc_context({"font.size": 10, "savefig.dpi": 150}):
@@ -330,11 +335,27 @@ def cd_diagram(result: RankResult, path: Path, title: str | None = None) -> None
         fig.subplots_adjust(left=0.2, right=0.8, top=1 - 0.75 / (1.9 + 0.3 * k), bottom=0.04)
         sp.critical_difference_diagram(result.ranks, result.nemenyi, cd=result.cd, alpha=result.alpha, ax=ax,
                                        label_fmt_left="{label} ({rank:.2f})", label_fmt_right="({rank:.2f}) {label}")
+        _lift_cd_bar(ax)
         fig.suptitle(title or (
             f"{NAMES[result.value]}: average rank over {result.n_tasks} tasks (1 = best), Friedman p = "
             f"{_p(result.friedman_p)}\nbars join methods the Nemenyi test cannot tell apart (α = {result.alpha})"),
             fontsize=9.5, x=0.02, ha="left")
-        _save(fig, path)
+    return fig
+
+
+def _lift_cd_bar(ax, lift: float = 1.0) -> None:
+    """scikit-posthocs draws the CD bar and its label half a unit above the rank axis, where
+    the axis's tick labels are: move both `lift` units up, clear of them."""
+    for line in ax.lines:
+        y = list(line.get_ydata())
+        if len(y) == 2 and y == [0.5, 0.5]:
+            line.set_ydata([0.5 + lift, 0.5 + lift])
+    for text in ax.texts:
+        if text.get_text().startswith("CD = "):
+            x, y = text.get_position()
+            text.set_position((x, y + lift + 0.1))
+    bottom, top = ax.get_ylim()
+    ax.set_ylim(bottom, max(top, 1.0 + lift))
 
 
 def _p(p: float) -> str:
