@@ -3,7 +3,7 @@
 # data"): FLYP, FLYP+replay, SnD, ARF, DiVE, Lipsum-FT, CaRot, CLIPood, Model Stock and FTP, each
 # with its own search (two Sobol draws of its learning rate, DiVE of its λ, as the default
 # params.yaml searches), at k = 1 and 16 with 3 seeds, the protocol's selection (evaluate.selection:
-# auto), FLYP's greedy soup as a row of its own. One DVC experiment, `robust`, run by
+# auto), each method's greedy soup of its two trials as a row of its own (`flyp+greedy_soup`). One DVC experiment, `robust`, run by
 # `python -m pipeline study` in its own workspace (.studies/robust) sharing the project's DVC
 # cache, so the tiny CLIP pre-trained by the default run is reused.
 #
@@ -26,6 +26,6 @@ start=$(date +%s)
 "$PY" -m pipeline study --name robust --cluster "$CLUSTER" \
     -S "finetune.methods=[flyp, flyp_replay, snd, arf, dive, lipsum_ft, carot, clipood, model_stock, ftp]" \
     -S "finetune.search=$search" -S "finetune.trials={}" \
-    -S "sample.levels=[1, 16]" -S "sample.seeds=[0, 1, 2]" -S "evaluate.soups=[flyp]" \
+    -S "sample.levels=[1, 16]" -S "sample.seeds=[0, 1, 2]" -S "evaluate.soups=[greedy]" \
     "$@"
 echo "robust: $(( $(date +%s) - start )) s"
