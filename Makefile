@@ -28,7 +28,7 @@ repro: setup
 TEST_WORKERS ?= 2
 test: setup
 	PATH="$(abspath $(VENV))/bin:$$PATH" OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} \
-		$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+		$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 $(PYTEST_ARGS)
 
 ui: setup
 	$(PY) -m pipeline ui

@@ -133,6 +133,12 @@ def test_a_failed_experiment_is_reported_and_not_saved(tmp_path):
     work = cp.make(tmp_path / "p")
     (work / "FAIL_b").write_text("")  # untracked: it reaches the workspaces, as an edit does
     study = Study(work, echo=lambda line: None)
-    results = _run_in(work, study.run, [Experiment("bad", (("k", 3),))], _toy_command("debug", 1), 1)
+    # the local backend: the debug one runs a failing job under pdb's post-mortem in the
+    # controller's process, which a test's closed stdin ends before the failure is recorded
+    results = _run_in(work, study.run, [Experiment("bad", (("k", 3),))], _toy_command("local", 1), 1)
     assert results == {"bad": 1}
     assert "bad" not in json.dumps(_exp_show(work))
+    # nothing left running: the workspace's tracking server stopped with its controller (its
+    # record, which a server kept up for jobs still out would leave, is gone)
+    assert (work / ".studies/bad/logs/mlflow-server.log").exists()
+    assert not (work / ".studies/bad/logs/mlflow-server.json").exists()
