@@ -316,9 +316,12 @@ def rank_test(table: pd.DataFrame, value: str = "ood", alpha: float = ALPHA) -> 
 
 def cd_diagram(result: RankResult, path: Path, title: str | None = None) -> None:
     """The critical-difference diagram of `result` (scikit-posthocs), as PNG."""
+    from matplotlib import rc_context
+
     from pipeline.report.plots import _save
 
-    _save(cd_figure(result, title), path)
+    with rc_context({"savefig.dpi": 150}):
+        _save(cd_figure(result, title), path)
 
 
 def cd_figure(result: RankResult, title: str | None = None):
