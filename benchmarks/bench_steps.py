@@ -41,7 +41,13 @@ def worker(args) -> dict:
     class_tokens = bt.class_tokens_for(tokenizer, args.classes)
     batch = args.worker_batch
     data = bt.make_data(2 * batch, size, args.classes)
-    extra, hp = {}, {}
+    # what the finetune stage gives every method: the training sample (the cache and probe
+    # methods read it whole), its class names and the tokenizer (the prompt learners write
+    # their own prompts)
+    extra = {"train_set": data, "train_eval_set": data, "tokenizer": tokenizer,
+             # one token each, so CoOp's 16 context tokens fit the tiny CLIP's 20 positions
+             "class_names": tuple("abcdefghijklmnopqrstuvwxyz"[i % 26] * (1 + i // 26) for i in range(args.classes))}
+    hp = {}
     from pipeline.methods import METHODS as REGISTRY
 
     cls = REGISTRY[args.worker]
