@@ -5,6 +5,7 @@ server. test_tracking.py holds the same behaviours on the sqlite store itself.""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -329,6 +330,34 @@ def test_the_store_reads_the_same_without_the_server_and_a_dead_server_is_an_err
         assert [a.path for a in client().list_artifacts(rid)] == ["summary.json"]
     assert not old.exists()
     assert runs[served[1]].data.metrics["m"] == 1.0
+
+
+def test_a_server_two_controllers_share_stops_with_the_last(tmp_path, monkeypatch):
+    """Two controllers on one store (two studies of one project, run side by side) share its
+    server: the first to finish leaves it running for the other's jobs; the last one (the other
+    one gone) stops it."""
+    from pipeline.cluster import mlflow_server as ms
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    state = tmp_path / "logs/mlflow-server.json"
+    other = subprocess.Popen(["sleep", "120"])  # the other controller, still running
+    try:
+        first = start_server(tmp_path)
+        assert ms._users(state, add=[socket.gethostname(), other.pid]) == [ms._me(), [socket.gethostname(), other.pid]]
+        first.stop()  # this one finishes first
+        assert first.process.poll() is None and ms._answers(first.uri, timeout=10)
+        assert json.loads(state.read_text())["users"] == [[socket.gethostname(), other.pid]]
+        other.kill()
+        other.wait()
+        last = start_server(tmp_path)  # the next controller attaches to it...
+        assert last.pid == first.pid and last.process is None
+        last.stop()  # ...and, the other one gone, stops it
+        first.process.wait(timeout=30)
+        assert not state.exists()
+    finally:
+        other.kill()
+        if first.process.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
 
 
 RACE = """

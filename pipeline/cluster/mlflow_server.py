@@ -125,6 +125,30 @@ def _state_file(project: Path) -> Path:
     return project / "logs" / "mlflow-server.json"
 
 
+def _me() -> list:
+    return [socket.gethostname(), os.getpid()]
+
+
+def _users(state: Path, add: list | None = None, remove: list | None = None) -> list[list]:
+    """The processes using the server `state` records (`[host, pid]` each; on this machine only
+    the live ones), with `add` joined and `remove` gone, written back; what is left. Two
+    controllers (two studies, a study and a `repro --cluster`) share one server per store: the
+    first to finish must not stop it under the other."""
+    try:
+        info = json.loads(state.read_text())
+    except (OSError, ValueError):
+        return []
+    here = socket.gethostname()
+    users = [u for u in info.get("users", []) if u != remove and (u[0] != here or pid_alive(int(u[1])))]
+    if add is not None and add not in users:
+        users.append(add)
+    info["users"] = users
+    tmp = state.with_suffix(".tmp")
+    tmp.write_text(json.dumps(info, indent=1) + "\n")
+    os.replace(tmp, state)
+    return users
+
+
 @dataclass
 class TrackingServer:
     """What jobs need to log to the tracking store: `uri`, and `env` to add to their environment.
@@ -173,6 +197,8 @@ class TrackingServer:
                 f"the MLflow tracking server {self.uri} runs on {self.host}, not here: stop it there "
                 f"(kill -TERM -{self.pid}).")
         self._stopped = True
+        if self.state is not None and self.state.exists() and _users(self.state, remove=_me()):
+            return  # another live controller still uses it: the last one stops it
         for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
             try:
                 os.killpg(self.pid, sig)
@@ -216,6 +242,7 @@ def _attach(project: Path, store: str) -> TrackingServer | None:
     if not _answers(info["uri"], timeout=10):
         return None
     log = Path(info["log"]) if info.get("log") else None
+    _users(state, add=_me())
     return TrackingServer(info["uri"], None, log, store, pid, info.get("host"), state)
 
 
@@ -290,7 +317,7 @@ def start_server(project: Path | None = None, host: str = "127.0.0.1", port: int
         server.stop()
         raise
     server.state.write_text(json.dumps({"uri": server.uri, "store": uri, "pid": proc.pid, "host": server.host,
-                                        "log": str(log)}, indent=1) + "\n")
+                                        "log": str(log), "users": [_me()]}, indent=1) + "\n")
     return server
 
 
