@@ -21,9 +21,8 @@ SEEDS=${SEEDS:-[0, 1, 2]}
 N_TRAIN=${N_TRAIN:-1000}
 CLUSTER=${CLUSTER:-local}
 OUT=${OUT:-benchmarks/out/compare}
-trials="{"
-for m in $METHODS; do trials+="$m: {method: $m}, "; done
-trials="${trials%, }}"
+source "$(dirname "$0")/one_trial_each.sh"
+trials=$(one_trial_each "$METHODS")
 
 start=$(date +%s)
 "$PY" -m pipeline study --name compare --cluster "$CLUSTER" \

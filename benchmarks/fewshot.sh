@@ -18,9 +18,8 @@ set -euo pipefail
 PY=${PYTHON:-.venv/bin/python}
 CLUSTER=${CLUSTER:-local}
 METHODS="lp ft clip_adapter lora radapter coop cocoop maple vpt_deep adaptformer tip_adapter tip_adapter_f lp_pp clap clip_lora"
-trials="{"
-for m in $METHODS; do trials+="$m: {method: $m}, "; done
-trials="${trials%, }}"
+source "$(dirname "$0")/one_trial_each.sh"
+trials=$(one_trial_each "$METHODS")
 
 start=$(date +%s)
 "$PY" -m pipeline study --name fewshot --cluster "$CLUSTER" \

@@ -331,34 +331,24 @@ def cd_figure(result: RankResult, title: str | None = None):
     from matplotlib.figure import Figure
 
     k = len(result.ranks)
-    with rc_context({"font.size": 10, "savefig.dpi": 150}):
+    with rc_context({"font.size": 10}):
         fig = Figure(figsize=(8.0, 1.9 + 0.3 * k))
         ax = fig.subplots()
         # the labels sit outside the axes (left and right of the rank scale): room for them
         fig.subplots_adjust(left=0.2, right=0.8, top=1 - 0.75 / (1.9 + 0.3 * k), bottom=0.04)
-        sp.critical_difference_diagram(result.ranks, result.nemenyi, cd=result.cd, alpha=result.alpha, ax=ax,
+        # the CD bar drawn here: scikit-posthocs puts it half a unit above the rank axis, over
+        # the axis's tick labels
+        sp.critical_difference_diagram(result.ranks, result.nemenyi, alpha=result.alpha, ax=ax,
                                        label_fmt_left="{label} ({rank:.2f})", label_fmt_right="({rank:.2f}) {label}")
-        _lift_cd_bar(ax)
+        start, y = float(result.ranks.min()), 1.5
+        ax.plot([start, start + result.cd], [y, y], color="k", linewidth=2)
+        ax.text(start + result.cd / 2, y + 0.25, f"CD = {result.cd:.2g}", ha="center", va="bottom")
+        ax.set_ylim(ax.get_ylim()[0], max(ax.get_ylim()[1], y + 0.5))
         fig.suptitle(title or (
             f"{NAMES[result.value]}: average rank over {result.n_tasks} tasks (1 = best), Friedman p = "
             f"{_p(result.friedman_p)}\nbars join methods the Nemenyi test cannot tell apart (α = {result.alpha})"),
             fontsize=9.5, x=0.02, ha="left")
     return fig
-
-
-def _lift_cd_bar(ax, lift: float = 1.0) -> None:
-    """scikit-posthocs draws the CD bar and its label half a unit above the rank axis, where
-    the axis's tick labels are: move both `lift` units up, clear of them."""
-    for line in ax.lines:
-        y = list(line.get_ydata())
-        if len(y) == 2 and y == [0.5, 0.5]:
-            line.set_ydata([0.5 + lift, 0.5 + lift])
-    for text in ax.texts:
-        if text.get_text().startswith("CD = "):
-            x, y = text.get_position()
-            text.set_position((x, y + lift + 0.1))
-    bottom, top = ax.get_ylim()
-    ax.set_ylim(bottom, max(top, 1.0 + lift))
 
 
 def _p(p: float) -> str:
