@@ -52,7 +52,7 @@ from pipeline.evaluation.selection import alpha_key, resolve_protocol, select_al
 from pipeline.data.retention import read_records
 from pipeline.evaluation.zeroshot import retention_tasks
 from pipeline.methods import code_record, get_method, parse_hparams
-from pipeline.models.encode import encode_images, preload
+from pipeline.models.encode import FeatureMemo, encode_images, preload, weights_digest
 from pipeline.stages.common import (ParamsOpt, expect_record, group_info, guard, has_text, headline, method_model,
                                     mlflow_metrics, open_task, run_command, sample_input, train_key, training_metrics,
                                     training_run_info)
@@ -100,6 +100,7 @@ def run(params: Params, method: str, log_mlflow: bool = True) -> dict[tuple, dic
 
     pristine = clip.model  # never changed: each α merges into a copy
     key = protocol.key(spec.metric)
+    memo = FeatureMemo()  # a model equal to one already encoded (α = 0 at every seed and level) is not again
 
     def evaluate_state(state: dict, hp, seed: int, fewshot, what: str = "",
                        posthoc: dict | None = None) -> dict[str, float]:
@@ -111,19 +112,22 @@ def run(params: Params, method: str, log_mlflow: bool = True) -> dict[tuple, dic
         # at α = 1 (the fine-tuned model) and at the chosen α only
         per_alpha: dict[float, dict[str, float]] = {}
         feats_at: dict[float, dict[str, torch.Tensor]] = {}
+        digests: dict[float, str] = {}
         models_at = {}
         for alpha in alphas:
             model = method_cls.eval_model(copy.deepcopy(pristine), state, hp, cache["head"].to(device), alpha=alpha)
             model = model.to(device).eval()
             head = _at_posthoc(model.task_head(task.class_tokens.to(device)).cpu(), posthoc or {})
+            digests[alpha] = weights_digest(model)
             m: dict[str, float] = {}
             feats_at[alpha] = {}
             tag = f"{what}seed={seed} α={alpha:g}"
             for split, (rows, images) in splits.items():
-                feats_at[alpha][split] = encode_images(model, images, device, bs, nw, desc=f"eval {split} {tag}")
+                feats_at[alpha][split] = memo.encode(digests[alpha], model, images, device, bs, nw,
+                                                     desc=f"eval {split} {tag}")
                 m.update(split_metrics(dataset, split, feats_at[alpha][split], head, rows))
             if fewshot is not None:
-                feats = encode_images(model, fewshot[1], device, bs, nw, desc=f"eval {FEWSHOT_VAL} {tag}")
+                feats = memo.encode(digests[alpha], model, fewshot[1], device, bs, nw, desc=f"eval {FEWSHOT_VAL} {tag}")
                 m.update(split_metrics(dataset, FEWSHOT_VAL, feats, head, fewshot[0]))
             per_alpha[alpha] = m
             models_at[alpha] = model if alpha == 1.0 else None
@@ -132,7 +136,8 @@ def run(params: Params, method: str, log_mlflow: bool = True) -> dict[tuple, dic
             model = models_at.get(alpha) or method_cls.eval_model(
                 copy.deepcopy(pristine), state, hp, cache["head"].to(device), alpha=alpha).to(device).eval()
             task_feats = {name: feats_at[alpha][split] for name, split in same_rows.items()}
-            task_feats.update({name: encode_images(model, images, device, bs, nw, desc=f"zs {name} {what}seed={seed} α={alpha:g}")
+            task_feats.update({name: memo.encode(digests[alpha], model, images, device, bs, nw,
+                                                 desc=f"zs {name} {what}seed={seed} α={alpha:g}")
                                for name, images in task_images.items()})
             per_alpha[alpha].update(compute_all("evaluate", MeasureInputs(model=model, task_features=task_feats, **inputs)))
         del models_at, feats_at

@@ -36,7 +36,7 @@ from pipeline.data.sampling import FEWSHOT_VAL, read_sample
 from pipeline.data.torchdata import ImageFiles, LabeledImages, read_caption_csv
 from pipeline.methods import get_method, parse_hparams, trial_record
 from pipeline.methods.base import ReferenceData, TaskContext, count_params
-from pipeline.models.encode import encode_images, preload
+from pipeline.models.encode import FeatureMemo, encode_images, preload, weights_digest
 from pipeline.stages.common import (ParamsOpt, expect_record, guard, has_text, method_model, model_source, open_task,
                                     run_command, sample_input, training_metrics, training_run_info)
 from pipeline.training.train import budget_steps, fit
@@ -150,9 +150,10 @@ def run(params: Params, trial: str, level_name: str, progress: bool = True, log_
     # the file the backbone was loaded from (a DVC dep: unchanged while the entry runs), once
     pretrained_sha256 = models.file_sha256(model_source(params, method_cls)["weights"])
     summaries = []
+    memo = FeatureMemo()  # the seeds' models that are equal (a frozen image tower) encode the val sets once
     for seed in params.sample.seeds:
         summaries.append(_run_seed(params, trial, level, seed, method_cls, hp, task, backbone, pristine, val_sets,
-                                   device, progress, log_mlflow, pretrained_sha256))
+                                   device, progress, log_mlflow, pretrained_sha256, memo))
     dist.barrier()
     if dist.is_main():  # every seed is in the entry's output: the kept copies are spent
         for seed in params.sample.seeds:
@@ -184,7 +185,7 @@ def _selection_sets(task, params: Params, backbone) -> dict:
 
 
 def _run_seed(params, trial, level, seed, method_cls, hp, task, backbone, pristine, val_sets, device, progress,
-              log_mlflow=True, pretrained_sha256=None) -> dict:
+              log_mlflow=True, pretrained_sha256=None, memo=None) -> dict:
     tp = params.finetune.train
     sample = read_sample(paths.sample_file(level.name, seed))
     steps = budget_steps(sample["n"], tp.batch_size, tp.epochs, tp.min_steps, tp.max_steps,
@@ -220,7 +221,7 @@ def _run_seed(params, trial, level, seed, method_cls, hp, task, backbone, pristi
                                         steps, device, progress, ckpt_dir, jsonl, live)
         if dist.is_main():
             scores = _scores(params, task, backbone, method_cls, hp, state, copy.deepcopy(pristine), sample, val_sets,
-                             device)
+                             device, memo or FeatureMemo())
             _write_outputs(params, trial, level, seed, method_cls, state, config, scores, summary, timing, device,
                            ckpt_dir, jsonl, live)
     except BaseException:
@@ -314,7 +315,8 @@ def _write_outputs(params, trial, level, seed, method_cls, state, config, scores
 
 
 @torch.no_grad()
-def _scores(params, task, backbone, method_cls, hp, state, model, sample, val_sets, device) -> dict[str, float]:
+def _scores(params, task, backbone, method_cls, hp, state, model, sample, val_sets, device,
+            memo: FeatureMemo) -> dict[str, float]:
     """The fine-tuned model (α = 1) on the dataset's validation splits and on the sample's
     few-shot validation rows (`fewshot_val/<metric>`): what every protocol selects on; and its
     zero-shot accuracy on every retention task (`zs/<task>/acc`), so the report can show what
@@ -330,8 +332,9 @@ def _scores(params, task, backbone, method_cls, hp, state, model, sample, val_se
     head = model.task_head(task.class_tokens.to(device)).cpu()
     scores: dict[str, float] = {}
     tasks, task_feats = [], {}
+    digest = weights_digest(model)
     for split, (rows, images) in val_sets.items():
-        feats = encode_images(model, images, device, ep.batch_size, ep.num_workers, desc=f"score {split}")
+        feats = memo.encode(digest, model, images, device, ep.batch_size, ep.num_workers, desc=f"score {split}")
         if split.startswith("zs:"):
             tasks.append(rows)
             task_feats[rows.name] = feats
