@@ -105,11 +105,12 @@ def test_a_study_on_the_local_backend(tmp_path):
     _check_study(work, "local", parallel=1)
     # again: nothing stale in either workspace, nothing submitted
     results, out = _run_in(work, _study, work, "local", 1)
-    assert results == {"k-1": 0, "k-2": 0} and out.count("every grid entry is up to date") == 2, out
-    # an uncommitted edit of the project's code reaches every workspace: both grids re-run
+    assert results == {"k-1": 0, "k-2": 0} and out.count("every stage is up to date") == 2, out
+    # an uncommitted edit of the project's code reaches every workspace: both grids, and the stage
+    # below them, re-run
     (work / "code.txt").write_text("code v2\n")
     results, out = _run_in(work, _study, work, "local", 1)
-    assert results == {"k-1": 0, "k-2": 0} and out.count("2 of 2 entries recorded") == 2, out
+    assert results == {"k-1": 0, "k-2": 0} and out.count("3 stages recorded in dvc.lock") == 2, out
     assert "code v2" in (work / ".studies" / "k-2" / "out" / "a" / "r").read_text()
     # the leaderboard command of the project lists both experiments
     proc = subprocess.run([sys.executable, "-m", "pipeline", "leaderboard", "--width", "200"], cwd=work,
@@ -142,3 +143,37 @@ def test_a_failed_experiment_is_reported_and_not_saved(tmp_path):
     # record, which a server kept up for jobs still out would leave, is gone)
     assert (work / ".studies/bad/logs/mlflow-server.log").exists()
     assert not (work / ".studies/bad/logs/mlflow-server.json").exists()
+
+
+@pytest.mark.slow
+def test_side_by_side_experiments_save_one_at_a_time(tmp_path, monkeypatch):
+    """Every workspace's `dvc exp save` writes the project's refs/exps/stash under git's lock
+    file: two at once fail ("stash.lock: File exists", seen on SLURM with --parallel 2). Saves
+    that would overlap (each held open 3 s, the two experiments' runs ending close together)
+    run one after the other, and both are saved."""
+    import time
+
+    from pipeline.cluster import study
+
+    spans, real = [], study._dvc
+
+    def slow_save(root, *args):
+        if args[:2] != ("exp", "save"):
+            return real(root, *args)
+        start = time.monotonic()
+        time.sleep(3.0)
+        try:
+            return real(root, *args)
+        finally:
+            spans.append((start, time.monotonic()))
+
+    monkeypatch.setattr(study, "_dvc", slow_save)
+    work = cp.make(tmp_path / "p")
+    done = [sys.executable, "-m", "dvc", "repro", "-q"]  # the two runs end within a second or two
+    lines = []
+    got = _run_in(work, lambda: Study(work, echo=lines.append).run(expand(["k=1,2"], prefix="k"), done, 2))
+    assert got == {"k-1": 0, "k-2": 0}, lines
+    assert len(spans) == 2
+    (_, first_end), (second_start, _) = sorted(spans)
+    assert first_end <= second_start, spans  # the second save started after the first had ended
+    assert {e.experiment for e in entries(_exp_show(work))} >= {"k-1", "k-2"}

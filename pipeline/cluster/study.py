@@ -23,6 +23,8 @@ changed commit, an edit, a new value of `-S`).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import itertools
 import os
 import re
@@ -200,6 +202,20 @@ class Study:
             raise StudyError(f"{ws}: dvc cache dir failed: {(proc.stderr or proc.stdout).strip()[-500:]}")
         return ws
 
+    @contextlib.contextmanager
+    def saving(self):
+        """One `dvc exp save` at a time in this project: every workspace's save writes the same
+        refs of the project's git repository (refs/exps/stash, under git's own lock file), so two
+        at once fail ("stash.lock: File exists"). An flock on .studies/save.lock, held by one
+        open file at a time: the study's threads and any other study of this project wait."""
+        self.dir.mkdir(exist_ok=True)
+        with open(self.dir / "save.lock", "a") as fd:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+
     def _say(self, name: str, line: str) -> None:
         with self._lock:
             self.echo(f"[{name}] {line}")
@@ -223,7 +239,8 @@ class Study:
             self._say(exp.name, f"FAILED (exit {rc}); its workspace: {ws}")
             return rc
         include = [arg for path in _git_ignored_metrics(ws) for arg in ("--include-untracked", path)]
-        saved = _dvc(ws, "exp", "save", "--force", "--name", exp.name, *include)
+        with self.saving():
+            saved = _dvc(ws, "exp", "save", "--force", "--name", exp.name, *include)
         if saved.returncode:
             self._say(exp.name, f"dvc exp save failed: {(saved.stderr or saved.stdout).strip()[-500:]}")
             return saved.returncode
