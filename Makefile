@@ -19,16 +19,20 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
+# the pipeline, JOBS stages at a time (0: one per core, up to 8): each stage keeps params.yaml's
+# `threads`, so the results are those of plain `dvc repro`, sooner. JOBS=1: plain `dvc repro`
+JOBS ?= 0
 repro: setup
-	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pipeline repro
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pipeline repro --jobs $(JOBS)
 
 # Two test processes, one file each at a time (module fixtures stay in one process); one torch
 # thread each, so the two share the cores instead of oversubscribing them. Most of an end-to-end
 # test is single-threaded (a DVC stage's start-up), which is where the second process pays.
+# The longest files first (tests/conftest.py), not xdist's most-tests-first order.
 TEST_WORKERS ?= 2
 test: setup
 	PATH="$(abspath $(VENV))/bin:$$PATH" OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} \
-		$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 $(PYTEST_ARGS)
+		$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=15 $(PYTEST_ARGS)
 
 ui: setup
 	$(PY) -m pipeline ui

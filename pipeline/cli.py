@@ -67,11 +67,15 @@ def methods():
 def repro(ctx: typer.Context,
           cluster: Optional[str] = typer.Option(
               None, "--cluster", metavar="slurm|local",
-              help="Run the grid's stale finetune@… entries as jobs: `slurm` (a SLURM job array through submitit) or "
-                   "`local` (--jobs at a time on this machine, each on its own GPU or share of the cores). The stages "
-                   "above the grid and after it run through DVC here; each finished entry is recorded in dvc.lock only "
-                   "if its inputs still match what was submitted."),
-          jobs: int = typer.Option(1, "--jobs", "-j", min=1, help="--cluster local: entries at a time."),
+              help="`slurm`: the grid's stale finetune@… entries as a SLURM job array (submitit); the stages above "
+                   "and after it run through DVC here. `local`: every stale stage on this machine, --jobs at a time "
+                   "(each on its own GPU or share of the cores), a stage as soon as the stages above it are done. "
+                   "Each finished stage is recorded in dvc.lock only if its inputs still match what it started with."),
+          jobs: int = typer.Option(1, "--jobs", "-j", min=0,
+                                   help="Stages at a time on this machine (--cluster local; more than 1 implies it; "
+                                        "0: one per core, up to 8, what `make repro` runs). Each gets its share of "
+                                        "the cores; params `threads` stays what it is, so the results are those of "
+                                        "plain `dvc repro`."),
           cluster_file: Optional[Path] = typer.Option(
               None, "--cluster-file", help="Resources of the jobs (default: cluster.yaml if present; see docs/scaling.md)."),
           detach: bool = typer.Option(False, "--detach", help="--cluster slurm: submit the grid and a collecting job "
@@ -85,8 +89,10 @@ def repro(ctx: typer.Context,
     DVC's own message, naming nothing useful. Plain `dvc repro` works too: its first stage,
     `check`, runs the same checks before any stage that owns outputs.
 
-    With --cluster: the grid runs as jobs (`python -m pipeline cluster status` shows them; after
-    a crash or --detach, `python -m pipeline cluster collect` finishes the bookkeeping)."""
+    With -j N: N stages at a time on this machine (`make repro`: -j 0, one per core, up to 8):
+    the same results as `dvc repro`, sooner. With --cluster slurm: the grid runs as jobs
+    (`python -m pipeline cluster status` shows them; after a crash or --detach,
+    `python -m pipeline cluster collect` finishes the bookkeeping)."""
     from pipeline.stages.check import check_params, write_generated
     from pipeline.stages.common import guard
 
@@ -94,10 +100,17 @@ def repro(ctx: typer.Context,
     path, n, changed = write_generated(params)  # the trials DVC's finetune matrix reads: never stale
     if changed:
         typer.echo(f"{path}: {n} trials written from finetune.trials and finetune.search")
+    if jobs == 0:
+        from pipeline.cluster.controller import auto_jobs
+
+        jobs = auto_jobs()
+    if cluster is None and jobs > 1:
+        cluster = "local"
     if cluster is None:
         raise typer.Exit(subprocess.call([sys.executable, "-m", "dvc", "repro", *ctx.args]))
     if ctx.args:
-        raise typer.BadParameter(f"{' '.join(ctx.args)}: dvc repro arguments are not taken with --cluster")
+        raise typer.BadParameter(f"{' '.join(ctx.args)}: dvc repro arguments are not taken with --cluster or "
+                                 "--jobs above 1 (the whole pipeline runs); use --jobs 1 to pass them to dvc repro")
     raise typer.Exit(_cluster(lambda c: c.repro(detach=detach), cluster, jobs, cluster_file))
 
 

@@ -16,8 +16,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # the entry's command: a checkpoint marker in its persisted checkpoint folder makes a rerun
 # "resume" (it appends to the log instead of starting over); FAIL_<x> makes it fail; SLEEP_S
 # keeps it running long enough to be requeued or killed; EDIT_<x> makes it edit a dep (code.txt)
-# while it runs, as a user editing the code under a running job
-ENTRY = ("mkdir -p out/${item.x} ck/${item.x} && "
+# while it runs, as a user editing the code under a running job. cores_<x>.txt (not an output):
+# the cores it could use (GNU nproc prints OMP_NUM_THREADS when that is set: unset here)
+ENTRY = ("mkdir -p out/${item.x} ck/${item.x} && env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc > cores_${item.x}.txt && "
          "if [ -f ck/${item.x}/started ]; then echo resumed >> ck/${item.x}/log; "
          "else touch ck/${item.x}/started; echo started >> ck/${item.x}/log; fi && "
          "sleep $(cat sleep_s 2>/dev/null || echo 0) && "
@@ -28,7 +29,7 @@ ENTRY = ("mkdir -p out/${item.x} ck/${item.x} && "
 
 DVC_YAML = f"""stages:
   up:
-    cmd: echo up-${{k}} > up.txt
+    cmd: echo up-${{k}} > up.txt && env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc > cores_up.txt
     params: [k]
     outs: [up.txt]
   finetune:

@@ -3,6 +3,7 @@ backend on a small DVC project (tests/cluster_project.py); cluster.yaml's errors
 controller through a real SLURM: tests/test_cluster_slurm.py."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -69,16 +70,17 @@ def test_one_failing_entry_is_reported_and_the_other_recorded(tmp_path):
     (work / "FAIL_b").write_text("")
     rc, out = cp.run_controller(work, backend="local", jobs=2)
     assert rc == 1, out
-    assert "finetune@b FAILED" in out and "log: " in out and "1 of 2 entries recorded" in out, out
+    assert "finetune@b FAILED" in out and "log: " in out and "2 stages recorded" in out, out
+    assert "  finetune@b: failed  log " in out and "  down: blocked" in out, out
     # the stage's own error is shown, not only submitit's trace of the job's exception
     shown = [line for line in out.splitlines() if line.startswith("  | ")]
     assert shown[-1] == "  | entry b told to fail by FAIL_b" and "Traceback" not in "".join(shown), out
     status = json.loads(cp.dvc(work, "status", "--json").stdout)
     assert "finetune@a" not in status and "finetune@b" in status and "down" in status  # downstream not run
     assert not (work / "down.txt").exists()
-    (work / "FAIL_b").unlink()  # fixed: only the stale entry is submitted again
+    (work / "FAIL_b").unlink()  # fixed: only the stale entry (and what it blocked) runs again
     rc, out = cp.run_controller(work, backend="local", jobs=2)
-    assert rc == 0 and "1 of 1 entries recorded" in out, out
+    assert rc == 0 and "2 stages to run" in out and "2 stages recorded" in out, out
     assert cp.is_clean(work)
     assert (work / "out/b/log").read_text() == "started\nresumed\n"  # resumed from its checkpoint folder
 
@@ -105,8 +107,39 @@ def test_local_backend_two_jobs_equals_dvc_repro(tmp_path):
         assert (work / rel).read_text().replace(str(work), "ROOT") == (plain / rel).read_text().replace(str(plain), "ROOT")
     lines = subprocess.run([sys.executable, "-m", "pipeline", "cluster", "status"], cwd=work, env=cp.env(),
                            capture_output=True, text=True).stdout.splitlines()
-    assert lines[0].split() == ["entry", "job", "state", "elapsed", "log"] and len(lines) == 4
+    assert lines[0].split() == ["entry", "job", "state", "elapsed", "log"] and len(lines) == 6  # every stage
     assert all(" recorded " in line and ".cluster/jobs/" in line for line in lines[1:]), lines
+
+
+@pytest.mark.slow
+def test_local_backend_runs_independent_stages_side_by_side_and_restores_from_the_run_cache(tmp_path):
+    """--cluster local runs the whole DAG: the entries, independent of each other, overlap in
+    time (two slots of one core each); a stage waits for the stages above it; a stage DVC's
+    run cache holds for its inputs is checked out, not run, as `dvc repro` does. (Needs 2
+    cores at least.)"""
+    import datetime as dt
+
+    work = cp.make(tmp_path / "p", xs=("a", "b"))
+    (work / "sleep_s").write_text("6\n")  # long enough to overlap under load
+    rc, out = cp.run_controller(work, backend="local", jobs=2)
+    assert rc == 0 and "4 stages recorded" in out, out
+    hist = json.loads(next((work / ".cluster/history").glob("submission-*.json")).read_text())["entries"]
+    span = {k: (dt.datetime.fromisoformat(v["submitted"]), dt.datetime.fromisoformat(v["ended"]))
+            for k, v in hist.items()}
+    a, b = span["finetune@a"], span["finetune@b"]
+    assert a[0] < b[1] and b[0] < a[1], span  # the two entries ran at the same time
+    assert span["up"][1] <= min(a[0], b[0]) and span["down"][0] >= max(a[1], b[1]), span  # the DAG's order
+    # a stage that is the only one that can run gets every free core; side by side, one each
+    n = len(os.sched_getaffinity(0))
+    cores = {x: int((work / f"cores_{x}.txt").read_text()) for x in ("up", "a", "b")}
+    assert cores == {"up": n, "a": n // 2, "b": n // 2}, cores
+    # k 1 -> 2 -> 1: the second change brings back outputs DVC's run cache holds for `up`
+    for k in (2, 1):
+        (work / "params.yaml").write_text(f"xs: [a, b]\nk: {k}\n")
+        rc, out = cp.run_controller(work, backend="local", jobs=2)
+        assert rc == 0, out
+    assert "up restored from DVC's run cache" in out, out
+    assert (work / "up.txt").read_text() == "up-1\n" and cp.is_clean(work)
 
 
 def test_a_second_controller_is_refused(tmp_path):
@@ -117,3 +150,33 @@ def test_a_second_controller_is_refused(tmp_path):
     with Lock(work, settings):
         with pytest.raises(ClusterError, match="another controller holds"):
             Controller(work, settings, "debug").repro()
+
+
+@pytest.mark.slow
+def test_a_local_run_whose_controller_dies_loses_no_finished_stage(tmp_path):
+    """kill -9 of the controller while two stages run: the jobs finish on their own, `cluster
+    collect` records them and calls the stage never started lost; the next run runs only that."""
+    import time
+
+    work = cp.make(tmp_path / "p", xs=("a", "b"))
+    (work / "sleep_s").write_text("8\n")
+    proc = cp.controller(work, backend="local", jobs=2)
+    record = work / ".cluster/submission.json"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        states = json.loads(record.read_text())["entries"] if record.exists() else {}
+        if all(states.get(f"finetune@{x}", {}).get("state") == "submitted" for x in ("a", "b")):
+            break
+        time.sleep(0.2)
+    proc.kill()
+    proc.wait()
+    assert {k: v["state"] for k, v in json.loads(record.read_text())["entries"].items()} == {
+        "up": "recorded", "finetune@a": "submitted", "finetune@b": "submitted", "down": "queued"}
+    out = subprocess.run([sys.executable, "-m", "pipeline", "cluster", "collect"], cwd=work, env=cp.env(),
+                         capture_output=True, text=True).stdout
+    assert "3 stages recorded in dvc.lock" in out and "down: lost" in out and "repro --jobs 2` again" in out, out
+    status = json.loads(cp.dvc(work, "status", "--json").stdout)
+    assert list(status) == ["down"], status  # both entries are in dvc.lock
+    rc, out = cp.run_controller(work, backend="local", jobs=2)
+    assert rc == 0 and "1 stage to run" in out and "1 stage recorded" in out, out
+    assert cp.is_clean(work) and (work / "out/a/log").read_text() == "started\n"  # trained once

@@ -1,11 +1,12 @@
 """The acceptance check of the cluster runner on the real pipeline: a tiny configuration (one
-level, two trials, one seed) run by `python -m pipeline repro --cluster slurm` and by a plain
-`dvc repro`, each in a copy of the same commit, gives identical metrics, weights and report
+level, two trials, one seed) run by `python -m pipeline repro --cluster slurm`, by `python -m
+pipeline repro --jobs 2` (every stage a local job, two at a time) and by a plain `dvc repro`,
+each in a copy of the same commit, gives identical metrics, weights and report
 (the run's own wall time and peak memory aside), and leaves DVC with nothing to do. The plain
 run has OMP_NUM_THREADS unset (torch's default: one thread per core) and the SLURM jobs have
 it at 1: params.yaml's `threads` sets the count that affects the arithmetic, so the CPUs a job
-gets do not change its result. (The local backend's equivalence with `dvc repro` is
-tests/test_cluster.py's, on a toy project: the bookkeeping is the same code.)"""
+gets do not change its result. (The local backend's bookkeeping: tests/test_cluster.py, on a
+toy project.)"""
 
 import csv
 import json
@@ -55,15 +56,16 @@ def _results(path):
 
 
 def test_cluster_repro_equals_dvc_repro(tmp_path):
-    """The stages above the grid run once, in one project committed to git; two copies of it
-    (same commit, same dvc.lock, same cache): a plain `dvc repro` in the first, `repro --cluster
-    slurm` in the second, side by side, each training the grid and running what follows it."""
+    """The stages above the grid run once, in one project committed to git; copies of it (same
+    commit, same dvc.lock, same cache): a plain `dvc repro` in the first, `repro --cluster
+    slurm` in the second, `repro --cluster local --jobs 2` in the third, side by side, each
+    training the grid and running what follows it."""
     plain = tmp_path / "plain"
     plain.mkdir()
     env_p = _project(plain)
     sh([sys.executable, "-m", "dvc", "repro", *UPSTREAM], plain, env_p)
     copies = {}
-    for backend in ("slurm",):
+    for backend in ("slurm", "local"):
         work = tmp_path / backend
         shutil.copytree(plain, work, symlinks=True)
         copies[backend] = (work, {**env_p, "PYTHONPATH": str(work), "OMP_NUM_THREADS": "1",
@@ -71,16 +73,20 @@ def test_cluster_repro_equals_dvc_repro(tmp_path):
     procs = {"plain": subprocess.Popen([sys.executable, "-m", "dvc", "repro"], cwd=plain, env=env_p, text=True,
                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)}
     for backend, (work, env) in copies.items():
+        jobs = "2" if backend == "local" else "1"  # local: two stages at a time, one core each
         procs[backend] = subprocess.Popen([sys.executable, "-m", "pipeline", "repro", "--cluster", backend, "--jobs",
-                                           "1"], cwd=work, env=env, text=True,
+                                           jobs], cwd=work, env=env, text=True,
                                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     outs = {name: proc.communicate(timeout=1800)[0] for name, proc in procs.items()}
     for name, proc in procs.items():
         assert proc.returncode == 0, f"{name}:\n{outs[name][-3000:]}"
     assert "submitted 2 entries as SLURM job array" in outs["slurm"] and "2 of 2 entries recorded" in outs["slurm"]
+    # locally every stale stage is a job: the grid, selection, evaluate per method, report
+    assert "6 stages recorded in dvc.lock" in outs["local"], outs["local"][-3000:]
     for backend, (work, env) in copies.items():
         status = sh([sys.executable, "-m", "pipeline", "cluster", "status"], work, env).stdout.splitlines()
-        assert len(status) == 3 and all(" recorded" in line for line in status[1:]), status
+        assert len(status) == (3 if backend == "slurm" else 7), status
+        assert all(" recorded" in line for line in status[1:]), status
         if backend == "slurm":
             assert all("recorded (COMPLETED)" in line for line in status[1:]), status  # SLURM job ids, via sacct
         assert json.loads(sh([sys.executable, "-m", "dvc", "status", "--json"], work, env).stdout) == {}

@@ -1,10 +1,12 @@
-"""The controller: the one process that runs DVC while the grid runs elsewhere.
+"""The controller: the one process that runs DVC while stage commands run elsewhere.
 
-`repro`: `dvc repro` of the stages above the grid; every stale `finetune@…` entry submitted
-as a job (a SLURM job array, or N local processes at a time); each finished entry recorded in
-dvc.lock (`dvc commit`) only if its inputs (command, code, data, params: their DVC hashes) are
-those it was submitted with; then `dvc repro` for selection, evaluate and report once every
-entry is recorded. The submission (job ids, entries, input digests, states) is written to
+`repro` on SLURM: `dvc repro` of the stages above the grid; every stale `finetune@…` entry
+submitted as one element of a job array; each finished entry recorded in dvc.lock (`dvc
+commit`) only if its inputs (command, code, data, params: their DVC hashes) are those it was
+submitted with; then `dvc repro` for selection, evaluate and report once every entry is
+recorded. On this machine (the local backend): every stale stage of the DAG as a job, N at a
+time, each once the stages above it are recorded, with the same check before it is recorded
+(`_repro_dag`). The submission (job ids, entries, input digests, states) is written to
 `<folder>/submission.json` before anything waits, so `collect` can re-attach after the
 controller dies; it never resubmits or deletes what a submitted job owns.
 """
@@ -33,7 +35,7 @@ from pipeline.cluster.job import StageJob
 from pipeline.core.progress import progress_bar
 
 BACKENDS = ("slurm", "local", "debug")  # debug: in-process, submitit's DebugExecutor (tests)
-DONE_STATES = ("recorded", "failed", "changed", "lost")
+DONE_STATES = ("recorded", "failed", "changed", "lost", "up to date", "blocked")  # the last two: local pipeline runs
 
 
 class ClusterError(RuntimeError):
@@ -149,6 +151,26 @@ class LocalSlots:
                      for i in range(jobs)]
 
 
+MAX_AUTO_JOBS = 8  # `repro --jobs 0`: one stage per core this process may use, up to this many
+
+
+def auto_jobs() -> int:
+    return max(1, min(MAX_AUTO_JOBS, len(os.sched_getaffinity(0))))
+
+
+def _n(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def _merged(slots: list[dict]) -> dict:
+    """One job's resources from one or more `LocalSlots` slots."""
+    if len(slots) == 1:
+        return slots[0]
+    threads = [s["threads"] for s in slots]
+    return dict(cpus=tuple(c for s in slots for c in s["cpus"]), gpus=tuple(g for s in slots for g in s["gpus"]),
+                threads=None if None in threads else sum(threads))
+
+
 # --- the controller ----------------------------------------------------------------------
 
 
@@ -174,6 +196,10 @@ class Controller:
                 raise ClusterError(f"{len(self.record.open_entries())} entries of an earlier submission "
                                    f"({self.record.path}) are not collected yet: run `python -m pipeline cluster "
                                    "collect` (nothing is submitted twice)")
+            if self.backend == "local":
+                if detach:
+                    raise ClusterError("--detach needs --cluster slurm (local jobs end with this machine's session)")
+                return self._repro_dag()
             upstream = dvcstate.upstream_stages(self.root)
             if upstream:
                 self.echo(f"cluster: dvc repro {' '.join(upstream)}")
@@ -191,6 +217,99 @@ class Controller:
                 return self._conclude() if rc is None else rc
             self.echo("cluster: every grid entry is up to date")
             return self._downstream()
+
+    def _repro_dag(self) -> int:
+        """The local backend: the whole pipeline, `jobs` stages at a time on this machine. A
+        stage starts once every planned stage above it is recorded, if DVC still calls it
+        changed then (as `dvc repro` decides); one DVC can restore from its run cache is
+        restored by `dvc repro -s` here, every other runs as a job (its command unchanged, on
+        its share of the cores) and is recorded by `dvc commit` when its inputs are those it
+        started with. A failed stage stops only the stages below it."""
+        plan = dvcstate.plan(self.root)
+        if not plan.entries:
+            self.echo("cluster: every stage is up to date")
+            return 0
+        with tracking_server_hook(self.root, self.settings.mlflow_host, self.echo):
+            self._run_plan(plan)
+        return self._conclude()
+
+    def _run_plan(self, plan: dvcstate.Plan) -> None:
+        self.record.data = {"backend": self.backend, "submitted": _now(), "jobs": self.jobs, "mode": "pipeline",
+                            "folder": str(self.folder), "entries": {}}
+        for name in plan.entries:
+            self.record.entries[name] = {"digest": None, "state": "queued", "job_id": None, "log": None,
+                                         "submitted": None, "ended": None}
+        self.record.save()
+        slots = LocalSlots(self.root, self.settings, self.jobs).free
+        ex = submitit.LocalExecutor(folder=self.folder / "%j")
+        ex.update_parameters(timeout_min=60 * 24 * 30, gpus_per_node=0)
+        entries = self.record.entries
+        running: dict[str, tuple[object, dict]] = {}
+        poll = min(self.settings.poll_s, 0.5)
+        bar = progress_bar(None, desc="stages", total=len(plan.entries))
+        self.echo(f"cluster: {_n(len(plan.entries), 'stage')} to run, {self.jobs} at a time (logs under "
+                  f"{self.folder.relative_to(self.root)})")
+        try:
+            while True:
+                # the jobs that ended free their slots and are recorded before anything below them
+                # starts (a commit may write inside a dependent's deps: DVC's .gitignore files)
+                for name, (job, taken) in list(running.items()):
+                    if job.done():
+                        del running[name]
+                        slots.extend(taken)
+                        self._finish(name, job)
+                        self.record.save()
+                        bar.update(1)
+                ready = []
+                for name in plan.entries:
+                    if entries[name]["state"] != "queued":
+                        continue
+                    above = [entries[u]["state"] for u in plan.after[name]]
+                    if any(st in ("failed", "changed", "blocked") for st in above):
+                        entries[name]["state"] = "blocked"
+                        bar.update(1)
+                    elif all(st in ("recorded", "up to date") for st in above):
+                        ready.append(name)
+                for name in ready:
+                    if not slots:
+                        break
+                    look = dvcstate.launch_check(self.root, name)
+                    if not look.stale:
+                        entries[name]["state"] = "up to date"
+                        bar.update(1)
+                        continue
+                    if look.restorable:
+                        rc = dvcstate.dvc(self.root, "repro", "--single-item", name, capture=True)
+                        entries[name].update(state="recorded" if rc.returncode == 0 else "failed", ended=_now(),
+                                             submitted=entries[name]["submitted"] or _now())
+                        if rc.returncode:
+                            self.echo(f"cluster: {name}: restoring it from DVC's run cache failed: "
+                                      f"{(rc.stderr or rc.stdout).strip()[-2000:]}")
+                        else:
+                            self.echo(f"cluster: {name} restored from DVC's run cache")
+                        self.record.save()
+                        bar.update(1)
+                        continue
+                    e = plan.entries[name]
+                    entries[name]["digest"] = look.digest
+                    # the one stage that can run now (the others wait for it) gets every free slot:
+                    # its own parallelism (prepare's drawing processes) has the cores; params'
+                    # `threads` still decides the arithmetic
+                    if running or len(ready) > 1:
+                        taken = [slots.pop(0)]
+                    else:
+                        taken, slots[:] = slots[:], []
+                    job = ex.submit(StageJob(name, e.cmd, e.wdir, str(self.root), e.remove, **_merged(taken)))
+                    running[name] = (job, taken)
+                    self._started(name, job)
+                    self.record.save()
+                if not running and not any(v["state"] == "queued" for v in entries.values()):
+                    break
+                bar.set_postfix_str(f"{', '.join(running) or '-'} running")
+                if running:
+                    time.sleep(poll)
+        finally:
+            bar.close()
 
     def _submit(self, entries: list[dvcstate.Entry], detach: bool) -> None:
         digests = dvcstate.input_digests(self.root, [e.stage for e in entries])
@@ -283,6 +402,8 @@ class Controller:
         return self._conclude() if final else None
 
     def _finish(self, stage: str, job) -> None:
+        """A job that ended: its error and log shown if it failed; else its stage recorded in
+        dvc.lock if its inputs are those it started with."""
         e = self.record.entries[stage]
         e["ended"] = _now()
         try:
@@ -294,32 +415,38 @@ class Controller:
             for line in _tail(Path(e["log"]).with_suffix(".err"), 25):
                 self.echo(f"  | {line}")
             return
-        now = dvcstate.input_digests(self.root, [stage]).get(stage)
-        if now != e["digest"]:
-            e["state"] = "changed"
+        state = dvcstate.record(self.root, stage, e["digest"])
+        if state == "changed":
             self.echo(f"cluster: WARNING {stage} finished, but its inputs (code, params or data) changed since it was "
                       "submitted: not recorded in dvc.lock, it stays stale")
-            return
-        proc = dvcstate.dvc(self.root, "commit", "--force", "--quiet", stage, capture=True)
-        if proc.returncode:
-            e["state"] = "failed"
-            self.echo(f"cluster: {stage}: dvc commit failed: {(proc.stderr or proc.stdout).strip()[-2000:]}")
-            return
-        e["state"] = "recorded"
+        elif state != "recorded":
+            self.echo(f"cluster: {stage}: {state[-2000:]}")
+            state = "failed"
+        e["state"] = state
 
     def _conclude(self) -> int:
         entries = self.record.entries
-        bad = {k: v for k, v in entries.items() if v["state"] != "recorded"}
-        self.echo(f"cluster: {len(entries) - len(bad)} of {len(entries)} entries recorded in dvc.lock")
+        whole = self.record.data.get("mode") == "pipeline"  # a local run of the whole DAG: nothing after it
+        bad = {k: v for k, v in entries.items() if v["state"] not in ("recorded", "up to date")}
+        ran = sum(v["state"] == "recorded" for v in entries.values())
+        fresh = len(entries) - ran - len(bad)
+        self.echo(f"cluster: {_n(ran, 'stage')} recorded in dvc.lock" + (f", {fresh} found up to date" if fresh else "")
+                  if whole else f"cluster: {ran} of {len(entries)} entries recorded in dvc.lock")
         self.record.save()
         if bad:
             for k, v in bad.items():
-                self.echo(f"  {k}: {v['state']}  log {v['log']}")
-            self.echo("cluster: selection, evaluate and report not run; fix and run `python -m pipeline repro --cluster "
-                      f"{self.backend}` again (only stale entries are submitted)")
+                self.echo(f"  {k}: {v['state']}" + (f"  log {v['log']}" if v["log"] else ""))
+            if whole:
+                self.echo("cluster: fix what failed and run `python -m pipeline repro --jobs "
+                          f"{self.record.data.get('jobs', 1)}` again (only what is stale runs; finished seeds are kept)")
+            else:
+                self.echo("cluster: selection, evaluate and report not run; fix and run `python -m pipeline repro "
+                          f"--cluster {self.backend}` again (only stale entries are submitted)")
             self.record.close()
             return 1
         self.record.close()
+        if whole:
+            return 0
         return self._downstream()
 
     def _downstream(self) -> int:
