@@ -1,7 +1,9 @@
-"""Wall time of the default `dvc repro` (params.yaml as committed) in a fresh temporary copy
-of the repository: empty DVC cache, no outputs, nothing downloaded.
+"""Wall time of the default pipeline (params.yaml as committed) as `make repro` runs it
+(`python -m pipeline repro --jobs 0`: one stage per core at a time, up to 8; `--jobs 1`: plain `dvc repro`)
+in a fresh temporary copy of the repository: empty DVC cache, no outputs, nothing downloaded.
 
     python benchmarks/bench_repro.py                    # git clone of HEAD (what a newcomer gets)
+    python benchmarks/bench_repro.py --jobs 1           # plain `dvc repro`, one stage at a time
     python benchmarks/bench_repro.py --from worktree    # the working tree, uncommitted files included
     python benchmarks/bench_repro.py --keep             # keep the copy (its path is printed)
     python benchmarks/bench_repro.py --from worktree --set sample.seeds=[0] --set sample.levels=[1]
@@ -12,10 +14,11 @@ copies every tracked and untracked-but-not-ignored file (`git ls-files -co
 --exclude-standard`), for trying uncommitted work. The stages run with this interpreter's
 environment (its bin/ directory first on PATH, so the `python` in dvc.yaml is this one) and
 the copy's root on PYTHONPATH (its own `pipeline` package, installed or not).
-Reported: the total wall time of `dvc repro`, the per-stage breakdown (each DVC stage with
-its matrix entries summed: how many ran, their total and mean wall time, share of the whole)
-and the slowest entries. An entry's time runs from its "Running stage" line to the next one,
-so it includes DVC's own work between stages. For the finetune stage, its entries' time is
+Reported: the total wall time, the per-stage breakdown (each DVC stage with its matrix
+entries summed: how many ran, their total and mean wall time, share of the whole) and the
+slowest entries. With `--jobs 1`, an entry's time runs from its "Running stage" line to the
+next one, so it includes DVC's own work between stages; with more, it is the entry's own job,
+start to end (from the run's record, `.cluster/history/`), and N run at once. For the finetune stage, its entries' time is
 split into training (the runs' own logged wall time, `logs/finetune/.../seed<S>.json`) and the
 rest (process start-up and imports, loading, scoring, MLflow, DVC): what an entry pays besides
 training. `--set KEY=VALUE` (repeatable; VALUE is YAML) edits the copy's params.yaml first,
@@ -86,13 +89,31 @@ def training_seconds(repo: Path) -> tuple[float, int]:
     return float(sum(times)), len(times)
 
 
-def run_repro(repo: Path, extra: list[str], log_path: Path) -> tuple[int, float, list[tuple[str, float]]]:
+def local_stages(repo: Path) -> list[tuple[str, float]]:
+    """Per stage of a `repro --jobs N` run, its own wall time (start to end of its job, or of
+    its restore from the run cache), from the run's record under .cluster/history."""
+    import datetime as dt
+
+    records = sorted((repo / ".cluster" / "history").glob("submission-*.json"))
+    if not records:
+        return []
+    out = []
+    for name, e in json.loads(records[-1].read_text())["entries"].items():
+        if e.get("submitted") and e.get("ended"):
+            span = dt.datetime.fromisoformat(e["ended"]) - dt.datetime.fromisoformat(e["submitted"])
+            out.append((name, span.total_seconds()))
+    return out
+
+
+def run_repro(repo: Path, extra: list[str], log_path: Path,
+              jobs: int = 1) -> tuple[int, float, list[tuple[str, float]]]:
     env = {**os.environ, "DVC_NO_ANALYTICS": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
            "DO_NOT_TRACK": "true", "PYTHONUNBUFFERED": "1",  # stage lines arrive when printed
            "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
            # the copy's own `pipeline` package, even where another checkout is pip-installed
            "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")]))}
-    cmd = [sys.executable, "-m", "dvc", "repro", *extra]
+    cmd = ([sys.executable, "-m", "dvc", "repro", *extra] if jobs == 1 else
+           [sys.executable, "-m", "pipeline", "repro", "--jobs", str(jobs)])
     stages: list[tuple[str, float]] = []
     t0 = time.perf_counter()
     with open(log_path, "w") as log:
@@ -106,6 +127,8 @@ def run_repro(repo: Path, extra: list[str], log_path: Path) -> tuple[int, float,
                 stages.append((m.group(1), time.perf_counter() - t0))
         rc = proc.wait()
     wall = time.perf_counter() - t0
+    if jobs > 1:
+        return rc, wall, local_stages(repo)
     ends = [t for _, t in stages[1:]] + [wall]
     return rc, wall, [(name, end - start) for (name, start), end in zip(stages, ends)]
 
@@ -118,8 +141,16 @@ def main(argv=None) -> dict:
     p.add_argument("--top", type=int, default=8, help="slowest stages to list")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="edit the copy's params.yaml first (VALUE is YAML), e.g. sample.seeds=[0]")
-    p.add_argument("dvc_args", nargs="*", help="extra arguments for dvc repro (after --)")
+    p.add_argument("--jobs", "-j", type=int, default=0,
+                   help="stages at a time (`python -m pipeline repro --jobs N`; default 0: one per core, up to "
+                        "8, as `make repro`); 1: plain `dvc repro`")
+    p.add_argument("dvc_args", nargs="*", help="extra arguments for dvc repro (after --; --jobs 1 only)")
     args = p.parse_args(argv)
+    if args.jobs == 0:  # what `make repro` runs (`repro --jobs 0`), with its number in the figures
+        sys.path.insert(0, str(ROOT))
+        from pipeline.cluster.controller import auto_jobs
+
+        args.jobs = auto_jobs()
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-repro-"))
     repo = tmp / "repo"
@@ -128,7 +159,7 @@ def main(argv=None) -> dict:
         what = copy_repo(args.source.resolve(), repo, args.how)
         if set_params(repo, args.sets):
             what += ", params.yaml edited: " + ", ".join(f"`{s}`" for s in args.sets)
-        rc, wall, stages = run_repro(repo, args.dvc_args, tmp / "repro.log")
+        rc, wall, stages = run_repro(repo, args.dvc_args, tmp / "repro.log", args.jobs)
         train_s, n_runs = training_seconds(repo)
         log_tail = (tmp / "repro.log").read_text()[-3000:]
     finally:
@@ -137,8 +168,14 @@ def main(argv=None) -> dict:
 
     from bench_train import machine, resolve  # after the run: importing torch costs time
 
-    print(f"\n### `dvc repro` from scratch: {what}\n")
-    print(f"Machine: {machine(resolve('auto'))}.\n")
+    command = "dvc repro" if args.jobs == 1 else f"python -m pipeline repro --jobs {args.jobs}"
+    print(f"\n### `{command}` from scratch: {what}\n")
+    import yaml
+
+    where = machine(resolve("auto")).rsplit(", ", 1)[0]  # (not this process's torch threads: the stages')
+    threads = (yaml.safe_load((args.source / "params.yaml").read_text()) or {}).get("threads")
+    threads = dict(s.split("=", 1) for s in args.sets).get("threads", threads)
+    print(f"Machine: {where}; params `threads` {threads} in every stage.\n")
     print("| what | value |")
     print("|---|---:|")
     print(f"| exit status | {rc} |")
@@ -148,8 +185,10 @@ def main(argv=None) -> dict:
         groups: dict[str, list[float]] = {}
         for name, t in stages:
             groups.setdefault(name.split("@")[0], []).append(t)
-        print("\nPer stage (matrix entries summed; wall time between 'Running stage' lines, so DVC's "
-              "own work is included):\n")
+        print("\nPer stage (matrix entries summed; " + (
+            "wall time between 'Running stage' lines, so DVC's own work is included):\n" if args.jobs == 1 else
+            f"each stage's own wall time, start to end of its job; {args.jobs} run at a time, so the shares add up "
+            "to more than 100 %):\n"))
         print("| stage | entries | total s | mean s | share |")
         print("|---|---:|---:|---:|---:|")
         for name, ts in groups.items():
@@ -166,7 +205,7 @@ def main(argv=None) -> dict:
         for name, t in sorted(stages, key=lambda s: -s[1])[:args.top]:
             print(f"| {name} | {t:.1f} |")
     if rc != 0:
-        print(f"\n`dvc repro` failed; the end of its output:\n\n```\n{log_tail}\n```")
+        print(f"\n`{command}` failed; the end of its output:\n\n```\n{log_tail}\n```")
     if args.keep:
         print(f"\n(kept: {repo})")
     if rc != 0:
